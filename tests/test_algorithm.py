@@ -1,0 +1,413 @@
+"""Algorithm core: hand-computed values for every function, and the laws the update must obey."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dapo_rl.algorithm import (
+    LOSS_AGG_MODES,
+    DynamicSampler,
+    DynamicSamplingExhausted,
+    aggregate_loss,
+    broadcast_to_tokens,
+    decoupled_clip_loss,
+    drgrpo_advantages,
+    group_advantages,
+    grpo_advantages,
+    informative_groups,
+    kl_penalty,
+    loss_normalizer,
+    overlong_filter_mask,
+    soft_overlong_penalty,
+    token_entropy,
+    token_logprobs,
+)
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def test_grpo_advantages_hand_values():
+    rewards = torch.tensor([[1.0, -1.0, 1.0, -1.0], [1.0, 1.0, 1.0, -1.0]], dtype=torch.float64)
+    adv = grpo_advantages(rewards, eps=0.0)
+    # group 0: mean 0, unbiased std sqrt(4/3) -> ±sqrt(3)/2
+    half_sqrt3 = math.sqrt(3) / 2
+    assert torch.allclose(adv[0], torch.tensor([half_sqrt3, -half_sqrt3, half_sqrt3, -half_sqrt3], dtype=torch.float64))
+    # group 1: mean 0.5, deviations (.5,.5,.5,-1.5), unbiased var (3*.25+2.25)/3 = 1
+    assert torch.allclose(adv[1], torch.tensor([0.5, 0.5, 0.5, -1.5], dtype=torch.float64))
+
+
+def test_grpo_eps_and_drgrpo_hand_values():
+    rewards = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(grpo_advantages(rewards, eps=0.0), torch.tensor([[1 / math.sqrt(2), -1 / math.sqrt(2)]], dtype=torch.float64))
+    assert torch.allclose(grpo_advantages(rewards, eps=1.0), torch.tensor([[1 / (math.sqrt(2) + 1), -1 / (math.sqrt(2) + 1)]], dtype=torch.float64))
+    assert torch.equal(drgrpo_advantages(rewards), torch.tensor([[1.0, -1.0]], dtype=torch.float64))
+    assert torch.equal(group_advantages(rewards, norm_by_std=False), drgrpo_advantages(rewards))
+
+
+@pytest.mark.parametrize("value", [0.1, 1.0, -1.0, 0.0, 1e-8])
+@pytest.mark.parametrize("norm_by_std", [True, False])
+def test_zero_spread_group_gives_exact_zero(value, norm_by_std):
+    rewards = torch.tensor([[value] * 3, [1.0, 0.0, 0.0]])
+    adv = group_advantages(rewards, norm_by_std=norm_by_std)
+    assert torch.equal(adv[0], torch.zeros(3))
+    assert not torch.isnan(adv).any()
+    assert adv[1, 0] > 0 > adv[1, 1]
+
+
+def test_advantages_reject_bad_shapes():
+    with pytest.raises(ValueError, match="group_size"):
+        grpo_advantages(torch.ones(3, 1))
+    with pytest.raises(ValueError, match="num_groups"):
+        grpo_advantages(torch.ones(3))
+
+
+def test_broadcast_to_tokens():
+    adv = torch.tensor([2.0, -1.0])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert torch.equal(broadcast_to_tokens(adv, mask), torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]))
+
+
+# ----------------------------------------------------------------------------- overlong
+
+
+def test_soft_overlong_penalty_hand_values():
+    lengths = torch.tensor([10, 16, 17, 18, 20, 21])
+    penalty = soft_overlong_penalty(lengths, max_length=20, cache_length=4)
+    assert torch.allclose(penalty, torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0]))
+
+
+@pytest.mark.parametrize("cache", [0, 20, 25, -1])
+def test_soft_overlong_penalty_rejects_bad_cache(cache):
+    with pytest.raises(ValueError, match="cache_length"):
+        soft_overlong_penalty(torch.tensor([1]), max_length=20, cache_length=cache)
+
+
+def test_overlong_filter_mask():
+    mask = torch.ones(3, 4)
+    out = overlong_filter_mask(mask, torch.tensor([False, True, False]))
+    assert torch.equal(out, torch.tensor([[1.0] * 4, [0.0] * 4, [1.0] * 4]))
+    # Filtered rows vanish from the token-mean normaliser and from the sequence count.
+    assert loss_normalizer(out, "token-mean") == 8
+    assert loss_normalizer(out, "seq-mean-token-mean") == 2
+
+
+# ----------------------------------------------------------------------------- policy loss
+
+
+def _clip_case(advantage: float, ratio: float, **kwargs):
+    old = torch.zeros(1, 1, dtype=torch.float64)
+    logp = torch.full((1, 1), math.log(ratio), dtype=torch.float64, requires_grad=True)
+    out = decoupled_clip_loss(logp, old, torch.full((1, 1), advantage, dtype=torch.float64), torch.ones(1, 1), **kwargs)
+    out.per_token_loss.sum().backward()
+    return out, logp.grad.item()
+
+
+@pytest.mark.parametrize(
+    "advantage,ratio,loss,grad,low,high",
+    [
+        (1.0, 1.5, -1.28, 0.0, False, True),  # clipped above 1+eps_high: no gradient
+        (1.0, 1.2, -1.2, -1.2, False, False),  # inside [0.8, 1.28]: d(-A r)/dlogp = -A r
+        (1.0, 0.5, -0.5, -0.5, False, False),  # positive advantage, ratio low: min keeps r, gradient flows
+        (-1.0, 0.5, 0.8, 0.0, True, False),  # clipped below 1-eps_low: no gradient
+        (-1.0, 1.5, 1.5, 1.5, False, False),  # negative advantage, ratio high: unclipped
+        (0.0, 3.0, 0.0, 0.0, False, False),
+    ],
+)
+def test_decoupled_clip_hand_values(advantage, ratio, loss, grad, low, high):
+    out, g = _clip_case(advantage, ratio, eps_low=0.2, eps_high=0.28)
+    assert out.per_token_loss.item() == pytest.approx(loss)
+    assert g == pytest.approx(grad)
+    assert out.clipped_low.item() is low and out.clipped_high.item() is high
+
+
+def test_symmetric_clip_is_grpo():
+    out, g = _clip_case(1.0, 1.25, eps_low=0.2, eps_high=0.2)
+    assert out.per_token_loss.item() == pytest.approx(-1.2) and g == 0.0 and out.clipped_high.item()
+
+
+def test_dual_clip_bounds_negative_advantages():
+    out, g = _clip_case(-2.0, 4.0, eps_low=0.2, eps_high=0.28, dual_clip_c=3.0)
+    assert out.per_token_loss.item() == pytest.approx(6.0)  # min(max(8, 2.56), 6)
+    assert g == 0.0 and out.dual_clipped.item()
+    out, g = _clip_case(-2.0, 2.0, eps_low=0.2, eps_high=0.28, dual_clip_c=3.0)
+    assert out.per_token_loss.item() == pytest.approx(4.0) and not out.dual_clipped.item()
+    out, _ = _clip_case(2.0, 4.0, eps_low=0.2, eps_high=0.28, dual_clip_c=3.0)  # positive advantages untouched
+    assert out.per_token_loss.item() == pytest.approx(-2.56)
+    with pytest.raises(ValueError, match="dual_clip_c"):
+        _clip_case(-1.0, 1.0, dual_clip_c=1.0)
+
+
+def test_clip_statistics_ignore_padding_and_count_sides():
+    ratios = torch.tensor([[1.5, 0.5, 1.0, 9.0], [0.5, 1.5, 1.0, 9.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, 1.0, 1.0, 1.0], [-1.0, -1.0, -1.0, -1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+    out = decoupled_clip_loss(ratios.log(), torch.zeros_like(ratios), adv, mask)
+    sums = out.token_sums(mask)
+    assert sums["clip_frac_high"].item() == 1  # token (0,0); the padded 9.0 is ignored
+    assert sums["clip_frac_low"].item() == 1  # token (1,0)
+    assert sums["ratio_mean"].item() == pytest.approx(6.0)
+    expected_kl = sum((r - 1) - math.log(r) for r in [1.5, 0.5, 1.0] * 2)
+    assert sums["approx_kl"].item() == pytest.approx(expected_kl)
+    assert out.per_token_loss[:, 3].abs().sum() == 0
+
+
+def test_padding_with_extreme_logprobs_does_not_overflow():
+    logp = torch.tensor([[0.0, 500.0]], requires_grad=True)
+    out = decoupled_clip_loss(logp, torch.tensor([[0.0, -500.0]]), torch.ones(1, 2), torch.tensor([[1, 0]]))
+    aggregate_loss(out.per_token_loss, torch.tensor([[1, 0]]), "token-mean").backward()
+    assert torch.isfinite(logp.grad).all()
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+MASK = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])  # third row fully filtered out
+
+
+@pytest.mark.parametrize(
+    "mode,expected",
+    [("token-mean", 10 / 4), ("seq-mean-token-mean", (2 + 4) / 2), ("seq-mean-token-sum", 10 / 2), ("seq-mean-token-sum-norm", (6 / 4 + 4 / 4) / 2)],
+)
+def test_aggregation_hand_values(mode, expected):
+    assert aggregate_loss(PER_TOKEN, MASK, mode, norm_constant=4).item() == pytest.approx(expected)
+
+
+def test_aggregation_errors_and_empty_batch():
+    with pytest.raises(ValueError, match="token-mean"):
+        aggregate_loss(PER_TOKEN, MASK, "sum")
+    with pytest.raises(ValueError, match="norm_constant"):
+        aggregate_loss(PER_TOKEN, MASK, "seq-mean-token-sum-norm")
+    x = torch.ones(2, 2, requires_grad=True)
+    loss = aggregate_loss(x, torch.zeros(2, 2), "token-mean")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros(2, 2))
+
+
+# ----------------------------------------------------------------------------- laws of the update
+
+
+class TinyPolicy(torch.nn.Module):
+    """A linear softmax policy over fixed per-position features: enough to carry real gradients."""
+
+    def __init__(self, dim: int = 6, vocab: int = 11):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(vocab, dim, generator=gen, dtype=torch.float64))
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return token_logprobs(features @ self.weight.T, tokens, temperature=0.7, chunk_size=5)
+
+
+def _make_batch(batch: int = 16, length: int = 7, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, length, 6, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, 11, (batch, length), generator=gen)
+    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).to(torch.float64)
+    mask[3] = 0  # an overlong-filtered sample
+    advantages = broadcast_to_tokens(torch.randn(batch, generator=gen, dtype=torch.float64), mask)
+    return features, tokens, mask, advantages
+
+
+def _old_logprobs(policy, features, tokens, seed: int = 2):
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        # Perturb so that ratios leave the clip range on both sides.
+        return policy(features, tokens) + 0.4 * torch.randn(tokens.shape, generator=gen, dtype=torch.float64)
+
+
+def _step_gradient(policy, features, tokens, mask, advantages, old_logp, mode, micro_batches: int, **loss_kwargs):
+    """Gradient of one optimiser step processed as ``micro_batches`` accumulated micro-batches."""
+    policy.zero_grad()
+    normalizer = loss_normalizer(mask, mode)  # one count for the whole mini-batch
+    for idx in torch.arange(features.shape[0]).chunk(micro_batches):
+        logp = policy(features[idx], tokens[idx])
+        out = decoupled_clip_loss(logp, old_logp[idx], advantages[idx], mask[idx], **loss_kwargs)
+        loss = aggregate_loss(out.per_token_loss, mask[idx], mode, normalizer=normalizer, norm_constant=7)
+        loss.backward()
+    return policy.weight.grad.clone()
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("micro_batches", [2, 4, 8])
+def test_gradient_invariant_to_micro_batching(mode, micro_batches):
+    policy = TinyPolicy()
+    features, tokens, mask, adv = _make_batch()
+    old = _old_logprobs(policy, features, tokens)
+    whole = _step_gradient(policy, features, tokens, mask, adv, old, mode, 1, dual_clip_c=3.0)
+    split = _step_gradient(policy, features, tokens, mask, adv, old, mode, micro_batches, dual_clip_c=3.0)
+    assert whole.abs().sum() > 0
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_gradient_invariant_to_right_padding(mode):
+    policy = TinyPolicy()
+    features, tokens, mask, adv = _make_batch()
+    old = _old_logprobs(policy, features, tokens)
+    whole = _step_gradient(policy, features, tokens, mask, adv, old, mode, 1)
+    pad = 5
+    gen = torch.Generator().manual_seed(9)
+    padded = (
+        torch.cat([features, torch.randn(16, pad, 6, generator=gen, dtype=torch.float64)], 1),
+        torch.cat([tokens, torch.randint(0, 11, (16, pad), generator=gen)], 1),
+        torch.cat([mask, torch.zeros(16, pad, dtype=torch.float64)], 1),
+        torch.cat([adv, torch.randn(16, pad, generator=gen, dtype=torch.float64)], 1),  # garbage under the mask
+        torch.cat([old, torch.randn(16, pad, generator=gen, dtype=torch.float64) * 50], 1),
+    )
+    f, t, m, a, o = padded
+    torch.testing.assert_close(_step_gradient(policy, f, t, m, a, o, mode, 4), whole, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_gradient_invariant_to_sample_order(mode):
+    policy = TinyPolicy()
+    features, tokens, mask, adv = _make_batch()
+    old = _old_logprobs(policy, features, tokens)
+    whole = _step_gradient(policy, features, tokens, mask, adv, old, mode, 1)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(3))
+    shuffled = _step_gradient(policy, features[perm], tokens[perm], mask[perm], adv[perm], old[perm], mode, 4)
+    torch.testing.assert_close(shuffled, whole, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_on_policy_gradient_equals_reinforce(mode):
+    policy = TinyPolicy()
+    features, tokens, mask, adv = _make_batch()
+    with torch.no_grad():
+        old = policy(features, tokens)
+    clipped = _step_gradient(policy, features, tokens, mask, adv, old, mode, 1)
+    policy.zero_grad()
+    reinforce = aggregate_loss(-adv * policy(features, tokens), mask, mode, norm_constant=7)
+    reinforce.backward()
+    torch.testing.assert_close(clipped, policy.weight.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_normalizer_adds_up_over_micro_batches():
+    _, _, mask, _ = _make_batch()
+    for mode in LOSS_AGG_MODES:
+        parts = sum(loss_normalizer(m, mode) for m in mask.chunk(4))
+        assert parts == loss_normalizer(mask, mode)
+    assert loss_normalizer(mask, "seq-mean-token-mean") == 15  # row 3 filtered out
+
+
+# ----------------------------------------------------------------------------- dynamic sampling
+
+
+def test_informative_groups():
+    correct = torch.tensor([[1, 0, 1], [1, 1, 1], [0, 0, 0], [0, 0, 1]], dtype=torch.bool)
+    assert informative_groups(correct).tolist() == [True, False, False, True]
+
+
+def _round(labels: list[list[int]], start: int):
+    groups = [f"g{start + i}" for i in range(len(labels))]
+    return groups, torch.tensor(labels, dtype=torch.bool)
+
+
+def test_sampler_fills_batch_and_keeps_surplus():
+    sampler = DynamicSampler(groups_per_step=2, max_rounds=5)
+    sampler.start_step()
+    assert sampler.needs_more()
+    assert sampler.add(*_round([[1, 1], [1, 0], [0, 0]], 0)) == 1
+    assert sampler.needs_more()
+    assert sampler.add(*_round([[0, 1], [1, 0], [0, 1]], 3)) == 3
+    assert not sampler.needs_more()
+    batch = sampler.take()
+    assert batch.groups == ["g1", "g3"]
+    assert (batch.rounds, batch.groups_generated, batch.groups_informative, batch.exhausted) == (2, 6, 4, False)
+    assert sampler.pooled == 2
+    sampler.start_step()
+    assert not sampler.needs_more()  # the carried surplus fills the next step without generating
+    batch = sampler.take()
+    assert batch.groups == ["g4", "g5"] and batch.rounds == 0
+
+
+def test_sampler_drop_surplus_and_disabled_filter():
+    sampler = DynamicSampler(groups_per_step=1, surplus="drop")
+    sampler.start_step()
+    sampler.add(*_round([[0, 1], [1, 0]], 0))
+    assert sampler.take().groups == ["g0"] and sampler.pooled == 0
+    plain = DynamicSampler(groups_per_step=2, enabled=False)
+    plain.start_step()
+    plain.add(*_round([[1, 1], [0, 0]], 0))
+    batch = plain.take()
+    assert batch.groups == ["g0", "g1"] and batch.groups_informative == 2
+
+
+def test_sampler_round_limit():
+    sampler = DynamicSampler(groups_per_step=2, max_rounds=2)
+    sampler.start_step()
+    for r in range(2):
+        assert sampler.needs_more()
+        sampler.add(*_round([[1, 1], [0, 1]], 2 * r))
+    batch = sampler.take()  # full after two rounds of one informative group each
+    assert len(batch.groups) == 2
+    sampler.start_step()
+    sampler.add(*_round([[1, 1]], 9))
+    sampler.add(*_round([[0, 0]], 10))
+    with pytest.raises(DynamicSamplingExhausted, match="sampling.max_rounds"):
+        sampler.needs_more()
+    lenient = DynamicSampler(groups_per_step=2, max_rounds=1, on_exhausted="train")
+    lenient.start_step()
+    lenient.add(*_round([[1, 0], [1, 1]], 0))
+    assert not lenient.needs_more()
+    batch = lenient.take()
+    assert batch.groups == ["g0"] and batch.exhausted
+
+
+def test_sampler_state_round_trip_and_validation():
+    sampler = DynamicSampler(groups_per_step=1)
+    sampler.start_step()
+    sampler.add(*_round([[0, 1], [1, 0]], 0))
+    sampler.take()
+    restored = DynamicSampler(groups_per_step=1)
+    restored.load_state_dict(sampler.state_dict())
+    assert restored.pooled == 1
+    for bad in [dict(groups_per_step=0), dict(groups_per_step=1, max_rounds=0), dict(groups_per_step=1, surplus="x"), dict(groups_per_step=1, on_exhausted="x")]:
+        with pytest.raises(ValueError):
+            DynamicSampler(**bad)
+
+
+# ----------------------------------------------------------------------------- entropy, log-probs, KL
+
+
+def test_entropy_hand_values_and_chunking():
+    uniform = torch.zeros(2, 3, 8)
+    assert torch.allclose(token_entropy(uniform, chunk_size=2), torch.full((2, 3), math.log(8)))
+    two_point = torch.tensor([[0.0, math.log(3.0)]])  # p = (1/4, 3/4)
+    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert token_entropy(two_point).item() == pytest.approx(expected, rel=1e-6)
+    logits = torch.randn(3, 5, 17, generator=torch.Generator().manual_seed(0))
+    ref = torch.distributions.Categorical(logits=logits / 0.6).entropy()
+    for chunk in (1, 4, 7, 100):
+        torch.testing.assert_close(token_entropy(logits, temperature=0.6, chunk_size=chunk), ref)
+
+
+def test_entropy_gradient_through_chunks():
+    logits = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    token_entropy(logits, chunk_size=3).sum().backward()
+    chunked = logits.grad.clone()
+    logits.grad = None
+    torch.distributions.Categorical(logits=logits).entropy().sum().backward()
+    torch.testing.assert_close(chunked, logits.grad)
+
+
+def test_token_logprobs_match_log_softmax_at_temperature():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 13, generator=gen)
+    tokens = torch.randint(0, 13, (2, 6), generator=gen)
+    expected = torch.log_softmax(logits / 1.5, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(token_logprobs(logits, tokens, temperature=1.5, chunk_size=5), expected)
+
+
+def test_kl_estimators_hand_values():
+    logp, ref = torch.tensor([0.0]), torch.tensor([math.log(0.5)])
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(math.log(2))
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(0.5 + math.log(2) - 1)
+    assert kl_penalty(ref, ref, "k3").item() == 0.0
+    with pytest.raises(ValueError, match="k3"):
+        kl_penalty(logp, ref, "k9")
