@@ -1,0 +1,286 @@
+"""Typed configuration: one dataclass tree, YAML files, ``a.b=c`` overrides (OmegaConf).
+
+Every key, its default and its verl / TRL equivalent is listed in the README's configuration
+reference. Loading validates types (OmegaConf structured configs) and unknown keys, then the
+cross-field rules of :func:`validate`; every failure is a :class:`ConfigError` whose one-line
+message names the key and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BUILTIN_MODEL = "builtin:chain-tiny"
+BUILTIN_DATA = "builtin:chain"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = BUILTIN_MODEL  # local Hugging Face folder, or builtin:chain-tiny (built and warmed up locally)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | float32 | bf16-autocast
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = BUILTIN_DATA  # JSONL / Parquet / HF datasets path, or builtin:chain
+    eval: Optional[str] = BUILTIN_DATA  # held-out set; null = no periodic evaluation
+    format: str = "auto"  # auto | jsonl | parquet | hf
+    preset: str = "plain"  # plain {prompt, answer} | gsm8k | dapo-math | custom
+    prompt_field: Optional[str] = None  # overrides the preset's prompt field (dotted paths allowed)
+    answer_field: Optional[str] = None
+    template: str = "raw"  # raw | dapo | gsm8k | chat
+    use_chat_template: bool = False  # wrap the prompt in the tokenizer's chat template
+    max_prompt_length: int = 512  # prompts longer than this (tokens) are skipped and reported
+    max_rows: Optional[int] = None
+    builtin_train_size: int = 20000
+    builtin_eval_size: int = 256
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf (Hugging Face generate on the training model) | vllm
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_response_length: int = 16  # L_max: new tokens per response; longer ones are truncated
+    stop_token_ids: List[int] = field(default_factory=list)  # besides EOS
+
+
+@dataclass
+class RewardConfig:
+    function: str = "auto"  # auto (chain for builtin data, else math) | math | dapo | gsm8k | boxed | exact | pkg.module:fn
+    correct: float = 1.0  # reward of a correct response (paper: +1)
+    incorrect: float = -1.0  # reward of a wrong one (paper: -1)
+    timeout_s: float = 5.0  # per verification; a hang counts as a failed verification
+
+
+@dataclass
+class ClipConfig:
+    eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
+    eps_high: float = 0.28  # Clip-Higher: above at 1 + eps_high (= eps_low for symmetric PPO/GRPO)
+    dual_clip_c: Optional[float] = None  # > 1 bounds the loss of negative-advantage tokens by c·|A|
+
+
+@dataclass
+class LossConfig:
+    agg_mode: str = "token-mean"  # token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum | seq-mean-token-sum-norm (Dr. GRPO)
+    norm_constant: Optional[int] = None  # C of seq-mean-token-sum-norm; null = rollout.max_response_length
+    kl_coef: float = 0.0  # KL to a frozen reference model; DAPO removes it (0)
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+
+
+@dataclass
+class AdvantageConfig:
+    norm_by_std: bool = True  # divide by the group std (GRPO/DAPO); false = Dr. GRPO
+    eps: float = 1e-6
+
+
+@dataclass
+class OverlongConfig:
+    filter: bool = True  # overlong filtering: truncated responses leave the loss
+    soft_punishment: bool = True  # add the soft overlong penalty to the reward
+    cache_length: int = 4  # L_cache: the penalty ramps from 0 at L_max - L_cache to -1 at L_max
+
+
+@dataclass
+class DynamicSamplingConfig:
+    enabled: bool = True  # keep only groups with 0 < #correct < G
+    max_rounds: int = 8  # generation rounds allowed per step
+    on_exhausted: str = "error"  # error | train (on the groups found)
+    surplus: str = "keep"  # keep (carry to next step) | drop
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    warmup_updates: int = 2  # linear warm-up, in optimiser updates
+    schedule: str = "constant"  # constant | cosine (after warm-up)
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 10  # steps between held-out evaluations (0 = only before and after)
+    samples_per_prompt: int = 4  # k of avg@k / pass@k
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False  # also report greedy accuracy
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    sinks: List[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (always) | tensorboard | wandb
+    run_name: Optional[str] = None
+    wandb_project: str = "dapo-rl"
+    wandb_mode: str = "offline"
+    progress: bool = True
+
+
+@dataclass
+class QuickstartConfig:
+    """The built-in model's supervised warm-up (cached by these settings)."""
+
+    warmup_steps: int = 300
+    warmup_batch: int = 64
+    warmup_lr: float = 3e-3
+    step_error: float = 0.3  # probability of a wrong running sum in the warm-up data
+    recheck: float = 0.5  # probability of each extra "=S" re-check in the warm-up data
+    hidden_size: int = 64
+    num_layers: int = 2
+    cache_dir: Optional[str] = None  # default ~/.cache/dapo-rl
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/quickstart"
+    seed: int = 0
+    steps: int = 60  # training steps (one rollout batch each)
+    prompts_per_step: int = 16  # B: informative groups per step
+    group_size: int = 8  # G: responses per prompt
+    mini_batch_size: int = 16  # prompts per optimiser update (B / this = updates per step)
+    micro_batch_size: int = 128  # samples per forward/backward (gradient accumulation)
+    ppo_epochs: int = 1  # passes over each rollout batch
+    resume: bool = False  # continue the latest checkpoint in output_dir
+    overwrite: bool = False  # replace a different run in output_dir
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    if "Key '" in msg and "not in" in msg:
+        return f"unknown config key '{key}'; check the spelling (see README: Configuration reference)"
+    if key:
+        return f"config key '{key}': {msg}"
+    return msg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults ← YAML file ← ``a.b=c`` overrides, type-checked and validated.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type, or a rule of :func:`validate`.
+    """
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist; pass an existing YAML file or none")
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, type(schema)) and loaded is not None:
+                raise ConfigError(f"config file {path} must hold a mapping of keys, not a list")
+            layers.append(loaded)
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key=value (e.g. steps=100)")
+        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(*layers)
+        config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
+    except Exception as exc:  # YAML syntax errors and the like
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"cannot read config: {str(exc).splitlines()[0]}") from None
+    validate(config)
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config))  # type: ignore[return-value]
+
+
+def _require(ok: bool, key: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}; {fix}")
+
+
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"{value!r} is not valid", f"use one of {', '.join(choices)}")
+
+
+def validate(c: Config) -> None:
+    """Cross-field rules that types alone cannot express."""
+    from dapo_rl.algorithm import KL_ESTIMATORS, LOSS_AGG_MODES
+
+    _require(c.steps >= 1, "steps", f"must be >= 1, got {c.steps}", "set steps=1 or more")
+    _require(c.group_size >= 2, "group_size", f"must be >= 2 for group-relative advantages, got {c.group_size}", "set group_size=2 or more (paper: 16)")
+    _require(c.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {c.prompts_per_step}", "set prompts_per_step=1 or more")
+    _require(c.mini_batch_size >= 1 and c.prompts_per_step % c.mini_batch_size == 0, "mini_batch_size",
+             f"{c.mini_batch_size} does not divide prompts_per_step={c.prompts_per_step}", "choose a divisor of prompts_per_step")
+    samples_per_mini = c.mini_batch_size * c.group_size
+    _require(c.micro_batch_size >= 1 and samples_per_mini % c.micro_batch_size == 0, "micro_batch_size",
+             f"{c.micro_batch_size} does not divide the mini-batch of {samples_per_mini} samples (mini_batch_size × group_size)",
+             "choose a divisor of mini_batch_size × group_size")
+    _require(c.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {c.ppo_epochs}", "set ppo_epochs=1 or more")
+    _require(0 <= c.clip.eps_low < 1, "clip.eps_low", f"must be in [0, 1), got {c.clip.eps_low}", "paper: 0.2")
+    _require(c.clip.eps_high >= 0, "clip.eps_high", f"must be >= 0, got {c.clip.eps_high}", "paper: 0.28")
+    _require(c.clip.dual_clip_c is None or c.clip.dual_clip_c > 1, "clip.dual_clip_c",
+             f"must be > 1, got {c.clip.dual_clip_c}", "use e.g. 3.0, or null to disable")
+    _choice(c.loss.agg_mode, "loss.agg_mode", LOSS_AGG_MODES)
+    _choice(c.loss.kl_estimator, "loss.kl_estimator", KL_ESTIMATORS)
+    _require(c.loss.kl_coef >= 0, "loss.kl_coef", f"must be >= 0, got {c.loss.kl_coef}", "0 disables the KL term")
+    _require(c.loss.norm_constant is None or c.loss.norm_constant > 0, "loss.norm_constant", "must be positive", "use null for max_response_length")
+    L = c.rollout.max_response_length
+    _require(L >= 1, "rollout.max_response_length", f"must be >= 1, got {L}", "set a positive token count")
+    _require(c.rollout.temperature > 0, "rollout.temperature", f"must be > 0 for sampling, got {c.rollout.temperature}", "paper: 1.0")
+    _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {c.rollout.top_p}", "1.0 disables it")
+    _require(c.rollout.top_k >= 0, "rollout.top_k", f"must be >= 0, got {c.rollout.top_k}", "0 disables it")
+    _choice(c.rollout.engine, "rollout.engine", ("hf", "vllm"))
+    if c.overlong.soft_punishment:
+        _require(0 < c.overlong.cache_length < L, "overlong.cache_length",
+                 f"L_cache={c.overlong.cache_length} must be > 0 and < rollout.max_response_length={L}",
+                 "choose a smaller cache_length (paper: 4096 of 20480)")
+    _require(c.dynamic_sampling.max_rounds >= 1, "dynamic_sampling.max_rounds", "must be >= 1", "paper allows several rounds, e.g. 8")
+    _choice(c.dynamic_sampling.on_exhausted, "dynamic_sampling.on_exhausted", ("error", "train"))
+    _choice(c.dynamic_sampling.surplus, "dynamic_sampling.surplus", ("keep", "drop"))
+    _require(c.optim.lr > 0, "optim.lr", f"must be > 0, got {c.optim.lr}", "paper: 1e-6 for 32B models")
+    _choice(c.optim.schedule, "optim.schedule", ("constant", "cosine"))
+    _require(c.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0", "0 disables clipping")
+    _require(c.eval.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1", "e.g. 4")
+    _require(c.eval.interval >= 0, "eval.interval", "must be >= 0", "0 evaluates only before and after training")
+    _require(c.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0", "0 checkpoints only at the end")
+    _require(c.reward.correct > c.reward.incorrect, "reward.correct", "must be greater than reward.incorrect", "paper: +1 / -1")
+    _require(c.reward.timeout_s > 0, "reward.timeout_s", "must be > 0", "e.g. 5")
+    _choice(c.model.dtype, "model.dtype", ("auto", "float32", "bf16-autocast"))
+    _require(not (c.resume and c.overwrite), "resume", "resume=true and overwrite=true contradict each other", "choose one")
