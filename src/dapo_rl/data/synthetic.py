@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass
 
 from dapo_rl.data.datasets import Example
+from dapo_rl.rewards import register_reward
 
 VOCAB = list("0123456789.=#")
 MIN_TERMS = 2
@@ -81,17 +82,33 @@ def extract_chain_answer(response: str) -> str | None:
     return tail.strip()
 
 
-def chain_reward(response: str, ground_truth: str, metadata: dict) -> dict:
-    """+1 when the answer after ``#`` equals the ground truth, −1 otherwise."""
-    correct = extract_chain_answer(response) == ground_truth.strip()
-    return {"score": 1.0 if correct else -1.0, "correct": correct}
+@register_reward("chain")
+def chain_reward(response: str, ground_truth: str, metadata: dict) -> bool:
+    """Correct when the digit after the last ``#`` equals the ground truth (reward.correct / reward.incorrect)."""
+    return extract_chain_answer(response) == ground_truth.strip()
 
 
-def make_examples(num: int, seed: int) -> list[Example]:
-    """``num`` problems as dataset examples (prompt text, answer, the digits in metadata)."""
+def make_examples(num: int, seed: int, exclude: set[str] | frozenset[str] = frozenset(), distinct: bool = False) -> list[Example]:
+    """``num`` problems as dataset examples, none of whose prompts is in ``exclude``.
+
+    With ``distinct`` no prompt repeats; otherwise problems are i.i.d., which keeps the number of
+    terms uniform (there are only 100 two-digit problems).
+    """
     rng = random.Random(seed)
-    examples = []
-    for _ in range(num):
+    examples: list[Example] = []
+    seen = set(exclude)
+    while len(examples) < num:
         problem = sample_problem(rng)
+        if problem.prompt in seen:
+            continue
+        if distinct:
+            seen.add(problem.prompt)
         examples.append(Example(prompt=problem.prompt, answer=problem.answer, metadata={"digits": list(problem.digits)}))
     return examples
+
+
+def builtin_splits(train_size: int, eval_size: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """Disjoint train and held-out sets (the held-out set is drawn first so it does not depend on train_size)."""
+    held_out = make_examples(eval_size, seed=seed + 1_000_003, distinct=True)
+    train = make_examples(train_size, seed=seed, exclude={e.prompt for e in held_out})
+    return train, held_out

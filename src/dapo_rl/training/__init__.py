@@ -1,0 +1,1 @@
+"""The trainer loop, checkpoints, the built-in quickstart model and run composition."""

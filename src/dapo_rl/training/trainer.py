@@ -1,0 +1,478 @@
+"""The DAPO trainer: one loop, following the data flow of DESIGN.md.
+
+Each step::
+
+    prompts ─► rollout (G samples each) ─► reward (+ soft overlong penalty)
+            ─► dynamic sampler (keep informative groups; more rounds until B; carry surplus)
+            ─► advantages (per group) ─► old log-probs (skipped when exactly on-policy)
+            ─► updates: B / mini_batch_size optimiser steps × ppo_epochs, each accumulated over
+               micro-batches with one token-level normaliser for the whole mini-batch
+            ─► metrics, evaluation, checkpoint
+
+Choices made here, and why:
+
+- Log-probs (old and new) and entropy are computed from ``logits / temperature``: the
+  distribution the rollout sampled from, so the importance ratio is exactly 1 on-policy.
+- A sample whose advantage is exactly zero (and no KL term) contributes nothing to the gradient:
+  it is counted in the normaliser but gets no forward or backward pass. Truncated samples under
+  overlong filtering contribute nothing at all. Entropy and clip statistics are therefore means
+  over the tokens that were trained.
+- Surplus groups carried to the next step were sampled by the previous weights. Their "old"
+  log-probs are recomputed with the current weights (as verl does for every batch): the ratio
+  anchors the trust region at the current policy.
+- Prompts are left-padded and responses right-padded inside a micro-batch, so response token j
+  sits at the same column in every row; position ids follow the attention mask.
+- A non-finite loss or gradient norm skips the optimiser step, leaving the weights untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from dapo_rl.algorithm import (
+    DynamicSampler,
+    aggregate_loss,
+    broadcast_to_tokens,
+    decoupled_clip_loss,
+    group_advantages,
+    kl_penalty,
+    loss_normalizer,
+    soft_overlong_penalty,
+    token_entropy,
+    token_logprobs,
+)
+from dapo_rl.config import Config
+from dapo_rl.data.encoding import EncodedPrompt
+from dapo_rl.evaluation import EvalResult, evaluate
+from dapo_rl.rewards import score_responses
+from dapo_rl.rollout.base import RolloutEngine, Sample, SamplingParams
+
+
+@dataclass
+class ScoredGroup:
+    """One prompt's G samples with their rewards. The unit the dynamic sampler keeps or drops."""
+
+    prompt: EncodedPrompt
+    samples: list[Sample]
+    scores: list[float]  # shaped reward: rule-based + soft overlong penalty
+    correct: list[bool]  # is_equivalent; dynamic sampling judges by this
+
+
+class PromptStream:
+    """Endless shuffled passes over the prompts, with a position that checkpoints can restore."""
+
+    def __init__(self, prompts: list[EncodedPrompt], seed: int):
+        if not prompts:
+            raise ValueError("no training prompts")
+        self.prompts = prompts
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, count: int) -> list[EncodedPrompt]:
+        out = []
+        for _ in range(count):
+            if self.position == len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._shuffled(self.epoch)
+            out.append(self.prompts[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffled(self.epoch)
+
+
+@dataclass
+class PackedBatch:
+    """Micro-batch tensors; per-token ones are response-aligned ``[batch, max_response_len]``."""
+
+    input_ids: torch.Tensor  # [b, P + R] prompts left-padded, responses right-padded
+    attention_mask: torch.Tensor  # [b, P + R]
+    position_ids: torch.Tensor  # [b, P + R]
+    response_ids: torch.Tensor  # [b, R]
+    response_mask: torch.Tensor  # [b, R] 1 on real response tokens
+
+
+def pack(samples: list[Sample], pad_id: int, device: torch.device) -> PackedBatch:
+    prompt_width = max(len(s.prompt_ids) for s in samples)
+    response_width = max(max(len(s.response_ids) for s in samples), 1)
+    b = len(samples)
+    input_ids = torch.full((b, prompt_width + response_width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    response_mask = torch.zeros((b, response_width), dtype=torch.float32)
+    for row, sample in enumerate(samples):
+        p, r = len(sample.prompt_ids), len(sample.response_ids)
+        input_ids[row, prompt_width - p : prompt_width] = torch.tensor(sample.prompt_ids)
+        input_ids[row, prompt_width : prompt_width + r] = torch.tensor(sample.response_ids, dtype=torch.long)
+        attention[row, prompt_width - p : prompt_width + r] = 1
+        response_mask[row, :r] = 1
+    position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
+    return PackedBatch(
+        input_ids=input_ids.to(device),
+        attention_mask=attention.to(device),
+        position_ids=position_ids.to(device),
+        response_ids=input_ids[:, prompt_width:].to(device),
+        response_mask=response_mask.to(device),
+    )
+
+
+def _quantiles(values: torch.Tensor, prefix: str) -> dict[str, float]:
+    if values.numel() == 0:
+        return {}
+    q = torch.quantile(values.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    return {f"{prefix}_mean": values.mean().item(), f"{prefix}_p10": q[0].item(), f"{prefix}_p50": q[1].item(), f"{prefix}_p90": q[2].item()}
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    samples_generated_total: int = 0
+    skipped_updates_total: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs DAPO (or any GRPO-family variant the config describes) on one process."""
+
+    def __init__(
+        self,
+        config: Config,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        train_prompts: list[EncodedPrompt],
+        eval_prompts: list[EncodedPrompt] | None,
+        reward_fn: Callable[..., Any],
+        engine: RolloutEngine,
+        *,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+        log: Callable[[dict[str, float], int], None] | None = None,
+        checkpoint_fn: Callable[["Trainer"], None] | None = None,
+    ):
+        self.cfg = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eval_prompts = eval_prompts
+        self.reward_fn = reward_fn
+        self.engine = engine
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.log = log or (lambda metrics, step: None)
+        self.checkpoint_fn = checkpoint_fn
+        self.state = TrainState()
+        self.stream = PromptStream(train_prompts, config.seed)
+        ds = config.dynamic_sampling
+        self.sampler: DynamicSampler[ScoredGroup] = DynamicSampler(
+            groups_per_step=config.prompts_per_step, enabled=ds.enabled, max_rounds=ds.max_rounds,
+            on_exhausted=ds.on_exhausted, surplus=ds.surplus,
+        )
+        self.sampling = SamplingParams(
+            temperature=config.rollout.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
+            max_new_tokens=config.rollout.max_response_length, stop_token_ids=tuple(config.rollout.stop_token_ids),
+        )
+        self.updates_per_step = (config.prompts_per_step // config.mini_batch_size) * config.ppo_epochs
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
+            betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps, weight_decay=config.optim.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.reference = None
+        if config.loss.kl_coef > 0:
+            self.reference = copy.deepcopy(model).eval()
+            self.reference.requires_grad_(False)
+        self.norm_constant = float(config.loss.norm_constant or config.rollout.max_response_length)
+
+    # ------------------------------------------------------------------ schedule
+
+    def _lr_factor(self, update: int) -> float:
+        warmup = self.cfg.optim.warmup_updates
+        if warmup > 0 and update < warmup:
+            return (update + 1) / warmup
+        if self.cfg.optim.schedule == "cosine":
+            total = max(1, self.cfg.steps * self.updates_per_step - warmup)
+            progress = min(1.0, (update - warmup) / total)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ rollout and reward
+
+    def _score_groups(self, prompts: list[EncodedPrompt], groups: list[list[Sample]]) -> tuple[list[ScoredGroup], int]:
+        flat = [(prompt, sample) for prompt, group in zip(prompts, groups) for sample in group]
+        texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for _, s in flat]
+        results = score_responses(
+            self.reward_fn, texts, [p.example.answer for p, _ in flat],
+            [dict(p.example.metadata) for p, _ in flat], self.cfg.reward.timeout_s,
+        )
+        scores = torch.tensor([r.score for r in results], dtype=torch.float64)
+        if self.cfg.overlong.soft_punishment:
+            lengths = torch.tensor([len(s.response_ids) for _, s in flat])
+            scores = scores + soft_overlong_penalty(lengths, self.cfg.rollout.max_response_length, self.cfg.overlong.cache_length).double()
+        g = self.cfg.group_size
+        scored = [
+            ScoredGroup(prompt=prompts[i], samples=groups[i], scores=scores[i * g : (i + 1) * g].tolist(),
+                        correct=[r.correct for r in results[i * g : (i + 1) * g]])
+            for i in range(len(prompts))
+        ]
+        return scored, sum(r.failed for r in results)
+
+    def _collect(self) -> tuple[list[ScoredGroup], dict[str, float]]:
+        """Generation rounds until the sampler holds B informative groups."""
+        cfg = self.cfg
+        self.sampler.start_step()
+        generated: list[ScoredGroup] = []
+        gen_time = score_time = 0.0
+        failures = 0
+        while self.sampler.needs_more():
+            prompts = self.stream.take(cfg.prompts_per_step)
+            t0 = time.perf_counter()
+            groups = self.engine.generate([list(p.ids) for p in prompts], cfg.group_size, self.sampling)
+            t1 = time.perf_counter()
+            scored, failed = self._score_groups(prompts, groups)
+            score_time += time.perf_counter() - t1
+            gen_time += t1 - t0
+            failures += failed
+            generated.extend(scored)
+            self.sampler.add(scored, torch.tensor([s.correct for s in scored], dtype=torch.bool))
+        batch = self.sampler.take()
+        # Policy statistics come from everything generated this step (the trained batch is
+        # biased toward 50% accuracy by dynamic sampling); a step fed only by carried surplus
+        # reports its batch instead.
+        seen = generated or batch.groups
+        samples = [s for grp in seen for s in grp.samples]
+        lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float64)
+        new_tokens = sum(len(s.response_ids) for grp in generated for s in grp.samples)
+        self.state.samples_generated_total += len(generated) * cfg.group_size
+        metrics = {
+            "train/reward_mean": sum(sum(g.scores) for g in seen) / len(samples),
+            "train/accuracy": sum(sum(g.correct) for g in seen) / len(samples),
+            "train/response_length_mean": lengths.mean().item(),
+            "train/response_length_max": lengths.max().item(),
+            "train/truncated_frac": sum(s.truncated for s in samples) / len(samples),
+            "train/informative_group_frac": batch.groups_informative / max(1, batch.groups_generated),
+            "train/generation_rounds": float(batch.rounds),
+            "train/samples_generated": float(len(generated) * cfg.group_size),
+            "train/samples_generated_total": float(self.state.samples_generated_total),
+            "train/batch_groups": float(len(batch.groups)),
+            "train/reward_failures": float(failures),
+            "time/generation_s": gen_time,
+            "time/scoring_s": score_time,
+            "perf/generation_tokens_per_s": new_tokens / gen_time if gen_time > 0 else 0.0,
+        }
+        if batch.exhausted:
+            metrics["train/sampling_exhausted"] = 1.0
+            tqdm.write(f"step {self.state.step + 1}: dynamic sampling found {len(batch.groups)} of "
+                       f"{cfg.prompts_per_step} informative groups in {batch.rounds} rounds; training on those")
+        return batch.groups, metrics
+
+    # ------------------------------------------------------------------ policy update
+
+    def _forward_logprobs(self, model: torch.nn.Module, packed: PackedBatch, with_entropy: bool):
+        response_width = packed.response_ids.shape[1]
+        with self._autocast():
+            out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                        position_ids=packed.position_ids, logits_to_keep=response_width + 1, use_cache=False)
+        logits = out.logits[:, :-1]
+        temperature = self.cfg.rollout.temperature
+        logp = token_logprobs(logits, packed.response_ids, temperature=temperature)
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = token_entropy(logits.detach(), temperature=temperature)
+        return logp, entropy
+
+    @torch.no_grad()
+    def _score_old(self, samples: list[Sample], model: torch.nn.Module) -> list[torch.Tensor]:
+        """Per-sample ``[len(response)]`` log-probs under ``model`` (one no-grad pass)."""
+        out: list[torch.Tensor] = []
+        mb = self.cfg.micro_batch_size
+        for start in range(0, len(samples), mb):
+            chunk = samples[start : start + mb]
+            packed = pack(chunk, self.tokenizer.pad_token_id, self.device)
+            logp, _ = self._forward_logprobs(model, packed, with_entropy=False)
+            out.extend(logp[i, : len(s.response_ids)].float() for i, s in enumerate(chunk))
+        return out
+
+    def _update(self, groups: list[ScoredGroup]) -> dict[str, float]:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if not groups:
+            return {"time/update_s": 0.0, "train/updates": 0.0}
+        samples = [s for g in groups for s in g.samples]
+        rewards = torch.tensor([g.scores for g in groups], dtype=torch.float32)
+        advantages = group_advantages(rewards, norm_by_std=cfg.advantage.norm_by_std, eps=cfg.advantage.eps).reshape(-1)
+        truncated = torch.tensor([s.truncated for s in samples])
+        contributes = ~truncated if cfg.overlong.filter else torch.ones_like(truncated)
+        # Needs forward/backward: contributes, and a non-zero advantage or a KL term.
+        active = contributes & ((advantages != 0) | (cfg.loss.kl_coef > 0))
+
+        on_policy = self.updates_per_step == 1
+        t_old = time.perf_counter()
+        old_logp: list[torch.Tensor | None] = [None] * len(samples)
+        ref_logp: list[torch.Tensor | None] = [None] * len(samples)
+        active_idx = [i for i in range(len(samples)) if active[i]]
+        if not on_policy and active_idx:
+            for i, lp in zip(active_idx, self._score_old([samples[i] for i in active_idx], self.model)):
+                old_logp[i] = lp
+        if self.reference is not None and active_idx:
+            for i, lp in zip(active_idx, self._score_old([samples[i] for i in active_idx], self.reference)):
+                ref_logp[i] = lp
+        old_time = time.perf_counter() - t_old
+
+        sums: dict[str, float] = {}
+        token_count = 0.0
+        entropy_sum = 0.0
+        loss_total = 0.0
+        grad_norms: list[float] = []
+        skipped = 0
+        high_probs: list[torch.Tensor] = []
+        low_probs: list[torch.Tensor] = []
+        trained_tokens = 0
+        group_order = list(range(len(groups)))
+        self.model.train()
+        for epoch in range(cfg.ppo_epochs):
+            random.Random(cfg.seed * 7919 + self.state.step * 31 + epoch).shuffle(group_order)
+            for mb_start in range(0, len(groups), cfg.mini_batch_size):
+                mini_groups = group_order[mb_start : mb_start + cfg.mini_batch_size]
+                mini = [gi * cfg.group_size + j for gi in mini_groups for j in range(cfg.group_size)]
+                # One normaliser for the whole mini-batch: every loss-contributing token (or sequence) counts,
+                # including those of zero-advantage samples that are skipped below.
+                mask_counts = torch.zeros(len(mini), max(len(samples[i].response_ids) for i in mini))
+                for row, i in enumerate(mini):
+                    if contributes[i]:
+                        mask_counts[row, : len(samples[i].response_ids)] = 1
+                normalizer = loss_normalizer(mask_counts, cfg.loss.agg_mode)
+                todo = [i for i in mini if active[i]]
+                self.optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for mc_start in range(0, len(todo), cfg.micro_batch_size):
+                    idx = todo[mc_start : mc_start + cfg.micro_batch_size]
+                    packed = pack([samples[i] for i in idx], self.tokenizer.pad_token_id, self.device)
+                    logp, entropy = self._forward_logprobs(self.model, packed, with_entropy=True)
+                    mask = packed.response_mask
+                    width = mask.shape[1]
+                    if on_policy:
+                        old = logp.detach()
+                    else:
+                        old = torch.stack([torch.nn.functional.pad(old_logp[i], (0, width - old_logp[i].numel())) for i in idx]).to(self.device)
+                    adv = broadcast_to_tokens(advantages[idx].to(self.device), mask)
+                    out = decoupled_clip_loss(logp, old, adv, mask, eps_low=cfg.clip.eps_low,
+                                              eps_high=cfg.clip.eps_high, dual_clip_c=cfg.clip.dual_clip_c)
+                    per_token = out.per_token_loss
+                    if self.reference is not None:
+                        ref = torch.stack([torch.nn.functional.pad(ref_logp[i], (0, width - ref_logp[i].numel())) for i in idx]).to(self.device)
+                        kl = kl_penalty(logp, ref, cfg.loss.kl_estimator) * mask
+                        per_token = per_token + cfg.loss.kl_coef * kl
+                        sums["kl"] = sums.get("kl", 0.0) + kl.detach().sum().item()
+                    loss = aggregate_loss(per_token, mask, cfg.loss.agg_mode, normalizer=normalizer, norm_constant=self.norm_constant)
+                    loss.backward()
+                    step_loss += loss.item()
+                    for key, value in out.token_sums(mask).items():
+                        sums[key] = sums.get(key, 0.0) + value.item()
+                    token_count += mask.sum().item()
+                    entropy_sum += (entropy * mask).sum().item()
+                    old_prob = old.detach().exp()
+                    high_probs.append(old_prob[out.clipped_high].float().cpu())
+                    low_probs.append(old_prob[out.clipped_low].float().cpu())
+                trained_tokens += sum(len(samples[i].response_ids) for i in todo)
+                params = [p for p in self.model.parameters() if p.grad is not None]
+                if params:
+                    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+                else:
+                    grad_norm = 0.0
+                if not (math.isfinite(grad_norm) and math.isfinite(step_loss)):
+                    skipped += 1  # weights untouched: drop this update's gradients
+                    self.optimizer.zero_grad(set_to_none=True)
+                    tqdm.write(f"step {self.state.step + 1}: non-finite loss or gradient; update skipped")
+                else:
+                    self.optimizer.step()
+                    grad_norms.append(grad_norm)
+                    loss_total += step_loss
+                self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped_updates_total += skipped
+        denom = max(token_count, 1.0)
+        metrics.update({
+            "train/loss": loss_total / max(1, self.updates_per_step - skipped),
+            "train/entropy": entropy_sum / denom,
+            "train/clip_frac_low": sums.get("clip_frac_low", 0.0) / denom,
+            "train/clip_frac_high": sums.get("clip_frac_high", 0.0) / denom,
+            "train/dual_clip_frac": sums.get("dual_clip_frac", 0.0) / denom,
+            "train/ratio_mean": sums.get("ratio_mean", 0.0) / denom if token_count else 1.0,
+            "train/approx_kl": sums.get("approx_kl", 0.0) / denom,
+            "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/updates": float(self.updates_per_step - skipped),
+            "train/skipped_updates": float(skipped),
+            "train/advantage_zero_frac": float((advantages == 0).float().mean().item()),
+            "time/old_logprob_s": old_time,
+            "time/update_s": time.perf_counter() - t_start,
+            "perf/train_tokens_per_s": trained_tokens * cfg.ppo_epochs / max(time.perf_counter() - t_start, 1e-9),
+        })
+        if self.reference is not None:
+            metrics["train/kl"] = sums.get("kl", 0.0) / denom
+        metrics.update(_quantiles(torch.cat(high_probs) if high_probs else torch.empty(0), "diag/clip_high_old_prob"))
+        metrics.update(_quantiles(torch.cat(low_probs) if low_probs else torch.empty(0), "diag/clip_low_old_prob"))
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation and loop
+
+    def evaluate(self) -> EvalResult | None:
+        if not self.eval_prompts:
+            return None
+        ec = self.cfg.eval
+        params = SamplingParams(temperature=ec.temperature, top_p=ec.top_p, max_new_tokens=self.cfg.rollout.max_response_length,
+                                stop_token_ids=tuple(self.cfg.rollout.stop_token_ids))
+        return evaluate(self.engine, self.eval_prompts, self.tokenizer, self.reward_fn, params=params,
+                        samples_per_problem=ec.samples_per_prompt, greedy=ec.greedy, reward_timeout_s=self.cfg.reward.timeout_s)
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        groups, metrics = self._collect()
+        metrics.update(self._update(groups))
+        self.engine.sync_weights(self.model)
+        self.state.step += 1
+        metrics["time/step_s"] = time.perf_counter() - t0
+        return metrics
+
+    def steps(self) -> Iterator[dict[str, float]]:
+        """Run the remaining steps, yielding each step's metrics (evaluation included when due)."""
+        cfg = self.cfg
+        while self.state.step < cfg.steps:
+            metrics = self.train_step()
+            step = self.state.step
+            if self.eval_prompts and ((cfg.eval.interval and step % cfg.eval.interval == 0) or step == cfg.steps):
+                result = self.evaluate()
+                metrics.update(result.metrics())
+            self.state.history.append({"step": step, **metrics})
+            self.log(metrics, step)
+            if self.checkpoint_fn is not None and ((cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.steps):
+                self.checkpoint_fn(self)
+            yield metrics
