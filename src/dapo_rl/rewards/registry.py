@@ -1,0 +1,179 @@
+"""Reward functions by name: the built-ins, user registrations, and ``package.module:function``.
+
+Built-in names:
+
+=========  ==================================================================================
+``math``   answer in any format (``Answer:``, ``\\boxed{}``, ``####``), checked symbolically
+``dapo``   only the DAPO format, last ``Answer: X`` line, checked symbolically
+``gsm8k``  only ``#### X``, checked symbolically
+``boxed``  only ``\\boxed{X}``, checked symbolically
+``exact``  answer in any format, equal to the ground truth after normalisation (no SymPy)
+=========  ==================================================================================
+
+Every built-in scores ``correct_reward`` (default +1) for a correct answer and
+``incorrect_reward`` (default -1) otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .functions import MathReward, NamedReward, RewardFn
+
+__all__ = [
+    "RewardFactory",
+    "available_rewards",
+    "register_reward",
+    "register_reward_factory",
+    "resolve_reward_fn",
+]
+
+#: Builds a reward function from the (correct_reward, incorrect_reward) pair.
+RewardFactory = Callable[[float, float], RewardFn]
+
+_registry: dict[str, RewardFactory] = {}
+_registry_lock = threading.Lock()
+
+
+def register_reward_factory(name: str, factory: RewardFactory | None = None, *, overwrite: bool = False) -> Any:
+    """Register ``factory(correct_reward, incorrect_reward) -> reward fn`` under ``name``.
+
+    Usable directly or as a decorator. Registering a taken name raises ``ValueError`` unless
+    ``overwrite`` is true, so two plugins cannot silently replace each other.
+    """
+
+    def add(f: RewardFactory) -> RewardFactory:
+        key = name.strip()
+        if not key or ":" in key:
+            raise ValueError(f"Invalid reward name {name!r}: use a non-empty name without ':'.")
+        with _registry_lock:
+            if key in _registry and not overwrite:
+                raise ValueError(
+                    f"A reward function named {key!r} is already registered; pass overwrite=True to replace it."
+                )
+            _registry[key] = f
+        return f
+
+    return add(factory) if factory is not None else add
+
+
+def register_reward(name: str, fn: Callable[..., Any] | None = None, *, overwrite: bool = False) -> Any:
+    """Register a plain reward function ``fn(response, ground_truth, metadata)`` under ``name``.
+
+    Usable directly or as a decorator. The configured correct/incorrect rewards are used for
+    ``bool`` returns and failures; numeric returns are taken as they are.
+    """
+
+    def add(f: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(f):
+            raise ValueError(f"Cannot register {f!r} as reward {name!r}: it is not callable.")
+        register_reward_factory(
+            name, lambda correct, incorrect: NamedReward(f, name, correct, incorrect), overwrite=overwrite
+        )
+        return f
+
+    return add(fn) if fn is not None else add
+
+
+def available_rewards() -> list[str]:
+    """Registered reward names, sorted."""
+    with _registry_lock:
+        return sorted(_registry)
+
+
+def _import_reward(spec: str, correct_reward: float, incorrect_reward: float) -> RewardFn:
+    module_name, _, attr_path = spec.partition(":")
+    module_name, attr_path = module_name.strip(), attr_path.strip()
+    if not module_name or not attr_path:
+        raise ValueError(
+            f"Invalid reward function spec {spec!r}: an import path must look like 'package.module:function'."
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"Cannot import module {module_name!r} for reward function {spec!r} ({exc}). "
+            "Install it or put its directory on PYTHONPATH / sys.path, and check the spelling."
+        ) from exc
+    except Exception as exc:
+        raise ValueError(
+            f"Importing module {module_name!r} for reward function {spec!r} raised "
+            f"{type(exc).__name__}: {exc}. Fix the error in that module."
+        ) from exc
+    obj: Any = module
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(
+                f"Module {module_name!r} has no attribute {attr_path!r} (reward function {spec!r}); "
+                "check the name after ':'."
+            ) from None
+    if not callable(obj):
+        raise ValueError(
+            f"Reward function {spec!r} is a {type(obj).__name__}, not a callable; point it at a "
+            "function fn(response, ground_truth, metadata) -> float | dict."
+        )
+    return NamedReward(obj, spec, float(correct_reward), float(incorrect_reward))
+
+
+def resolve_reward_fn(
+    spec: str | Callable[..., Any], correct_reward: float = 1.0, incorrect_reward: float = -1.0
+) -> RewardFn:
+    """Turn a configuration value into a reward function.
+
+    Args:
+        spec: a registered name (see :func:`available_rewards`), an import path
+            ``package.module:function`` (or ``package.module:Class.method``), or a callable.
+        correct_reward: score of a correct answer (built-ins; also used for ``True`` returns).
+        incorrect_reward: score of a wrong answer and of any failed call.
+
+    Returns:
+        A reward function carrying ``name``, ``correct_reward`` and ``incorrect_reward``
+        attributes, ready for :func:`~dapo_rl.rewards.functions.score_responses`.
+
+    Raises:
+        ValueError: the name is unknown, the module cannot be imported, the attribute is missing
+            or not callable. The message names the spec and how to fix it.
+    """
+    if callable(spec):
+        name = getattr(spec, "__qualname__", type(spec).__name__)
+        return NamedReward(spec, name, float(correct_reward), float(incorrect_reward))
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(
+            f"Invalid reward function spec {spec!r}: expected a registered name or 'package.module:function'."
+        )
+    key = spec.strip()
+    with _registry_lock:
+        factory = _registry.get(key)
+    if factory is not None:
+        return factory(float(correct_reward), float(incorrect_reward))
+    if ":" in key:
+        return _import_reward(key, correct_reward, incorrect_reward)
+    hint = ""
+    if "." in key:
+        module_name, _, function = key.rpartition(".")
+        hint = f" Did you mean the import path '{module_name}:{function}'?"
+    raise ValueError(
+        f"Unknown reward function {spec!r}: not a registered name ({', '.join(available_rewards())}) "
+        f"and not an import path of the form 'package.module:function'.{hint}"
+    )
+
+
+def _builtin(style: str, name: str, symbolic: bool = True) -> RewardFactory:
+    def factory(correct_reward: float, incorrect_reward: float) -> RewardFn:
+        return MathReward(
+            style=style, correct_reward=correct_reward, incorrect_reward=incorrect_reward, symbolic=symbolic, name=name
+        )
+
+    return factory
+
+
+register_reward_factory("math", _builtin("auto", "math"))
+register_reward_factory("dapo", _builtin("dapo", "dapo"))
+register_reward_factory("gsm8k", _builtin("gsm8k", "gsm8k"))
+register_reward_factory("boxed", _builtin("boxed", "boxed"))
+register_reward_factory("exact", _builtin("auto", "exact", symbolic=False))
