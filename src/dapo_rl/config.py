@@ -8,12 +8,15 @@ message names the key and the fix.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 BUILTIN_MODEL = "builtin:chain-tiny"
 BUILTIN_DATA = "builtin:chain"
@@ -49,12 +52,19 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf (Hugging Face generate on the training model) | vllm
+    engine: str = "hf"  # hf (Hugging Face generate on the training model) | fast (same sampling; one prefill per prompt, finished rows dropped) | vllm
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     max_response_length: int = 16  # L_max: new tokens per response; longer ones are truncated
     stop_token_ids: List[int] = field(default_factory=list)  # besides EOS
+    # rollout.engine=vllm only (optional extra; see README "vLLM rollouts"):
+    vllm_dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
+    vllm_max_model_len: Optional[int] = None  # prompt + response tokens; null = the model's max_position_embeddings
+    vllm_gpu_memory_utilization: float = 0.4  # fraction of GPU memory for vLLM (weights + KV cache); leave room for training
+    vllm_kv_cache_gb: Optional[float] = None  # KV cache GiB; null = 1 on CPU, from vllm_gpu_memory_utilization on GPU
+    vllm_enforce_eager: Optional[bool] = None  # no CUDA graphs / compilation; null = true on CPU, false on GPU
+    vllm_sleep: bool = False  # GPU: free vLLM's memory (sleep level 1) while training; ignored on CPU
 
 
 @dataclass
@@ -179,14 +189,118 @@ class Config:
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
 
 
+def _field(key: str) -> tuple[Any, Any] | None:
+    """The declared type and default of a dotted key, or None if no such key exists."""
+    cls: Any = Config
+    hint: Any = None
+    default: Any = None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        found = {f.name: f for f in dataclasses.fields(cls)}.get(part)
+        if found is None:
+            return None
+        hint = get_type_hints(cls)[part]
+        if found.default is not dataclasses.MISSING:
+            default = found.default
+        elif found.default_factory is not dataclasses.MISSING:
+            default = found.default_factory()
+        else:
+            default = None
+        cls = hint
+    return hint, default
+
+
+def _is_section(key: str) -> bool:
+    info = _field(key)
+    return info is not None and dataclasses.is_dataclass(info[0])
+
+
+def _describe_type(hint: Any) -> str:
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) is Union and len(args) == 1:
+        return f"{_describe_type(args[0])} or null"
+    if get_origin(hint) in (list, List):
+        return "a list such as [a,b]"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _format_default(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
 def _one_line(exc: OmegaConfBaseException) -> str:
+    """OmegaConf's (often multi-line) message as one line that names the key and the fix."""
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
-    if "Key '" in msg and "not in" in msg:
-        return f"unknown config key '{key}'; check the spelling (see README: Configuration reference)"
+    if "not in" in msg and ("Key '" in msg or isinstance(exc, ConfigKeyError)):
+        hint = re.search(r"Did you mean: '([^']+)'", str(exc))
+        suggestion = ""
+        if hint:
+            parent = key.rpartition(".")[0] if key else ""
+            suggestion = f"; did you mean '{parent + '.' if parent else ''}{hint.group(1)}'?"
+        return f"unknown config key '{key}'{suggestion or '; check the spelling'} (see README: Configuration reference)"
     if key:
+        info = _field(key)
+        if info is not None and not dataclasses.is_dataclass(info[0]):
+            hint_type, default = info
+            return f"config key '{key}': {msg}; expected {_describe_type(hint_type)}, e.g. {key}={_format_default(default)} (the default)"
         return f"config key '{key}': {msg}"
     return msg
+
+
+def _check_sections_in_overrides(overrides: list[str]) -> None:
+    """``clip=3`` would otherwise surface as OmegaConf's "int is not a subclass of ClipConfig"."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip().lstrip("+~")
+        if _is_section(key):
+            first = dataclasses.fields(_field(key)[0])[0].name  # type: ignore[index]
+            raise ConfigError(f"config key '{key}' is a section, not a value; set one of its keys, e.g. {key}.{first}=...")
+
+
+def _check_sections_in_file(data: Any, path: Path, prefix: str = "") -> None:
+    """A section given a plain value in YAML (``clip: 3``): name the key and the file."""
+    if not isinstance(data, dict):
+        return
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if _is_section(key):
+            if value is not None and not isinstance(value, dict):
+                first = dataclasses.fields(_field(key)[0])[0].name  # type: ignore[index]
+                raise ConfigError(f"config file {path}: '{key}' is a section and must hold keys, not {value!r}; "
+                                  f"write e.g. '{key}: {{{first}: ...}}' or indent its keys under '{key}:'")
+            _check_sections_in_file(value, path, key + ".")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """The file's top-level mapping; a syntax error names the file, line and column."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file or none")
+    try:
+        # OmegaConf's loader, not plain PyYAML: it reads 1e-6 as a float (YAML 1.1 reads text).
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path}: invalid YAML{where} ({problem}); fix the syntax (keys as 'name: value', nested by indentation)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc}); pass a readable UTF-8 YAML file") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config file {path}: {str(exc).splitlines()[0]}; check the file's keys and values") from None
+    if isinstance(loaded, ListConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of keys (like 'steps: 100'), not a list")
+    data = OmegaConf.to_container(loaded, resolve=False)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys (like 'steps: 100'), not {type(data).__name__}")
+    _check_sections_in_file(data, path)
+    return loaded
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -196,28 +310,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         ConfigError: unreadable file, unknown key, wrong type, or a rule of :func:`validate`.
     """
     schema = OmegaConf.structured(Config)
+    overrides = list(overrides or [])
+    layers: list[Any] = [schema]
+    if path is not None:
+        layers.append(_read_yaml(Path(path)))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. steps=100)")
+    _check_sections_in_overrides(overrides)
     try:
-        layers = [schema]
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist; pass an existing YAML file or none")
-            loaded = OmegaConf.load(path)
-            if not isinstance(loaded, type(schema)) and loaded is not None:
-                raise ConfigError(f"config file {path} must hold a mapping of keys, not a list")
-            layers.append(loaded)
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like key=value (e.g. steps=100)")
-        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        layers.append(OmegaConf.from_dotlist(overrides))
         merged = OmegaConf.merge(*layers)
         config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
-    except Exception as exc:  # YAML syntax errors and the like
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"cannot read config: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a YAML syntax error inside an override value
+        raise ConfigError(f"cannot read the overrides: {' '.join(str(exc).split())}") from None
     validate(config)
     return config
 
@@ -266,7 +374,10 @@ def validate(c: Config) -> None:
     _require(c.rollout.temperature > 0, "rollout.temperature", f"must be > 0 for sampling, got {c.rollout.temperature}", "paper: 1.0")
     _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {c.rollout.top_p}", "1.0 disables it")
     _require(c.rollout.top_k >= 0, "rollout.top_k", f"must be >= 0, got {c.rollout.top_k}", "0 disables it")
-    _choice(c.rollout.engine, "rollout.engine", ("hf", "vllm"))
+    _choice(c.rollout.engine, "rollout.engine", ("hf", "fast", "vllm"))
+    _choice(c.rollout.vllm_dtype, "rollout.vllm_dtype", ("auto", "float32", "bfloat16", "float16"))
+    _require(0 < c.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization",
+             f"must be in (0, 1], got {c.rollout.vllm_gpu_memory_utilization}", "e.g. 0.4, leaving the rest for training")
     if c.overlong.soft_punishment:
         _require(0 < c.overlong.cache_length < L, "overlong.cache_length",
                  f"L_cache={c.overlong.cache_length} must be > 0 and < rollout.max_response_length={L}",
@@ -283,4 +394,49 @@ def validate(c: Config) -> None:
     _require(c.reward.correct > c.reward.incorrect, "reward.correct", "must be greater than reward.incorrect", "paper: +1 / -1")
     _require(c.reward.timeout_s > 0, "reward.timeout_s", "must be > 0", "e.g. 5")
     _choice(c.model.dtype, "model.dtype", ("auto", "float32", "bf16-autocast"))
+    _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.model.device) is not None, "model.device",
+             f"{c.model.device!r} is not a device", "use auto, cpu, cuda or cuda:N")
+    _require(bool(c.model.path.strip()), "model.path", "is empty", f"give a local Hugging Face model folder or {BUILTIN_MODEL}")
     _require(not (c.resume and c.overwrite), "resume", "resume=true and overwrite=true contradict each other", "choose one")
+    _require(bool(c.output_dir.strip()), "output_dir", "is empty", "give a folder path, e.g. output_dir=runs/my-run")
+    _validate_data(c)
+    _require(c.optim.warmup_updates >= 0, "optim.warmup_updates", f"must be >= 0, got {c.optim.warmup_updates}", "0 disables warm-up")
+    _require(0 <= c.optim.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {c.optim.beta1}", "default 0.9")
+    _require(0 <= c.optim.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {c.optim.beta2}", "default 0.99")
+    _require(c.optim.eps > 0, "optim.eps", f"must be > 0, got {c.optim.eps}", "default 1e-8")
+    _require(c.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {c.optim.weight_decay}", "0 disables it")
+    _require(c.advantage.eps >= 0, "advantage.eps", f"must be >= 0, got {c.advantage.eps}", "default 1e-6")
+    _require(all(t >= 0 for t in c.rollout.stop_token_ids), "rollout.stop_token_ids", "token ids must be >= 0", "list token ids, e.g. [2]")
+    _require(c.eval.temperature >= 0, "eval.temperature", f"must be >= 0, got {c.eval.temperature}", "0 = greedy, paper: 1.0")
+    _require(0 < c.eval.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {c.eval.top_p}", "1.0 disables it")
+    _require(c.checkpoint.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0, got {c.checkpoint.keep_last}", "0 keeps every checkpoint")
+    from dapo_rl.telemetry.sinks import SINK_NAMES, WANDB_MODES
+
+    for sink in c.logging.sinks:
+        _choice(sink, "logging.sinks", SINK_NAMES)
+    _choice(c.logging.wandb_mode, "logging.wandb_mode", WANDB_MODES)
+    q = c.quickstart
+    for key, value in (("warmup_steps", q.warmup_steps), ("warmup_batch", q.warmup_batch), ("num_layers", q.num_layers)):
+        _require(value >= 1, f"quickstart.{key}", f"must be >= 1, got {value}", "see the defaults in config.py")
+    _require(q.hidden_size >= 4 and q.hidden_size % 4 == 0, "quickstart.hidden_size", f"must be a positive multiple of 4 (4 heads), got {q.hidden_size}", "default 64")
+    _require(q.warmup_lr > 0, "quickstart.warmup_lr", f"must be > 0, got {q.warmup_lr}", "default 3e-3")
+    for key, value in (("step_error", q.step_error), ("recheck", q.recheck)):
+        _require(0 <= value <= 1, f"quickstart.{key}", f"is a probability, got {value}", "choose a value in [0, 1]")
+
+
+def _validate_data(c: Config) -> None:
+    from dapo_rl.data.datasets import FORMATS, PRESETS
+    from dapo_rl.data.templates import TEMPLATES
+
+    d = c.data
+    _require(bool(d.train.strip()), "data.train", "is empty", f"give a dataset path or {BUILTIN_DATA}")
+    _choice(d.format, "data.format", FORMATS)
+    _choice(d.preset, "data.preset", PRESETS)
+    _choice(d.template, "data.template", TEMPLATES)
+    if d.preset == "custom":
+        _require(bool(d.prompt_field) and bool(d.answer_field), "data.preset",
+                 "custom needs data.prompt_field and data.answer_field", "set both, e.g. data.prompt_field=question data.answer_field=solution")
+    _require(d.max_prompt_length >= 1, "data.max_prompt_length", f"must be >= 1, got {d.max_prompt_length}", "default 512")
+    _require(d.max_rows is None or d.max_rows >= 1, "data.max_rows", f"must be >= 1 or null, got {d.max_rows}", "null reads every row")
+    _require(d.builtin_train_size >= 1, "data.builtin_train_size", f"must be >= 1, got {d.builtin_train_size}", "default 20000")
+    _require(d.builtin_eval_size >= 1, "data.builtin_eval_size", f"must be >= 1, got {d.builtin_eval_size}", "or data.eval=null for no evaluation")

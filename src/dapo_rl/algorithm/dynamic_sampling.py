@@ -113,8 +113,8 @@ class DynamicSampler(Generic[T]):
         if self.on_exhausted == "error":
             raise DynamicSamplingExhausted(
                 f"dynamic sampling found {len(self._pool)} of {self.groups_per_step} informative groups in "
-                f"{self._rounds} generation rounds; raise sampling.max_rounds, or set "
-                f"sampling.on_exhausted=train to train on what was found"
+                f"{self._rounds} generation rounds; raise dynamic_sampling.max_rounds, or set "
+                f"dynamic_sampling.on_exhausted=train to train on what was found"
             )
         return False
 

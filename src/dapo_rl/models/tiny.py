@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 
 def build_char_tokenizer(characters: Sequence[str]) -> PreTrainedTokenizerFast:
-    """One token per character, plus ``<pad>`` (id 0), ``<s>`` (1) and ``</s>`` (2).
+    """One token per character, plus ``<pad>`` (id 0), ``<s>`` (1, prepended on encoding) and ``</s>`` (2).
 
     Text is split into single characters before lookup, and decoding concatenates them back
     without separators, so ``decode(encode(s)) == s`` for any string over ``characters``.
@@ -29,6 +29,8 @@ def build_char_tokenizer(characters: Sequence[str]) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
+    # Every encoded text starts with <s>, as for most pretrained tokenizers.
+    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left"
     )

@@ -119,7 +119,8 @@ _FIGURES: Final[tuple[_FigureSpec, ...]] = (
                 "fraction of groups",
                 yrange="fraction",
             ),
-            _Panel("train/generation_rounds", "Generation rounds per step", "rounds"),
+            # From 0: a constant 1 (dynamic sampling off) would otherwise autoscale to 0.96-1.04.
+            _Panel("train/generation_rounds", "Generation rounds per step", "rounds", yrange="nonneg"),
             # Logged per step; the running total is what compares the sampling cost of runs.
             _Panel(
                 "train/samples_generated",
@@ -258,11 +259,32 @@ def _set_yrange(ax: Axes, yrange: YRange) -> None:
     ax.set_ylim(-0.02 * top, top)
 
 
+def _break_gaps(steps: np.ndarray, values: np.ndarray, logged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Insert a NaN wherever the run logged a step between two points of this metric.
+
+    Clip diagnostics exist only on steps where some token was clipped; a line drawn straight
+    across the steps without any would invent values there. Matplotlib breaks lines (and
+    ``fill_between``) at NaN.
+    """
+    if len(steps) < 2:
+        return steps.astype(np.float64), values
+    out_steps: list[float] = [float(steps[0])]
+    out_values: list[float] = [float(values[0])]
+    for prev, step, value in zip(steps[:-1], steps[1:], values[1:]):
+        if np.any((logged > prev) & (logged < step)):
+            out_steps.append((prev + step) / 2)
+            out_values.append(np.nan)
+        out_steps.append(float(step))
+        out_values.append(float(value))
+    return np.array(out_steps), np.array(out_values)
+
+
 def _draw_band(ax: Axes, prefix: str, name: str, series: Series, color: str) -> None:
     centre_key = f"{prefix}_p50" if f"{prefix}_p50" in series else f"{prefix}_mean"
     if centre_key not in series:
         return
-    steps, centre = series[centre_key]
+    logged = np.unique(np.concatenate([s for s, _ in series.values()]))
+    steps, centre = _break_gaps(*series[centre_key], logged)
     label = name if centre_key.endswith("_p50") else f"{name} (mean)"
     ax.plot(
         steps,
@@ -270,7 +292,8 @@ def _draw_band(ax: Axes, prefix: str, name: str, series: Series, color: str) -> 
         linewidth=1.6,
         color=color,
         label=label,
-        marker="." if len(steps) <= 50 else None,
+        # Always marked: after a gap a point can stand alone, and a lone point has no line.
+        marker="." if len(steps) <= 50 else ",",
     )
     lo, hi = series.get(f"{prefix}_p10"), series.get(f"{prefix}_p90")
     if lo is None or hi is None:
@@ -279,7 +302,9 @@ def _draw_band(ax: Axes, prefix: str, name: str, series: Series, color: str) -> 
     # ends of the band exist.
     common, i_lo, i_hi = np.intersect1d(lo[0], hi[0], return_indices=True)
     if len(common):
-        ax.fill_between(common, lo[1][i_lo], hi[1][i_hi], color=color, alpha=0.2, linewidth=0)
+        band_steps, low = _break_gaps(common, lo[1][i_lo], logged)
+        _, high = _break_gaps(common, hi[1][i_hi], logged)
+        ax.fill_between(band_steps, low, high, color=color, alpha=0.2, linewidth=0)
 
 
 def plot_runs(

@@ -24,9 +24,17 @@ MARKER = "COMPLETE"
 
 
 def _rng_state() -> dict:
+    """Every global generator a step may draw from: sampling uses torch's; python's and numpy's
+    are kept too, so that a reward function or library drawing from them resumes exactly."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+
+        state["numpy"] = numpy.random.get_state()
+    except ImportError:
+        pass
     return state
 
 
@@ -35,6 +43,10 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        numpy.random.set_state(state["numpy"])
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -44,13 +56,39 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def save_checkpoint(trainer: "Trainer", run_dir: Path, keep_last: int = 2) -> Path:
-    """Write ``run_dir/checkpoints/step_N`` atomically and prune older ones beyond ``keep_last``."""
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a power cut after it must not undo it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform/file system; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder so that a kill midway never leaves a "valid" half of it."""
+    (folder / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_checkpoint(trainer: Trainer, run_dir: Path, keep_last: int = 2) -> Path:
+    """Write ``run_dir/checkpoints/step_N`` atomically and prune older ones beyond ``keep_last``.
+
+    ``keep_last=0`` keeps every checkpoint. Re-saving a step that already has a checkpoint (an
+    interrupted or exhausted step saves its progress) moves the old folder aside first and
+    deletes it only once the new one is in place.
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step_*"):  # left by a kill during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{trainer.state.step:06d}"
     staging = root / f".tmp-step_{trainer.state.step:06d}"
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     trainer.model.save_pretrained(staging / "policy")
     torch.save(
@@ -66,18 +104,31 @@ def save_checkpoint(trainer: "Trainer", run_dir: Path, keep_last: int = 2) -> Pa
     )
     (staging / MARKER).write_text(str(trainer.state.step))
     _fsync_tree(staging)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
+    aside = root / f".old-step_{trainer.state.step:06d}"
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        final.rename(aside)  # until the next rename, valid_checkpoints() recovers it from here
     staging.rename(final)
-    for old in sorted(valid_checkpoints(run_dir))[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(root)
+    if aside.exists():
+        _remove(aside)
+    if keep_last > 0:
+        for old in valid_checkpoints(run_dir)[:-keep_last]:
+            _remove(old)
+    trainer.checkpointed_step = trainer.state.step
     return final
 
 
 def valid_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
+    for aside in root.glob(".old-step_*"):
+        # A kill between the two renames of a re-save: the old copy is still complete.
+        final = root / aside.name.removeprefix(".old-")
+        if (aside / MARKER).is_file() and not final.exists():
+            aside.rename(final)
     return sorted(p for p in root.glob("step_*") if (p / MARKER).is_file())
 
 
@@ -86,7 +137,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(trainer: "Trainer", folder: Path) -> None:
+def load_checkpoint(trainer: Trainer, folder: Path) -> None:
     """Restore everything :func:`save_checkpoint` wrote into an already-built trainer."""
     from safetensors.torch import load_file
 
@@ -106,3 +157,4 @@ def load_checkpoint(trainer: "Trainer", folder: Path) -> None:
     trainer.sampler.load_state_dict(blob["sampler"])
     _set_rng_state(blob["rng"])
     trainer.engine.sync_weights(trainer.model)
+    trainer.checkpointed_step = trainer.state.step

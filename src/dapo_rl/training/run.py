@@ -6,37 +6,55 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Self
 
 import torch
 from tqdm.auto import tqdm
 
-from dapo_rl.config import BUILTIN_DATA, BUILTIN_MODEL, Config, ConfigError, to_dict, to_yaml
-from dapo_rl.data import DatasetError, DatasetSpec, load_examples
+from dapo_rl.algorithm import DynamicSamplingExhausted
+from dapo_rl.config import (
+    BUILTIN_DATA,
+    BUILTIN_MODEL,
+    Config,
+    ConfigError,
+    to_dict,
+    to_yaml,
+)
+from dapo_rl.data import DatasetError, DatasetSpec, TemplateError, load_examples
 from dapo_rl.data.encoding import EncodedPrompt, encode_prompts
 from dapo_rl.data.synthetic import builtin_splits
 from dapo_rl.rewards import resolve_reward_fn
 from dapo_rl.rollout import HFGenerateEngine
 from dapo_rl.telemetry import build_sinks, read_metrics
-from dapo_rl.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dapo_rl.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    valid_checkpoints,
+)
+from dapo_rl.training.errors import RunError, RunInterrupted, signal_name
 from dapo_rl.training.quickstart import prepare_quickstart_model
+from dapo_rl.training.distributed import DistContext, init_distributed, shutdown_distributed
 from dapo_rl.training.trainer import Trainer
 
 RUN_MARKER = "config.yaml"
 
-
-class RunError(RuntimeError):
-    """A problem with the run's inputs or output folder; the message says what to do."""
+__all__ = ["RunError", "RunInterrupted", "RunResult", "load_policy", "prepare_output_dir", "run_training"]
 
 
-def resolve_device(config: Config) -> tuple[torch.device, torch.dtype | None]:
+def resolve_device(config: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
     """The device, and the autocast dtype (None = plain fp32)."""
     name = config.model.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank:
+        name = f"cuda:{local_rank}"  # one GPU per process under torchrun
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"model.device: {name} requested but CUDA is not available; use model.device=cpu")
@@ -57,10 +75,26 @@ def load_policy(config: Config, progress: bool = True):
         raise ConfigError(f"model.path: unknown built-in model {path!r}; use {BUILTIN_MODEL} or a local model folder")
     elif not Path(path).is_dir():
         raise ConfigError(f"model.path: {path} is not a folder; give a local Hugging Face model folder (see `dapo convert-gguf` for SmolLM2)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    elif not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model.path: {path} has no config.json, so it is not a Hugging Face model folder; "
+                          f"point model.path at a folder written by save_pretrained (config.json, weights, tokenizer)")
+    # transformers reports a broken folder with many exception types and multi-line messages;
+    # the user needs one line that says which folder and what is wrong with it.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the folder is unusable
+        raise ConfigError(f"model.path: cannot load a tokenizer from {path} ({_first_line(exc)}); "
+                          f"the folder needs tokenizer files (tokenizer.json or tokenizer_config.json)") from None
     if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"model.path: the tokenizer in {path} has neither a pad nor an EOS token; "
+                              f"set eos_token in its tokenizer_config.json")
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the folder is unusable
+        raise ConfigError(f"model.path: cannot load a causal language model from {path} ({_first_line(exc)}); "
+                          f"check config.json and the weight files (*.safetensors)") from None
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer
@@ -78,16 +112,23 @@ def _load_split(config: Config, path: str, tokenizer, which: str) -> list[Encode
         try:
             loaded = load_examples(spec)
         except DatasetError as exc:
-            raise RunError(f"data.{which}: {exc}") from None
+            # The loader names the path as data.path; the user set it as data.train or data.eval.
+            raise RunError(f"data.{which}: {str(exc).replace('data.path', f'data.{which}')}") from None
         examples, skipped = loaded.examples, list(loaded.skipped)
-    prompts, too_long = encode_prompts(examples, tokenizer, template=dc.template, use_chat_template=dc.use_chat_template,
-                                       max_prompt_length=dc.max_prompt_length)
+    try:
+        prompts, too_long = encode_prompts(examples, tokenizer, template=dc.template, use_chat_template=dc.use_chat_template,
+                                           max_prompt_length=dc.max_prompt_length)
+    except TemplateError as exc:
+        raise RunError(f"data.template: {_first_line(exc)} (while encoding data.{which}); choose another data.template "
+                       f"or data.use_chat_template=false") from None
     skipped += too_long
     if skipped:
         shown = "; ".join(str(p) for p in skipped[:3])
         tqdm.write(f"data.{which}: skipped {len(skipped)} unusable rows ({shown}{'; ...' if len(skipped) > 3 else ''})")
     if not prompts:
-        raise RunError(f"data.{which}: {path} has no usable rows; fix the rows above or the field mapping (data.preset, data.prompt_field, data.answer_field)")
+        reasons = "; ".join(str(p) for p in skipped[:3])
+        raise RunError(f"data.{which}: {path} has no usable rows ({reasons}); fix the rows, the field mapping "
+                       f"(data.preset, data.prompt_field, data.answer_field) or data.max_prompt_length")
     return prompts
 
 
@@ -104,26 +145,88 @@ def resolve_reward(config: Config):
 def build_engine(config: Config, model, tokenizer):
     if config.rollout.engine == "hf":
         return HFGenerateEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    from dapo_rl.rollout.vllm_engine import VLLMEngine  # optional extra
+    if config.rollout.engine == "fast":
+        from dapo_rl.rollout.fast import FastRolloutEngine
+
+        return FastRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    try:
+        from dapo_rl.rollout.vllm_engine import VLLMEngine  # optional extra
+    except ImportError as exc:
+        raise ConfigError(f"rollout.engine: vllm is not available ({_first_line(exc)}); install it "
+                          f"(pip install 'dapo-rl[vllm]') or use rollout.engine=hf") from None
 
     return VLLMEngine.from_config(config, model, tokenizer)
 
 
-def prepare_output_dir(config: Config) -> Path:
-    """Create the run folder, or refuse to touch one that holds a different run."""
+def _check_sinks_available(config: Config) -> None:
+    """Optional metric backends are imported late; find a missing one before anything is written."""
+    import importlib.util
+
+    for sink, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if sink in config.logging.sinks and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"logging.sinks: {sink} is not installed; pip install 'dapo-rl[{sink}]' or remove it from logging.sinks")
+
+
+# Settings a resumed run may change: how long it runs, how it logs and checkpoints, and the knobs
+# that get a stuck run going again. Anything else would silently continue a different experiment.
+RESUMABLE_CHANGES = ("steps", "resume", "overwrite", "output_dir", "logging.", "checkpoint.", "eval.interval",
+                     "reward.timeout_s", "dynamic_sampling.max_rounds", "dynamic_sampling.on_exhausted",
+                     "quickstart.cache_dir", "model.device", "rollout.engine")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def check_output_dir(config: Config) -> Path:
+    """Refuse an output folder we must not write into; writes nothing.
+
+    A folder that holds a run (it has ``config.yaml``) is used only with ``overwrite=true`` or with
+    ``resume=true`` and the same settings, apart from :data:`RESUMABLE_CHANGES`.
+    """
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise RunError(f"output_dir: {out} is a file; choose a folder path")
-    holds_run = (out / RUN_MARKER).is_file()
-    if holds_run and not (config.resume or config.overwrite):
+    marker = out / RUN_MARKER
+    if not marker.is_file():
+        return out
+    if not (config.resume or config.overwrite):
         raise RunError(f"output_dir: {out} already holds a run; pass resume=true to continue it, overwrite=true to replace it, "
                        f"or choose another output_dir")
-    if holds_run and config.overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{RUN_MARKER}.tmp"
-    tmp.write_text(to_yaml(config))
-    os.replace(tmp, out / RUN_MARKER)
+    if config.resume:
+        import yaml
+
+        try:
+            saved = yaml.safe_load(marker.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise RunError(f"resume: cannot read {marker} ({_first_line(exc)}); use overwrite=true to start the run over") from None
+        saved_flat, now_flat = _flatten(saved if isinstance(saved, dict) else {}), _flatten(to_dict(config))
+        for key in sorted(set(saved_flat) | set(now_flat)):
+            if key.startswith(RESUMABLE_CHANGES) or key not in saved_flat:
+                continue  # a key added to the schema after the run started keeps its default
+            if saved_flat.get(key) != now_flat.get(key):
+                raise RunError(f"resume: {key} was {saved_flat.get(key)!r} in the run in {out} but is now {now_flat.get(key)!r}; "
+                               f"resume with the run's settings (see {marker}), or use overwrite=true or another output_dir")
+    return out
+
+
+def prepare_output_dir(config: Config) -> Path:
+    """Create the run folder (after :func:`check_output_dir`) and record the config in it."""
+    out = check_output_dir(config)
+    try:
+        if (out / RUN_MARKER).is_file() and config.overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{RUN_MARKER}.tmp"
+        tmp.write_text(to_yaml(config))
+        os.replace(tmp, out / RUN_MARKER)
+    except OSError as exc:
+        raise RunError(f"output_dir: cannot write to {out} ({exc.strerror or exc}); choose a writable folder") from None
     return out
 
 
@@ -175,64 +278,186 @@ def _postfix(metrics: dict[str, float], eval_acc: float | None) -> dict[str, str
     return out
 
 
+class _StopOnSignal:
+    """SIGINT / SIGTERM handlers for the training loop (a context manager).
+
+    The first signal only raises a flag: the trainer finishes the step it is in, saves a
+    checkpoint and the run exits with 128 + the signal number. Stopping between steps is what
+    makes the checkpoint exact; a second signal, for a user who cannot wait, stops at once
+    (the last complete checkpoint stays valid: checkpoints are written atomically).
+    Handlers can only be installed from the main thread; elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise RunInterrupted(signum, f"stopped at once by a second {signal_name(signum)}; "
+                                         f"the last complete checkpoint is kept, continue with resume=true")
+        self.signum = signum
+        # os.write, not print: a handler may run while the main thread is inside a print call.
+        note = (f"\n{signal_name(signum)} received: finishing the current step, then saving a checkpoint and "
+                f"exiting (send it again to stop at once)\n")
+        try:
+            os.write(sys.stderr.fileno(), note.encode())
+        except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a file
+            pass
+
+
+def _restore(trainer: Trainer, run_dir: Path) -> Path | None:
+    """Load the newest checkpoint that loads; an unreadable one is reported and skipped."""
+    problems = []
+    for folder in reversed(valid_checkpoints(run_dir)):
+        try:
+            load_checkpoint(trainer, folder)
+            return folder
+        except Exception as exc:  # noqa: BLE001 - a damaged file: fall back to the previous checkpoint
+            problems.append(f"{folder.name}: {_first_line(exc)}")
+            tqdm.write(f"resume: cannot load {folder} ({_first_line(exc)}); trying the previous checkpoint")
+    if problems:
+        raise RunError(f"resume: no checkpoint in {run_dir / 'checkpoints'} could be loaded ({'; '.join(problems[:2])}); "
+                       f"use overwrite=true to start the run over")
+    return None
+
+
+def _agreed(stop: Callable[[], bool], dist: DistContext) -> Callable[[], bool]:
+    """A stop flag every rank agrees on (any rank signalled → all stop after the same step)."""
+    if not dist.enabled:
+        return stop
+    return lambda: dist.all_reduce_sum([1.0 if stop() else 0.0], torch.device("cpu"))[0] > 0
+
+
+def _follow(trainer: Trainer, dist: DistContext) -> RunResult:
+    """A non-main rank: train in lock-step with the main rank, write nothing."""
+    with _StopOnSignal() as stop:
+        for _ in trainer.steps(should_stop=_agreed(stop, dist)):
+            pass
+    return RunResult(run_dir=Path(trainer.cfg.output_dir), accuracy_before=None, accuracy_after=None,
+                     steps=trainer.state.step, seconds=0.0, history=trainer.state.history)
+
+
 def run_training(config: Config) -> RunResult:
-    """Train as configured; returns held-out accuracy before and after, and the per-step history."""
+    """Train as configured; returns held-out accuracy before and after, and the per-step history.
+
+    Every input (model, data, reward, engine, output folder, metric backends) is checked before
+    anything in ``output_dir`` is written or removed, so a mistake costs nothing.
+
+    Raises:
+        ConfigError, RunError: bad input (the message names the key or file and the fix), or a
+            dynamic sampler out of rounds under ``on_exhausted=error`` (after saving a checkpoint).
+        RunInterrupted: SIGINT or SIGTERM stopped the run (after saving a checkpoint).
+    """
     started = time.perf_counter()
-    progress = config.logging.progress
-    torch.manual_seed(config.seed)
-    device, autocast_dtype = resolve_device(config)
-    model, tokenizer = load_policy(config, progress=progress)  # before touching output_dir: bad input loses nothing
+    dist = init_distributed(config.model.device)
+    try:
+        return _run_training(config, dist, started)
+    finally:
+        shutdown_distributed()
+
+
+def _run_training(config: Config, dist: DistContext, started: float) -> RunResult:
+    progress = config.logging.progress and dist.is_main
+    torch.manual_seed(config.seed + dist.rank)  # ranks sample different responses
+    device, autocast_dtype = resolve_device(config, dist.local_rank)
+    _check_sinks_available(config)
+    check_output_dir(config)
+    model, tokenizer = load_policy(config, progress=progress)
     model.to(device)
     reward_fn = resolve_reward(config)
     train_prompts = _load_split(config, config.data.train, tokenizer, "train")
     eval_prompts = _load_split(config, config.data.eval, tokenizer, "eval") if config.data.eval else None
-    run_dir = prepare_output_dir(config)
     engine = build_engine(config, model, tokenizer)
+    run_dir = Path(config.output_dir)
+    # Only the main rank writes: checkpoints (every rank holds the same weights), metrics, the final policy.
+    trainer = Trainer(config, model, tokenizer, train_prompts, eval_prompts, reward_fn, engine, device=device,
+                      autocast_dtype=autocast_dtype, dist=dist,
+                      checkpoint_fn=(lambda t: save_checkpoint(t, run_dir, config.checkpoint.keep_last)) if dist.is_main else None)
+    checkpoint = _restore(trainer, run_dir) if config.resume else None
+    if dist.is_main:
+        run_dir = prepare_output_dir(config)  # the first write: every input above is good
+    dist.barrier()
+    if not dist.is_main:
+        return _follow(trainer, dist)
+    summary_path = run_dir / "summary.json"
+    summary: dict[str, Any] = {}
+    if checkpoint is not None:
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        tqdm.write(f"resumed from {checkpoint} (step {trainer.state.step})")
+    # Metric lines after the checkpoint (or all of them, when starting over) will be logged
+    # again. Trimmed before the JSONL sink opens the file for appending.
+    _trim_metrics(run_dir, trainer.state.step if checkpoint is not None else -1)
     sinks = build_sinks(run_dir, config.logging.sinks, config.logging.run_name or run_dir.name, to_dict(config),
                         wandb_project=config.logging.wandb_project, wandb_mode=config.logging.wandb_mode)
-    trainer = Trainer(config, model, tokenizer, train_prompts, eval_prompts, reward_fn, engine, device=device,
-                      autocast_dtype=autocast_dtype, log=sinks.log,
-                      checkpoint_fn=lambda t: save_checkpoint(t, run_dir, config.checkpoint.keep_last))
-    checkpoint = latest_checkpoint(run_dir) if config.resume else None
-    summary_path = run_dir / "summary.json"
-    summary: dict[str, Any] = json.loads(summary_path.read_text()) if checkpoint and summary_path.is_file() else {}
-    if checkpoint is not None:
-        load_checkpoint(trainer, checkpoint)
-        _trim_metrics(run_dir, trainer.state.step)
-        tqdm.write(f"resumed from {checkpoint} (step {trainer.state.step})")
-    elif config.resume:
-        _trim_metrics(run_dir, 0)
+    trainer.log = sinks.log
 
     before = summary.get("accuracy_before")
-    if eval_prompts and before is None:
-        result = trainer.evaluate()
-        before = result.avg_at_k
-        tqdm.write(f"held-out accuracy before training: {before:.3f} (avg@{config.eval.samples_per_prompt} over {len(eval_prompts)} prompts)")
-        summary["accuracy_before"] = before
-        summary["eval_before"] = result.metrics()
-        sinks.log(result.metrics(), 0)
-        _write_json(summary_path, summary)
-
-    last_eval = before
-    bar = tqdm(total=config.steps, initial=trainer.state.step, desc="dapo train", disable=not progress, dynamic_ncols=True)
+    bar = None
     try:
-        for metrics in trainer.steps():
-            last_eval = metrics.get("eval/accuracy", last_eval)
-            bar.set_postfix(_postfix(metrics, last_eval), refresh=False)
-            bar.update(1)
+        with _StopOnSignal() as stop:
+            # A resumed run never re-evaluates "before": the checkpoint's RNG state is the one
+            # after that evaluation, and the uninterrupted run did not evaluate twice.
+            if eval_prompts and checkpoint is None:
+                result = trainer.evaluate()
+                before = result.avg_at_k
+                tqdm.write(f"held-out accuracy before training: {before:.3f} (avg@{config.eval.samples_per_prompt} over {len(eval_prompts)} prompts)")
+                summary["accuracy_before"] = before
+                summary["eval_before"] = result.metrics()
+                sinks.log(result.metrics(), 0)
+                _write_json(summary_path, summary)
+            last_eval = before
+            bar = tqdm(total=config.steps, initial=trainer.state.step, desc="dapo train", disable=not progress, dynamic_ncols=True)
+            for metrics in trainer.steps(should_stop=_agreed(stop, dist)):
+                last_eval = metrics.get("eval/accuracy", last_eval)
+                bar.set_postfix(_postfix(metrics, last_eval), refresh=False)
+                bar.update(1)
+    except DynamicSamplingExhausted:
+        raise RunError(
+            f"dynamic_sampling.max_rounds: step {trainer.state.step + 1} found only {trainer.sampler.pooled} of "
+            f"{config.prompts_per_step} informative groups in {trainer.sampler.rounds} generation rounds; raise "
+            f"dynamic_sampling.max_rounds, or set dynamic_sampling.on_exhausted=train to train on what was found "
+            f"(progress so far is in {latest_checkpoint(run_dir)}: continue it with resume=true)"
+        ) from None
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         sinks.close()
+    if stop.signum is not None and trainer.state.step < config.steps:
+        summary["seconds"] = summary.get("seconds", 0.0) + time.perf_counter() - started
+        _write_json(summary_path, summary)
+        raise RunInterrupted(stop.signum, f"stopped by {signal_name(stop.signum)} after step {trainer.state.step} of {config.steps}; "
+                                          f"checkpoint saved in {latest_checkpoint(run_dir)}; continue with resume=true")
     after = trainer.state.history[-1].get("eval/accuracy") if trainer.state.history and eval_prompts else None
     final = save_final_policy(model, tokenizer, run_dir)
     summary.update({"accuracy_after": after, "steps": trainer.state.step, "final_policy": str(final),
                     "seconds": summary.get("seconds", 0.0) + time.perf_counter() - started})
     _write_json(summary_path, summary)
-    if after is not None:
+    if after is not None and before is not None:
         tqdm.write(f"held-out accuracy: {before:.3f} -> {after:.3f} ({(after - before) * 100:+.1f} points)")
     tqdm.write(f"final policy saved to {final}")
     return RunResult(run_dir=run_dir, accuracy_before=before, accuracy_after=after, steps=trainer.state.step,
                      seconds=time.perf_counter() - started, history=trainer.state.history)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as one short line (library messages often span many)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -40,10 +40,12 @@ from tqdm.auto import tqdm
 
 from dapo_rl.algorithm import (
     DynamicSampler,
+    DynamicSamplingExhausted,
     aggregate_loss,
     broadcast_to_tokens,
     decoupled_clip_loss,
     group_advantages,
+    informative_groups,
     kl_penalty,
     loss_normalizer,
     soft_overlong_penalty,
@@ -55,6 +57,7 @@ from dapo_rl.data.encoding import EncodedPrompt
 from dapo_rl.evaluation import EvalResult, evaluate
 from dapo_rl.rewards import score_responses
 from dapo_rl.rollout.base import RolloutEngine, Sample, SamplingParams
+from dapo_rl.training.distributed import DistContext
 
 
 @dataclass
@@ -112,21 +115,26 @@ class PackedBatch:
     position_ids: torch.Tensor  # [b, P + R]
     response_ids: torch.Tensor  # [b, R]
     response_mask: torch.Tensor  # [b, R] 1 on real response tokens
+    prompt_lengths: list[int] = field(default_factory=list)  # [b] real prompt tokens per row
+    response_lengths: list[int] = field(default_factory=list)  # [b] real response tokens per row
 
 
 def pack(samples: list[Sample], pad_id: int, device: torch.device) -> PackedBatch:
-    prompt_width = max(len(s.prompt_ids) for s in samples)
-    response_width = max(max(len(s.response_ids) for s in samples), 1)
+    """Left-pad prompts and right-pad responses into one ``[b, P + R]`` batch (P, R = widest in ``samples``)."""
+    prompt_lengths = [len(s.prompt_ids) for s in samples]
+    response_lengths = [len(s.response_ids) for s in samples]
+    prompt_width = max(prompt_lengths)
+    response_width = max(max(response_lengths), 1)
     b = len(samples)
-    input_ids = torch.full((b, prompt_width + response_width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    response_mask = torch.zeros((b, response_width), dtype=torch.float32)
-    for row, sample in enumerate(samples):
-        p, r = len(sample.prompt_ids), len(sample.response_ids)
-        input_ids[row, prompt_width - p : prompt_width] = torch.tensor(sample.prompt_ids)
-        input_ids[row, prompt_width : prompt_width + r] = torch.tensor(sample.response_ids, dtype=torch.long)
-        attention[row, prompt_width - p : prompt_width + r] = 1
-        response_mask[row, :r] = 1
+    # Built as Python rows and converted once: one tensor per row costs more than the copy here.
+    rows = [[pad_id] * (prompt_width - p) + list(s.prompt_ids) + list(s.response_ids) + [pad_id] * (response_width - r)
+            for s, p, r in zip(samples, prompt_lengths, response_lengths)]
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    column = torch.arange(prompt_width + response_width)
+    start = prompt_width - torch.tensor(prompt_lengths)
+    end = prompt_width + torch.tensor(response_lengths)
+    attention = ((column >= start[:, None]) & (column < end[:, None])).long()
+    response_mask = (column[:response_width] < torch.tensor(response_lengths)[:, None]).float()
     position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
     return PackedBatch(
         input_ids=input_ids.to(device),
@@ -134,7 +142,48 @@ def pack(samples: list[Sample], pad_id: int, device: torch.device) -> PackedBatc
         position_ids=position_ids.to(device),
         response_ids=input_ids[:, prompt_width:].to(device),
         response_mask=response_mask.to(device),
+        prompt_lengths=prompt_lengths,
+        response_lengths=response_lengths,
     )
+
+
+# Fixed cost of one extra forward/backward call (Python, kernel launches, small-matrix
+# inefficiency), in padded tokens; it decides when splitting a micro-batch by length pays off.
+_BUCKET_OVERHEAD_TOKENS = 64
+
+
+def length_buckets(prompt_lengths: list[int], response_lengths: list[int],
+                   overhead_tokens: int = _BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Split rows into groups that each pad only to their own widest prompt and response.
+
+    One padded batch costs ``rows × (max prompt + max response)`` tokens of compute; with response
+    lengths spread from 1 to L, most of it is padding. Rows sorted by length are cut where that
+    saves more than ``overhead_tokens`` per extra group (exact dynamic programme over cut points).
+
+    Returns:
+        Lists of row indices, every row exactly once.
+    """
+    n = len(response_lengths)
+    order = sorted(range(n), key=lambda i: (response_lengths[i], prompt_lengths[i]))
+    if n > 512:  # keep the O(n²) search cheap; equal-size groups of sorted rows are nearly as good
+        return [order[i : i + 64] for i in range(0, n, 64)]
+    best = [0.0] + [math.inf] * n  # best[j]: cost of rows order[:j]
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        max_p = max_r = 0
+        for i in range(j - 1, -1, -1):  # group = order[i:j]
+            row = order[i]
+            max_p = max(max_p, prompt_lengths[row])
+            max_r = max(max_r, response_lengths[row])
+            cost = best[i] + overhead_tokens + (j - i) * (max_p + max_r)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def _quantiles(values: torch.Tensor, prefix: str) -> dict[str, float]:
@@ -169,6 +218,7 @@ class Trainer:
         autocast_dtype: torch.dtype | None = None,
         log: Callable[[dict[str, float], int], None] | None = None,
         checkpoint_fn: Callable[["Trainer"], None] | None = None,
+        dist: DistContext | None = None,
     ):
         self.cfg = config
         self.model = model
@@ -180,6 +230,7 @@ class Trainer:
         self.autocast_dtype = autocast_dtype
         self.log = log or (lambda metrics, step: None)
         self.checkpoint_fn = checkpoint_fn
+        self.dist = dist or DistContext()
         self.state = TrainState()
         self.stream = PromptStream(train_prompts, config.seed)
         ds = config.dynamic_sampling
@@ -202,6 +253,8 @@ class Trainer:
             self.reference = copy.deepcopy(model).eval()
             self.reference.requires_grad_(False)
         self.norm_constant = float(config.loss.norm_constant or config.rollout.max_response_length)
+        # Skip forward/backward for samples that cannot change the gradient (tests turn this off to prove it).
+        self.skip_inert_samples = True
 
     # ------------------------------------------------------------------ schedule
 
@@ -249,13 +302,18 @@ class Trainer:
         gen_time = score_time = 0.0
         failures = 0
         while self.sampler.needs_more():
-            prompts = self.stream.take(cfg.prompts_per_step)
+            prompts = self.stream.take(cfg.prompts_per_step)  # the same on every rank
+            mine = prompts[self.dist.rank :: self.dist.world_size]
             t0 = time.perf_counter()
-            groups = self.engine.generate([list(p.ids) for p in prompts], cfg.group_size, self.sampling)
+            groups = self.engine.generate([list(p.ids) for p in mine], cfg.group_size, self.sampling) if mine else []
             t1 = time.perf_counter()
-            scored, failed = self._score_groups(prompts, groups)
+            scored, failed = self._score_groups(mine, groups)
             score_time += time.perf_counter() - t1
             gen_time += t1 - t0
+            if self.dist.enabled:  # every rank gets every group, in prompt order
+                shares = self.dist.all_gather_objects((scored, failed))
+                scored = [shares[i % self.dist.world_size][0][i // self.dist.world_size] for i in range(len(prompts))]
+                failed = sum(share[1] for share in shares)
             failures += failed
             generated.extend(scored)
             self.sampler.add(scored, torch.tensor([s.correct for s in scored], dtype=torch.bool))
@@ -266,7 +324,7 @@ class Trainer:
         seen = generated or batch.groups
         samples = [s for grp in seen for s in grp.samples]
         lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float64)
-        new_tokens = sum(len(s.response_ids) for grp in generated for s in grp.samples)
+        new_tokens = sum(len(s.response_ids) for grp in generated for s in grp.samples) / self.dist.world_size
         self.state.samples_generated_total += len(generated) * cfg.group_size
         metrics = {
             "train/reward_mean": sum(sum(g.scores) for g in seen) / len(samples),
@@ -274,7 +332,10 @@ class Trainer:
             "train/response_length_mean": lengths.mean().item(),
             "train/response_length_max": lengths.max().item(),
             "train/truncated_frac": sum(s.truncated for s in samples) / len(samples),
-            "train/informative_group_frac": batch.groups_informative / max(1, batch.groups_generated),
+            # Judged on every generated group, also when dynamic sampling is off (the sampler then
+            # accepts all groups): how much of the batch carries a gradient signal is the point.
+            "train/informative_group_frac": (informative_groups(torch.tensor([g.correct for g in generated], dtype=torch.bool)).sum().item()
+                                             / len(generated)) if generated else 0.0,
             "train/generation_rounds": float(batch.rounds),
             "train/samples_generated": float(len(generated) * cfg.group_size),
             "train/samples_generated_total": float(self.state.samples_generated_total),
@@ -293,17 +354,50 @@ class Trainer:
     # ------------------------------------------------------------------ policy update
 
     def _forward_logprobs(self, model: torch.nn.Module, packed: PackedBatch, with_entropy: bool):
-        response_width = packed.response_ids.shape[1]
-        with self._autocast():
-            out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                        position_ids=packed.position_ids, logits_to_keep=response_width + 1, use_cache=False)
-        logits = out.logits[:, :-1]
+        """Log-probs ``[b, R]`` (differentiable) and entropy ``[b, R]`` (detached, or None) of the response tokens.
+
+        Both come from ``logits / temperature``. Rows run in length groups (see
+        :func:`length_buckets`), each cut to its own widest prompt and response, so padding is
+        not computed; positions past a row's response are 0 and must be masked by
+        ``response_mask``. Only the logits of response positions are materialised
+        (``logits_to_keep``).
+        """
+        b, response_width = packed.response_ids.shape
+        prompt_width = packed.input_ids.shape[1] - response_width
         temperature = self.cfg.rollout.temperature
-        logp = token_logprobs(logits, packed.response_ids, temperature=temperature)
-        entropy = None
-        if with_entropy:
-            with torch.no_grad():
-                entropy = token_entropy(logits.detach(), temperature=temperature)
+        if packed.response_lengths and b > 1:
+            groups = length_buckets(packed.prompt_lengths, packed.response_lengths)
+        else:
+            groups = [list(range(b))]
+        logp_parts, entropy_parts = [], []
+        for rows in groups:
+            if len(groups) == 1:  # the whole batch: no row gather, full width
+                index, max_p, max_r = None, prompt_width, response_width
+            else:
+                index = torch.tensor(rows, device=packed.input_ids.device)
+                max_p = max(packed.prompt_lengths[r] for r in rows)
+                max_r = max(max(packed.response_lengths[r] for r in rows), 1)
+            columns = slice(prompt_width - max_p, prompt_width + max_r)
+            pick = (lambda t: t[:, columns]) if index is None else (lambda t: t[index, columns])
+            with self._autocast():
+                out = model(input_ids=pick(packed.input_ids), attention_mask=pick(packed.attention_mask),
+                            position_ids=pick(packed.position_ids), logits_to_keep=max_r + 1, use_cache=False)
+            logits = out.logits[:, :-1]  # [rows, max_r, V]: position t predicts response token t
+            response_ids = packed.response_ids[:, :max_r] if index is None else packed.response_ids[index, :max_r]
+            logp = token_logprobs(logits, response_ids, temperature=temperature)
+            logp_parts.append(torch.nn.functional.pad(logp, (0, response_width - max_r)))
+            if with_entropy:
+                with torch.no_grad():
+                    entropy = token_entropy(logits.detach(), temperature=temperature)
+                entropy_parts.append(torch.nn.functional.pad(entropy, (0, response_width - max_r)))
+        if len(groups) == 1:
+            return logp_parts[0], (entropy_parts[0] if with_entropy else None)
+        # Back to the caller's row order: rows were concatenated group by group.
+        inverse = torch.empty(b, dtype=torch.long)
+        inverse[torch.tensor([r for rows in groups for r in rows])] = torch.arange(b)
+        inverse = inverse.to(logp_parts[0].device)
+        logp = torch.cat(logp_parts)[inverse]
+        entropy = torch.cat(entropy_parts)[inverse] if with_entropy else None
         return logp, entropy
 
     @torch.no_grad()
@@ -315,7 +409,7 @@ class Trainer:
             chunk = samples[start : start + mb]
             packed = pack(chunk, self.tokenizer.pad_token_id, self.device)
             logp, _ = self._forward_logprobs(model, packed, with_entropy=False)
-            out.extend(logp[i, : len(s.response_ids)].float() for i, s in enumerate(chunk))
+            out.extend(logp[i, : len(s.response_ids)] for i, s in enumerate(chunk))
         return out
 
     def _update(self, groups: list[ScoredGroup]) -> dict[str, float]:
@@ -331,11 +425,14 @@ class Trainer:
         contributes = ~truncated if cfg.overlong.filter else torch.ones_like(truncated)
         # Needs forward/backward: contributes, and a non-zero advantage or a KL term.
         active = contributes & ((advantages != 0) | (cfg.loss.kl_coef > 0))
+        if not self.skip_inert_samples:
+            active = torch.ones_like(active)
 
         on_policy = self.updates_per_step == 1
         t_old = time.perf_counter()
         old_logp: list[torch.Tensor | None] = [None] * len(samples)
         ref_logp: list[torch.Tensor | None] = [None] * len(samples)
+        active &= torch.tensor([self.dist.owns(i) for i in range(len(samples))])  # this rank's share
         active_idx = [i for i in range(len(samples)) if active[i]]
         if not on_policy and active_idx:
             for i, lp in zip(active_idx, self._score_old([samples[i] for i in active_idx], self.model)):
@@ -345,7 +442,8 @@ class Trainer:
                 ref_logp[i] = lp
         old_time = time.perf_counter() - t_old
 
-        sums: dict[str, float] = {}
+        # Fixed keys, so that ranks can add their sums up position by position.
+        sums: dict[str, float] = dict.fromkeys(["clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_mean", "approx_kl", "kl"], 0.0)
         token_count = 0.0
         entropy_sum = 0.0
         loss_total = 0.0
@@ -375,7 +473,8 @@ class Trainer:
                     idx = todo[mc_start : mc_start + cfg.micro_batch_size]
                     packed = pack([samples[i] for i in idx], self.tokenizer.pad_token_id, self.device)
                     logp, entropy = self._forward_logprobs(self.model, packed, with_entropy=True)
-                    mask = packed.response_mask
+                    # Loss mask: response tokens of samples that are not overlong-filtered.
+                    mask = packed.response_mask * contributes[idx].to(packed.response_mask.dtype).to(self.device).unsqueeze(-1)
                     width = mask.shape[1]
                     if on_policy:
                         old = logp.detach()
@@ -401,6 +500,9 @@ class Trainer:
                     high_probs.append(old_prob[out.clipped_high].float().cpu())
                     low_probs.append(old_prob[out.clipped_low].float().cpu())
                 trained_tokens += sum(len(samples[i].response_ids) for i in todo)
+                if self.dist.enabled:
+                    self.dist.all_reduce_gradients([p for p in self.model.parameters() if p.requires_grad])
+                    step_loss = self.dist.all_reduce_sum([step_loss], self.device)[0]
                 params = [p for p in self.model.parameters() if p.grad is not None]
                 if params:
                     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -418,6 +520,13 @@ class Trainer:
                 self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.skipped_updates_total += skipped
+        if self.dist.enabled:  # statistics over the global batch
+            keys = sorted(sums)
+            totals = self.dist.all_reduce_sum([token_count, entropy_sum, float(trained_tokens)] + [sums[k] for k in keys], self.device)
+            token_count, entropy_sum, trained_tokens = totals[0], totals[1], totals[2]
+            sums = dict(zip(keys, totals[3:]))
+            high_probs = [p for share in self.dist.all_gather_objects(high_probs) for p in share]
+            low_probs = [p for share in self.dist.all_gather_objects(low_probs) for p in share]
         denom = max(token_count, 1.0)
         metrics.update({
             "train/loss": loss_total / max(1, self.updates_per_step - skipped),
@@ -462,13 +571,34 @@ class Trainer:
         metrics["time/step_s"] = time.perf_counter() - t0
         return metrics
 
-    def steps(self) -> Iterator[dict[str, float]]:
-        """Run the remaining steps, yielding each step's metrics (evaluation included when due)."""
+    def steps(self, should_stop: Callable[[], bool] | None = None) -> Iterator[dict[str, float]]:
+        """Run the remaining steps, yielding each step's metrics (evaluation included when due).
+
+        Args:
+            should_stop: polled before each step (e.g. a signal handler's flag). When it returns
+                True the loop saves a checkpoint of the finished steps, unless one was just saved,
+                and ends early; the caller tells an early end from ``state.step < cfg.steps``.
+
+        Raises:
+            DynamicSamplingExhausted: the sampler ran out of rounds under ``on_exhausted=error``.
+                A checkpoint is saved first, holding the groups found so far, so that resuming
+                with more rounds loses none of the generation work.
+        """
         cfg = self.cfg
         while self.state.step < cfg.steps:
-            metrics = self.train_step()
+            if should_stop is not None and should_stop():
+                if self.checkpoint_fn is not None and getattr(self, "checkpointed_step", None) != self.state.step:
+                    self.checkpoint_fn(self)
+                return
+            try:
+                metrics = self.train_step()
+            except DynamicSamplingExhausted:
+                if self.checkpoint_fn is not None:
+                    self.checkpoint_fn(self)
+                raise
             step = self.state.step
-            if self.eval_prompts and ((cfg.eval.interval and step % cfg.eval.interval == 0) or step == cfg.steps):
+            # Evaluation runs on the main rank only: it is the one that logs.
+            if self.eval_prompts and self.dist.is_main and ((cfg.eval.interval and step % cfg.eval.interval == 0) or step == cfg.steps):
                 result = self.evaluate()
                 metrics.update(result.metrics())
             self.state.history.append({"step": step, **metrics})

@@ -1,0 +1,274 @@
+"""Our DAPO trainer vs TRL's GRPOTrainer (configured as DAPO) on identical work, side by side.
+
+Both frameworks get the same randomly initialised Llama (weights saved once, loaded by both), the
+same character tokenizer, the same prompts, the same reward (a cheap content score plus the soft
+overlong punishment), the same batch shape (8 prompts × 8 samples, ≤ 64 new tokens, one
+optimiser update per rollout), the same optimiser settings and seed. Each run is a fresh
+subprocess (so its peak RSS is its own); runs alternate ours/TRL so both see the same background
+load. Printed per model size: median completion tokens/s, seconds per step, peak RSS, ratios.
+
+    python benchmarks/bench_vs_trl.py                       # both sizes, 3 rounds each
+    python benchmarks/bench_vs_trl.py --sizes 256x4 --rounds 5 --steps 4
+
+Needs ``pip install trl==1.16.0`` (benchmark-only; the library never imports TRL).
+
+Definitions (identical for both):
+- completion tokens of a step: response tokens generated that step (EOS included when emitted);
+- s/step: wall time of one training step (rollout + reward + update), after ``--warmup`` steps;
+- tokens/s of a run: Σ completion tokens / Σ step time over its measured steps;
+- peak RSS: the subprocess's ``VmHWM`` at exit (imports + model + training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS_PER_STEP = 8
+GROUP_SIZE = 8
+MAX_NEW_TOKENS = 64
+OVERLONG_CACHE = 16  # L_cache of the soft overlong punishment (both frameworks)
+LR = 1e-5
+SIZES = {  # hidden × layers → (hidden, layers, heads, intermediate); intermediate ≈ 8/3·hidden (Llama)
+    "256x4": (256, 4, 4, 688),
+    "512x8": (512, 8, 8, 1376),
+}
+
+
+# ----------------------------------------------------------------------------- shared definitions
+
+def content_reward(text: str) -> float:
+    """Fraction of digit characters minus one half: cheap, deterministic, varied across samples."""
+    return sum(c.isdigit() for c in text) / max(1, len(text)) - 0.5
+
+
+def rss_kib() -> tuple[int, int]:
+    """(current, peak) resident set size of this process in KiB."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                key, value = line.split(":")
+                fields[key] = int(value.split()[0])
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def prepare(workdir: Path, size: str, steps: int, seed: int) -> Path:
+    """Save the model + tokenizer of ``size`` and the prompt list to ``workdir/size``."""
+    import torch
+
+    from dapo_rl.data.synthetic import VOCAB, builtin_splits
+    from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
+
+    hidden, layers, heads, inter = SIZES[size]
+    out = workdir / size
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_char_tokenizer(VOCAB)
+    model = build_tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                             intermediate_size=inter, max_positions=256, seed=seed)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    train, _ = builtin_splits(PROMPTS_PER_STEP * steps, 8, seed=seed)
+    (out / "prompts.json").write_text(json.dumps([e.prompt for e in train]))
+    params = sum(p.numel() for p in model.parameters())
+    (out / "meta.json").write_text(json.dumps({"params": params}))
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return out
+
+
+# ----------------------------------------------------------------------------- workers (subprocesses)
+
+def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, engine: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dapo_rl.config import load_config
+    from dapo_rl.data.datasets import Example
+    from dapo_rl.data.encoding import encode_prompts
+    from dapo_rl.rewards import resolve_reward_fn
+    from dapo_rl.training.run import build_engine
+    from dapo_rl.training.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
+    config = load_config(None, [
+        f"seed={seed}", f"steps={steps + warmup}", f"prompts_per_step={PROMPTS_PER_STEP}", f"group_size={GROUP_SIZE}",
+        f"mini_batch_size={PROMPTS_PER_STEP}", f"micro_batch_size={PROMPTS_PER_STEP * GROUP_SIZE}", "ppo_epochs=1",
+        f"rollout.engine={engine}", f"rollout.max_response_length={MAX_NEW_TOKENS}", "rollout.temperature=1.0",
+        "dynamic_sampling.enabled=false", "overlong.filter=true", "overlong.soft_punishment=true",
+        f"overlong.cache_length={OVERLONG_CACHE}", "loss.agg_mode=token-mean", "loss.kl_coef=0.0",
+        "clip.eps_low=0.2", "clip.eps_high=0.28", f"optim.lr={LR}", "optim.warmup_updates=0", "optim.beta2=0.99",
+        "optim.grad_clip=1.0", "model.device=cpu", "data.eval=null",
+    ])
+    texts = json.loads((folder / "prompts.json").read_text())
+    prompts, _ = encode_prompts([Example(prompt=t, answer="0", metadata={}) for t in texts], tokenizer)
+    reward = resolve_reward_fn(lambda response, truth, meta: content_reward(response))
+    engine_obj = build_engine(config, model, tokenizer)
+    trainer = Trainer(config, model, tokenizer, prompts, None, reward, engine_obj, device=torch.device("cpu"))
+    setup_rss = rss_kib()[0]
+    rows = []
+    for step in range(steps + warmup):
+        t0 = time.perf_counter()
+        metrics = trainer.train_step()
+        dt = time.perf_counter() - t0
+        tokens = metrics["train/response_length_mean"] * PROMPTS_PER_STEP * GROUP_SIZE
+        if step >= warmup:
+            rows.append({"s": dt, "tokens": tokens, "gen_s": metrics["time/generation_s"],
+                         "score_s": metrics["time/scoring_s"], "update_s": metrics["time/update_s"],
+                         "truncated": metrics["train/truncated_frac"],
+                         "gen_tok_s": metrics["perf/generation_tokens_per_s"],
+                         "train_tok_s": metrics["perf/train_tokens_per_s"]})
+    return {"rows": rows, "setup_rss_kib": setup_rss, "peak_rss_kib": rss_kib()[1]}
+
+
+def run_trl(folder: Path, steps: int, warmup: int, seed: int, threads: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.rewards import get_soft_overlong_punishment
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
+    texts = json.loads((folder / "prompts.json").read_text())
+    dataset = Dataset.from_dict({"prompt": texts})
+
+    def content(completions, **kwargs):
+        return [content_reward(c) for c in completions]
+
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), seed=seed, use_cpu=True, bf16=False, fp16=False,
+        per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE, gradient_accumulation_steps=1,
+        num_generations=GROUP_SIZE, steps_per_generation=1, num_iterations=1, max_steps=steps + warmup,
+        max_completion_length=MAX_NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0,
+        loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, scale_rewards="group",
+        mask_truncated_completions=True, use_vllm=False, gradient_checkpointing=False,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, adam_beta2=0.99, weight_decay=0.0,
+        max_grad_norm=1.0, shuffle_dataset=False, logging_steps=1, save_strategy="no", report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+    )
+    times: list[float] = []
+    lengths: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    trainer = GRPOTrainer(model=model, reward_funcs=[content, get_soft_overlong_punishment(MAX_NEW_TOKENS, OVERLONG_CACHE)],
+                          args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
+    setup_rss = rss_kib()[0]
+    trainer.train()
+    rows = [{"s": t, "tokens": n * PROMPTS_PER_STEP * GROUP_SIZE} for t, n in zip(times, lengths)][warmup:]
+    return {"rows": rows, "setup_rss_kib": setup_rss, "peak_rss_kib": rss_kib()[1]}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _load() -> str:
+    try:
+        return open("/proc/loadavg").read().split()[0]
+    except OSError:
+        return "?"
+
+
+def _spawn(framework: str, folder: Path, a) -> dict:
+    cmd = [sys.executable, __file__, "--worker", framework, "--folder", str(folder), "--steps", str(a.steps),
+           "--warmup", str(a.warmup), "--seed", str(a.seed), "--threads", str(a.threads), "--engine", a.engine]
+    load_before = _load()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{framework} worker failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["load"] = f"{load_before}->{_load()}"
+    return result
+
+
+def _summary(result: dict) -> dict:
+    rows = result["rows"]
+    seconds = sum(r["s"] for r in rows)
+    tokens = sum(r["tokens"] for r in rows)
+    out = {"tok_s": tokens / seconds, "s_step": seconds / len(rows), "peak_mib": result["peak_rss_kib"] / 1024,
+           "setup_mib": result["setup_rss_kib"] / 1024, "tokens_step": tokens / len(rows), "load": result["load"]}
+    for key in ("gen_s", "score_s", "update_s", "truncated", "gen_tok_s", "train_tok_s"):
+        if key in rows[0]:
+            out[key] = sum(r[key] for r in rows) / len(rows)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="256x4,512x8")
+    parser.add_argument("--rounds", type=int, default=3, help="ours/TRL pairs per size")
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in both frameworks")
+    parser.add_argument("--engine", default="fast", help="our rollout.engine (fast | hf)")
+    parser.add_argument("--json", help="also write all per-run results here")
+    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    a = parser.parse_args()
+
+    if a.worker:
+        folder = Path(a.folder)
+        if a.worker == "ours":
+            result = run_ours(folder, a.steps, a.warmup, a.seed, a.threads, a.engine)
+        else:
+            result = run_trl(folder, a.steps, a.warmup, a.seed, a.threads)
+        print(json.dumps(result))
+        return
+
+    import torch
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-vs-trl-"))
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  torch {torch.__version__}  threads={a.threads}  "
+          f"engine={a.engine}  cpus={os.cpu_count()}  loadavg at start {_load()}")
+    everything = {}
+    for size in a.sizes.split(","):
+        folder = prepare(workdir, size, a.steps + a.warmup, a.seed)
+        params = json.loads((folder / "meta.json").read_text())["params"]
+        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+        for rnd in range(a.rounds):
+            order = ("ours", "trl") if rnd % 2 == 0 else ("trl", "ours")  # alternate who goes first
+            for framework in order:
+                summary = _summary(_spawn(framework, folder, a))
+                runs[framework].append(summary)
+                extra = (f" gen {summary['gen_s']:.2f}s score {summary['score_s']:.3f}s update {summary['update_s']:.2f}s"
+                         if "gen_s" in summary else "")
+                print(f"{size} round {rnd} {framework:4s}: {summary['tok_s']:7.0f} tok/s  {summary['s_step']:6.2f} s/step  "
+                      f"{summary['tokens_step']:5.0f} tok/step  peak {summary['peak_mib']:6.0f} MiB (after setup "
+                      f"{summary['setup_mib']:.0f}){extra}  load {summary['load']}", flush=True)
+        med = {fw: {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "s_step", "peak_mib")} for fw, rs in runs.items()}
+        print(f"\n{size} ({params / 1e6:.2f} M params), medians of {a.rounds} runs × {a.steps} steps:")
+        print(f"  {'':6s} {'tok/s':>8s} {'s/step':>8s} {'peak MiB':>9s}")
+        for fw in ("ours", "trl"):
+            print(f"  {fw:6s} {med[fw]['tok_s']:8.0f} {med[fw]['s_step']:8.2f} {med[fw]['peak_mib']:9.0f}")
+        print(f"  ours/TRL: tokens/s ×{med['ours']['tok_s'] / med['trl']['tok_s']:.2f}, s/step ×"
+              f"{med['ours']['s_step'] / med['trl']['s_step']:.2f}, peak RSS ×{med['ours']['peak_mib'] / med['trl']['peak_mib']:.2f}\n",
+              flush=True)
+        everything[size] = {"params": params, "runs": runs, "medians": med}
+    if a.json:
+        Path(a.json).write_text(json.dumps(everything, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""This CPU's fp32 matrix-multiply rate: the limit the trainer's FLOP/s are compared with.
+
+    python benchmarks/matmul_peak.py                 # 2048² (and the model-shaped products), 1 and 2 threads
+
+Prints GFLOP/s (2·n³ FLOP per n×n product) as the median over ``--repeats`` timed blocks, each
+block as many products as fit in ~``--block-s`` seconds; the best block is printed too (it is the
+least disturbed by other processes sharing the machine). Also times products shaped like the
+benchmark models' layers (rows = tokens in flight, e.g. 64 decode rows or ~2,000 training tokens)
+so the gap between "peak" and "what a small model can get" is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def rate(m: int, k: int, n: int, threads: int, repeats: int, block_s: float) -> tuple[float, float]:
+    """(median, best) GFLOP/s of ``[m, k] @ [k, n]`` fp32 products."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    out = torch.empty(m, n)
+    flop = 2.0 * m * k * n
+    torch.mm(a, b, out=out)  # warm-up: page in, pick kernels
+    t0, count = time.perf_counter(), 0
+    while time.perf_counter() - t0 < block_s / 4:
+        torch.mm(a, b, out=out)
+        count += 1
+    per_block = max(1, int(count * 4))
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(per_block):
+            torch.mm(a, b, out=out)
+        rates.append(flop * per_block / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates), max(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--block-s", type=float, default=1.0)
+    parser.add_argument("--threads", default="1,2")
+    a = parser.parse_args()
+    shapes = [
+        ("2048² square", 2048, 2048, 2048),
+        ("256x4 train: 2048 tok × 256 → 688", 2048, 256, 688),
+        ("256x4 decode: 64 rows × 256 → 688", 64, 256, 688),
+        ("512x8 train: 2048 tok × 512 → 1376", 2048, 512, 1376),
+        ("512x8 decode: 64 rows × 512 → 1376", 64, 512, 1376),
+    ]
+    load = open("/proc/loadavg").read().split()[0]
+    print(f"# torch {torch.__version__}, fp32, loadavg at start {load}")
+    for name, m, k, n in shapes:
+        for threads in (int(t) for t in a.threads.split(",")):
+            med, best = rate(m, k, n, threads, a.repeats, a.block_s)
+            print(f"{name:40s} threads={threads}: median {med:6.1f} GFLOP/s  best {best:6.1f}", flush=True)
+    print(f"# loadavg at end {open('/proc/loadavg').read().split()[0]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""``dapo eval MODEL DATA [key=value ...]``: greedy accuracy, avg@k and pass@k of a model on a dataset.
+
+MODEL is a local Hugging Face folder or ``builtin:chain-tiny``; DATA is a dataset path (JSONL,
+Parquet, HF folder) or ``builtin:chain`` (its held-out split). The options are the fields of
+:class:`EvalOptions`; an unknown key or a bad value is a :class:`~dapo_rl.config.ConfigError`
+whose one-line message names the key and the fix.
+
+The result is written as JSON, atomically, and never over an existing file unless
+``overwrite=true``; a table is printed to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dapo_rl.config import (
+    BUILTIN_DATA,
+    Config,
+    ConfigError,
+    ModelConfig,
+    QuickstartConfig,
+)
+from dapo_rl.data import (
+    TEMPLATES,
+    DatasetError,
+    DatasetSpec,
+    TemplateError,
+    load_examples,
+)
+from dapo_rl.data.encoding import EncodedPrompt, encode_prompts
+from dapo_rl.data.synthetic import builtin_splits
+from dapo_rl.evaluation.evaluate import EvalResult, evaluate
+from dapo_rl.rewards import resolve_reward_fn
+from dapo_rl.rollout import HFGenerateEngine
+from dapo_rl.rollout.base import SamplingParams
+
+_DATA_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".ndjson", ".parquet", ".pq")
+
+
+@dataclass
+class EvalOptions:
+    """Options of ``dapo eval`` (``key=value`` on the command line)."""
+
+    k: int = 4  # samples per problem: avg@k and pass@j for j = 1, 2, 4, ..., k
+    samples_per_prompt: int | None = None  # alias of k (the trainer's eval.samples_per_prompt)
+    temperature: float = 1.0  # sampling temperature of the k samples
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_response_length: int = 64  # new tokens per response; longer ones are truncated
+    max_prompt_length: int = 512  # prompts longer than this (tokens) are skipped and reported
+    greedy: bool = True  # also decode greedily once per problem and report greedy accuracy
+    template: str = "raw"  # raw | dapo | gsm8k | chat
+    use_chat_template: bool = False
+    format: str = "auto"  # auto | jsonl | parquet | hf
+    preset: str = "plain"  # plain | gsm8k | dapo-math | custom
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    split: str = "train"  # split of a Hugging Face dataset folder
+    max_rows: int | None = None  # evaluate only the first N usable problems
+    reward: str = "auto"  # auto (chain for builtin:chain, else math) | math | dapo | gsm8k | boxed | exact | pkg.module:fn
+    reward_timeout_s: float = 5.0
+    batch_size: int = 64  # prompts per generate call (each with its k samples)
+    seed: int = 0  # torch seed of the sampler (and of the built-in model)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output: str | None = None  # JSON path; default <MODEL>/eval-<dataset>.json (./ for built-in models)
+    overwrite: bool = False  # replace an existing output file
+    builtin_eval_size: int = 256  # problems in builtin:chain's held-out split
+    progress: bool = True
+    quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)  # how builtin:chain-tiny is built
+
+
+def parse_options(overrides: list[str]) -> EvalOptions:
+    """``key=value`` strings → validated :class:`EvalOptions`; raises ConfigError (one line)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"eval option {item!r} must look like key=value (e.g. k=8)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(EvalOptions), OmegaConf.from_dotlist(list(overrides)))
+        options: EvalOptions = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        first = str(exc).splitlines()[0]
+        if "not in" in first:
+            known = ", ".join(f.name for f in EvalOptions.__dataclass_fields__.values())
+            raise ConfigError(f"unknown eval option '{key}'; known options: {known}") from None
+        raise ConfigError(f"eval option '{key}': {first}") from None
+    _validate(options)
+    return options
+
+
+def _require(ok: bool, key: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}; {fix}")
+
+
+def _validate(o: EvalOptions) -> None:
+    if o.samples_per_prompt is not None:
+        _require(o.k in (EvalOptions.k, o.samples_per_prompt), "samples_per_prompt",
+                 f"contradicts k={o.k}", "set only one of k and samples_per_prompt")
+        o.k = o.samples_per_prompt
+    _require(o.k >= 1, "k", f"must be >= 1, got {o.k}", "e.g. k=4")
+    _require(o.temperature >= 0, "temperature", f"must be >= 0, got {o.temperature}", "0 samples greedily; paper evaluates at 1.0")
+    _require(0 < o.top_p <= 1, "top_p", f"must be in (0, 1], got {o.top_p}", "1.0 disables it")
+    _require(o.top_k >= 0, "top_k", f"must be >= 0, got {o.top_k}", "0 disables it")
+    _require(o.max_response_length >= 1, "max_response_length", f"must be >= 1, got {o.max_response_length}", "set a positive token count")
+    _require(o.max_prompt_length >= 1, "max_prompt_length", f"must be >= 1, got {o.max_prompt_length}", "set a positive token count")
+    _require(o.template in TEMPLATES, "template", f"{o.template!r} is not valid", f"use one of {', '.join(TEMPLATES)}")
+    _require(o.max_rows is None or o.max_rows >= 1, "max_rows", f"must be >= 1, got {o.max_rows}", "or leave it unset for all rows")
+    _require(o.batch_size >= 1, "batch_size", f"must be >= 1, got {o.batch_size}", "e.g. batch_size=16")
+    _require(o.reward_timeout_s > 0, "reward_timeout_s", "must be > 0", "e.g. 5")
+    _require(o.builtin_eval_size >= 1, "builtin_eval_size", "must be >= 1", "e.g. 256")
+
+
+def dataset_name(data: str) -> str:
+    """A short file-name-safe name: ``builtin:chain`` → ``chain``, ``dir/test.jsonl`` → ``test``."""
+    if data.startswith("builtin:"):
+        return data.split(":", 1)[1]
+    name = Path(data.rstrip("/")).name
+    for suffix in _DATA_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name.replace("/", "_") or "data"
+
+
+def default_output(model: str, data: str) -> Path:
+    """``<model folder>/eval-<dataset>.json``; built-in models have no folder of their own, so ``./``."""
+    if model.startswith("builtin:"):
+        return Path(f"eval-{model.split(':', 1)[1]}-{dataset_name(data)}.json")
+    return Path(model) / f"eval-{dataset_name(data)}.json"
+
+
+def _load_model(model: str, o: EvalOptions):
+    from dapo_rl.training.run import load_policy
+
+    # load_policy takes the trainer's Config; only model.path, quickstart and seed matter to it
+    config = Config(seed=o.seed, model=ModelConfig(path=model), quickstart=o.quickstart)
+    try:
+        model_obj, tokenizer = load_policy(config, progress=o.progress)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("model.path:", "MODEL:", 1)) from None
+    return model_obj.eval(), tokenizer
+
+
+def load_eval_prompts(data: str, tokenizer, o: EvalOptions) -> list[EncodedPrompt]:
+    """The problems of DATA as encoded prompts (``builtin:chain``: the held-out split)."""
+    if data == BUILTIN_DATA:
+        _, examples = builtin_splits(1, o.builtin_eval_size, seed=0)
+        skipped: list[Any] = []
+    elif data.startswith("builtin:"):
+        raise ConfigError(f"DATA: unknown built-in dataset {data!r}; use {BUILTIN_DATA} or a dataset path")
+    else:
+        try:
+            spec = DatasetSpec(path=data, format=o.format, preset=o.preset, split=o.split, prompt_field=o.prompt_field,
+                               answer_field=o.answer_field, max_rows=o.max_rows)
+            loaded = load_examples(spec)
+        except (DatasetError, ValueError) as exc:
+            raise DatasetError(f"DATA: {exc}") from None
+        examples, skipped = list(loaded.examples), list(loaded.skipped)
+    try:
+        prompts, too_long = encode_prompts(examples, tokenizer, template=o.template, use_chat_template=o.use_chat_template,
+                                           max_prompt_length=o.max_prompt_length)
+    except TemplateError as exc:
+        raise ConfigError(f"template / use_chat_template: {exc}") from None
+    skipped += too_long
+    if o.max_rows is not None:
+        prompts = prompts[: o.max_rows]
+    if skipped:
+        shown = "; ".join(str(p) for p in skipped[:3])
+        print(f"dapo eval: skipped {len(skipped)} unusable rows ({shown}{'; ...' if len(skipped) > 3 else ''})")
+    if not prompts:
+        raise DatasetError(f"DATA: {data} has no usable rows; fix the rows above or the field mapping (preset, prompt_field, answer_field)")
+    return prompts
+
+
+def _resolve_reward(data: str, o: EvalOptions):
+    name = o.reward
+    if name == "auto":
+        name = "chain" if data == BUILTIN_DATA else "math"
+    try:
+        return resolve_reward_fn(name)
+    except ValueError as exc:
+        raise ConfigError(f"reward: {exc}") from None
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any], overwrite: bool) -> None:
+    """Write ``path`` whole or not at all; refuse an existing file unless ``overwrite``.
+
+    The JSON goes to a temporary file in the same folder first; it is then hard-linked into place,
+    which fails if the name exists (no check-then-write race), or renamed over it when overwriting.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    try:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise ConfigError(f"output: {path} already exists; pass overwrite=true or another output=PATH") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def format_table(result: EvalResult, tokens_per_s: float, seconds: float) -> str:
+    """The human-readable summary printed by ``dapo eval``."""
+    rows = [("problems", str(result.num_problems)), ("samples / problem (k)", str(result.samples_per_problem))]
+    if result.greedy_accuracy is not None:
+        rows.append(("greedy accuracy", f"{result.greedy_accuracy:.4f}"))
+    rows.append((f"avg@{result.samples_per_problem}", f"{result.avg_at_k:.4f}"))
+    rows += [(f"pass@{j}", f"{v:.4f}") for j, v in result.pass_at_k.items()]
+    rows += [("mean response length (tokens)", f"{result.response_length_mean:.1f}"),
+             ("truncated fraction", f"{result.truncated_frac:.3f}"),
+             ("generation speed (tokens/s)", f"{tokens_per_s:.1f}"),
+             ("wall time (s)", f"{seconds:.1f}")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run_eval(model: str, data: str, overrides: list[str]) -> int:
+    """Evaluate MODEL on DATA; print a table, write the JSON result; returns the exit code (0).
+
+    Bad input raises ConfigError / DatasetError (the CLI prints one line and exits with 2).
+    """
+    options = parse_options(overrides)
+    output = Path(options.output) if options.output else default_output(model, data)
+    if output.exists() and not options.overwrite:  # fail before minutes of generation, not after
+        raise ConfigError(f"output: {output} already exists; pass overwrite=true or another output=PATH")
+    if output.is_dir():
+        raise ConfigError(f"output: {output} is a folder; give a file path ending in .json")
+    device_name = options.device
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    _require(device_name == "cpu" or torch.cuda.is_available(), "device", f"{device_name} requested but CUDA is not available", "use device=cpu")
+    reward_fn = _resolve_reward(data, options)
+    policy, tokenizer = _load_model(model, options)
+    policy.to(torch.device(device_name))
+    prompts = load_eval_prompts(data, tokenizer, options)
+    engine = HFGenerateEngine(policy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                              max_batch_prompts=options.batch_size)
+    params = SamplingParams(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+                            max_new_tokens=options.max_response_length)
+    torch.manual_seed(options.seed)
+    started = time.perf_counter()
+    result = evaluate(engine, prompts, tokenizer, reward_fn, params=params, samples_per_problem=options.k,
+                      greedy=options.greedy, reward_timeout_s=options.reward_timeout_s)
+    seconds = time.perf_counter() - started
+    # greedy decoding is a second pass whose lengths evaluate() does not report; count sampled tokens only
+    sampled_tokens = result.response_length_mean * result.num_problems * result.samples_per_problem
+    tokens_per_s = sampled_tokens / seconds if seconds > 0 else 0.0
+    payload = {
+        "model": model,
+        "data": data,
+        "num_problems": result.num_problems,
+        "k": result.samples_per_problem,
+        "greedy_accuracy": result.greedy_accuracy,
+        "avg_at_k": result.avg_at_k,
+        "pass_at_k": {str(j): v for j, v in result.pass_at_k.items()},
+        "response_length_mean": result.response_length_mean,
+        "truncated_frac": result.truncated_frac,
+        "correct_counts": result.correct_counts,
+        "seconds": round(seconds, 2),
+        "sampled_tokens_per_s": round(tokens_per_s, 1),
+        "options": asdict(options),
+    }
+    write_json_atomic(output, payload, options.overwrite)
+    print(format_table(result, tokens_per_s, seconds))
+    print(f"result written to {output}")
+    return 0

@@ -1,0 +1,139 @@
+"""Tests for the ablation ladder: the rung → config mapping, and a two-rung, one-seed smoke run of
+``dapo ablate`` that writes its table and plot and skips finished runs when called again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dapo_rl.cli import main
+from dapo_rl.config import ConfigError, QuickstartConfig
+from dapo_rl.config import to_yaml
+from dapo_rl.training.ablation import (
+    ABLATION_DEFAULTS,
+    RUNG_KEYS,
+    RUNGS,
+    run_status,
+    rung_config,
+    select_rungs,
+)
+from dapo_rl.training.quickstart import prepare_quickstart_model
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# The ladder exactly as the issue lists it; each row adds one technique to the row above.
+EXPECTED = {
+    "grpo": dict(eps_low=0.2, eps_high=0.2, agg="seq-mean-token-mean", filter=False, soft=False, ds=False),
+    "overlong_filter": dict(eps_low=0.2, eps_high=0.2, agg="seq-mean-token-mean", filter=True, soft=False, ds=False),
+    "clip_higher": dict(eps_low=0.2, eps_high=0.28, agg="seq-mean-token-mean", filter=True, soft=False, ds=False),
+    "soft_punishment": dict(eps_low=0.2, eps_high=0.28, agg="seq-mean-token-mean", filter=True, soft=True, ds=False),
+    "token_loss": dict(eps_low=0.2, eps_high=0.28, agg="token-mean", filter=True, soft=True, ds=False),
+    "dapo": dict(eps_low=0.2, eps_high=0.28, agg="token-mean", filter=True, soft=True, ds=True),
+}
+
+
+def test_rungs_are_the_six_of_the_issue_in_order():
+    assert [r.name for r in RUNGS] == list(EXPECTED)
+    for rung in RUNGS:
+        assert set(rung.settings) == set(RUNG_KEYS)
+
+
+@pytest.mark.parametrize("rung", RUNGS, ids=lambda r: r.name)
+def test_rung_config_sets_exactly_the_rung(rung, tmp_path):
+    config = rung_config(rung, seed=2, steps=7, out=tmp_path, overrides=["eval.interval=3"])
+    want = EXPECTED[rung.name]
+    got = dict(eps_low=config.clip.eps_low, eps_high=config.clip.eps_high, agg=config.loss.agg_mode,
+               filter=config.overlong.filter, soft=config.overlong.soft_punishment, ds=config.dynamic_sampling.enabled)
+    assert got == want
+    assert (config.seed, config.steps, Path(config.output_dir)) == (2, 7, tmp_path / rung.name / "seed2")
+    assert config.eval.interval == 3  # pass-through override applied
+    # The shared ablation settings hold for every rung, so all rungs do the same number of updates.
+    assert config.prompts_per_step == ABLATION_DEFAULTS["prompts_per_step"]
+    assert config.mini_batch_size == ABLATION_DEFAULTS["mini_batch_size"]
+    assert config.rollout.max_response_length == ABLATION_DEFAULTS["rollout.max_response_length"]
+
+
+@pytest.mark.parametrize("override", ["clip.eps_high=0.3", "dynamic_sampling.enabled=true", "seed=3", "steps=5"])
+def test_overrides_of_rung_switches_and_run_keys_are_refused(override, tmp_path):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        rung_config(RUNGS[0], 0, 1, tmp_path, [override])
+
+
+def test_select_rungs_by_number_or_name_in_ladder_order():
+    assert [r.name for r in select_rungs("6,1")] == ["grpo", "dapo"]
+    assert [r.name for r in select_rungs("clip_higher, 2")] == ["overlong_filter", "clip_higher"]
+    assert len(select_rungs(None)) == 6
+    with pytest.raises(ConfigError, match="unknown rung"):
+        select_rungs("7")
+
+
+def test_run_status_new_partial_done_and_foreign(tmp_path):
+    config = rung_config(RUNGS[0], 0, 3, tmp_path)
+    run_dir = Path(config.output_dir)
+    assert run_status(config) == "new"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(to_yaml(config))
+    assert run_status(config) == "partial"  # started, never finished: resumed, not skipped
+    (run_dir / "metrics.jsonl").write_text('{"step": 3}\n')
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 3, "accuracy_after": 0.5}))
+    assert run_status(config) == "done"
+    longer = rung_config(RUNGS[0], 0, 5, tmp_path)
+    with pytest.raises(ConfigError, match="another configuration"):
+        run_status(longer)  # a folder holding another run is never overwritten
+
+
+# ----------------------------------------------------------------------------- smoke run
+
+TINY_WARMUP = {"warmup_steps": 20, "warmup_batch": 16}
+
+
+@pytest.fixture(scope="session")
+def tiny_quickstart_cache(tmp_path_factory) -> str:
+    """A barely warmed-up built-in model, built once per session (a few seconds)."""
+    cache = tmp_path_factory.mktemp("ablation-cache")
+    prepare_quickstart_model(QuickstartConfig(cache_dir=str(cache), **TINY_WARMUP), seed=0, progress=False)
+    return str(cache)
+
+
+def _smoke_args(out: Path, cache: str) -> list[str]:
+    return [
+        "ablate", "--rungs", "grpo,dapo", "--seeds", "1", "--steps", "2", "--out", str(out),
+        f"quickstart.cache_dir={cache}", *(f"quickstart.{k}={v}" for k, v in TINY_WARMUP.items()),
+        "prompts_per_step=2", "mini_batch_size=1", "group_size=4", "micro_batch_size=4",
+        "rollout.max_response_length=8", "overlong.cache_length=3", "dynamic_sampling.max_rounds=2",
+        "data.builtin_train_size=64", "data.builtin_eval_size=8", "eval.interval=0",
+    ]
+
+
+def test_ablate_smoke_writes_table_and_plot_and_skips_finished_runs(tmp_path, tiny_quickstart_cache, capsys):
+    out = tmp_path / "ablation"
+    assert main(_smoke_args(out, tiny_quickstart_cache)) == 0
+    printed = capsys.readouterr().out
+
+    table = (out / "ablation.md").read_text()
+    for label in ("naive GRPO", "+ dynamic sampling (DAPO)"):
+        assert label in table and label in printed
+    assert "+ overlong filtering" not in table  # only the rungs asked for
+    png = (out / "ablation.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+    data = json.loads((out / "ablation.json").read_text())
+    assert set(data["runs"]) == {"grpo", "dapo"} and not data["failures"]
+    for rung in ("grpo", "dapo"):
+        (run,) = data["runs"][rung]
+        assert run["steps"] == 2 and run["accuracy_start"] is not None and run["accuracy_final"] is not None
+        assert (out / rung / "seed0" / "metrics.jsonl").is_file()
+    # Naive GRPO generates exactly one batch per step: 2 steps × 2 prompts × 4 samples.
+    assert data["runs"]["grpo"][0]["samples_generated"] == 16
+
+    # A second call finds both runs finished and trains nothing.
+    mtime = (out / "grpo" / "seed0" / "metrics.jsonl").stat().st_mtime_ns
+    assert main(_smoke_args(out, tiny_quickstart_cache)) == 0
+    assert capsys.readouterr().out.count("already finished, skipped") == 2
+    assert (out / "grpo" / "seed0" / "metrics.jsonl").stat().st_mtime_ns == mtime
+
+    # The same folder with another setting is refused, not overwritten.
+    changed = [a if a != "eval.interval=0" else "eval.interval=1" for a in _smoke_args(out, tiny_quickstart_cache)]
+    assert main(changed) == 2
+    assert "another configuration" in capsys.readouterr().err

@@ -1,0 +1,217 @@
+"""Bad input to ``dapo train`` (issue 5): each case ends with exit code 2 and exactly one line
+on stderr that names the key (or the file and row) and the fix, with no traceback, and leaves
+the output folder as it was.
+
+Most cases call :func:`dapo_rl.cli.main` in-process (the same code path as the console script,
+without paying the torch/transformers import per case); a few run the real command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dapo_rl.cli import main
+
+SMALL = ["steps=1", "prompts_per_step=4", "group_size=4", "mini_batch_size=4", "micro_batch_size=16",
+         "data.builtin_eval_size=8", "data.builtin_train_size=64", "logging.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def cache(request) -> str:
+    """``$DAPO_RL_TEST_CACHE`` when set (reused across sessions), else the session's model cache."""
+    return os.environ.get("DAPO_RL_TEST_CACHE") or request.getfixturevalue("quickstart_cache")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """Broken config files, datasets and model folders, written once."""
+    root = tmp_path_factory.mktemp("bad-input")
+    (root / "syntax.yaml").write_text("steps: 3\nclip: [0.2,\n")
+    (root / "list.yaml").write_text("- steps\n- 3\n")
+    (root / "unknown.yaml").write_text("stepz: 3\n")
+    (root / "section.yaml").write_text("clip: 3\n")
+    (root / "empty.jsonl").write_text("")
+    (root / "malformed.jsonl").write_text('{"prompt": "1+1=", "answer": "2"\n{"prompt": \n')
+    (root / "fields.jsonl").write_text('{"question": "1+1=", "solution": "2"}\n')
+    (root / "types.jsonl").write_text('{"prompt": 5, "answer": "2"}\n{"prompt": ["x"], "answer": "2"}\n')
+    (root / "empty_prompts.jsonl").write_text('{"prompt": "", "answer": "2"}\n{"prompt": "   ", "answer": "3"}\n')
+    (root / "data.txt").write_text("1+1=2\n")
+    (root / "no_config").mkdir()
+    (root / "no_config" / "model.safetensors").write_bytes(b"")
+    (root / "broken_config").mkdir()
+    (root / "broken_config" / "config.json").write_text("{not json")
+    return root
+
+
+def _train(capfd, *args: str) -> tuple[int, str]:
+    capfd.readouterr()
+    rc = main(["train", *args])
+    return rc, capfd.readouterr().err
+
+
+def _assert_one_line_error(rc: int, err: str, *needles: str) -> str:
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in: {lines[0]}"
+    return lines[0]
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with a hash of its bytes: "nothing overwritten" made checkable."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# Config mistakes: found before anything is loaded. (case id, overrides, text the line must hold)
+CONFIG_CASES = [
+    ("unknown-key", ["stepz=3"], ["'stepz'", "did you mean 'steps'"]),
+    ("unknown-nested-key", ["clip.eps_hi=0.3"], ["'clip.eps_hi'", "check the spelling"]),
+    ("mistyped-int", ["steps=abc"], ["'steps'", "expected an integer"]),
+    ("mistyped-bool", ["resume=maybe"], ["'resume'", "true or false"]),
+    ("section-given-a-value", ["clip=3"], ["'clip' is a section", "clip.eps_low="]),
+    ("group-size-1", ["group_size=1"], ["group_size", "set group_size=2 or more"]),
+    ("mini-batch-not-dividing", ["prompts_per_step=16", "mini_batch_size=5"], ["mini_batch_size", "divisor"]),
+    ("micro-batch-not-dividing", ["micro_batch_size=7"], ["micro_batch_size", "divisor"]),
+    ("eps-low-out-of-range", ["clip.eps_low=1.5"], ["clip.eps_low", "[0, 1)"]),
+    ("eps-high-negative", ["clip.eps_high=-0.1"], ["clip.eps_high", ">= 0"]),
+    ("cache-not-below-max", ["overlong.cache_length=16"], ["overlong.cache_length", "smaller cache_length"]),
+    ("unknown-choice", ["loss.agg_mode=sum"], ["loss.agg_mode", "token-mean"]),
+    ("resume-and-overwrite", ["resume=true", "overwrite=true"], ["resume", "choose one"]),
+    ("override-without-value", ["steps"], ["'steps'", "key=value"]),
+    ("bad-device", ["model.device=tpu"], ["model.device", "cuda:N"]),
+    ("unknown-sink", ["logging.sinks=[jsonl,foo]"], ["logging.sinks", "tensorboard"]),
+    ("unknown-template", ["data.template=fancy"], ["data.template", "raw"]),
+]
+
+
+@pytest.mark.parametrize("overrides, needles", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+def test_config_mistake_is_one_line_naming_the_key(tmp_path, capfd, overrides, needles):
+    out = tmp_path / "run"
+    rc, err = _train(capfd, *SMALL, f"output_dir={out}", *overrides)
+    _assert_one_line_error(rc, err, *needles)
+    assert not out.exists(), "a rejected config wrote to output_dir"
+
+
+FILE_CASES = [
+    ("yaml-syntax", "syntax.yaml", ["syntax.yaml", "invalid YAML at line 3", "fix the syntax"]),
+    ("yaml-list", "list.yaml", ["list.yaml", "mapping of keys"]),
+    ("yaml-unknown-key", "unknown.yaml", ["'stepz'", "did you mean 'steps'"]),
+    ("yaml-section-scalar", "section.yaml", ["section.yaml", "'clip' is a section"]),
+    ("yaml-missing", "nope.yaml", ["nope.yaml", "does not exist"]),
+]
+
+
+@pytest.mark.parametrize("name, needles", [c[1:] for c in FILE_CASES], ids=[c[0] for c in FILE_CASES])
+def test_bad_config_file_is_one_line_naming_the_file(tmp_path, capfd, files, name, needles):
+    rc, err = _train(capfd, str(files / name), *SMALL, f"output_dir={tmp_path / 'run'}")
+    _assert_one_line_error(rc, err, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+# Inputs found bad only when loaded: model folders, datasets, reward functions.
+LOAD_CASES = [
+    ("model-missing", ["model.path={root}/nowhere"], ["model.path", "not a folder"]),
+    ("model-without-config", ["model.path={root}/no_config"], ["model.path", "no config.json", "save_pretrained"]),
+    ("model-broken-config", ["model.path={root}/broken_config"], ["model.path", "broken_config"]),
+    ("train-data-missing", ["data.train={root}/nowhere.jsonl"], ["data.train", "does not exist"]),
+    ("eval-data-missing", ["data.eval={root}/nowhere.jsonl"], ["data.eval", "does not exist"]),
+    ("data-empty", ["data.train={root}/empty.jsonl"], ["data.train", "empty.jsonl", "no rows"]),
+    ("data-malformed-json", ["data.train={root}/malformed.jsonl"], ["data.train", "line 1: malformed JSON", "JSON Lines"]),
+    ("data-missing-fields", ["data.train={root}/fields.jsonl"], ["data.train", "missing field 'prompt'", "data.prompt_field"]),
+    ("data-wrong-types", ["data.train={root}/types.jsonl"], ["data.train", "line 1: prompt field 'prompt' is a int"]),
+    ("data-empty-prompts", ["data.train={root}/empty_prompts.jsonl"], ["data.train", "line 2: prompt field 'prompt' is empty"]),
+    ("data-unknown-format", ["data.train={root}/data.txt"], ["data.train", "set data.format"]),
+    ("reward-unimportable", ["reward.function=no_such_module_xyz:score"], ["reward.function", "no_such_module_xyz"]),
+    ("reward-unknown-name", ["reward.function=nonsense"], ["reward.function", "not a registered name"]),
+]
+
+
+@pytest.mark.parametrize("overrides, needles", [c[1:] for c in LOAD_CASES], ids=[c[0] for c in LOAD_CASES])
+def test_unloadable_input_is_one_line_naming_the_key_and_file(tmp_path, capfd, cache, files, overrides, needles):
+    out = tmp_path / "run"
+    rc, err = _train(capfd, *SMALL, f"quickstart.cache_dir={cache}", f"output_dir={out}",
+                     *(o.format(root=files) for o in overrides))
+    _assert_one_line_error(rc, err, *needles)
+    assert not out.exists(), "bad input wrote to output_dir"
+
+
+# ----------------------------------------------------------------------------- output folders
+
+
+@pytest.fixture
+def existing_run(tmp_path) -> Path:
+    """A folder that holds another run (its config, metrics and a result file)."""
+    run = tmp_path / "existing"
+    run.mkdir()
+    (run / "config.yaml").write_text("output_dir: existing\nseed: 0\nsteps: 60\ngroup_size: 8\nprompts_per_step: 16\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/accuracy": 0.5}) + "\n")
+    (run / "precious.txt").write_text("results of a week of training")
+    return run
+
+
+def test_folder_holding_a_run_is_refused_without_resume_or_overwrite(capfd, cache, existing_run):
+    before = _snapshot(existing_run)
+    rc, err = _train(capfd, *SMALL, f"quickstart.cache_dir={cache}", f"output_dir={existing_run}")
+    _assert_one_line_error(rc, err, "output_dir", "already holds a run", "resume=true", "overwrite=true")
+    assert _snapshot(existing_run) == before
+
+
+def test_resume_with_different_settings_is_refused(capfd, cache, existing_run):
+    before = _snapshot(existing_run)
+    rc, err = _train(capfd, *SMALL, f"quickstart.cache_dir={cache}", f"output_dir={existing_run}", "resume=true")
+    # The saved run used group_size=8 (and prompts_per_step=16); this one asks for 4.
+    _assert_one_line_error(rc, err, "resume:", "was 8", "now 4", "overwrite=true")
+    assert _snapshot(existing_run) == before
+
+
+def test_overwrite_with_bad_data_removes_nothing(capfd, cache, files, existing_run):
+    before = _snapshot(existing_run)
+    rc, err = _train(capfd, *SMALL, f"quickstart.cache_dir={cache}", f"output_dir={existing_run}", "overwrite=true",
+                     f"data.train={files}/malformed.jsonl")
+    _assert_one_line_error(rc, err, "data.train", "malformed JSON")
+    assert _snapshot(existing_run) == before
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, capfd):
+    target = tmp_path / "a-file"
+    target.write_text("not a folder")
+    rc, err = _train(capfd, *SMALL, f"output_dir={target}")
+    _assert_one_line_error(rc, err, "output_dir", "is a file")
+    assert target.read_text() == "not a folder"
+
+
+# ----------------------------------------------------------------------------- the real command line
+
+
+def test_real_command_line_exit_code_and_single_line(tmp_path, cache, files, existing_run):
+    """Three cases through ``python -m dapo_rl.cli``, started together to share the import time."""
+    cases = {
+        "unknown-key": (["stepz=3"], ["'stepz'"]),
+        "bad-dataset": ([f"data.train={files}/fields.jsonl"], ["data.train", "missing field 'prompt'"]),
+        "holds-a-run": ([f"output_dir={existing_run}"], ["already holds a run"]),
+    }
+    before = _snapshot(existing_run)
+    env = {**os.environ, "DAPO_RL_CACHE": cache, "OMP_NUM_THREADS": "1"}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "dapo_rl.cli", "train", *SMALL, f"quickstart.cache_dir={cache}",
+             f"output_dir={tmp_path / name}", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for name, (args, _) in cases.items()
+    }
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        _assert_one_line_error(proc.returncode, stderr, *cases[name][1])
+        assert stdout == "", f"{name}: nothing is printed on stdout when the input is bad"
+    assert not (tmp_path / "unknown-key").exists() and not (tmp_path / "bad-dataset").exists()
+    assert _snapshot(existing_run) == before

@@ -1,0 +1,149 @@
+"""The fast rollout engine: same distribution as the reference, exact log-probs, stops, masking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from dapo_rl.data.synthetic import VOCAB
+from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
+from dapo_rl.rollout import HFGenerateEngine, SamplingParams
+from dapo_rl.rollout.fast import FastRolloutEngine, filter_logits, sample_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = build_char_tokenizer(VOCAB)
+    model = build_tiny_llama(tokenizer, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, seed=5)
+    return model.eval(), tokenizer
+
+
+def _prompts(tok):
+    # Different lengths, so left padding and per-row positions are exercised.
+    return [tok(text)["input_ids"] for text in ("12=", "3456..=", "7=", "98765432=")]
+
+
+def _full_forward_logprobs(model, prompt, response, temperature):
+    """log softmax(logits / T) of each response token, from one unpadded forward of prompt + response."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+# Finished rows dropped at once, in bulk, never; decode steps on the weights directly or through HF modules.
+@pytest.mark.parametrize("compact,direct", [(0.0, True), (0.5, True), (1.1, True), (0.5, False)])
+def test_sampler_logprobs_match_a_full_forward_pass(tiny, compact, direct):
+    model, tok = tiny
+    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                               compact_min_fraction=compact, direct_decode=direct)
+    torch.manual_seed(0)
+    params = SamplingParams(temperature=0.7, max_new_tokens=12)
+    groups = engine.generate(_prompts(tok), 6, params)
+    reasons = {s.finish_reason for g in groups for s in g}
+    assert reasons == {"stop", "length"}  # both kinds occur, so rows really left the batch
+    for prompt, group in zip(_prompts(tok), groups):
+        for sample in group:
+            assert sample.prompt_ids == prompt
+            assert len(sample.logprobs) == len(sample.response_ids)
+            expected = _full_forward_logprobs(model, prompt, sample.response_ids, params.temperature)
+            torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_greedy_output_equals_hf_generate(tiny, direct):
+    model, tok = tiny
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=16)
+    fast = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             direct_decode=direct).generate(_prompts(tok), 2, greedy)
+    # (HF generate refuses greedy with num_return_sequences > 1, so its reference is n = 1.)
+    ref = HFGenerateEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id).generate(_prompts(tok), 1, greedy)
+    assert [[(s.response_ids, s.finish_reason) for s in g] for g in fast] == [[(g[0].response_ids, g[0].finish_reason)] * 2 for g in ref]
+
+
+def test_stops_at_eos_and_stop_ids_with_finish_reasons(tiny):
+    model, tok = tiny
+    stop = tok.convert_tokens_to_ids("5")
+    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(1)
+    groups = engine.generate(_prompts(tok), 8, SamplingParams(max_new_tokens=10, stop_token_ids=(stop,)))
+    stops = {tok.eos_token_id, stop}
+    ended_on = set()
+    for group in groups:
+        for sample in group:
+            assert all(t not in stops for t in sample.response_ids[:-1])
+            if sample.finish_reason == "stop":
+                assert sample.response_ids[-1] in stops
+                ended_on.add(sample.response_ids[-1])
+            else:
+                assert sample.finish_reason == "length" and sample.truncated
+                assert len(sample.response_ids) == 10 and sample.response_ids[-1] not in stops
+    assert ended_on == stops
+
+
+def test_same_seed_same_samples(tiny):
+    model, tok = tiny
+    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    params = SamplingParams(max_new_tokens=8, top_k=5)
+    torch.manual_seed(7)
+    a = engine.generate(_prompts(tok), 3, params)
+    torch.manual_seed(7)
+    b = engine.generate(_prompts(tok), 3, params)
+    assert [[s.response_ids for s in g] for g in a] == [[s.response_ids for s in g] for g in b]
+
+
+def test_filter_logits_on_a_hand_made_example():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 0.0]])
+    ninf = float("-inf")
+    # top-k keeps every token tied with the k-th largest.
+    assert filter_logits(logits, top_k=1).tolist() == [[ninf, 3.0, ninf, 3.0, ninf]]
+    assert filter_logits(logits, top_k=3).tolist() == [[ninf, 3.0, 2.0, 3.0, ninf]]
+    # probabilities 0.1, 0.2, 0.3, 0.4: top-p 0.5 needs {0.4, 0.3}; 0.7 exactly is reached by the same two;
+    # 0.71 needs a third; a tiny p keeps the single most likely token.
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    kept = lambda p: torch.isfinite(filter_logits(probs.log(), top_p=p)).squeeze(0).tolist()
+    assert kept(0.5) == [False, False, True, True]
+    assert kept(0.71) == [False, True, True, True]
+    assert kept(0.01) == [False, False, False, True]
+    assert kept(1.0) == [True, True, True, True]
+    # top-k is applied before top-p: top-2 renormalises {0.3, 0.4} to {3/7, 4/7}, and 4/7 alone reaches 0.5
+    # (top-p first would keep {0.3, 0.4}).
+    assert torch.isfinite(filter_logits(probs.log(), top_k=2, top_p=0.5)).squeeze(0).tolist() == [False, False, False, True]
+
+
+def test_filter_logits_agrees_with_transformers_warpers():
+    torch.manual_seed(3)
+    logits = torch.randn(32, 50) * 3
+    for k, p in [(0, 0.9), (5, 1.0), (10, 0.6), (0, 0.3)]:
+        ref = logits.clone()
+        if k:
+            ref = TopKLogitsWarper(top_k=k)(None, ref)
+        if p < 1:
+            ref = TopPLogitsWarper(top_p=p)(None, ref)
+        assert torch.equal(torch.isfinite(filter_logits(logits, k, p)), torch.isfinite(ref))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.8)])
+def test_sampling_frequencies_match_the_filtered_softmax(top_k, top_p):
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0, 1.5, -0.5]]).expand(20000, -1)
+    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)
+    torch.manual_seed(11)
+    tokens, logprobs = sample_tokens(logits, params)
+    expected = torch.softmax(filter_logits(logits[:1] / 0.8, top_k, top_p), dim=-1).squeeze(0)
+    observed = torch.bincount(tokens, minlength=6).double() / tokens.numel()
+    # 5 standard errors of a binomial proportion: a wrong distribution fails, chance does not.
+    tolerance = 5 * torch.sqrt(expected.double() * (1 - expected.double()) / tokens.numel()) + 1e-12
+    assert torch.all((observed - expected.double()).abs() <= tolerance), (observed, expected)
+    assert observed[expected == 0].sum() == 0  # masked tokens are never drawn
+    # Reported log-probs are the unfiltered tempered ones.
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits / 0.8, -1).gather(-1, tokens[:, None]).squeeze(-1))
+
+
+def test_greedy_sample_tokens_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
+    tokens, logprobs = sample_tokens(logits, SamplingParams(temperature=0.0))
+    assert tokens.tolist() == [1, 0]
+    assert math.isclose(logprobs[0].item(), torch.log_softmax(logits[0], -1)[1].item(), abs_tol=1e-6)

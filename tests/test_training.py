@@ -1,0 +1,221 @@
+"""The training system: rollout engine, trainer update laws, and end-to-end learning."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dapo_rl.config import load_config
+from dapo_rl.data.encoding import encode_prompts
+from dapo_rl.data.synthetic import VOCAB, builtin_splits
+from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
+from dapo_rl.rewards import resolve_reward_fn
+from dapo_rl.rollout import HFGenerateEngine, Sample, SamplingParams
+from dapo_rl.training.run import run_training
+from dapo_rl.training.trainer import ScoredGroup, Trainer, pack
+
+# ----------------------------------------------------------------------------- rollout engine
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = build_char_tokenizer(VOCAB)
+    model = build_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=3)
+    return model.eval(), tokenizer
+
+
+def test_hf_engine_groups_lengths_and_finish_reasons(tiny):
+    model, tok = tiny
+    engine = HFGenerateEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    prompts = [tok("12=")["input_ids"], tok("3456..=")["input_ids"]]
+    torch.manual_seed(0)
+    groups = engine.generate(prompts, 5, SamplingParams(max_new_tokens=6))
+    assert [len(g) for g in groups] == [5, 5]
+    for prompt, group in zip(prompts, groups):
+        for sample in group:
+            assert sample.prompt_ids == prompt
+            assert 1 <= len(sample.response_ids) <= 6
+            if sample.finish_reason == "stop":
+                assert sample.response_ids[-1] == tok.eos_token_id
+                assert tok.eos_token_id not in sample.response_ids[:-1]
+            else:
+                assert len(sample.response_ids) == 6 and tok.eos_token_id not in sample.response_ids
+
+
+def test_hf_engine_left_padding_does_not_change_greedy_output(tiny):
+    model, tok = tiny
+    engine = HFGenerateEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    short, long = tok("7=")["input_ids"], tok("123456=")["input_ids"]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    alone = engine.generate([short], 1, greedy)[0][0].response_ids
+    batched = engine.generate([long, short], 1, greedy)[1][0].response_ids
+    assert alone == batched
+
+
+def test_stop_token_ids_end_a_response(tiny):
+    model, tok = tiny
+    engine = HFGenerateEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    digits = tuple(tok.convert_tokens_to_ids(list("0123456789")))
+    torch.manual_seed(1)
+    for sample in engine.generate([tok("5=")["input_ids"]], 8, SamplingParams(max_new_tokens=10, stop_token_ids=digits))[0]:
+        if sample.finish_reason == "stop":
+            assert sample.response_ids[-1] in set(digits) | {tok.eos_token_id}
+            assert not set(sample.response_ids[:-1]) & (set(digits) | {tok.eos_token_id})
+
+
+def test_pack_aligns_responses_and_positions():
+    samples = [Sample([1, 5, 6], [7, 2], "stop"), Sample([1], [8, 9, 10], "length")]
+    packed = pack(samples, pad_id=0, device=torch.device("cpu"))
+    assert packed.input_ids.tolist() == [[1, 5, 6, 7, 2, 0], [0, 0, 1, 8, 9, 10]]
+    assert packed.response_ids.tolist() == [[7, 2, 0], [8, 9, 10]]
+    assert packed.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
+
+
+# ----------------------------------------------------------------------------- trainer update laws
+
+
+def _groups(tok, num_groups: int, group_size: int, seed: int, truncate_some: bool = True) -> list[ScoredGroup]:
+    """Hand-made groups with random responses, rewards with spread, and some truncated samples."""
+    rng = random.Random(seed)
+    train, _ = builtin_splits(64, 8)
+    prompts, _ = encode_prompts(train[:num_groups], tok)
+    groups = []
+    for prompt in prompts:
+        samples, scores, correct = [], [], []
+        for j in range(group_size):
+            length = rng.randint(1, 9)
+            response = [rng.randint(3, len(tok) - 1) for _ in range(length)]
+            truncated = truncate_some and j == 0
+            samples.append(Sample(list(prompt.ids), response, "length" if truncated else "stop"))
+            ok = j % 2 == 1 or (j == 2 and rng.random() < 0.5)
+            scores.append(1.0 if ok else -1.0)
+            correct.append(ok)
+        groups.append(ScoredGroup(prompt=prompt, samples=samples, scores=scores, correct=correct))
+    # One uniform group: zero advantage everywhere, counted in the normaliser only.
+    groups[-1].scores = [1.0] * group_size
+    return groups
+
+
+def _trainer(tiny_model, tok, overrides: list[str]) -> Trainer:
+    config = load_config(overrides=["prompts_per_step=4", "group_size=4", "mini_batch_size=4", "micro_batch_size=16",
+                                    "optim.warmup_updates=0", "optim.lr=1e-2", "optim.grad_clip=0", *overrides])
+    model = copy.deepcopy(tiny_model).train()
+    engine = HFGenerateEngine(model, tok.pad_token_id, tok.eos_token_id)
+    prompts, _ = encode_prompts(builtin_splits(16, 4)[0], tok)
+    return Trainer(config, model, tok, prompts, None, lambda *a: True, engine, device=torch.device("cpu"))
+
+
+def _params_after_update(tiny, overrides: list[str], skip_inert: bool = True, ppo_epochs_groups=None) -> torch.Tensor:
+    model, tok = tiny
+    trainer = _trainer(model.double(), tok, overrides)
+    trainer.skip_inert_samples = skip_inert
+    trainer._update(_groups(tok, 4, 4, seed=5))
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_update_is_invariant_to_micro_batch_size(tiny, mode):
+    whole = _params_after_update(tiny, [f"loss.agg_mode={mode}", "micro_batch_size=16", "optim.lr=1e-3"])
+    for micro in (1, 2, 8):
+        split = _params_after_update(tiny, [f"loss.agg_mode={mode}", f"micro_batch_size={micro}", "optim.lr=1e-3"])
+        torch.testing.assert_close(split, whole, rtol=1e-9, atol=1e-10)
+
+
+def test_skipping_inert_samples_changes_nothing(tiny):
+    for overrides in (["ppo_epochs=1"], ["ppo_epochs=2"], ["overlong.filter=false"], ["loss.agg_mode=seq-mean-token-mean"]):
+        skipped = _params_after_update(tiny, overrides, skip_inert=True)
+        full = _params_after_update(tiny, overrides, skip_inert=False)
+        torch.testing.assert_close(skipped, full, rtol=1e-9, atol=1e-10)
+
+
+def test_update_moves_weights_and_reports_metrics(tiny):
+    model, tok = tiny
+    trainer = _trainer(model.double(), tok, ["ppo_epochs=2", "clip.eps_low=0.01", "clip.eps_high=0.01"])
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics = trainer._update(_groups(tok, 4, 4, seed=6))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert metrics["train/updates"] == 2.0
+    # Second epoch is off-policy: with a tiny clip range some tokens must be clipped.
+    assert metrics["train/clip_frac_low"] + metrics["train/clip_frac_high"] > 0
+    assert metrics["train/advantage_zero_frac"] == pytest.approx(0.25)
+    assert 0 < metrics["train/entropy"] < torch.log(torch.tensor(float(len(tok)))).item() + 1e-6
+
+
+def test_old_logprob_pass_skipped_only_when_exactly_on_policy(tiny, monkeypatch):
+    model, tok = tiny
+    for overrides, expected_calls in ((["ppo_epochs=1"], 0), (["ppo_epochs=2"], 1), (["mini_batch_size=2", "micro_batch_size=8"], 1)):
+        trainer = _trainer(model.double(), tok, overrides)
+        calls = []
+        original = trainer._score_old
+        monkeypatch.setattr(trainer, "_score_old", lambda samples, m: calls.append(1) or original(samples, m))
+        trainer._update(_groups(tok, 4, 4, seed=7))
+        assert len(calls) == expected_calls, overrides
+
+
+def test_kl_term_uses_frozen_reference(tiny):
+    model, tok = tiny
+    trainer = _trainer(model.double(), tok, ["loss.kl_coef=0.1", "ppo_epochs=2"])
+    reference = [p.detach().clone() for p in trainer.reference.parameters()]
+    metrics = trainer._update(_groups(tok, 4, 4, seed=8))
+    assert all(torch.equal(a, b) for a, b in zip(reference, trainer.reference.parameters()))
+    assert metrics["train/kl"] >= 0
+
+
+# ----------------------------------------------------------------------------- end to end
+
+REQUIRED_METRICS = [
+    "train/reward_mean", "train/accuracy", "train/entropy", "train/response_length_mean", "train/response_length_max",
+    "train/truncated_frac", "train/clip_frac_low", "train/clip_frac_high", "train/informative_group_frac",
+    "train/generation_rounds", "train/samples_generated", "perf/generation_tokens_per_s", "time/generation_s",
+    "time/scoring_s", "time/update_s", "time/step_s",
+]
+
+
+def test_short_training_run_learns_and_saves_a_loadable_policy(tmp_path, quickstart_cache):
+    config = load_config(overrides=[
+        f"output_dir={tmp_path / 'run'}", f"quickstart.cache_dir={quickstart_cache}", "steps=20", "eval.interval=10",
+        "data.builtin_eval_size=128", "logging.progress=false", "optim.lr=3e-4",
+    ])
+    result = run_training(config)
+    assert 0.1 <= result.accuracy_before <= 0.7
+    assert result.accuracy_after >= result.accuracy_before + 0.15, (result.accuracy_before, result.accuracy_after)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["step"] > 0]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    for key in REQUIRED_METRICS:
+        assert all(key in r for r in steps), key
+    assert any("eval/accuracy" in r for r in steps)
+    final = tmp_path / "run" / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert (final / "model.safetensors").is_file()
+    ids = torch.tensor([tokenizer("12=")["input_ids"]])
+    assert model(ids).logits.shape[-1] == len(tokenizer)
+
+
+def test_cli_refuses_to_overwrite_a_run(tmp_path, quickstart_cache, capsys):
+    from dapo_rl.cli import main
+
+    args = ["train", f"output_dir={tmp_path}", f"quickstart.cache_dir={quickstart_cache}", "steps=1",
+            "data.eval=null", "logging.progress=false"]
+    assert main(args) == 0
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output_dir" in err[0] and "resume=true" in err[0]
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_default_quickstart_meets_its_promise(tmp_path, quickstart_cache):
+    """The README's promise: start between 10% and 70%, end at least 30 points higher."""
+    config = load_config(overrides=[f"output_dir={tmp_path}", f"quickstart.cache_dir={quickstart_cache}", "logging.progress=false"])
+    result = run_training(config)
+    assert 0.1 <= result.accuracy_before <= 0.7
+    assert result.accuracy_after >= result.accuracy_before + 0.30
