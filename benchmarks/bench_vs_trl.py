@@ -143,6 +143,11 @@ def run_trl(folder: Path, steps: int, warmup: int, seed: int, threads: int) -> d
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
     texts = json.loads((folder / "prompts.json").read_text())
+    # Serve prompts in the order our trainer's PromptStream does (TRL reads them in order), so
+    # step k of both frameworks sees the same 8 prompts.
+    from dapo_rl.training.trainer import PromptStream
+
+    texts = PromptStream(texts, seed).take(len(texts))
     dataset = Dataset.from_dict({"prompt": texts})
 
     def content(completions, **kwargs):

@@ -52,7 +52,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf (Hugging Face generate on the training model) | fast (same sampling; one prefill per prompt, finished rows dropped) | vllm
+    engine: str = "fast"  # hf (Hugging Face generate on the training model) | fast (same sampling; one prefill per prompt, finished rows dropped) | vllm
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off

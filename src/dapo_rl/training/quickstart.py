@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -25,7 +24,7 @@ from dapo_rl.config import QuickstartConfig
 from dapo_rl.data.synthetic import VOCAB, sample_problem, warmup_response
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 
-_FORMAT_VERSION = 2  # bump when the warm-up procedure changes, to invalidate old caches
+_FORMAT_VERSION = 1  # bump when the warm-up procedure changes, to invalidate old caches
 
 
 def default_cache_dir() -> Path:
@@ -62,15 +61,11 @@ def build_quickstart_model(config: QuickstartConfig, seed: int, folder: Path, pr
                              num_heads=4, intermediate_size=4 * config.hidden_size, seed=seed)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.warmup_lr, weight_decay=0.0)
-    # Linear warm-up over the first 10% of steps, then cosine decay to zero.
-    ramp = max(1, config.warmup_steps // 10)
-
-    def lr_factor(step: int) -> float:
-        if step < ramp:
-            return (step + 1) / ramp
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - ramp) / max(1, config.warmup_steps - ramp))))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    if config.warmup_steps >= 20:
+        # One-cycle: 10% ramp up, cosine down. Its ramp needs at least two steps, hence the bound.
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.warmup_lr, total_steps=config.warmup_steps, pct_start=0.1)
+    else:  # a token warm-up (tests): constant rate
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model.train()
     bar = tqdm(range(config.warmup_steps), desc="quickstart warm-up (cached after the first run)", disable=not progress, dynamic_ncols=True)
     with torch.random.fork_rng(devices=[]):
