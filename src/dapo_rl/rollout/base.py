@@ -50,3 +50,29 @@ class RolloutEngine(Protocol):
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from ``model``'s current weights."""
         ...
+
+
+class InProcessEngine:
+    """Base of the engines that sample from the training model itself, in chunks of prompts.
+
+    Subclasses implement :meth:`_generate_chunk`; chunking bounds the memory of one call.
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id: int, max_batch_prompts: int = 64):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.max_batch_prompts = max_batch_prompts
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.model = model  # the same module object: nothing to copy
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
+        results: list[list[Sample]] = []
+        for start in range(0, len(prompts), self.max_batch_prompts):
+            results.extend(self._generate_chunk(prompts[start : start + self.max_batch_prompts], n, params))
+        return results
+
+    def _generate_chunk(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
+        raise NotImplementedError

@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, Sample, SamplingParams
+from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, InProcessEngine, Sample, SamplingParams
 from dapo_rl.rollout.hf import left_pad
 
 F = torch.nn.functional
@@ -225,7 +225,7 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.T
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-class FastRolloutEngine:
+class FastRolloutEngine(InProcessEngine):
     """Samples from the training model itself with one prefill per prompt and finished-row dropping.
 
     Args:
@@ -240,22 +240,9 @@ class FastRolloutEngine:
 
     def __init__(self, model, pad_token_id: int, eos_token_id: int, max_batch_prompts: int = 64,
                  compact_min_fraction: float = 0.125, direct_decode: bool = True):
-        self.model = model
+        super().__init__(model, pad_token_id, eos_token_id, max_batch_prompts)
         self.direct_decode = direct_decode
-        self.pad_token_id = pad_token_id
-        self.eos_token_id = eos_token_id
-        self.max_batch_prompts = max_batch_prompts
         self.compact_min_fraction = compact_min_fraction
-
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
-        results: list[list[Sample]] = []
-        for start in range(0, len(prompts), self.max_batch_prompts):
-            results.extend(self._generate_chunk(prompts[start : start + self.max_batch_prompts], n, params))
-        return results
 
     def _generate_chunk(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
         model = self.model

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig
 
-from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, Sample, SamplingParams
+from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, InProcessEngine, Sample, SamplingParams
 
 
 def left_pad(sequences: Sequence[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,29 +30,13 @@ def split_response(generated: list[int], stop_ids: set[int], max_new_tokens: int
     return generated[:max_new_tokens], FINISH_LENGTH
 
 
-class HFGenerateEngine:
+class HFGenerateEngine(InProcessEngine):
     """Samples with ``model.generate`` from the very model being trained (no weight copy needed).
 
     Prompts are left-padded so every row's last prompt token is at the same position and
     generation starts in lock-step; ``generate`` derives position ids from the attention mask,
     so padding does not shift positions.
     """
-
-    def __init__(self, model: PreTrainedModel, pad_token_id: int, eos_token_id: int, max_batch_prompts: int = 64):
-        self.model = model
-        self.pad_token_id = pad_token_id
-        self.eos_token_id = eos_token_id
-        self.max_batch_prompts = max_batch_prompts
-
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
-        results: list[list[Sample]] = []
-        for start in range(0, len(prompts), self.max_batch_prompts):
-            results.extend(self._generate_chunk(prompts[start : start + self.max_batch_prompts], n, params))
-        return results
 
     def _generate_chunk(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
         device = next(self.model.parameters()).device

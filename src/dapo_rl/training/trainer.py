@@ -125,7 +125,6 @@ def pack(samples: list[Sample], pad_id: int, device: torch.device) -> PackedBatc
     response_lengths = [len(s.response_ids) for s in samples]
     prompt_width = max(prompt_lengths)
     response_width = max(max(response_lengths), 1)
-    b = len(samples)
     # Built as Python rows and converted once: one tensor per row costs more than the copy here.
     rows = [[pad_id] * (prompt_width - p) + list(s.prompt_ids) + list(s.response_ids) + [pad_id] * (response_width - r)
             for s, p, r in zip(samples, prompt_lengths, response_lengths)]
