@@ -219,3 +219,13 @@ def test_default_quickstart_meets_its_promise(tmp_path, quickstart_cache):
     result = run_training(config)
     assert 0.1 <= result.accuracy_before <= 0.7
     assert result.accuracy_after >= result.accuracy_before + 0.30
+
+
+def test_hf_engine_greedy_with_several_samples_repeats_the_greedy_response(tiny):
+    model, tok = tiny
+    engine = HFGenerateEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+    groups = engine.generate([tok("12=")["input_ids"], tok("345=")["input_ids"]], 3, greedy)
+    single = engine.generate([tok("345=")["input_ids"]], 1, greedy)[0][0].response_ids
+    assert [len(g) for g in groups] == [3, 3]
+    assert all(s.response_ids == single for s in groups[1])

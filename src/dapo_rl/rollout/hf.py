@@ -48,7 +48,8 @@ class HFGenerateEngine(InProcessEngine):
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=not greedy,
-            num_return_sequences=n,
+            # Greedy decoding is deterministic: decode each prompt once and repeat it n times below.
+            num_return_sequences=1 if greedy else n,
             eos_token_id=sorted(stop_ids),
             pad_token_id=self.pad_token_id,
             temperature=params.temperature if not greedy else 1.0,
@@ -62,6 +63,8 @@ class HFGenerateEngine(InProcessEngine):
         finally:
             self.model.train(was_training)
         new_tokens = output[:, input_ids.shape[1] :].tolist()
+        if greedy and n > 1:
+            new_tokens = [row for row in new_tokens for _ in range(n)]
         grouped: list[list[Sample]] = []
         for i, prompt in enumerate(prompts):
             samples = []
