@@ -676,3 +676,22 @@ def test_register_reward_and_duplicate_names():
         register_reward(name, length_reward)
     with pytest.raises(ValueError, match="already registered"):
         register_reward("math", length_reward)
+
+
+@pytest.mark.parametrize(
+    "response,truth,correct",
+    [
+        ("3 + 4 = 7", "7", True),
+        ("9 - 5 is 4.", "4", True),
+        ("She has 1,000 apples", "1000", True),
+        ("-3", "-3", True),
+        ("7 then 8", "7", False),  # the last number counts
+        ("no idea", "3", False),
+        ("2.50 dollars", "2.5", True),
+    ],
+)
+def test_last_number_reward(response, truth, correct):
+    fn = resolve_reward_fn("last_number", correct_reward=1.0, incorrect_reward=-1.0)
+    result = score_responses(fn, [response], [truth], None, 5.0)[0]
+    assert result.correct is correct
+    assert result.score == (1.0 if correct else -1.0)

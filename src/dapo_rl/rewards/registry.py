@@ -17,6 +17,7 @@ Every built-in scores ``correct_reward`` (default +1) for a correct answer and
 from __future__ import annotations
 
 import importlib
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -177,3 +178,24 @@ register_reward_factory("dapo", _builtin("dapo", "dapo"))
 register_reward_factory("gsm8k", _builtin("gsm8k", "gsm8k"))
 register_reward_factory("boxed", _builtin("boxed", "boxed"))
 register_reward_factory("exact", _builtin("auto", "exact", symbolic=False))
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number_reward(response: str, ground_truth: str, metadata: dict[str, Any]) -> bool:
+    """Correct when the last number written in the response equals the ground truth.
+
+    The lenient extraction of lm-eval's "flexible-extract": for small models that answer in prose
+    ("3 + 4 = 7") rather than in a fixed format. Thousands separators are accepted.
+    """
+    from dapo_rl.rewards.normalize import numbers_match, parse_number
+
+    found = _NUMBER.findall(response)
+    if not found:
+        return False
+    predicted, truth = parse_number(found[-1].replace(",", "")), parse_number(ground_truth.strip().replace(",", ""))
+    return predicted is not None and truth is not None and numbers_match(predicted, truth)
+
+
+register_reward("last_number", last_number_reward)
