@@ -103,7 +103,10 @@ def load_policy(config: Config, progress: bool = True):
 def _load_split(config: Config, path: str, tokenizer, which: str) -> list[EncodedPrompt]:
     dc = config.data
     if path == BUILTIN_DATA:
-        train, held_out = builtin_splits(dc.builtin_train_size, dc.builtin_eval_size, seed=0)
+        # The held-out set is drawn first and does not depend on the train size, so the eval
+        # split need not build the (large) train split.
+        train_size = dc.builtin_train_size if which == "train" else 1
+        train, held_out = builtin_splits(train_size, dc.builtin_eval_size, seed=0)
         examples = train if which == "train" else held_out
         skipped = []
     else:
