@@ -124,31 +124,49 @@ def _make_cache(model, capacity: int) -> Cache:
     return Cache(layers=[_PreallocatedLayer(capacity) for _ in range(layers)])
 
 
-class _LlamaDecodeStep:
-    """One decode step of a Llama-architecture model computed straight from its weights.
+class _LlamaDecoder:
+    """Decode steps of a Llama-architecture model computed straight from its weights.
 
-    Same arithmetic as the Hugging Face modules (their RMSNorm and rotary modules are called
-    as they are), minus the per-call overhead that dominates a small model's decode step: mask
-    building, cache bookkeeping, ~10 module calls per layer. Q/K/V and gate/up projections are
-    fused into one matrix each (built per ``generate`` call, since training changes the weights).
+    Same arithmetic as the Hugging Face modules (RMSNorm, rotary embedding, attention, SiLU MLP),
+    minus the per-call overhead that dominates a small model's decode step: mask building, cache
+    bookkeeping, ~10 module calls per layer. Per layer a step is ~14 tensor ops:
+
+    - Q/K/V and gate/up projections are fused into one matrix each (built per ``generate`` call,
+      since training changes the weights); RMSNorm is ``F.rms_norm`` (one op, bit-identical to
+      Hugging Face's here); residual additions are folded into the output GEMMs (``addmm``).
+    - Rotary cos/sin come from a table computed once per call by the model's own rotary module
+      (one row lookup per step), and are applied to Q and K together:
+      ``x·cos + roll(x, d/2)·sin'`` with ``sin'`` = sin whose first half is negated, which is
+      Hugging Face's ``x·cos + rotate_half(x)·sin`` term for term.
+    - All layers' keys and values live in one buffer ``[layers, 2, rows, kv_heads, capacity, d]``,
+      written in place; dropping finished rows moves only the rows that must move, for all layers
+      in one indexing op (see :meth:`drop_rows`).
+    - Prompts of equal length need no attention mask; otherwise an additive mask (0 / −inf on
+      the prompt's padding) is built once and sliced.
     """
 
     def __init__(self, model):
         inner, config = model.model, model.config
         self.embed = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
-        self.norm = inner.norm
         self.lm_head = model.lm_head.weight
         attn = inner.layers[0].self_attn
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.hidden = config.hidden_size
+        self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
         self.layers = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append((
-                layer.input_layernorm, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
-                layer.post_attention_layernorm, torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight,
+                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight.t(),
+                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight.t(),
             ))
+        self.kv: torch.Tensor | None = None
+        self.rows = 0
+        self.mask: torch.Tensor | None = None
 
     @staticmethod
     def supports(model) -> bool:
@@ -160,28 +178,97 @@ class _LlamaDecodeStep:
                 and getattr(config, "hidden_act", "silu") == "silu" and getattr(config, "pretraining_tp", 1) == 1
                 and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache, key_mask: torch.Tensor) -> torch.Tensor:
-        """``tokens``/``positions`` ``[rows]``, ``key_mask`` ``[rows, cached + 1]`` bool → logits ``[rows, V]``."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    def start(self, prefill_cache: Cache, repeats: int, attention: torch.Tensor, capacity: int) -> None:
+        """Copy the prefilled ``[b, kv_heads, P, d]`` keys/values into the buffer, each row ``repeats`` times.
 
-        rows, d = tokens.shape[0], self.head_dim
-        q_size, kv_size = self.heads * d, self.kv_heads * d
-        x = F.embedding(tokens, self.embed)[:, None, :]  # [rows, 1, hidden]
-        cos, sin = self.rotary(x, positions[:, None])
-        mask = key_mask[:, None, None, :]  # [rows, 1, 1, keys]
-        for i, (norm1, qkv_w, o_w, norm2, gate_up_w, down_w) in enumerate(self.layers):
-            q, k, v = F.linear(norm1(x), qkv_w).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(rows, 1, self.heads, d).transpose(1, 2)  # [rows, heads, 1, d]
-            k = k.view(rows, 1, self.kv_heads, d).transpose(1, 2)
-            v = v.view(rows, 1, self.kv_heads, d).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys, values = cache.layers[i].update(k, v)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                                 enable_gqa=self.kv_heads != self.heads)
-            x = x + F.linear(out.transpose(1, 2).reshape(rows, 1, q_size), o_w)
-            gate, up = F.linear(norm2(x), gate_up_w).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, down_w)
-        return F.linear(self.norm(x[:, 0]), self.lm_head)
+        ``attention`` is the prompts' ``[b, P]`` 0/1 mask (left padding = 0).
+        """
+        first = prefill_cache.layers[0].keys
+        b, _, width, d = first.shape
+        rows = b * repeats
+        self.kv = first.new_empty((len(self.layers), 2, rows, self.kv_heads, capacity, d))
+        for i, layer in enumerate(prefill_cache.layers):
+            self.kv[i, 0, :, :, :width] = layer.keys.repeat_interleave(repeats, dim=0)
+            self.kv[i, 1, :, :, :width] = layer.values.repeat_interleave(repeats, dim=0)
+        self.rows = rows
+        self.length = width
+        if bool(attention.all()):
+            self.mask = None  # no padding: every cached position is attended to
+        else:
+            mask = first.new_zeros((rows, 1, 1, capacity))
+            mask[:, 0, 0, :width].masked_fill_(attention.repeat_interleave(repeats, dim=0) == 0, float("-inf"))
+            self.mask = mask
+
+    def rotary_table(self, capacity: int, device) -> torch.Tensor | None:
+        """``[capacity, 2, d]`` (cos, sin') per position, from the model's rotary module; None for
+        rotary variants whose frequencies depend on the sequence length (computed per step then)."""
+        if getattr(self.rotary, "rope_type", "default") in ("dynamic", "longrope"):
+            return None
+        positions = torch.arange(capacity, device=device)[None]
+        cos, sin = self.rotary(self.embed[:1][None], positions)
+        cos, sin = cos[0], sin[0].clone()  # [capacity, d]
+        sin[:, : self.head_dim // 2].neg_()
+        return torch.stack([cos, sin], dim=1)
+
+    def rotary_at(self, table: torch.Tensor | None, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin') ``[rows, 1, d]`` for ``positions [rows]``."""
+        if table is not None:
+            cs = table.index_select(0, positions)  # [rows, 2, d]
+            return cs[:, 0:1], cs[:, 1:2]
+        cos, sin = self.rotary(self.embed[:1][None], positions[:, None])  # [rows, 1, d]
+        sin = sin.clone()
+        sin[..., : self.head_dim // 2].neg_()
+        return cos, sin
+
+    def drop_rows(self, finished: torch.Tensor, carried: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Remove decode rows ``finished`` (ascending indices) from the batch.
+
+        The ``m`` surviving rows end up in rows ``0 … m−1``: each finished row below ``m`` is
+        overwritten by a surviving row from ``m`` or above (the only rows that move), keys and
+        values of all layers in one copy. Rows of each tensor in ``carried`` (``[rows, …]``)
+        are moved the same way; returns them cut to ``m`` rows.
+        """
+        rows = self.rows
+        m = rows - finished.numel()
+        holes = finished[finished < m]
+        if holes.numel():
+            keep = torch.ones(rows, dtype=torch.bool, device=finished.device)
+            keep[finished] = False
+            movers = keep[m:].nonzero().squeeze(-1) + m  # as many as holes, ascending
+            length = self.length
+            self.kv[:, :, holes, :, :length] = self.kv[:, :, movers, :, :length]
+            if self.mask is not None:
+                self.mask[holes] = self.mask[movers]
+            for tensor in carried:
+                tensor[holes] = tensor[movers]
+        self.rows = m
+        return [tensor[:m] for tensor in carried]
+
+    def __call__(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``tokens [rows]`` at the next position → logits ``[rows, V]``; appends their keys/values."""
+        rows, d, heads, kv_heads = tokens.shape[0], self.head_dim, self.heads, self.kv_heads
+        qk_heads = heads + kv_heads
+        pos, length = self.length, self.length + 1
+        mask = self.mask[:rows, :, :, :length] if self.mask is not None else None
+        gqa = kv_heads != heads
+        hidden = (self.hidden,)
+        x = F.embedding(tokens, self.embed)  # [rows, hidden]
+        for i, (w1, eps1, qkv_w, o_wt, w2, eps2, gate_up_w, down_wt) in enumerate(self.layers):
+            qkv = F.linear(F.rms_norm(x, hidden, w1, eps1), qkv_w)  # [rows, (heads + 2·kv_heads)·d]
+            qk = qkv[:, : qk_heads * d].view(rows, qk_heads, d)
+            rotated = (qk * cos).add_(qk.roll(d // 2, dims=-1).mul_(sin))  # [rows, heads + kv_heads, d]
+            cache = self.kv[i]
+            cache[0, :rows, :, pos] = rotated[:, heads:]
+            cache[1, :rows, :, pos] = qkv[:, qk_heads * d :].view(rows, kv_heads, d)
+            out = F.scaled_dot_product_attention(
+                rotated[:, :heads, None], cache[0, :rows, :, :length], cache[1, :rows, :, :length],
+                attn_mask=mask, scale=self.scaling, enable_gqa=gqa,
+            )  # [rows, heads, 1, d]
+            x = torch.addmm(x, out.view(rows, heads * d), o_wt)
+            gate, up = F.linear(F.rms_norm(x, hidden, w2, eps2), gate_up_w).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate).mul_(up), down_wt)
+        self.length = length
+        return F.linear(F.rms_norm(x, hidden, *self.norm), self.lm_head)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -215,7 +302,7 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.T
         tokens = logits.argmax(dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, logprobs
-    scaled = logits / params.temperature
+    scaled = logits / params.temperature if params.temperature != 1.0 else logits  # x / 1 == x exactly
     logprobs_all = torch.log_softmax(scaled, dim=-1)
     if params.top_k or params.top_p < 1.0:
         probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
@@ -250,75 +337,36 @@ class FastRolloutEngine(InProcessEngine):
         b, max_new = len(prompts), params.max_new_tokens
         if max_new <= 0:
             return [[Sample(list(p), [], FINISH_LENGTH, []) for _ in range(n)] for p in prompts]
-        stop_ids = torch.tensor(sorted({self.eos_token_id, *params.stop_token_ids}), device=device)
         input_ids, attention = left_pad(prompts, self.pad_token_id, device)  # [b, P] each
         positions = (attention.cumsum(-1) - 1).clamp_min(0)  # padding does not shift positions
-        prompt_width = input_ids.shape[1]
-        cache = _make_cache(model, prompt_width + max_new)
+        capacity = input_ids.shape[1] + max_new
         # Decode steps bypass the HF modules when the architecture is one we compute exactly.
-        step = (_LlamaDecodeStep(model) if self.direct_decode and isinstance(cache.layers[0], _PreallocatedLayer)
-                and _LlamaDecodeStep.supports(model) else None)
+        direct = self.direct_decode and not _has_sliding_layers(model.config) and _LlamaDecoder.supports(model)
 
         was_training = model.training
         model.eval()
         try:
-            # Prefill: b rows, not b·n; only the last position's logits are needed.
-            out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # [b·n, V]
-            cache.batch_repeat_interleave(n)
-            rows_total = b * n
-            # Attention mask over the whole sequence, pre-allocated: column P + t is the t-th new token.
-            mask = torch.zeros((rows_total, prompt_width + max_new), dtype=attention.dtype, device=device)
-            mask[:, :prompt_width] = attention.repeat_interleave(n, dim=0)
-            next_pos = positions[:, -1].repeat_interleave(n) + 1  # [rows]
-            tokens_out = torch.full((rows_total, max_new), self.pad_token_id, dtype=torch.long, device=device)
-            logprobs_out = torch.zeros((rows_total, max_new), dtype=torch.float32, device=device)
-            lengths = torch.full((rows_total,), max_new, dtype=torch.long, device=device)
-            stopped = torch.zeros(rows_total, dtype=torch.bool, device=device)
-            # live[i] = original row of decode-batch row i; done[i] = row i already finished
-            # (kept in the batch until compaction; its later tokens are discarded).
-            live = torch.arange(rows_total, device=device)
-            done = torch.zeros(rows_total, dtype=torch.bool, device=device)
-            for t in range(max_new):
-                token, logprob = sample_tokens(logits, params)  # [rows] each
-                keep_rows = live[~done] if done.any() else live
-                if keep_rows.numel() != live.numel():
-                    token_k, logprob_k = token[~done], logprob[~done]
+            with torch.inference_mode():
+                # Prefill: b rows, not b·n; only the last position's logits are needed.
+                cache = DynamicCache(config=model.config) if direct else _make_cache(model, capacity)
+                out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # [b·n, V]
+                next_pos = positions[:, -1].repeat_interleave(n) + 1  # [b·n]
+                # is_stop[token]: one lookup per step instead of comparing against every stop id.
+                stop_ids = [self.eos_token_id, *params.stop_token_ids]
+                is_stop = torch.zeros(max(logits.shape[-1], *stop_ids) + 1, dtype=torch.bool, device=device)
+                is_stop[stop_ids] = True
+                if direct:
+                    decoder = _LlamaDecoder(model)
+                    decoder.start(out.past_key_values, n, attention, capacity)
+                    result = self._decode_direct(decoder, logits, next_pos, is_stop, params, capacity)
                 else:
-                    token_k, logprob_k = token, logprob
-                tokens_out[keep_rows, t] = token_k
-                logprobs_out[keep_rows, t] = logprob_k
-                hit = torch.isin(token, stop_ids) & ~done
-                if hit.any():
-                    ended = live[hit]
-                    lengths[ended] = t + 1
-                    stopped[ended] = True
-                    done |= hit
-                if t == max_new - 1 or bool(done.all()):
-                    break
-                mask[:, prompt_width + t] = 1
-                if done.any() and done.float().mean().item() >= self.compact_min_fraction:
-                    keep = (~done).nonzero().squeeze(-1)
-                    cache.batch_select_indices(keep)
-                    live, token, next_pos = live[keep], token[keep], next_pos[keep]
-                    mask = mask[keep]
-                    done = done[keep]
-                if step is not None:
-                    logits = step(token, next_pos, cache, mask[:, : prompt_width + t + 1].bool()).float()
-                else:
-                    out = model(input_ids=token[:, None], attention_mask=mask[:, : prompt_width + t + 1],
-                                position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
-                    logits = out.logits[:, -1].float()
-                next_pos = next_pos + 1
+                    result = self._decode_hf(out.past_key_values, logits, next_pos, attention, n, is_stop, params)
         finally:
             model.train(was_training)
 
-        tokens_list = tokens_out.tolist()
-        logprobs_list = logprobs_out.tolist()
-        lengths_list = lengths.tolist()
-        stopped_list = stopped.tolist()
+        tokens_list, logprobs_list, lengths_list, stopped_list = (r.tolist() for r in result)
         grouped: list[list[Sample]] = []
         for i, prompt in enumerate(prompts):
             group = []
@@ -331,3 +379,109 @@ class FastRolloutEngine(InProcessEngine):
                 ))
             grouped.append(group)
         return grouped
+
+    def _decode_direct(self, decoder: _LlamaDecoder, logits: torch.Tensor, next_pos: torch.Tensor,
+                       is_stop: torch.Tensor, params: SamplingParams, capacity: int):
+        """The sampling loop on :class:`_LlamaDecoder`; returns (tokens, logprobs, lengths, stopped) per original row.
+
+        Per step: sample, look up stops, one ``nonzero`` (the only host sync); when rows finish
+        they are dropped (all at once, or once they reach ``compact_min_fraction`` of the batch).
+        Tokens and log-probs of each step are kept as they come and scattered to their rows once
+        at the end; tokens sampled by finished rows still in the batch are cut off by ``lengths``.
+        """
+        device = logits.device
+        rows_total, max_new = logits.shape[0], params.max_new_tokens
+        lengths = torch.full((rows_total,), max_new, dtype=torch.long, device=device)
+        stopped = torch.zeros(rows_total, dtype=torch.bool, device=device)
+        live = torch.arange(rows_total, device=device)  # live[i] = original row of decode row i
+        done = None  # [rows] bool once finished rows wait in the batch for a compaction
+        waiting = 0  # how many
+        table = decoder.rotary_table(capacity, device)
+        step_rows: list[torch.Tensor] = []
+        step_tokens: list[torch.Tensor] = []
+        step_logprobs: list[torch.Tensor] = []
+        for t in range(max_new):
+            token, logprob = sample_tokens(logits, params)  # [rows] each
+            step_rows.append(live)
+            step_tokens.append(token)
+            step_logprobs.append(logprob)
+            hit = is_stop[token]
+            if done is not None:
+                hit &= ~done
+            finished = hit.nonzero().squeeze(-1)
+            if finished.numel():
+                ended = live[finished]
+                lengths[ended] = t + 1
+                stopped[ended] = True
+                waiting += finished.numel()
+                if waiting == live.numel():
+                    break
+                if waiting >= self.compact_min_fraction * live.numel():
+                    if done is not None:
+                        finished = (done | hit).nonzero().squeeze(-1)
+                    # (live and token are also held by step_rows/step_tokens: move copies)
+                    live, token, next_pos = decoder.drop_rows(finished, [live.clone(), token.clone(), next_pos])
+                    done, waiting = None, 0
+                else:
+                    done = hit if done is None else done | hit
+            if t == max_new - 1:
+                break
+            cos, sin = decoder.rotary_at(table, next_pos)
+            logits = decoder(token, cos, sin)
+            next_pos = next_pos + 1
+        tokens_out = torch.full((rows_total, max_new), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs_out = torch.zeros((rows_total, max_new), dtype=torch.float32, device=device)
+        cols = torch.cat([torch.full_like(r, t) for t, r in enumerate(step_rows)])
+        rows = torch.cat(step_rows)
+        tokens_out[rows, cols] = torch.cat(step_tokens)
+        logprobs_out[rows, cols] = torch.cat(step_logprobs).float()
+        return tokens_out, logprobs_out, lengths, stopped
+
+    def _decode_hf(self, cache: Cache, logits: torch.Tensor, next_pos: torch.Tensor, attention: torch.Tensor,
+                   n: int, is_stop: torch.Tensor, params: SamplingParams):
+        """The sampling loop through the model's own ``forward`` (any causal LM); same results as
+        :meth:`_decode_direct`, with the prompt-padding mask grown by one column per step."""
+        device = logits.device
+        prompt_width, max_new = attention.shape[1], params.max_new_tokens
+        cache.batch_repeat_interleave(n)
+        rows_total = logits.shape[0]
+        # Attention mask over the whole sequence, pre-allocated: column P + t is the t-th new token.
+        mask = torch.zeros((rows_total, prompt_width + max_new), dtype=attention.dtype, device=device)
+        mask[:, :prompt_width] = attention.repeat_interleave(n, dim=0)
+        tokens_out = torch.full((rows_total, max_new), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs_out = torch.zeros((rows_total, max_new), dtype=torch.float32, device=device)
+        lengths = torch.full((rows_total,), max_new, dtype=torch.long, device=device)
+        stopped = torch.zeros(rows_total, dtype=torch.bool, device=device)
+        # live[i] = original row of decode-batch row i; done[i] = row i already finished
+        # (kept in the batch until compaction; its later tokens are discarded).
+        live = torch.arange(rows_total, device=device)
+        done = torch.zeros(rows_total, dtype=torch.bool, device=device)
+        for t in range(max_new):
+            token, logprob = sample_tokens(logits, params)  # [rows] each
+            keep_rows = live[~done] if done.any() else live
+            if keep_rows.numel() != live.numel():
+                token_k, logprob_k = token[~done], logprob[~done]
+            else:
+                token_k, logprob_k = token, logprob
+            tokens_out[keep_rows, t] = token_k
+            logprobs_out[keep_rows, t] = logprob_k
+            hit = is_stop[token] & ~done
+            if hit.any():
+                ended = live[hit]
+                lengths[ended] = t + 1
+                stopped[ended] = True
+                done |= hit
+            if t == max_new - 1 or bool(done.all()):
+                break
+            mask[:, prompt_width + t] = 1
+            if done.any() and done.float().mean().item() >= self.compact_min_fraction:
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                live, token, next_pos = live[keep], token[keep], next_pos[keep]
+                mask = mask[keep]
+                done = done[keep]
+            out = self.model(input_ids=token[:, None], attention_mask=mask[:, : prompt_width + t + 1],
+                             position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+        return tokens_out, logprobs_out, lengths, stopped

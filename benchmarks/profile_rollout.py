@@ -1,0 +1,101 @@
+"""Time and profile the fast rollout engine alone on the benchmark's work (8 prompts × 8 samples, ≤ 64 tokens).
+
+    python benchmarks/profile_rollout.py --size 512x8 --repeats 5            # timing, tokens/s, GFLOP/s
+    python benchmarks/profile_rollout.py --size 256x4 --profile torch        # + torch.profiler op table
+    python benchmarks/profile_rollout.py --size 256x4 --profile cprofile     # + cProfile (Python side)
+
+The model is the benchmark's randomly initialised Llama (same seed and sizes as bench_vs_trl.py),
+untrained; each repeat reseeds the RNG, so every repeat draws the same samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from bench_vs_trl import GROUP_SIZE, MAX_NEW_TOKENS, PROMPTS_PER_STEP, SIZES
+
+
+def build(size: str, seed: int):
+    from dapo_rl.data.datasets import Example
+    from dapo_rl.data.encoding import encode_prompts
+    from dapo_rl.data.synthetic import VOCAB, builtin_splits
+    from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
+
+    hidden, layers, heads, inter = SIZES[size]
+    tokenizer = build_char_tokenizer(VOCAB)
+    model = build_tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                             intermediate_size=inter, max_positions=256, seed=seed)
+    train, _ = builtin_splits(PROMPTS_PER_STEP, 8, seed=seed)
+    prompts, _ = encode_prompts([Example(prompt=e.prompt, answer="0", metadata={}) for e in train], tokenizer)
+    return model, tokenizer, [list(p.ids) for p in prompts]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="256x4", choices=sorted(SIZES))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", choices=["none", "torch", "cprofile"], default="none")
+    p.add_argument("--engine-kwargs", default="{}", help="JSON kwargs for FastRolloutEngine")
+    p.add_argument("--engine-file", help="load FastRolloutEngine from this file instead (e.g. an older version, "
+                   "`git show REV:src/dapo_rl/rollout/fast.py > old.py`), for paired comparisons")
+    a = p.parse_args()
+
+    from dapo_rl.rollout.base import SamplingParams
+    if a.engine_file:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("fast_under_test", a.engine_file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        FastRolloutEngine = module.FastRolloutEngine
+    else:
+        from dapo_rl.rollout.fast import FastRolloutEngine
+
+    torch.set_num_threads(a.threads)
+    model, tok, prompts = build(a.size, a.seed)
+    params_count = sum(q.numel() for q in model.parameters())
+    engine = FastRolloutEngine(model, tok.pad_token_id, tok.eos_token_id, **json.loads(a.engine_kwargs))
+    params = SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS)
+
+    def once():
+        torch.manual_seed(a.seed)
+        t0 = time.perf_counter()
+        groups = engine.generate(prompts, GROUP_SIZE, params)
+        return time.perf_counter() - t0, sum(len(s.response_ids) for g in groups for s in g)
+
+    once()  # warm-up
+    runs = [once() for _ in range(a.repeats)]
+    secs = statistics.median(r[0] for r in runs)
+    tokens = runs[0][1]
+    load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
+    print(f"{a.size} ({params_count / 1e6:.2f} M): {tokens} tokens in {secs * 1000:.1f} ms (median of {a.repeats}) = "
+          f"{tokens / secs:.0f} tok/s = {2 * params_count * tokens / secs / 1e9:.1f} GFLOP/s; "
+          f"load {load}")
+
+    if a.profile == "torch":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+            once()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    elif a.profile == "cprofile":
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        once()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
