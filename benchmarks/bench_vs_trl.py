@@ -17,6 +17,18 @@ Definitions (identical for both):
 - s/step: wall time of one training step (rollout + reward + update), after ``--warmup`` steps;
 - tokens/s of a run: Σ completion tokens / Σ step time over its measured steps;
 - peak RSS: the subprocess's ``VmHWM`` at exit (imports + model + training).
+
+What is identical and what is not (checked 2026-11-25, see RESULTS.md): both feed the model the
+same prompt ids at the same step (``<s>`` + characters; TRL tokenizes with the tokenizer's
+special tokens, as ``encode_prompts`` does), stop only at ``</s>`` (id 2), sample at temperature 1
+with top-k/top-p off, and count completion tokens the same way (up to and including the first
+EOS). Given the same samples, both compute the same gradient (cosine 1.000), with one exception
+inside TRL: it treats a completion that hits the length limit and whose last sampled token
+happens to be ``<pad>`` as finished, so ``mask_truncated_completions`` keeps it in the loss (this
+random model samples ``<pad>`` like any other token). The two frameworks consume the RNG
+differently, so they draw different samples; lengths then drift apart over a few updates in
+either direction (with AdamW's first steps moving every weight by ~lr, the sample noise decides
+the direction). Hence one seed per round (shared by the pair) and medians over rounds.
 """
 
 from __future__ import annotations
@@ -195,9 +207,9 @@ def _load() -> str:
         return "?"
 
 
-def _spawn(framework: str, folder: Path, a) -> dict:
+def _spawn(framework: str, folder: Path, a, seed: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", framework, "--folder", str(folder), "--steps", str(a.steps),
-           "--warmup", str(a.warmup), "--seed", str(a.seed), "--threads", str(a.threads), "--engine", a.engine]
+           "--warmup", str(a.warmup), "--seed", str(seed), "--threads", str(a.threads), "--engine", a.engine]
     load_before = _load()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -225,7 +237,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="ours/TRL pairs per size")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="model weights, prompt list; run seed of round 0")
+    parser.add_argument("--same-seed", dest="vary_seed", action="store_false",
+                        help="every round uses --seed (repeats the same draw); default: round r uses seed + r")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in both frameworks")
     parser.add_argument("--engine", default="fast", help="our rollout.engine (fast | hf)")
     parser.add_argument("--json", help="also write all per-run results here")
@@ -254,20 +268,29 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
         for rnd in range(a.rounds):
             order = ("ours", "trl") if rnd % 2 == 0 else ("trl", "ours")  # alternate who goes first
+            # One run seed per round, shared by the pair: both frameworks see the same prompts in
+            # the same order; across rounds the samples (hence lengths) vary, so medians average
+            # over sampling noise instead of repeating one draw per framework.
+            seed = a.seed + rnd if a.vary_seed else a.seed
             for framework in order:
-                summary = _summary(_spawn(framework, folder, a))
+                summary = _summary(_spawn(framework, folder, a, seed))
                 runs[framework].append(summary)
                 extra = (f" gen {summary['gen_s']:.2f}s score {summary['score_s']:.3f}s update {summary['update_s']:.2f}s"
                          if "gen_s" in summary else "")
-                print(f"{size} round {rnd} {framework:4s}: {summary['tok_s']:7.0f} tok/s  {summary['s_step']:6.2f} s/step  "
+                print(f"{size} round {rnd} seed {seed} {framework:4s}: {summary['tok_s']:7.0f} tok/s  {summary['s_step']:6.2f} s/step  "
                       f"{summary['tokens_step']:5.0f} tok/step  peak {summary['peak_mib']:6.0f} MiB (after setup "
                       f"{summary['setup_mib']:.0f}){extra}  load {summary['load']}", flush=True)
-        med = {fw: {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "s_step", "peak_mib")} for fw, rs in runs.items()}
+        med = {fw: {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "s_step", "peak_mib", "tokens_step")}
+               for fw, rs in runs.items()}
+        for fw, rs in runs.items():  # pooled over all runs: Σ tokens / Σ seconds
+            med[fw]["pooled_tok_s"] = sum(r["tokens_step"] for r in rs) / sum(r["s_step"] for r in rs)
         print(f"\n{size} ({params / 1e6:.2f} M params), medians of {a.rounds} runs × {a.steps} steps:")
-        print(f"  {'':6s} {'tok/s':>8s} {'s/step':>8s} {'peak MiB':>9s}")
+        print(f"  {'':6s} {'tok/s':>8s} {'pooled':>8s} {'s/step':>8s} {'tok/step':>9s} {'peak MiB':>9s}")
         for fw in ("ours", "trl"):
-            print(f"  {fw:6s} {med[fw]['tok_s']:8.0f} {med[fw]['s_step']:8.2f} {med[fw]['peak_mib']:9.0f}")
-        print(f"  ours/TRL: tokens/s ×{med['ours']['tok_s'] / med['trl']['tok_s']:.2f}, s/step ×"
+            print(f"  {fw:6s} {med[fw]['tok_s']:8.0f} {med[fw]['pooled_tok_s']:8.0f} {med[fw]['s_step']:8.2f} "
+                  f"{med[fw]['tokens_step']:9.0f} {med[fw]['peak_mib']:9.0f}")
+        print(f"  ours/TRL: tokens/s ×{med['ours']['tok_s'] / med['trl']['tok_s']:.2f} (pooled ×"
+              f"{med['ours']['pooled_tok_s'] / med['trl']['pooled_tok_s']:.2f}), s/step ×"
               f"{med['ours']['s_step'] / med['trl']['s_step']:.2f}, peak RSS ×{med['ours']['peak_mib'] / med['trl']['peak_mib']:.2f}\n",
               flush=True)
         everything[size] = {"params": params, "runs": runs, "medians": med}
