@@ -147,3 +147,77 @@ def test_greedy_sample_tokens_is_argmax():
     tokens, logprobs = sample_tokens(logits, SamplingParams(temperature=0.0))
     assert tokens.tolist() == [1, 0]
     assert math.isclose(logprobs[0].item(), torch.log_softmax(logits[0], -1)[1].item(), abs_tol=1e-6)
+
+
+def _gqa_llama(tokenizer, seed=3):
+    """A tiny Llama with grouped-query attention (2 key/value heads for 4 query heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).float().eval()
+
+
+@pytest.mark.parametrize("compact", [0.0, 0.3])
+def test_direct_decode_with_grouped_query_attention_and_equal_length_prompts(tiny, compact):
+    # Equal-length prompts take the mask-free path; GQA takes enable_gqa; both must stay exact.
+    _, tok = tiny
+    model = _gqa_llama(tok)
+    prompts = [tok(text)["input_ids"] for text in ("12=", "34=", "56=")]
+    assert len({len(p) for p in prompts}) == 1
+    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                               compact_min_fraction=compact)
+    torch.manual_seed(2)
+    groups = engine.generate(prompts, 5, SamplingParams(temperature=1.3, max_new_tokens=10))
+    assert {s.finish_reason for g in groups for s in g} == {"stop", "length"}
+    for prompt, group in zip(prompts, groups):
+        for sample in group:
+            expected = _full_forward_logprobs(model, prompt, sample.response_ids, 1.3)
+            torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-5, rtol=0)
+
+
+def test_direct_and_module_decoding_agree_greedily_on_a_gqa_model(tiny):
+    _, tok = tiny
+    model = _gqa_llama(tok, seed=4)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=14)
+    runs = [FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                              direct_decode=direct).generate(_prompts(tok), 2, greedy) for direct in (True, False)]
+    assert [[s.response_ids for s in g] for g in runs[0]] == [[s.response_ids for s in g] for g in runs[1]]
+    for a, b in zip(runs[0], runs[1]):
+        for sa, sb in zip(a, b):
+            torch.testing.assert_close(torch.tensor(sa.logprobs), torch.tensor(sb.logprobs), atol=1e-5, rtol=0)
+
+
+def test_rotary_table_equals_the_models_rotary_module(tiny):
+    from dapo_rl.rollout.fast import _LlamaDecoder
+
+    model, _ = tiny
+    decoder = _LlamaDecoder(model)
+    positions = torch.tensor([0, 3, 17, 5])
+    with torch.no_grad():
+        from_table = decoder.rotary_at(decoder.rotary_table(20, "cpu"), positions)
+        per_step = decoder.rotary_at(None, positions)  # the path for length-dependent rotary variants
+        cos, sin = model.model.rotary_emb(model.model.embed_tokens.weight[:1][None], positions[:, None])
+    half = decoder.head_dim // 2
+    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    for got in (from_table, per_step):
+        assert torch.equal(got[0], cos) and torch.equal(got[1], signed_sin)
+
+
+def test_finished_rows_are_dropped_by_moving_only_survivors(tiny):
+    from dapo_rl.rollout.fast import _LlamaDecoder
+
+    model, _ = tiny
+    decoder = _LlamaDecoder(model)
+    decoder.kv = torch.arange(6.0).view(1, 1, 6, 1, 1, 1).expand(len(decoder.layers), 2, 6, 1, 3, 1).clone()
+    decoder.rows, decoder.length, decoder.mask = 6, 2, None
+    ids = torch.arange(6) * 10
+    (kept,) = decoder.drop_rows(torch.tensor([1, 2, 5]), [ids])
+    # Rows 0, 3, 4 survive: 0 stays, 4 fills hole 1, 3 fills hole 2 (the only rows that move).
+    assert decoder.rows == 3 and sorted(kept.tolist()) == [0, 30, 40]
+    assert decoder.kv[0, 0, :3, 0, :2, 0].tolist() == [[k / 10] * 2 for k in kept.tolist()]
+    # Nothing past the filled length is touched.
+    assert decoder.kv[0, 0, :3, 0, 2, 0].tolist() == [0.0, 1.0, 2.0]
