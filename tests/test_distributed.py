@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,43 +22,106 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _one_update(rank: int, world_size: int, port: int, out_path: str, overrides: list[str]) -> None:
-    # Imported here: the worker is a fresh spawned interpreter.
-    from tests.test_training import _groups, _trainer
+CASES = {  # name -> trainer overrides; small micro-batches give ranks unequal micro-batch counts
+    "on-policy": ["ppo_epochs=1"],
+    "two-epochs": ["ppo_epochs=2", "loss.agg_mode=seq-mean-token-mean"],
+    "kl-micro2": ["ppo_epochs=1", "micro_batch_size=2", "loss.kl_coef=0.1", "optim.grad_clip=0.5"],
+}
+
+
+def _build(overrides: list[str], dist_ctx: DistContext):
+    from tests.test_training import _trainer
     from dapo_rl.data.synthetic import VOCAB
     from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 
-    torch.set_num_threads(1)
-    if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     tok = build_char_tokenizer(VOCAB)
-    model = build_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=3).double()
-    trainer = _trainer(model, tok, overrides)
-    trainer.dist = DistContext(rank=rank, world_size=world_size)
+    model = build_tiny_llama(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=3).double()
+    return _trainer(model, tok, overrides, dist=dist_ctx), tok
+
+
+def _run_case(overrides: list[str], dist_ctx: DistContext, workdir: Path, tag: str, resume_from: str) -> dict:
+    """Update 1 and a checkpoint into ``workdir/tag``; then a fresh trainer resumes the checkpoint
+    in ``workdir/resume_from`` and makes update 2 on other groups."""
+    from tests.test_training import _groups
+    from dapo_rl.training.checkpoint import load_checkpoint, save_checkpoint
+
+    trainer, tok = _build(overrides, dist_ctx)
     metrics = trainer._update(_groups(tok, 4, 4, seed=5))
+    trainer.state.step = 1
+    save_checkpoint(trainer, workdir / tag, keep_last=0)
+    out = {"params1": _flat(dist_ctx.full_model_state(trainer.model)), "metrics": metrics,
+           "local_numel": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trainer.model.parameters()),
+           "total_numel": sum(p.numel() for p in trainer.model.parameters())}
+    dist_ctx.barrier()  # the checkpoint to resume is complete
+    resumed, _ = _build(overrides, dist_ctx)
+    load_checkpoint(resumed, workdir / resume_from / "checkpoints" / "step_000001")
+    resumed._update(_groups(tok, 4, 4, seed=6))
+    out["params2"] = _flat(dist_ctx.full_model_state(resumed.model))
+    return out
+
+
+def _flat(state: dict) -> torch.Tensor | None:
+    return torch.cat([v.flatten() for _, v in sorted(state.items())]) if state else None
+
+
+def _worker(rank: int, world_size: int, port: int, workdir: str, strategy: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    ctx = DistContext(rank=rank, world_size=world_size, strategy=strategy)
+    results = {name: _run_case(overrides, ctx, Path(workdir), f"{strategy}-{name}", f"single-{name}") for name, overrides in CASES.items()}
     if rank == 0:
-        params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-        torch.save({"params": params, "metrics": metrics}, out_path)
-    if world_size > 1:
-        dist.destroy_process_group()
+        torch.save(results, Path(workdir) / f"{strategy}.pt")
+    dist.destroy_process_group()
 
 
-def _run(world_size: int, tmp_path, overrides: list[str]) -> dict:
-    out = str(tmp_path / f"w{world_size}.pt")
-    if world_size == 1:
-        _one_update(0, 1, 0, out, overrides)
+@pytest.fixture(scope="module")
+def single_results(tmp_path_factory) -> tuple[Path, dict]:
+    workdir = tmp_path_factory.mktemp("dist")
+    return workdir, {name: _run_case(overrides, DistContext(), workdir, f"single-{name}", f"single-{name}")
+                     for name, overrides in CASES.items()}
+
+
+_spawned: dict[str, dict] = {}
+
+
+def _two_process_results(workdir: Path, strategy: str) -> dict:
+    """Every case under ``strategy`` with 2 gloo processes (one spawn per strategy)."""
+    if strategy not in _spawned:
+        mp.start_processes(_worker, args=(2, _free_port(), str(workdir), strategy), nprocs=2, start_method="spawn")
+        _spawned[strategy] = torch.load(workdir / f"{strategy}.pt")
+    return _spawned[strategy]
+
+
+def _load_into_single(folder: Path, overrides: list[str]):
+    from dapo_rl.training.checkpoint import load_checkpoint
+
+    trainer, _ = _build(overrides, DistContext())
+    load_checkpoint(trainer, folder / "checkpoints" / "step_000001")
+    params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    moments = torch.cat([torch.cat([s["exp_avg"].flatten(), s["exp_avg_sq"].flatten()]) for s in trainer.optimizer.state.values()])
+    return params, moments
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_process_update_equals_single_process(single_results, strategy, case):
+    workdir, single = single_results
+    double = _two_process_results(workdir, strategy)[case]
+    ref = single[case]
+    torch.testing.assert_close(double["params1"], ref["params1"], rtol=1e-9, atol=1e-10)
+    for key in ("train/entropy", "train/clip_frac_low", "train/clip_frac_high", "train/loss", "train/grad_norm"):
+        assert double["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-6, abs=1e-9), key
+    # Resuming a single-process checkpoint on 2 processes continues exactly (Adam state included) ...
+    torch.testing.assert_close(double["params2"], ref["params2"], rtol=1e-9, atol=1e-10)
+    # ... and a 2-process checkpoint resumes in one process with the same weights and Adam moments.
+    p2, m2 = _load_into_single(workdir / f"{strategy}-{case}", CASES[case])
+    p1, m1 = _load_into_single(workdir / f"single-{case}", CASES[case])
+    torch.testing.assert_close(p2, p1, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(m2, m1, rtol=1e-9, atol=1e-12)
+    if strategy == "fsdp2":  # each rank holds half of every parameter (dim 0 split, rounded up)
+        assert double["local_numel"] < 0.6 * double["total_numel"]
     else:
-        mp.start_processes(_one_update, args=(world_size, _free_port(), out, overrides), nprocs=world_size, start_method="spawn")
-    return torch.load(out)
-
-
-@pytest.mark.parametrize("overrides", [["ppo_epochs=1"], ["ppo_epochs=2", "loss.agg_mode=seq-mean-token-mean"]])
-def test_two_process_update_equals_single_process(tmp_path, overrides):
-    single = _run(1, tmp_path, overrides)
-    double = _run(2, tmp_path, overrides)
-    torch.testing.assert_close(double["params"], single["params"], rtol=1e-9, atol=1e-10)
-    for key in ("train/entropy", "train/clip_frac_low", "train/clip_frac_high", "train/loss"):
-        assert double["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-6, abs=1e-9), key
+        assert double["local_numel"] == double["total_numel"]
 
 
 def test_ownership_partitions_the_batch():
@@ -66,19 +130,31 @@ def test_ownership_partitions_the_batch():
 
 
 @pytest.mark.slow
-def test_torchrun_training_run_completes(tmp_path, quickstart_cache):
-    """A real `torchrun --nproc_per_node 2 -m dapo_rl.cli train` run on CPU with gloo."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "dapo_rl.cli", "train", f"output_dir={tmp_path / 'run'}", f"quickstart.cache_dir={quickstart_cache}",
-           "steps=4", "prompts_per_step=8", "mini_batch_size=4", "micro_batch_size=16", "eval.interval=2",
-           "data.builtin_eval_size=32", "logging.progress=false"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_torchrun_training_run_completes_and_resumes_on_one_process(tmp_path, quickstart_cache, strategy):
+    """A real `torchrun --nproc_per_node 2 -m dapo_rl.cli train` run on CPU with gloo, then the
+    run continued from its checkpoint by a single process (another world size)."""
     import json
 
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    args = [f"output_dir={tmp_path / 'run'}", f"quickstart.cache_dir={quickstart_cache}", "prompts_per_step=8",
+            "mini_batch_size=4", "micro_batch_size=16", "eval.interval=2", "data.builtin_eval_size=32",
+            "logging.progress=false", "checkpoint.interval=2"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    proc = subprocess.run([*launch, "-m", "dapo_rl.cli", "train", "steps=4", f"distributed.strategy={strategy}", *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"run_dir"') == 1  # one report, from the main rank
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["step"] > 0]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # written once, by rank 0
     assert all(r["train/batch_groups"] == 8 for r in steps)
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+    proc = subprocess.run([sys.executable, "-m", "dapo_rl.cli", "train", "steps=6", "resume=true", *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["step"] > 0] == [1, 2, 3, 4, 5, 6]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["accuracy_after"] is not None

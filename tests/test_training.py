@@ -102,13 +102,13 @@ def _groups(tok, num_groups: int, group_size: int, seed: int, truncate_some: boo
     return groups
 
 
-def _trainer(tiny_model, tok, overrides: list[str]) -> Trainer:
+def _trainer(tiny_model, tok, overrides: list[str], dist=None) -> Trainer:
     config = load_config(overrides=["prompts_per_step=4", "group_size=4", "mini_batch_size=4", "micro_batch_size=16",
                                     "optim.warmup_updates=0", "optim.lr=1e-2", "optim.grad_clip=0", *overrides])
     model = copy.deepcopy(tiny_model).train()
     engine = HFGenerateEngine(model, tok.pad_token_id, tok.eos_token_id)
     prompts, _ = encode_prompts(builtin_splits(16, 4)[0], tok)
-    return Trainer(config, model, tok, prompts, None, lambda *a: True, engine, device=torch.device("cpu"))
+    return Trainer(config, model, tok, prompts, None, lambda *a: True, engine, device=torch.device("cpu"), dist=dist)
 
 
 def _params_after_update(tiny, overrides: list[str], skip_inert: bool = True, ppo_epochs_groups=None) -> torch.Tensor:
@@ -153,7 +153,7 @@ def test_old_logprob_pass_skipped_only_when_exactly_on_policy(tiny, monkeypatch)
         trainer = _trainer(model.double(), tok, overrides)
         calls = []
         original = trainer._score_old
-        monkeypatch.setattr(trainer, "_score_old", lambda samples, m: calls.append(1) or original(samples, m))
+        monkeypatch.setattr(trainer, "_score_old", lambda *args: calls.append(1) or original(*args))
         trainer._update(_groups(tok, 4, 4, seed=7))
         assert len(calls) == expected_calls, overrides
 

@@ -42,6 +42,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dapo_rl.training.run import run_training
 
     result = run_training(config)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the main rank reports
+        return 0
     print(json.dumps({"run_dir": str(result.run_dir), "accuracy_before": result.accuracy_before,
                       "accuracy_after": result.accuracy_after, "steps": result.steps,
                       "seconds": round(result.seconds, 1)}))

@@ -148,6 +148,14 @@ class LoggingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How ranks share the model under ``torchrun`` (ignored in a single process)."""
+
+    strategy: str = "ddp"  # ddp (every rank holds the whole model; DistributedDataParallel) | fsdp2 (parameters, gradients and optimiser state sharded with fully_shard)
+    reshard_after_forward: bool = True  # fsdp2: free gathered parameters after each forward (less memory, one more all-gather in backward)
+
+
+@dataclass
 class QuickstartConfig:
     """The built-in model's supervised warm-up (cached by these settings)."""
 
@@ -186,6 +194,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
 
 
@@ -393,6 +402,7 @@ def validate(c: Config) -> None:
     _require(c.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0", "0 checkpoints only at the end")
     _require(c.reward.correct > c.reward.incorrect, "reward.correct", "must be greater than reward.incorrect", "paper: +1 / -1")
     _require(c.reward.timeout_s > 0, "reward.timeout_s", "must be > 0", "e.g. 5")
+    _choice(c.distributed.strategy, "distributed.strategy", ("ddp", "fsdp2"))
     _choice(c.model.dtype, "model.dtype", ("auto", "float32", "bf16-autocast"))
     _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.model.device) is not None, "model.device",
              f"{c.model.device!r} is not a device", "use auto, cpu, cuda or cuda:N")

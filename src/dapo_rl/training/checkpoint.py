@@ -76,13 +76,24 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def save_checkpoint(trainer: Trainer, run_dir: Path, keep_last: int = 2) -> Path:
+def save_checkpoint(trainer: Trainer, run_dir: Path, keep_last: int = 2) -> Path | None:
     """Write ``run_dir/checkpoints/step_N`` atomically and prune older ones beyond ``keep_last``.
 
     ``keep_last=0`` keeps every checkpoint. Re-saving a step that already has a checkpoint (an
     interrupted or exhausted step saves its progress) moves the old folder aside first and
     deletes it only once the new one is in place.
+
+    Under ``torchrun`` every rank must call it (the full model and optimiser state are gathered
+    from the shards, and every rank's RNG state is kept); only the main rank writes, and only it
+    gets the folder back. Model and optimiser state are full and keyed by parameter name, so a
+    checkpoint resumes on any number of processes and either distributed strategy.
     """
+    model_state = trainer.dist.full_model_state(trainer.model)
+    optimizer_state = trainer.dist.full_optimizer_state(trainer.model, trainer.optimizer)
+    rng_states = trainer.dist.all_gather_objects(_rng_state())
+    trainer.checkpointed_step = trainer.state.step
+    if not trainer.dist.is_main:
+        return None
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step_*"):  # left by a kill during an earlier save
@@ -90,15 +101,15 @@ def save_checkpoint(trainer: Trainer, run_dir: Path, keep_last: int = 2) -> Path
     final = root / f"step_{trainer.state.step:06d}"
     staging = root / f".tmp-step_{trainer.state.step:06d}"
     staging.mkdir()
-    trainer.model.save_pretrained(staging / "policy")
+    trainer.model.save_pretrained(staging / "policy", state_dict=model_state)
     torch.save(
         {
             "state": trainer.state,
-            "optimizer": trainer.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": trainer.scheduler.state_dict(),
             "stream": trainer.stream.state_dict(),
             "sampler": trainer.sampler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_states,  # one per rank
         },
         staging / "trainer.pt",
     )
@@ -115,7 +126,6 @@ def save_checkpoint(trainer: Trainer, run_dir: Path, keep_last: int = 2) -> Path
     if keep_last > 0:
         for old in valid_checkpoints(run_dir)[:-keep_last]:
             _remove(old)
-    trainer.checkpointed_step = trainer.state.step
     return final
 
 
@@ -138,23 +148,33 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(trainer: Trainer, folder: Path) -> None:
-    """Restore everything :func:`save_checkpoint` wrote into an already-built trainer."""
+    """Restore everything :func:`save_checkpoint` wrote into an already-built trainer.
+
+    Under ``torchrun`` every rank calls it and reads ``folder`` (several nodes need the output
+    folder on shared storage). A rank the checkpoint has no RNG state for (the run grew) gets a
+    fresh stream derived from the seed, the step and its rank.
+    """
     from safetensors.torch import load_file
 
     weights = {}
     for shard in sorted((folder / "policy").glob("*.safetensors")):
         weights.update(load_file(str(shard), device=str(trainer.device)))
-    missing, unexpected = trainer.model.load_state_dict(weights, strict=False)
+    missing, unexpected = trainer.dist.load_full_model_state(trainer.model, weights)
     # Tied weights (lm_head = embeddings) are stored once; anything else missing is corruption.
     missing = [m for m in missing if "lm_head" not in m]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     blob = torch.load(folder / "trainer.pt", weights_only=False, map_location=trainer.device)
     trainer.state = blob["state"]
-    trainer.optimizer.load_state_dict(blob["optimizer"])
+    trainer.dist.load_full_optimizer_state(trainer.model, trainer.optimizer, blob["optimizer"])
     trainer.scheduler.load_state_dict(blob["scheduler"])
     trainer.stream.load_state_dict(blob["stream"])
     trainer.sampler.load_state_dict(blob["sampler"])
-    _set_rng_state(blob["rng"])
-    trainer.engine.sync_weights(trainer.model)
+    rng_states = blob["rng"]
+    if trainer.dist.rank < len(rng_states):
+        _set_rng_state(rng_states[trainer.dist.rank])
+    else:
+        torch.manual_seed(trainer.cfg.seed * 1_000_003 + trainer.state.step * 1009 + trainer.dist.rank)
+    with trainer.dist.gathered(trainer.model):
+        trainer.engine.sync_weights(trainer.model)
     trainer.checkpointed_step = trainer.state.step

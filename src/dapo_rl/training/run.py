@@ -174,7 +174,7 @@ def _check_sinks_available(config: Config) -> None:
 # that get a stuck run going again. Anything else would silently continue a different experiment.
 RESUMABLE_CHANGES = ("steps", "resume", "overwrite", "output_dir", "logging.", "checkpoint.", "eval.interval",
                      "reward.timeout_s", "dynamic_sampling.max_rounds", "dynamic_sampling.on_exhausted",
-                     "quickstart.cache_dir", "model.device", "rollout.engine")
+                     "quickstart.cache_dir", "model.device", "rollout.engine", "distributed.")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -244,12 +244,15 @@ def _trim_metrics(run_dir: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def save_final_policy(model, tokenizer, run_dir: Path) -> Path:
-    """``run_dir/final``: safetensors + tokenizer that ``from_pretrained`` loads; replaced atomically."""
+def save_final_policy(model, tokenizer, run_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """``run_dir/final``: safetensors + tokenizer that ``from_pretrained`` loads; replaced atomically.
+
+    ``state_dict``: the full weights when ``model`` is sharded (see ``DistContext.full_model_state``).
+    """
     final = run_dir / "final"
     staging = run_dir / ".final.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     if final.exists():
         shutil.rmtree(final)
@@ -339,18 +342,27 @@ def _restore(trainer: Trainer, run_dir: Path) -> Path | None:
     return None
 
 
-def _agreed(stop: Callable[[], bool], dist: DistContext) -> Callable[[], bool]:
+def _agreed(stop: Callable[[], bool], dist: DistContext, device: torch.device) -> Callable[[], bool]:
     """A stop flag every rank agrees on (any rank signalled → all stop after the same step)."""
     if not dist.enabled:
         return stop
-    return lambda: dist.all_reduce_sum([1.0 if stop() else 0.0], torch.device("cpu"))[0] > 0
+    return lambda: dist.all_reduce_sum([1.0 if stop() else 0.0], device)[0] > 0
 
 
-def _follow(trainer: Trainer, dist: DistContext) -> RunResult:
-    """A non-main rank: train in lock-step with the main rank, write nothing."""
+def _follow(trainer: Trainer, dist: DistContext, resumed: bool) -> RunResult:
+    """A non-main rank: train in lock-step with the main rank and take part in its collectives
+    (evaluation and saving gather the parameters under FSDP2); write nothing."""
+    if trainer.eval_prompts and not resumed:
+        trainer.evaluate()  # the main rank's "before" evaluation
     with _StopOnSignal() as stop:
-        for _ in trainer.steps(should_stop=_agreed(stop, dist)):
-            pass
+        try:
+            for _ in trainer.steps(should_stop=_agreed(stop, dist, trainer.device)):
+                pass
+        except DynamicSamplingExhausted:
+            return RunResult(run_dir=Path(trainer.cfg.output_dir), accuracy_before=None, accuracy_after=None,
+                             steps=trainer.state.step, seconds=0.0, history=trainer.state.history)  # the main rank reports it
+    if trainer.state.step == trainer.cfg.steps:
+        dist.full_model_state(trainer.model)  # the main rank saves the final policy
     return RunResult(run_dir=Path(trainer.cfg.output_dir), accuracy_before=None, accuracy_after=None,
                      steps=trainer.state.step, seconds=0.0, history=trainer.state.history)
 
@@ -367,7 +379,7 @@ def run_training(config: Config) -> RunResult:
         RunInterrupted: SIGINT or SIGTERM stopped the run (after saving a checkpoint).
     """
     started = time.perf_counter()
-    dist = init_distributed(config.model.device)
+    dist = init_distributed(config.model.device, config.distributed.strategy, config.distributed.reshard_after_forward)
     try:
         return _run_training(config, dist, started)
     finally:
@@ -387,16 +399,17 @@ def _run_training(config: Config, dist: DistContext, started: float) -> RunResul
     eval_prompts = _load_split(config, config.data.eval, tokenizer, "eval") if config.data.eval else None
     engine = build_engine(config, model, tokenizer)
     run_dir = Path(config.output_dir)
-    # Only the main rank writes: checkpoints (every rank holds the same weights), metrics, the final policy.
+    # Only the main rank writes (checkpoints, metrics, the final policy); the others take part in
+    # gathering the state to write.
     trainer = Trainer(config, model, tokenizer, train_prompts, eval_prompts, reward_fn, engine, device=device,
                       autocast_dtype=autocast_dtype, dist=dist,
-                      checkpoint_fn=(lambda t: save_checkpoint(t, run_dir, config.checkpoint.keep_last)) if dist.is_main else None)
+                      checkpoint_fn=lambda t: save_checkpoint(t, run_dir, config.checkpoint.keep_last))
     checkpoint = _restore(trainer, run_dir) if config.resume else None
     if dist.is_main:
         run_dir = prepare_output_dir(config)  # the first write: every input above is good
     dist.barrier()
     if not dist.is_main:
-        return _follow(trainer, dist)
+        return _follow(trainer, dist, resumed=checkpoint is not None)
     summary_path = run_dir / "summary.json"
     summary: dict[str, Any] = {}
     if checkpoint is not None:
@@ -425,7 +438,7 @@ def _run_training(config: Config, dist: DistContext, started: float) -> RunResul
                 _write_json(summary_path, summary)
             last_eval = before
             bar = tqdm(total=config.steps, initial=trainer.state.step, desc="dapo train", disable=not progress, dynamic_ncols=True)
-            for metrics in trainer.steps(should_stop=_agreed(stop, dist)):
+            for metrics in trainer.steps(should_stop=_agreed(stop, dist, device)):
                 last_eval = metrics.get("eval/accuracy", last_eval)
                 bar.set_postfix(_postfix(metrics, last_eval), refresh=False)
                 bar.update(1)
@@ -446,7 +459,7 @@ def _run_training(config: Config, dist: DistContext, started: float) -> RunResul
         raise RunInterrupted(stop.signum, f"stopped by {signal_name(stop.signum)} after step {trainer.state.step} of {config.steps}; "
                                           f"checkpoint saved in {latest_checkpoint(run_dir)}; continue with resume=true")
     after = trainer.state.history[-1].get("eval/accuracy") if trainer.state.history and eval_prompts else None
-    final = save_final_policy(model, tokenizer, run_dir)
+    final = save_final_policy(model, tokenizer, run_dir, state_dict=dist.full_model_state(model) if dist.sharded else None)
     summary.update({"accuracy_after": after, "steps": trainer.state.step, "final_policy": str(final),
                     "seconds": summary.get("seconds", 0.0) + time.perf_counter() - started})
     _write_json(summary_path, summary)

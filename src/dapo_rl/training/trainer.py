@@ -242,15 +242,19 @@ class Trainer:
             max_new_tokens=config.rollout.max_response_length, stop_token_ids=tuple(config.rollout.stop_token_ids),
         )
         self.updates_per_step = (config.prompts_per_step // config.mini_batch_size) * config.ppo_epochs
+        self.reference = None
+        if config.loss.kl_coef > 0:
+            self.reference = copy.deepcopy(model).eval()
+            self.reference.requires_grad_(False)
+            self.dist.wrap_frozen(self.reference)
+        # Training forwards go through the DDP wrapper (or the FSDP2-sharded model); `model`
+        # itself is what the rollout engine samples from and what gets saved.
+        self.train_model = self.dist.wrap_policy(model)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
             betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps, weight_decay=config.optim.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.reference = None
-        if config.loss.kl_coef > 0:
-            self.reference = copy.deepcopy(model).eval()
-            self.reference.requires_grad_(False)
         self.norm_constant = float(config.loss.norm_constant or config.rollout.max_response_length)
         # Skip forward/backward for samples that cannot change the gradient (tests turn this off to prove it).
         self.skip_inert_samples = True
@@ -293,10 +297,9 @@ class Trainer:
         ]
         return scored, sum(r.failed for r in results)
 
-    def _collect(self) -> tuple[list[ScoredGroup], dict[str, float]]:
-        """Generation rounds until the sampler holds B informative groups."""
+    def _generate_rounds(self) -> tuple[list[ScoredGroup], float, float, int]:
+        """Generate and score rounds of B prompts until the sampler holds B informative groups."""
         cfg = self.cfg
-        self.sampler.start_step()
         generated: list[ScoredGroup] = []
         gen_time = score_time = 0.0
         failures = 0
@@ -316,6 +319,14 @@ class Trainer:
             failures += failed
             generated.extend(scored)
             self.sampler.add(scored, torch.tensor([s.correct for s in scored], dtype=torch.bool))
+        return generated, gen_time, score_time, failures
+
+    def _collect(self) -> tuple[list[ScoredGroup], dict[str, float]]:
+        """This step's training groups, and the rollout metrics."""
+        cfg = self.cfg
+        self.sampler.start_step()
+        with self.dist.gathered(self.model):  # FSDP2: full parameters for the engine, freed after
+            generated, gen_time, score_time, failures = self._generate_rounds()
         batch = self.sampler.take()
         # Policy statistics come from everything generated this step (the trained batch is
         # biased toward 50% accuracy by dynamic sampling); a step fed only by carried surplus
@@ -364,7 +375,8 @@ class Trainer:
         b, response_width = packed.response_ids.shape
         prompt_width = packed.input_ids.shape[1] - response_width
         temperature = self.cfg.rollout.temperature
-        if packed.response_lengths and b > 1:
+        # Under FSDP2 each forward is a collective, so every rank makes exactly one per micro-batch.
+        if packed.response_lengths and b > 1 and not self.dist.sharded:
             groups = length_buckets(packed.prompt_lengths, packed.response_lengths)
         else:
             groups = [list(range(b))]
@@ -400,16 +412,33 @@ class Trainer:
         return logp, entropy
 
     @torch.no_grad()
-    def _score_old(self, samples: list[Sample], model: torch.nn.Module) -> list[torch.Tensor]:
-        """Per-sample ``[len(response)]`` log-probs under ``model`` (one no-grad pass)."""
+    def _score_old(self, samples: list[Sample], model: torch.nn.Module, forwards: int, placeholder: Sample) -> list[torch.Tensor]:
+        """Per-sample ``[len(response)]`` log-probs under ``model`` (one no-grad pass).
+
+        ``forwards`` micro-batch forwards are made; those beyond ``samples`` run ``placeholder``
+        and are discarded (FSDP2 ranks must make the same number of forwards).
+        """
         out: list[torch.Tensor] = []
         mb = self.cfg.micro_batch_size
-        for start in range(0, len(samples), mb):
-            chunk = samples[start : start + mb]
+        for k in range(forwards):
+            chunk = samples[k * mb : (k + 1) * mb] or [placeholder]
             packed = pack(chunk, self.tokenizer.pad_token_id, self.device)
             logp, _ = self._forward_logprobs(model, packed, with_entropy=False)
-            out.extend(logp[i, : len(s.response_ids)] for i, s in enumerate(chunk))
+            if k * mb < len(samples):
+                out.extend(logp[i, : len(s.response_ids)] for i, s in enumerate(chunk))
         return out
+
+    def _micro_batches_per_rank(self, trainable: torch.Tensor, owner: torch.Tensor) -> list[int]:
+        """Micro-batches each rank needs for its share of the ``trainable`` samples."""
+        return [math.ceil(int((trainable & (owner == r)).sum()) / self.cfg.micro_batch_size) for r in range(self.dist.world_size)]
+
+    def _placeholder_backward(self, sample: Sample, last: bool) -> None:
+        """A zero-weight forward/backward that takes part in the gradient collectives for a rank
+        with no micro-batch of its own left (it adds exactly zero to every gradient)."""
+        with self.dist.no_sync(self.train_model, last):
+            packed = pack([sample], self.tokenizer.pad_token_id, self.device)
+            logp, _ = self._forward_logprobs(self.train_model, packed, with_entropy=False)
+            (logp.sum() * 0.0).backward()
 
     def _update(self, groups: list[ScoredGroup]) -> dict[str, float]:
         cfg = self.cfg
@@ -431,13 +460,18 @@ class Trainer:
         t_old = time.perf_counter()
         old_logp: list[torch.Tensor | None] = [None] * len(samples)
         ref_logp: list[torch.Tensor | None] = [None] * len(samples)
-        active &= torch.tensor([self.dist.owns(i) for i in range(len(samples))])  # this rank's share
-        active_idx = [i for i in range(len(samples)) if active[i]]
-        if not on_policy and active_idx:
-            for i, lp in zip(active_idx, self._score_old([samples[i] for i in active_idx], self.model)):
+        # Every rank knows the whole batch, hence every rank's share (sample i is rank i mod W's):
+        # they agree on how many forwards each pass makes without asking each other.
+        owner = torch.arange(len(samples)) % self.dist.world_size
+        mine = active & (owner == self.dist.rank)
+        mine_idx = [i for i in range(len(samples)) if mine[i]]
+        score_counts = self._micro_batches_per_rank(active, owner)
+        score_forwards = max(score_counts) if self.dist.sharded else score_counts[self.dist.rank]
+        if not on_policy and score_forwards:
+            for i, lp in zip(mine_idx, self._score_old([samples[i] for i in mine_idx], self.model, score_forwards, samples[0])):
                 old_logp[i] = lp
-        if self.reference is not None and active_idx:
-            for i, lp in zip(active_idx, self._score_old([samples[i] for i in active_idx], self.reference)):
+        if self.reference is not None and score_forwards:
+            for i, lp in zip(mine_idx, self._score_old([samples[i] for i in mine_idx], self.reference, score_forwards, samples[0])):
                 ref_logp[i] = lp
         old_time = time.perf_counter() - t_old
 
@@ -465,31 +499,39 @@ class Trainer:
                     if contributes[i]:
                         mask_counts[row, : len(samples[i].response_ids)] = 1
                 normalizer = loss_normalizer(mask_counts, cfg.loss.agg_mode)
-                todo = [i for i in mini if active[i]]
+                todo = [i for i in mini if mine[i]]
+                in_mini = torch.zeros_like(active)
+                in_mini[mini] = True
+                runs = self.dist.micro_batch_count(self._micro_batches_per_rank(active & in_mini, owner))
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for mc_start in range(0, len(todo), cfg.micro_batch_size):
-                    idx = todo[mc_start : mc_start + cfg.micro_batch_size]
-                    packed = pack([samples[i] for i in idx], self.tokenizer.pad_token_id, self.device)
-                    logp, entropy = self._forward_logprobs(self.model, packed, with_entropy=True)
-                    # Loss mask: response tokens of samples that are not overlong-filtered.
-                    mask = packed.response_mask * contributes[idx].to(packed.response_mask.dtype).to(self.device).unsqueeze(-1)
-                    width = mask.shape[1]
-                    if on_policy:
-                        old = logp.detach()
-                    else:
-                        old = torch.stack([torch.nn.functional.pad(old_logp[i], (0, width - old_logp[i].numel())) for i in idx]).to(self.device)
-                    adv = broadcast_to_tokens(advantages[idx].to(self.device), mask)
-                    out = decoupled_clip_loss(logp, old, adv, mask, eps_low=cfg.clip.eps_low,
-                                              eps_high=cfg.clip.eps_high, dual_clip_c=cfg.clip.dual_clip_c)
-                    per_token = out.per_token_loss
-                    if self.reference is not None:
-                        ref = torch.stack([torch.nn.functional.pad(ref_logp[i], (0, width - ref_logp[i].numel())) for i in idx]).to(self.device)
-                        kl = kl_penalty(logp, ref, cfg.loss.kl_estimator) * mask
-                        per_token = per_token + cfg.loss.kl_coef * kl
-                        sums["kl"] = sums.get("kl", 0.0) + kl.detach().sum().item()
-                    loss = aggregate_loss(per_token, mask, cfg.loss.agg_mode, normalizer=normalizer, norm_constant=self.norm_constant)
-                    loss.backward()
+                for run in range(runs):
+                    idx = todo[run * cfg.micro_batch_size : (run + 1) * cfg.micro_batch_size]
+                    last = run == runs - 1
+                    if not idx:  # this rank has no work left; the others' collectives need it
+                        self._placeholder_backward(samples[mini[0]], last)
+                        continue
+                    with self.dist.no_sync(self.train_model, last):  # DDP all-reduces in the last backward only
+                        packed = pack([samples[i] for i in idx], self.tokenizer.pad_token_id, self.device)
+                        logp, entropy = self._forward_logprobs(self.train_model, packed, with_entropy=True)
+                        # Loss mask: response tokens of samples that are not overlong-filtered.
+                        mask = packed.response_mask * contributes[idx].to(packed.response_mask.dtype).to(self.device).unsqueeze(-1)
+                        width = mask.shape[1]
+                        if on_policy:
+                            old = logp.detach()
+                        else:
+                            old = torch.stack([torch.nn.functional.pad(old_logp[i], (0, width - old_logp[i].numel())) for i in idx]).to(self.device)
+                        adv = broadcast_to_tokens(advantages[idx].to(self.device), mask)
+                        out = decoupled_clip_loss(logp, old, adv, mask, eps_low=cfg.clip.eps_low,
+                                                  eps_high=cfg.clip.eps_high, dual_clip_c=cfg.clip.dual_clip_c)
+                        per_token = out.per_token_loss
+                        if self.reference is not None:
+                            ref = torch.stack([torch.nn.functional.pad(ref_logp[i], (0, width - ref_logp[i].numel())) for i in idx]).to(self.device)
+                            kl = kl_penalty(logp, ref, cfg.loss.kl_estimator) * mask
+                            per_token = per_token + cfg.loss.kl_coef * kl
+                            sums["kl"] = sums.get("kl", 0.0) + kl.detach().sum().item()
+                        loss = aggregate_loss(per_token, mask, cfg.loss.agg_mode, normalizer=normalizer, norm_constant=self.norm_constant)
+                        loss.backward()
                     step_loss += loss.item()
                     for key, value in out.token_sums(mask).items():
                         sums[key] = sums.get(key, 0.0) + value.item()
@@ -499,13 +541,13 @@ class Trainer:
                     high_probs.append(old_prob[out.clipped_high].float().cpu())
                     low_probs.append(old_prob[out.clipped_low].float().cpu())
                 trained_tokens += sum(len(samples[i].response_ids) for i in todo)
-                if self.dist.enabled:
-                    self.dist.all_reduce_gradients([p for p in self.model.parameters() if p.requires_grad])
+                if self.dist.enabled:  # the gradients were summed over ranks in the last backward
                     step_loss = self.dist.all_reduce_sum([step_loss], self.device)[0]
                 params = [p for p in self.model.parameters() if p.grad is not None]
                 if params:
                     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+                    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP2
                 else:
                     grad_norm = 0.0
                 if not (math.isfinite(grad_norm) and math.isfinite(step_loss)):
@@ -553,19 +595,27 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and loop
 
     def evaluate(self) -> EvalResult | None:
+        """Held-out evaluation, on the main rank; other ranks get None.
+
+        Every rank must call it together: under FSDP2 the parameters are gathered for it.
+        """
         if not self.eval_prompts:
             return None
-        ec = self.cfg.eval
-        params = SamplingParams(temperature=ec.temperature, top_p=ec.top_p, max_new_tokens=self.cfg.rollout.max_response_length,
-                                stop_token_ids=tuple(self.cfg.rollout.stop_token_ids))
-        return evaluate(self.engine, self.eval_prompts, self.tokenizer, self.reward_fn, params=params,
-                        samples_per_problem=ec.samples_per_prompt, greedy=ec.greedy, reward_timeout_s=self.cfg.reward.timeout_s)
+        with self.dist.gathered(self.model):
+            if not self.dist.is_main:
+                return None
+            ec = self.cfg.eval
+            params = SamplingParams(temperature=ec.temperature, top_p=ec.top_p, max_new_tokens=self.cfg.rollout.max_response_length,
+                                    stop_token_ids=tuple(self.cfg.rollout.stop_token_ids))
+            return evaluate(self.engine, self.eval_prompts, self.tokenizer, self.reward_fn, params=params,
+                            samples_per_problem=ec.samples_per_prompt, greedy=ec.greedy, reward_timeout_s=self.cfg.reward.timeout_s)
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
         groups, metrics = self._collect()
         metrics.update(self._update(groups))
-        self.engine.sync_weights(self.model)
+        with self.dist.gathered(self.model):
+            self.engine.sync_weights(self.model)
         self.state.step += 1
         metrics["time/step_s"] = time.perf_counter() - t0
         return metrics
@@ -597,9 +647,10 @@ class Trainer:
                 raise
             step = self.state.step
             # Evaluation runs on the main rank only: it is the one that logs.
-            if self.eval_prompts and self.dist.is_main and ((cfg.eval.interval and step % cfg.eval.interval == 0) or step == cfg.steps):
+            if self.eval_prompts and ((cfg.eval.interval and step % cfg.eval.interval == 0) or step == cfg.steps):
                 result = self.evaluate()
-                metrics.update(result.metrics())
+                if result is not None:
+                    metrics.update(result.metrics())
             self.state.history.append({"step": step, **metrics})
             self.log(metrics, step)
             if self.checkpoint_fn is not None and ((cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.steps):
