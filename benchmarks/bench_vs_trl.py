@@ -242,6 +242,8 @@ def main() -> None:
                         help="every round uses --seed (repeats the same draw); default: round r uses seed + r")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in both frameworks")
     parser.add_argument("--engine", default="fast", help="our rollout.engine (fast | hf)")
+    parser.add_argument("--frameworks", default="ours,trl", help="which to run (e.g. 'ours' to time another "
+                        "checkout of the library against an earlier TRL run)")
     parser.add_argument("--json", help="also write all per-run results here")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -268,6 +270,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
         for rnd in range(a.rounds):
             order = ("ours", "trl") if rnd % 2 == 0 else ("trl", "ours")  # alternate who goes first
+            order = tuple(fw for fw in order if fw in a.frameworks.split(","))
             # One run seed per round, shared by the pair: both frameworks see the same prompts in
             # the same order; across rounds the samples (hence lengths) vary, so medians average
             # over sampling noise instead of repeating one draw per framework.
@@ -280,19 +283,22 @@ def main() -> None:
                 print(f"{size} round {rnd} seed {seed} {framework:4s}: {summary['tok_s']:7.0f} tok/s  {summary['s_step']:6.2f} s/step  "
                       f"{summary['tokens_step']:5.0f} tok/step  peak {summary['peak_mib']:6.0f} MiB (after setup "
                       f"{summary['setup_mib']:.0f}){extra}  load {summary['load']}", flush=True)
+        runs = {fw: rs for fw, rs in runs.items() if rs}
         med = {fw: {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "s_step", "peak_mib", "tokens_step")}
                for fw, rs in runs.items()}
         for fw, rs in runs.items():  # pooled over all runs: Σ tokens / Σ seconds
             med[fw]["pooled_tok_s"] = sum(r["tokens_step"] for r in rs) / sum(r["s_step"] for r in rs)
         print(f"\n{size} ({params / 1e6:.2f} M params), medians of {a.rounds} runs × {a.steps} steps:")
         print(f"  {'':6s} {'tok/s':>8s} {'pooled':>8s} {'s/step':>8s} {'tok/step':>9s} {'peak MiB':>9s}")
-        for fw in ("ours", "trl"):
+        for fw in med:
             print(f"  {fw:6s} {med[fw]['tok_s']:8.0f} {med[fw]['pooled_tok_s']:8.0f} {med[fw]['s_step']:8.2f} "
                   f"{med[fw]['tokens_step']:9.0f} {med[fw]['peak_mib']:9.0f}")
-        print(f"  ours/TRL: tokens/s ×{med['ours']['tok_s'] / med['trl']['tok_s']:.2f} (pooled ×"
-              f"{med['ours']['pooled_tok_s'] / med['trl']['pooled_tok_s']:.2f}), s/step ×"
-              f"{med['ours']['s_step'] / med['trl']['s_step']:.2f}, peak RSS ×{med['ours']['peak_mib'] / med['trl']['peak_mib']:.2f}\n",
-              flush=True)
+        if len(med) == 2:
+            print(f"  ours/TRL: tokens/s ×{med['ours']['tok_s'] / med['trl']['tok_s']:.2f} (pooled ×"
+                  f"{med['ours']['pooled_tok_s'] / med['trl']['pooled_tok_s']:.2f}), s/step ×"
+                  f"{med['ours']['s_step'] / med['trl']['s_step']:.2f}, peak RSS ×{med['ours']['peak_mib'] / med['trl']['peak_mib']:.2f}",
+                  flush=True)
+        print(flush=True)
         everything[size] = {"params": params, "runs": runs, "medians": med}
     if a.json:
         Path(a.json).write_text(json.dumps(everything, indent=2))
