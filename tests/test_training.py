@@ -102,13 +102,18 @@ def _groups(tok, num_groups: int, group_size: int, seed: int, truncate_some: boo
     return groups
 
 
-def _trainer(tiny_model, tok, overrides: list[str], dist=None) -> Trainer:
+def _trainer(tiny_model, tok, overrides: list[str], dist=None, share_prompts: bool = False) -> Trainer:
+    """A trainer on the tiny model. The exact (1e-9) law tests run one forward code path: the
+    shared-prompt forward changes tensor shapes, and Hugging Face's RMSNorm computes in float32
+    even for float64 models, so the two paths differ by ~1e-8 (tested separately below)."""
     config = load_config(overrides=["prompts_per_step=4", "group_size=4", "mini_batch_size=4", "micro_batch_size=16",
                                     "optim.warmup_updates=0", "optim.lr=1e-2", "optim.grad_clip=0", *overrides])
     model = copy.deepcopy(tiny_model).train()
     engine = HFGenerateEngine(model, tok.pad_token_id, tok.eos_token_id)
     prompts, _ = encode_prompts(builtin_splits(16, 4)[0], tok)
-    return Trainer(config, model, tok, prompts, None, lambda *a: True, engine, device=torch.device("cpu"), dist=dist)
+    trainer = Trainer(config, model, tok, prompts, None, lambda *a: True, engine, device=torch.device("cpu"), dist=dist)
+    trainer.share_prompt_forward = share_prompts
+    return trainer
 
 
 def _params_after_update(tiny, overrides: list[str], skip_inert: bool = True, ppo_epochs_groups=None) -> torch.Tensor:
@@ -156,6 +161,45 @@ def test_old_logprob_pass_skipped_only_when_exactly_on_policy(tiny, monkeypatch)
         monkeypatch.setattr(trainer, "_score_old", lambda *args: calls.append(1) or original(*args))
         trainer._update(_groups(tok, 4, 4, seed=7))
         assert len(calls) == expected_calls, overrides
+
+
+def test_shared_prompt_forward_matches_the_full_forward(tiny):
+    """Each distinct prompt run once, responses on its cache: same log-probs, entropies and gradients."""
+    model, tok = tiny
+    trainer = _trainer(model.double(), tok, [], share_prompts=True)
+    samples = [s for g in _groups(tok, 4, 4, seed=5) for s in g.samples]
+    packed = pack(samples, tok.pad_token_id, torch.device("cpu"))
+    shared = trainer._shared_prompts(trainer.model, packed)
+    assert shared is not None and shared.prompt_of.tolist() == [i // 4 for i in range(16)]  # 4 groups of 4
+    weights = torch.randn(packed.response_mask.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    results = {}
+    for share in (False, True):
+        trainer.share_prompt_forward = share
+        trainer.model.zero_grad()
+        logp, entropy = trainer._forward_logprobs(trainer.model, packed, with_entropy=True)
+        (logp * packed.response_mask * weights).sum().backward()
+        results[share] = (logp * packed.response_mask, entropy * packed.response_mask,
+                          torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
+    for full, split in zip(results[False], results[True]):
+        torch.testing.assert_close(split, full, rtol=1e-6, atol=1e-6 * full.abs().max().item())
+    # Nothing to share: every row its own prompt, or one row.
+    trainer.share_prompt_forward = True
+    distinct = pack([g.samples[0] for g in _groups(tok, 4, 4, seed=5)], tok.pad_token_id, torch.device("cpu"))
+    assert trainer._shared_prompts(trainer.model, distinct) is None
+    assert trainer._shared_prompts(trainer.model, pack(samples[:1], tok.pad_token_id, torch.device("cpu"))) is None
+
+
+def test_update_with_shared_prompts_matches_micro_batch_of_one(tiny):
+    """The default update path (prompts shared within a micro-batch) against one sample per micro-batch."""
+    model, tok = tiny
+    params = {}
+    for micro, share in ((1, False), (16, True)):
+        trainer = _trainer(model.double(), tok, ["optim.lr=1e-3", f"micro_batch_size={micro}", "optim.beta1=0", "optim.beta2=0"],
+                           share_prompts=share)
+        start = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        trainer._update(_groups(tok, 4, 4, seed=5))
+        params[micro] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - start
+    torch.testing.assert_close(params[16], params[1], rtol=1e-5, atol=1e-7)
 
 
 def test_kl_term_uses_frozen_reference(tiny):

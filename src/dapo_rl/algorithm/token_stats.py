@@ -14,13 +14,18 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits are upcast for the softmax; float64 ones stay float64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _chunk_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    scaled = logits.float() / temperature
+    scaled = _at_least_fp32(logits) / temperature
     return scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
 
 def _chunk_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
 
 
@@ -35,7 +40,7 @@ def token_logprobs(
         temperature: sampling temperature the tokens were drawn at.
         chunk_size: tokens per chunk.
     Returns:
-        ``[...]`` float32 natural-log probabilities, differentiable w.r.t. ``logits``.
+        ``[...]`` natural-log probabilities in float32 (float64 for float64 logits), differentiable w.r.t. ``logits``.
     """
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_tokens = tokens.reshape(-1)
@@ -57,7 +62,7 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, chunk_size:
         temperature: sampling temperature.
         chunk_size: positions per chunk.
     Returns:
-        ``[...]`` float32 entropies.
+        ``[...]`` entropies in float32 (float64 for float64 logits).
     """
     flat = logits.reshape(-1, logits.shape[-1])
     needs_grad = torch.is_grad_enabled() and flat.requires_grad

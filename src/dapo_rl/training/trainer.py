@@ -193,6 +193,24 @@ def _quantiles(values: torch.Tensor, prefix: str) -> dict[str, float]:
 
 
 @dataclass
+class _SharedPrompts:
+    """The distinct prompts of a micro-batch, run once (see ``Trainer._shared_prompts``)."""
+
+    prompt_of: torch.Tensor  # [b] which distinct prompt each row has
+    last_logits: torch.Tensor  # [U, V] logits at each prompt's last token (predict response token 0)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values [U, heads, P, head_dim]
+    prompt_columns: slice  # the prompt columns of the packed batch that were run
+
+
+def _has_sliding_window(model: torch.nn.Module) -> bool:
+    config = getattr(getattr(model, "module", model), "config", None)  # under DDP, the wrapped model's
+    if config is None:
+        return True  # unknown architecture: take the plain path
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return any("sliding" in str(t) for t in (getattr(text, "layer_types", None) or [])) or bool(getattr(text, "use_sliding_window", False))
+
+
+@dataclass
 class TrainState:
     step: int = 0
     samples_generated_total: int = 0
@@ -258,6 +276,8 @@ class Trainer:
         self.norm_constant = float(config.loss.norm_constant or config.rollout.max_response_length)
         # Skip forward/backward for samples that cannot change the gradient (tests turn this off to prove it).
         self.skip_inert_samples = True
+        # Run each distinct prompt of a micro-batch once (tests turn this off to compare).
+        self.share_prompt_forward = True
 
     # ------------------------------------------------------------------ schedule
 
@@ -370,31 +390,38 @@ class Trainer:
         :func:`length_buckets`), each cut to its own widest prompt and response, so padding is
         not computed; positions past a row's response are 0 and must be masked by
         ``response_mask``. Only the logits of response positions are materialised
-        (``logits_to_keep``).
+        (``logits_to_keep``). Rows that share a prompt (a group's G samples) share one forward
+        of it (see :meth:`_shared_prompts`).
         """
         b, response_width = packed.response_ids.shape
         prompt_width = packed.input_ids.shape[1] - response_width
         temperature = self.cfg.rollout.temperature
+        shared = self._shared_prompts(model, packed)
         # Under FSDP2 each forward is a collective, so every rank makes exactly one per micro-batch.
         if packed.response_lengths and b > 1 and not self.dist.sharded:
-            groups = length_buckets(packed.prompt_lengths, packed.response_lengths)
+            # With shared prompts a group's cost is its response widths only.
+            prompt_cost = [0] * b if shared is not None else packed.prompt_lengths
+            groups = length_buckets(prompt_cost, packed.response_lengths)
         else:
             groups = [list(range(b))]
         logp_parts, entropy_parts = [], []
         for rows in groups:
-            if len(groups) == 1:  # the whole batch: no row gather, full width
-                index, max_p, max_r = None, prompt_width, response_width
+            if len(groups) == 1:  # the whole batch, in its own order: no row gather, full width
+                rows, index, max_p, max_r = list(range(b)), None, prompt_width, response_width
             else:
                 index = torch.tensor(rows, device=packed.input_ids.device)
                 max_p = max(packed.prompt_lengths[r] for r in rows)
                 max_r = max(max(packed.response_lengths[r] for r in rows), 1)
-            columns = slice(prompt_width - max_p, prompt_width + max_r)
-            pick = (lambda t: t[:, columns]) if index is None else (lambda t: t[index, columns])
-            with self._autocast():
-                out = model(input_ids=pick(packed.input_ids), attention_mask=pick(packed.attention_mask),
-                            position_ids=pick(packed.position_ids), logits_to_keep=max_r + 1, use_cache=False)
-            logits = out.logits[:, :-1]  # [rows, max_r, V]: position t predicts response token t
             response_ids = packed.response_ids[:, :max_r] if index is None else packed.response_ids[index, :max_r]
+            if shared is not None:
+                logits = self._response_logits(model, packed, rows, max_r, shared)
+            else:
+                columns = slice(prompt_width - max_p, prompt_width + max_r)
+                pick = (lambda t: t[:, columns]) if index is None else (lambda t: t[index, columns])
+                with self._autocast():
+                    out = model(input_ids=pick(packed.input_ids), attention_mask=pick(packed.attention_mask),
+                                position_ids=pick(packed.position_ids), logits_to_keep=max_r + 1, use_cache=False)
+                logits = out.logits[:, :-1]  # [rows, max_r, V]: position t predicts response token t
             logp = token_logprobs(logits, response_ids, temperature=temperature)
             logp_parts.append(torch.nn.functional.pad(logp, (0, response_width - max_r)))
             if with_entropy:
@@ -410,6 +437,52 @@ class Trainer:
         logp = torch.cat(logp_parts)[inverse]
         entropy = torch.cat(entropy_parts)[inverse] if with_entropy else None
         return logp, entropy
+
+    def _shared_prompts(self, model: torch.nn.Module, packed: PackedBatch) -> _SharedPrompts | None:
+        """One forward over the distinct prompts of the micro-batch, or None when nothing repeats.
+
+        A group's G responses share their prompt, and the prompt's keys and values do not depend
+        on the response (causal attention): computing them once per distinct prompt, then
+        running each response on top of its prompt's cache, gives the same log-probs and
+        gradients (to rounding: different matrix shapes) as G full forwards, for 1/G of the
+        prompt compute. Off under FSDP2 (one forward per micro-batch) and for models with
+        sliding-window layers (their caches evict).
+        """
+        b, response_width = packed.response_ids.shape
+        if not self.share_prompt_forward or self.dist.sharded or b < 2 or _has_sliding_window(model):
+            return None
+        prompt_width = packed.input_ids.shape[1] - response_width
+        keys = [tuple(row[prompt_width - length :]) for row, length in zip(packed.input_ids[:, :prompt_width].tolist(), packed.prompt_lengths)]
+        slot: dict[tuple, int] = {}
+        prompt_of = [slot.setdefault(key, len(slot)) for key in keys]
+        if len(slot) == b:
+            return None
+        first = torch.tensor([prompt_of.index(u) for u in range(len(slot))], device=packed.input_ids.device)
+        max_p = max(packed.prompt_lengths)
+        columns = slice(prompt_width - max_p, prompt_width)
+        with self._autocast():
+            out = model(input_ids=packed.input_ids[first, columns], attention_mask=packed.attention_mask[first, columns],
+                        position_ids=packed.position_ids[first, columns], logits_to_keep=1, use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return _SharedPrompts(prompt_of=torch.tensor(prompt_of, device=packed.input_ids.device), last_logits=out.logits[:, -1],
+                              kv=kv, prompt_columns=columns)
+
+    def _response_logits(self, model: torch.nn.Module, packed: PackedBatch, rows: list[int], max_r: int,
+                         shared: _SharedPrompts) -> torch.Tensor:
+        """Logits ``[rows, max_r, V]`` predicting response tokens 0..max_r-1, the responses run on their prompts' caches."""
+        from transformers import DynamicCache
+
+        index = torch.tensor(rows, device=packed.input_ids.device)
+        owner = shared.prompt_of[index]
+        prompt_width = packed.input_ids.shape[1] - packed.response_ids.shape[1]
+        cache = DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v in shared.kv])
+        response = slice(prompt_width, prompt_width + max_r)
+        mask = torch.cat([packed.attention_mask[index, shared.prompt_columns], packed.attention_mask[index, response]], dim=1)
+        with self._autocast():
+            out = model(input_ids=packed.response_ids[index, :max_r], attention_mask=mask,
+                        position_ids=packed.position_ids[index, response], past_key_values=cache, use_cache=True)
+        # The prompt's last position predicts response token 0; response position t predicts t + 1.
+        return torch.cat([shared.last_logits[owner].unsqueeze(1), out.logits[:, : max_r - 1]], dim=1)
 
     @torch.no_grad()
     def _score_old(self, samples: list[Sample], model: torch.nn.Module, forwards: int, placeholder: Sample) -> list[torch.Tensor]:
