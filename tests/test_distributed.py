@@ -26,7 +26,13 @@ CASES = {  # name -> trainer overrides; small micro-batches give ranks unequal m
     "on-policy": ["ppo_epochs=1"],
     "two-epochs": ["ppo_epochs=2", "loss.agg_mode=seq-mean-token-mean"],
     "kl-micro2": ["ppo_epochs=1", "micro_batch_size=2", "loss.kl_coef=0.1", "optim.grad_clip=0.5"],
+    # The default forward (distinct prompts run once; FSDP2 turns it off): rows are grouped
+    # differently on 2 ranks, and HF's RMSNorm computes in float32 whatever the model dtype, so
+    # gradients agree to ~1e-8 only; Adam's normalisation magnifies that for near-zero gradients
+    # (a few elements move by ~1e-6, against updates of ~lr = 1e-2).
+    "shared-prompts": ["ppo_epochs=1", "+share_prompts"],
 }
+TOLERANCE = {"shared-prompts": dict(rtol=1e-5, atol=5e-6)}
 
 
 def _build(overrides: list[str], dist_ctx: DistContext):
@@ -36,7 +42,8 @@ def _build(overrides: list[str], dist_ctx: DistContext):
 
     tok = build_char_tokenizer(VOCAB)
     model = build_tiny_llama(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=3).double()
-    return _trainer(model, tok, overrides, dist=dist_ctx), tok
+    share = "+share_prompts" in overrides
+    return _trainer(model, tok, [o for o in overrides if o != "+share_prompts"], dist=dist_ctx, share_prompts=share), tok
 
 
 def _run_case(overrides: list[str], dist_ctx: DistContext, workdir: Path, tag: str, resume_from: str) -> dict:
@@ -108,16 +115,17 @@ def test_two_process_update_equals_single_process(single_results, strategy, case
     workdir, single = single_results
     double = _two_process_results(workdir, strategy)[case]
     ref = single[case]
-    torch.testing.assert_close(double["params1"], ref["params1"], rtol=1e-9, atol=1e-10)
+    tol = TOLERANCE.get(case, dict(rtol=1e-9, atol=1e-10))
+    torch.testing.assert_close(double["params1"], ref["params1"], **tol)
     for key in ("train/entropy", "train/clip_frac_low", "train/clip_frac_high", "train/loss", "train/grad_norm"):
-        assert double["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-6, abs=1e-9), key
+        assert double["metrics"][key] == pytest.approx(ref["metrics"][key], rel=max(1e-6, tol["rtol"]), abs=1e-9), key
     # Resuming a single-process checkpoint on 2 processes continues exactly (Adam state included) ...
-    torch.testing.assert_close(double["params2"], ref["params2"], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(double["params2"], ref["params2"], **tol)
     # ... and a 2-process checkpoint resumes in one process with the same weights and Adam moments.
     p2, m2 = _load_into_single(workdir / f"{strategy}-{case}", CASES[case])
     p1, m1 = _load_into_single(workdir / f"single-{case}", CASES[case])
-    torch.testing.assert_close(p2, p1, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(m2, m1, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(p2, p1, **tol)
+    torch.testing.assert_close(m2, m1, rtol=tol["rtol"], atol=1e-12 if case not in TOLERANCE else 1e-9)
     if strategy == "fsdp2":  # each rank holds half of every parameter (dim 0 split, rounded up)
         assert double["local_numel"] < 0.6 * double["total_numel"]
     else:
