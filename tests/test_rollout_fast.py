@@ -221,3 +221,18 @@ def test_finished_rows_are_dropped_by_moving_only_survivors(tiny):
     assert decoder.kv[0, 0, :3, 0, :2, 0].tolist() == [[k / 10] * 2 for k in kept.tolist()]
     # Nothing past the filled length is touched.
     assert decoder.kv[0, 0, :3, 0, 2, 0].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_direct_decode_runs_a_bfloat16_model_and_samples_from_float_logits(tiny):
+    # (GPU runs use bf16 weights; the sampler must still see float32 logits.)
+    _, tok = tiny
+    model = build_tiny_llama(tok, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, seed=5)
+    model = model.to(torch.bfloat16).eval()
+    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    groups = engine.generate(_prompts(tok), 3, SamplingParams(temperature=1.0, max_new_tokens=8))
+    for prompt, group in zip(_prompts(tok), groups):
+        for sample in group:
+            assert len(sample.logprobs) == len(sample.response_ids) and all(math.isfinite(x) and x <= 0 for x in sample.logprobs)
+            expected = _full_forward_logprobs(model, prompt, sample.response_ids, 1.0)
+            torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=0.1, rtol=0)

@@ -427,7 +427,7 @@ class FastRolloutEngine(InProcessEngine):
             if t == max_new - 1:
                 break
             cos, sin = decoder.rotary_at(table, next_pos)
-            logits = decoder(token, cos, sin)
+            logits = decoder(token, cos, sin).float()  # no copy for float32 models
             next_pos = next_pos + 1
         tokens_out = torch.full((rows_total, max_new), self.pad_token_id, dtype=torch.long, device=device)
         logprobs_out = torch.zeros((rows_total, max_new), dtype=torch.float32, device=device)
