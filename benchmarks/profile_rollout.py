@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
-
 from bench_vs_trl import GROUP_SIZE, MAX_NEW_TOKENS, PROMPTS_PER_STEP, SIZES
 
 
@@ -75,7 +74,7 @@ def main() -> None:
     runs = [once() for _ in range(a.repeats)]
     secs = statistics.median(r[0] for r in runs)
     tokens = runs[0][1]
-    load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
+    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     print(f"{a.size} ({params_count / 1e6:.2f} M): {tokens} tokens in {secs * 1000:.1f} ms (median of {a.repeats}) = "
           f"{tokens / secs:.0f} tok/s = {2 * params_count * tokens / secs / 1e9:.1f} GFLOP/s; "
           f"load {load}")

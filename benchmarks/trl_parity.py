@@ -22,9 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 import bench_vs_trl as bench
+import torch
 
 PAD, EOS, DIGIT = 0, 2, 3
 
@@ -145,7 +144,7 @@ def main() -> None:
             out = work / f"{framework}.pt"
             cmd = [sys.executable, __file__, "--worker", framework, "--folder", str(folder), "--fixed", str(fixed_path),
                    "--out", str(out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"{framework} worker failed:\n{proc.stderr[-3000:]}")
             result[framework] = torch.load(out)

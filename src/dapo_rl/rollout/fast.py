@@ -334,7 +334,7 @@ class FastRolloutEngine(InProcessEngine):
     def _generate_chunk(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
         model = self.model
         device = next(model.parameters()).device
-        b, max_new = len(prompts), params.max_new_tokens
+        max_new = params.max_new_tokens
         if max_new <= 0:
             return [[Sample(list(p), [], FINISH_LENGTH, []) for _ in range(n)] for p in prompts]
         input_ids, attention = left_pad(prompts, self.pad_token_id, device)  # [b, P] each
