@@ -89,6 +89,7 @@ CONFIG_CASES = [
     ("resume-and-overwrite", ["resume=true", "overwrite=true"], ["resume", "choose one"]),
     ("override-without-value", ["steps"], ["'steps'", "key=value"]),
     ("bad-device", ["model.device=tpu"], ["model.device", "cuda:N"]),
+    ("unknown-strategy", ["distributed.strategy=fsdp"], ["distributed.strategy", "fsdp2"]),
     ("unknown-sink", ["logging.sinks=[jsonl,foo]"], ["logging.sinks", "tensorboard"]),
     ("unknown-template", ["data.template=fancy"], ["data.template", "raw"]),
 ]

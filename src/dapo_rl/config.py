@@ -402,7 +402,9 @@ def validate(c: Config) -> None:
     _require(c.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0", "0 checkpoints only at the end")
     _require(c.reward.correct > c.reward.incorrect, "reward.correct", "must be greater than reward.incorrect", "paper: +1 / -1")
     _require(c.reward.timeout_s > 0, "reward.timeout_s", "must be > 0", "e.g. 5")
-    _choice(c.distributed.strategy, "distributed.strategy", ("ddp", "fsdp2"))
+    from dapo_rl.training.distributed import STRATEGIES
+
+    _choice(c.distributed.strategy, "distributed.strategy", STRATEGIES)
     _choice(c.model.dtype, "model.dtype", ("auto", "float32", "bf16-autocast"))
     _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.model.device) is not None, "model.device",
              f"{c.model.device!r} is not a device", "use auto, cpu, cuda or cuda:N")

@@ -110,7 +110,8 @@ class _PreallocatedLayer(DynamicLayer):
         self._views()
 
 
-def _has_sliding_layers(config) -> bool:
+def has_sliding_layers(config) -> bool:
+    """Whether the model has sliding-window attention layers (their KV caches evict old positions)."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     types = getattr(text, "layer_types", None) or []
     return any("sliding" in str(t) for t in types) or bool(getattr(text, "use_sliding_window", False))
@@ -118,7 +119,7 @@ def _has_sliding_layers(config) -> bool:
 
 def _make_cache(model, capacity: int) -> Cache:
     config = model.config
-    if _has_sliding_layers(config):
+    if has_sliding_layers(config):
         return DynamicCache(config=config)
     layers = config.get_text_config(decoder=True).num_hidden_layers
     return Cache(layers=[_PreallocatedLayer(capacity) for _ in range(layers)])
@@ -341,7 +342,7 @@ class FastRolloutEngine(InProcessEngine):
         positions = (attention.cumsum(-1) - 1).clamp_min(0)  # padding does not shift positions
         capacity = input_ids.shape[1] + max_new
         # Decode steps bypass the HF modules when the architecture is one we compute exactly.
-        direct = self.direct_decode and not _has_sliding_layers(model.config) and _LlamaDecoder.supports(model)
+        direct = self.direct_decode and not has_sliding_layers(model.config) and _LlamaDecoder.supports(model)
 
         was_training = model.training
         model.eval()

@@ -64,9 +64,9 @@ class DistContext:
         """FSDP2: every forward and backward of the policy is a collective."""
         return self.enabled and self.strategy == "fsdp2"
 
-    def owns(self, sample_index: int) -> bool:
-        """Whether this rank trains sample ``sample_index`` of the global batch."""
-        return sample_index % self.world_size == self.rank
+    def owners(self, num_samples: int) -> torch.Tensor:
+        """``[num_samples]`` the rank that trains each sample of the global batch (i mod W)."""
+        return torch.arange(num_samples) % self.world_size
 
     # ------------------------------------------------------------------ model wrapping
 

@@ -359,8 +359,7 @@ def _follow(trainer: Trainer, dist: DistContext, resumed: bool) -> RunResult:
             for _ in trainer.steps(should_stop=_agreed(stop, dist, trainer.device)):
                 pass
         except DynamicSamplingExhausted:
-            return RunResult(run_dir=Path(trainer.cfg.output_dir), accuracy_before=None, accuracy_after=None,
-                             steps=trainer.state.step, seconds=0.0, history=trainer.state.history)  # the main rank reports it
+            pass  # the main rank reports it
     if trainer.state.step == trainer.cfg.steps:
         dist.full_model_state(trainer.model)  # the main rank saves the final policy
     return RunResult(run_dir=Path(trainer.cfg.output_dir), accuracy_before=None, accuracy_after=None,

@@ -57,6 +57,7 @@ from dapo_rl.data.encoding import EncodedPrompt
 from dapo_rl.evaluation import EvalResult, evaluate
 from dapo_rl.rewards import score_responses
 from dapo_rl.rollout.base import RolloutEngine, Sample, SamplingParams
+from dapo_rl.rollout.fast import has_sliding_layers
 from dapo_rl.training.distributed import DistContext
 
 
@@ -200,14 +201,6 @@ class _SharedPrompts:
     last_logits: torch.Tensor  # [U, V] logits at each prompt's last token (predict response token 0)
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values [U, heads, P, head_dim]
     prompt_columns: slice  # the prompt columns of the packed batch that were run
-
-
-def _has_sliding_window(model: torch.nn.Module) -> bool:
-    config = getattr(getattr(model, "module", model), "config", None)  # under DDP, the wrapped model's
-    if config is None:
-        return True  # unknown architecture: take the plain path
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return any("sliding" in str(t) for t in (getattr(text, "layer_types", None) or [])) or bool(getattr(text, "use_sliding_window", False))
 
 
 @dataclass
@@ -452,7 +445,8 @@ class Trainer:
         sliding-window layers (their caches evict).
         """
         b, response_width = packed.response_ids.shape
-        if not self.share_prompt_forward or self.dist.sharded or b < 2 or _has_sliding_window(model):
+        config = getattr(getattr(model, "module", model), "config", None)  # under DDP, the wrapped model's
+        if not self.share_prompt_forward or self.dist.sharded or b < 2 or config is None or has_sliding_layers(config):
             return None
         prompt_width = packed.input_ids.shape[1] - response_width
         keys = [tuple(row[prompt_width - length :]) for row, length in zip(packed.input_ids[:, :prompt_width].tolist(), packed.prompt_lengths)]
@@ -538,7 +532,7 @@ class Trainer:
         ref_logp: list[torch.Tensor | None] = [None] * len(samples)
         # Every rank knows the whole batch, hence every rank's share (sample i is rank i mod W's):
         # they agree on how many forwards each pass makes without asking each other.
-        owner = torch.arange(len(samples)) % self.dist.world_size
+        owner = self.dist.owners(len(samples))
         mine = active & (owner == self.dist.rank)
         mine_idx = [i for i in range(len(samples)) if mine[i]]
         score_counts = self._micro_batches_per_rank(active, owner)
