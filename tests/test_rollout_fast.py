@@ -191,6 +191,24 @@ def test_direct_and_module_decoding_agree_greedily_on_a_gqa_model(tiny):
             torch.testing.assert_close(torch.tensor(sa.logprobs), torch.tensor(sb.logprobs), atol=1e-5, rtol=0)
 
 
+def test_packed_weight_products_match_plain_float32_products(tiny):
+    # On a CPU the direct decode runs its products on oneDNN with pre-packed weights; the plain
+    # path (torch's own float32 products) must give the same greedy tokens and log-probs.
+    from dapo_rl.rollout.fast import _LlamaDecoder
+
+    model, tok = tiny
+    assert _LlamaDecoder(model).packed and not _LlamaDecoder(model, pack_weights=False).packed
+    assert not _LlamaDecoder(model.double()).packed  # oneDNN has no float64 products
+    model.float()
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=14)
+    runs = [FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                              pack_weights=pack).generate(_prompts(tok), 3, greedy) for pack in (True, False)]
+    assert [[s.response_ids for s in g] for g in runs[0]] == [[s.response_ids for s in g] for g in runs[1]]
+    for a, b in zip(runs[0], runs[1]):
+        for sa, sb in zip(a, b):
+            torch.testing.assert_close(torch.tensor(sa.logprobs), torch.tensor(sb.logprobs), atol=1e-5, rtol=0)
+
+
 def test_rotary_table_equals_the_models_rotary_module(tiny):
     from dapo_rl.rollout.fast import _LlamaDecoder
 
