@@ -163,12 +163,31 @@ def test_old_logprob_pass_skipped_only_when_exactly_on_policy(tiny, monkeypatch)
         assert len(calls) == expected_calls, overrides
 
 
-def test_shared_prompt_forward_matches_the_full_forward(tiny):
-    """Each distinct prompt run once, responses on its cache: same log-probs, entropies and gradients."""
+def _gqa_llama(tok):
+    """Two layers, grouped-query attention (4 query heads on 2 key/value heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(11)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("architecture", ["tiny", "gqa"])
+def test_shared_prompt_forward_matches_the_full_forward(tiny, architecture, monkeypatch):
+    """Each distinct prompt run once, responses on its cache in one unpadded batch: same
+    log-probs, entropies and gradients as the full padded forward of every row."""
     model, tok = tiny
-    trainer = _trainer(model.double(), tok, [], share_prompts=True)
+    trainer = _trainer((model if architecture == "tiny" else _gqa_llama(tok)).double(), tok, [], share_prompts=True)
+    flat_calls = []
+    original = trainer._flat_logprobs
+    monkeypatch.setattr(trainer, "_flat_logprobs", lambda *args: flat_calls.append(1) or original(*args))
     samples = [s for g in _groups(tok, 4, 4, seed=5) for s in g.samples]
+    for sample in samples[4:8]:  # a shorter prompt for the second group: left padding in the prompt forward
+        sample.prompt_ids = sample.prompt_ids[:-2]
     packed = pack(samples, tok.pad_token_id, torch.device("cpu"))
+    assert len(set(packed.prompt_lengths)) > 1 and len(set(packed.response_lengths)) > 3  # padding on both sides
     shared = trainer._shared_prompts(trainer.model, packed)
     assert shared is not None and shared.prompt_of.tolist() == [i // 4 for i in range(16)]  # 4 groups of 4
     weights = torch.randn(packed.response_mask.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -180,6 +199,7 @@ def test_shared_prompt_forward_matches_the_full_forward(tiny):
         (logp * packed.response_mask * weights).sum().backward()
         results[share] = (logp * packed.response_mask, entropy * packed.response_mask,
                           torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
+    assert flat_calls == [1]  # the shared-prompt forward took the unpadded path
     for full, split in zip(results[False], results[True]):
         torch.testing.assert_close(split, full, rtol=1e-6, atol=1e-6 * full.abs().max().item())
     # Nothing to share: every row its own prompt, or one row.
@@ -187,6 +207,18 @@ def test_shared_prompt_forward_matches_the_full_forward(tiny):
     distinct = pack([g.samples[0] for g in _groups(tok, 4, 4, seed=5)], tok.pad_token_id, torch.device("cpu"))
     assert trainer._shared_prompts(trainer.model, distinct) is None
     assert trainer._shared_prompts(trainer.model, pack(samples[:1], tok.pad_token_id, torch.device("cpu"))) is None
+
+
+def test_flat_response_layout_by_hand():
+    from dapo_rl.models.llama import FlatResponses
+
+    # rows 0..2 with responses of 2, 0 and 3 tokens, prompts of 4, 5 and 3; groups [2, 0] and [1]
+    flat = FlatResponses.build([[2, 0], [1]], [4, 5, 3], [2, 0, 3], torch.device("cpu"))
+    assert flat.row_of.tolist() == [2, 2, 2, 0, 0] and flat.step_of.tolist() == [0, 1, 2, 0, 1]
+    assert flat.positions.tolist() == [3, 4, 5, 4, 5]
+    (rows_a, width_a, slots_a), (rows_b, width_b, slots_b) = flat.groups
+    assert rows_a.tolist() == [2, 0] and width_a == 3 and slots_a.tolist() == [0, 1, 2, 3, 4]  # row 0 pads slot 5
+    assert rows_b.tolist() == [1] and width_b == 1 and slots_b.tolist() == []
 
 
 def test_update_with_shared_prompts_matches_micro_batch_of_one(tiny):

@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from dapo_rl.models.llama import is_plain_llama
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, InProcessEngine, Sample, SamplingParams
 from dapo_rl.rollout.hf import left_pad
 
@@ -214,16 +215,6 @@ class _LlamaDecoder:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, None, "add")
         return torch.addmm(residual, x, weight.t())
 
-    @staticmethod
-    def supports(model) -> bool:
-        config = getattr(model, "config", None)
-        inner = getattr(model, "model", None)
-        return (config is not None and getattr(config, "model_type", None) == "llama" and inner is not None
-                and hasattr(inner, "rotary_emb") and hasattr(model, "lm_head")
-                and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False)
-                and getattr(config, "hidden_act", "silu") == "silu" and getattr(config, "pretraining_tp", 1) == 1
-                and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
-
     def start(self, prefill_cache: Cache, repeats: int, attention: torch.Tensor, capacity: int) -> None:
         """Copy the prefilled ``[b, kv_heads, P, d]`` keys/values into the buffer, each row ``repeats`` times.
 
@@ -392,7 +383,7 @@ class FastRolloutEngine(InProcessEngine):
         positions = (attention.cumsum(-1) - 1).clamp_min(0)  # padding does not shift positions
         capacity = input_ids.shape[1] + max_new
         # Decode steps bypass the HF modules when the architecture is one we compute exactly.
-        direct = self.direct_decode and not has_sliding_layers(model.config) and _LlamaDecoder.supports(model)
+        direct = self.direct_decode and not has_sliding_layers(model.config) and is_plain_llama(model)
 
         was_training = model.training
         model.eval()

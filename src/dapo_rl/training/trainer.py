@@ -55,6 +55,7 @@ from dapo_rl.algorithm import (
 from dapo_rl.config import Config
 from dapo_rl.data.encoding import EncodedPrompt
 from dapo_rl.evaluation import EvalResult, evaluate
+from dapo_rl.models.llama import FlatResponses, is_plain_llama, response_logits
 from dapo_rl.rewards import score_responses
 from dapo_rl.rollout.base import RolloutEngine, Sample, SamplingParams
 from dapo_rl.rollout.fast import has_sliding_layers
@@ -201,6 +202,7 @@ class _SharedPrompts:
     last_logits: torch.Tensor  # [U, V] logits at each prompt's last token (predict response token 0)
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values [U, heads, P, head_dim]
     prompt_columns: slice  # the prompt columns of the packed batch that were run
+    attention: torch.Tensor  # [U, P] 1 on each distinct prompt's real tokens (0 on left padding)
 
 
 @dataclass
@@ -393,6 +395,8 @@ class Trainer:
         prompt_width = packed.input_ids.shape[1] - response_width
         temperature = self.cfg.rollout.temperature
         shared = self._shared_prompts(model, packed)
+        if shared is not None and not self.dist.enabled and is_plain_llama(model):
+            return self._flat_logprobs(model, packed, shared, with_entropy)
         # Under FSDP2 each forward is a collective, so every rank makes exactly one per micro-batch.
         if packed.response_lengths and b > 1 and not self.dist.sharded:
             # With shared prompts a group's cost is its response widths only.
@@ -462,7 +466,34 @@ class Trainer:
                         position_ids=packed.position_ids[first, columns], logits_to_keep=1, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         return _SharedPrompts(prompt_of=torch.tensor(prompt_of, device=packed.input_ids.device), last_logits=out.logits[:, -1],
-                              kv=kv, prompt_columns=columns)
+                              kv=kv, prompt_columns=columns, attention=packed.attention_mask[first, columns])
+
+    def _flat_logprobs(self, model: torch.nn.Module, packed: PackedBatch, shared: _SharedPrompts, with_entropy: bool):
+        """:meth:`_forward_logprobs` with every response token of the micro-batch in one unpadded
+        batch (:func:`dapo_rl.models.llama.response_logits`): the projections and MLPs compute no
+        padding and run once per weight instead of once per length group; only attention runs
+        per length group. Used for plain Llama models in a single process (a DDP or FSDP2 wrapper
+        must see every forward through its own ``forward``)."""
+        b, width = packed.response_ids.shape
+        device = packed.response_ids.device
+        flat = FlatResponses.build(length_buckets([0] * b, packed.response_lengths), packed.prompt_lengths,
+                                   packed.response_lengths, device)
+        row_of, step_of = flat.row_of, flat.step_of
+        n = row_of.numel()
+        tokens = packed.response_ids[row_of, step_of]
+        with self._autocast():
+            after = response_logits(model, shared.kv, shared.attention, shared.prompt_of, tokens, flat)  # [N, V]
+        # Response token 0 is predicted by its prompt's last position, token t > 0 by token t - 1.
+        source = torch.where(step_of == 0, n + shared.prompt_of[row_of], torch.arange(n, device=device) - 1)
+        logits = torch.cat([after, shared.last_logits])[source]  # [N, V]
+        temperature = self.cfg.rollout.temperature
+        logp_flat = token_logprobs(logits, tokens, temperature=temperature)
+        logp = logp_flat.new_zeros((b, width)).index_put((row_of, step_of), logp_flat)
+        if not with_entropy:
+            return logp, None
+        with torch.no_grad():
+            entropy_flat = token_entropy(logits.detach(), temperature=temperature)
+        return logp, entropy_flat.new_zeros((b, width)).index_put((row_of, step_of), entropy_flat)
 
     def _response_logits(self, model: torch.nn.Module, packed: PackedBatch, rows: list[int], max_r: int,
                          shared: _SharedPrompts) -> torch.Tensor:

@@ -1,0 +1,136 @@
+"""Llama-architecture computations written against the model's own modules and weights.
+
+Two parts of the library run a Llama model outside its Hugging Face ``forward``, because that
+``forward`` costs more than the arithmetic on small models or wastes work on padding:
+
+- the rollout engine's decode steps (:mod:`dapo_rl.rollout.fast`);
+- the trainer's response forward (:func:`response_logits`): every response token of a
+  micro-batch in one flat ``[tokens, hidden]`` batch, so no projection or MLP computes padding.
+
+Both accept only what :func:`is_plain_llama` accepts; anything else goes through ``forward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.models.llama.modeling_llama import rotate_half
+
+F = torch.nn.functional
+
+
+def is_plain_llama(model) -> bool:
+    """A Hugging Face Llama whose layers are exactly RMSNorm → rotary attention → SiLU MLP with
+    no biases, no tensor-parallel split and SDPA or eager attention (the computation the
+    functions here reproduce)."""
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    return (config is not None and getattr(config, "model_type", None) == "llama" and inner is not None
+            and hasattr(inner, "rotary_emb") and hasattr(model, "lm_head")
+            and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False)
+            and getattr(config, "hidden_act", "silu") == "silu" and getattr(config, "pretraining_tp", 1) == 1
+            and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
+
+
+@dataclass
+class FlatResponses:
+    """Where each real response token of a micro-batch sits, in one flat order.
+
+    Rows are taken group by group (groups of similar length, see ``length_buckets`` in the
+    trainer), each row's tokens contiguous and in order. Attention runs per group, padded only
+    to the group's widest response.
+    """
+
+    row_of: torch.Tensor  # [N] row of each token
+    step_of: torch.Tensor  # [N] position of each token within its response
+    positions: torch.Tensor  # [N] position id (the row's real prompt length + step)
+    # Per group: its rows [g], its width W, and each of its tokens' slot in the [g · W] padded layout.
+    groups: list[tuple[torch.Tensor, int, torch.Tensor]]
+
+    @classmethod
+    def build(cls, groups: list[list[int]], prompt_lengths: list[int], response_lengths: list[int],
+              device: torch.device) -> "FlatResponses":
+        row_of, step_of, layouts = [], [], []
+        for rows in groups:
+            width = max(max(response_lengths[r] for r in rows), 1)
+            slots = []
+            for i, r in enumerate(rows):
+                row_of += [r] * response_lengths[r]
+                step_of += range(response_lengths[r])
+                slots += range(i * width, i * width + response_lengths[r])
+            layouts.append((torch.tensor(rows, device=device), width, torch.tensor(slots, dtype=torch.long, device=device)))
+        row_t = torch.tensor(row_of, dtype=torch.long, device=device)
+        step_t = torch.tensor(step_of, dtype=torch.long, device=device)
+        return cls(row_of=row_t, step_of=step_t, positions=torch.tensor(prompt_lengths, device=device)[row_t] + step_t,
+                   groups=layouts)
+
+
+def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], prompt_attention: torch.Tensor,
+                    owner: torch.Tensor, tokens: torch.Tensor, flat: FlatResponses) -> torch.Tensor:
+    """Logits after every real response token, responses attending to their prompts' cached keys/values.
+
+    All ``N`` real response tokens go through the projections, MLPs, norms and LM head as one
+    ``[N, hidden]`` batch (no padding, one matrix product per weight); only attention, a small
+    share of the cost, runs per length group on a padded ``[g, heads, W, d]`` layout. Same
+    modules and arithmetic as the model's ``forward`` with ``past_key_values`` (differentiable).
+
+    Args:
+        model: a model :func:`is_plain_llama` accepts.
+        prompt_kv: per layer ``(keys, values)`` of the distinct prompts, ``[u, kv_heads, P, d]``
+            each (rotary applied: what the model's cache holds after a prompt forward).
+        prompt_attention: ``[u, P]`` 1 on real prompt tokens, 0 on left padding.
+        owner: ``[rows]`` which distinct prompt each response continues.
+        tokens: ``[N]`` the response tokens in ``flat`` order.
+        flat: where each token sits.
+
+    Returns:
+        ``[N, vocab]`` logits; entry j predicts the token after flat token j.
+    """
+    inner = model.model
+    n = tokens.numel()
+    x = inner.embed_tokens(tokens)  # [N, hidden]
+    cos, sin = inner.rotary_emb(x, flat.positions[None])  # [1, N, d]
+    cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, d]
+
+    # Per group, an additive mask [g, 1, W, P + W]: the prompt's real tokens, then the response
+    # causally. Padded query positions see the prompt only (their outputs are never read).
+    prompt_blocked = prompt_attention == 0
+    masks, bounds, start = [], [], 0
+    for rows, width, slots in flat.groups:
+        prompt_part = x.new_zeros((rows.numel(), prompt_attention.shape[1])).masked_fill_(prompt_blocked[owner[rows]], float("-inf"))
+        future = torch.ones((width, width), dtype=torch.bool, device=x.device).triu(1)
+        response_part = x.new_zeros((width, width)).masked_fill_(future, float("-inf"))
+        masks.append(torch.cat([prompt_part[:, None, :].expand(-1, width, -1),
+                                response_part[None].expand(rows.numel(), -1, -1)], dim=-1)[:, None])
+        bounds.append((start, start + slots.numel()))
+        start += slots.numel()
+
+    def padded(t: torch.Tensor, group: int) -> torch.Tensor:
+        """The group's tokens of ``t [N, heads, d]`` → ``[g, heads, W, d]``, zeros on padding."""
+        rows, width, slots = flat.groups[group]
+        lo, hi = bounds[group]
+        out = t.new_zeros((rows.numel() * width, *t.shape[1:])).index_copy(0, slots, t[lo:hi])
+        return out.view(rows.numel(), width, *t.shape[1:]).transpose(1, 2)
+
+    for layer, (prompt_keys, prompt_values) in zip(inner.layers, prompt_kv):
+        attn = layer.self_attn
+        d = attn.head_dim
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(n, -1, d)
+        k = attn.k_proj(h).view(n, -1, d)
+        v = attn.v_proj(h).view(n, -1, d)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        outs = []
+        for g, (rows, width, slots) in enumerate(flat.groups):
+            prompt_rows = owner[rows]
+            out = F.scaled_dot_product_attention(
+                padded(q, g), torch.cat([prompt_keys[prompt_rows], padded(k, g)], dim=2),
+                torch.cat([prompt_values[prompt_rows], padded(v, g)], dim=2), attn_mask=masks[g], scale=attn.scaling,
+                enable_gqa=q.shape[1] != k.shape[1], dropout_p=attn.attention_dropout if model.training else 0.0,
+            )  # [g, heads, W, d]
+            outs.append(out.transpose(1, 2).reshape(rows.numel() * width, -1).index_select(0, slots))
+        x = x + attn.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(inner.norm(x))
