@@ -384,12 +384,13 @@ class Trainer:
     def _forward_logprobs(self, model: torch.nn.Module, packed: PackedBatch, with_entropy: bool):
         """Log-probs ``[b, R]`` (differentiable) and entropy ``[b, R]`` (detached, or None) of the response tokens.
 
-        Both come from ``logits / temperature``. Rows run in length groups (see
-        :func:`length_buckets`), each cut to its own widest prompt and response, so padding is
-        not computed; positions past a row's response are 0 and must be masked by
-        ``response_mask``. Only the logits of response positions are materialised
-        (``logits_to_keep``). Rows that share a prompt (a group's G samples) share one forward
-        of it (see :meth:`_shared_prompts`).
+        Both come from ``logits / temperature``. Rows that share a prompt (a group's G samples)
+        share one forward of it (see :meth:`_shared_prompts`); for a plain Llama model in one
+        process, all response tokens then run as one unpadded batch (:meth:`_flat_logprobs`).
+        Otherwise rows run in length groups (see :func:`length_buckets`), each cut to its own
+        widest prompt and response, so padding is not computed. Positions past a row's response
+        are 0 and must be masked by ``response_mask``. Only the logits of response positions are
+        materialised (``logits_to_keep``).
         """
         b, response_width = packed.response_ids.shape
         prompt_width = packed.input_ids.shape[1] - response_width
