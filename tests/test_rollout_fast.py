@@ -179,16 +179,21 @@ def test_direct_decode_with_grouped_query_attention_and_equal_length_prompts(tin
             torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-5, rtol=0)
 
 
+def _assert_same_samples(first, second) -> None:
+    """Two engines' ``generate`` results: the same tokens, log-probs within 1e-5."""
+    assert [[s.response_ids for s in g] for g in first] == [[s.response_ids for s in g] for g in second]
+    for a, b in zip(first, second):
+        for sa, sb in zip(a, b):
+            torch.testing.assert_close(torch.tensor(sa.logprobs), torch.tensor(sb.logprobs), atol=1e-5, rtol=0)
+
+
 def test_direct_and_module_decoding_agree_greedily_on_a_gqa_model(tiny):
     _, tok = tiny
     model = _gqa_llama(tok, seed=4)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=14)
     runs = [FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                               direct_decode=direct).generate(_prompts(tok), 2, greedy) for direct in (True, False)]
-    assert [[s.response_ids for s in g] for g in runs[0]] == [[s.response_ids for s in g] for g in runs[1]]
-    for a, b in zip(runs[0], runs[1]):
-        for sa, sb in zip(a, b):
-            torch.testing.assert_close(torch.tensor(sa.logprobs), torch.tensor(sb.logprobs), atol=1e-5, rtol=0)
+    _assert_same_samples(*runs)
 
 
 def test_packed_weight_products_match_plain_float32_products(tiny):
@@ -203,10 +208,7 @@ def test_packed_weight_products_match_plain_float32_products(tiny):
     greedy = SamplingParams(temperature=0.0, max_new_tokens=14)
     runs = [FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                               pack_weights=pack).generate(_prompts(tok), 3, greedy) for pack in (True, False)]
-    assert [[s.response_ids for s in g] for g in runs[0]] == [[s.response_ids for s in g] for g in runs[1]]
-    for a, b in zip(runs[0], runs[1]):
-        for sa, sb in zip(a, b):
-            torch.testing.assert_close(torch.tensor(sa.logprobs), torch.tensor(sb.logprobs), atol=1e-5, rtol=0)
+    _assert_same_samples(*runs)
 
 
 def test_rotary_table_equals_the_models_rotary_module(tiny):
