@@ -209,6 +209,36 @@ def test_shared_prompt_forward_matches_the_full_forward(tiny, architecture, monk
     assert trainer._shared_prompts(trainer.model, pack(samples[:1], tok.pad_token_id, torch.device("cpu"))) is None
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("masked", [True, False])
+def test_attention_as_batched_products_equals_sdpa(kv_heads, masked):
+    """The flat forward's attention (grouped-query heads, additive mask) against PyTorch's SDPA:
+    outputs and gradients of queries, keys and values."""
+    from dapo_rl.models.llama import attention
+
+    g, heads, width, length, d = 3, 4, 5, 9, 8
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(g, heads, width, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(g, kv_heads, length, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(g, kv_heads, length, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if masked:  # left padding of 0-2 prompt tokens per row, then causal over the last `width` positions
+        blocked = torch.zeros(g, 1, width, length, dtype=torch.bool)
+        for row in range(g):
+            blocked[row, :, :, :row] = True
+        blocked[..., length - width:] |= torch.ones(width, width, dtype=torch.bool).triu(1)
+        mask = torch.zeros(blocked.shape, dtype=torch.float64).masked_fill(blocked, float("-inf"))
+    upstream = torch.randn(g, heads, width, d, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (lambda: attention(q, k, v, mask, 0.3),
+               lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3,
+                                                                        enable_gqa=kv_heads != heads)):
+        out = fn()
+        results.append((out, *torch.autograd.grad(out, (q, k, v), upstream)))
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+
+
 def test_flat_response_layout_by_hand():
     from dapo_rl.models.llama import FlatResponses
 
