@@ -95,8 +95,9 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
 
     All ``N`` real response tokens go through the projections, MLPs, norms and LM head as one
     ``[N, hidden]`` batch (no padding, one matrix product per weight); only attention, a small
-    share of the cost, runs per length group on a padded ``[g, heads, W, d]`` layout. Same
-    modules and arithmetic as the model's ``forward`` with ``past_key_values`` (differentiable).
+    share of the cost, runs per length group on a padded ``[g, heads, W, d]`` layout (with
+    :func:`attention`). The model's own modules for everything else; the same computation as its
+    ``forward`` with ``past_key_values``, up to summation order (differentiable).
 
     Args:
         model: a model :func:`is_plain_llama` accepts.
