@@ -149,23 +149,11 @@ def test_greedy_sample_tokens_is_argmax():
     assert math.isclose(logprobs[0].item(), torch.log_softmax(logits[0], -1)[1].item(), abs_tol=1e-6)
 
 
-def _gqa_llama(tokenizer, seed=3):
-    """A tiny Llama with grouped-query attention (2 key/value heads for 4 query heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).float().eval()
-
-
 @pytest.mark.parametrize("compact", [0.0, 0.3])
-def test_direct_decode_with_grouped_query_attention_and_equal_length_prompts(tiny, compact):
+def test_direct_decode_with_grouped_query_attention_and_equal_length_prompts(tiny, gqa_llama, compact):
     # Equal-length prompts take the mask-free path; GQA takes enable_gqa; both must stay exact.
     _, tok = tiny
-    model = _gqa_llama(tok)
+    model = gqa_llama(tok)
     prompts = [tok(text)["input_ids"] for text in ("12=", "34=", "56=")]
     assert len({len(p) for p in prompts}) == 1
     engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -187,9 +175,9 @@ def _assert_same_samples(first, second) -> None:
             torch.testing.assert_close(torch.tensor(sa.logprobs), torch.tensor(sb.logprobs), atol=1e-5, rtol=0)
 
 
-def test_direct_and_module_decoding_agree_greedily_on_a_gqa_model(tiny):
+def test_direct_and_module_decoding_agree_greedily_on_a_gqa_model(tiny, gqa_llama):
     _, tok = tiny
-    model = _gqa_llama(tok, seed=4)
+    model = gqa_llama(tok, seed=4)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=14)
     runs = [FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                               direct_decode=direct).generate(_prompts(tok), 2, greedy) for direct in (True, False)]

@@ -163,23 +163,12 @@ def test_old_logprob_pass_skipped_only_when_exactly_on_policy(tiny, monkeypatch)
         assert len(calls) == expected_calls, overrides
 
 
-def _gqa_llama(tok):
-    """Two layers, grouped-query attention (4 query heads on 2 key/value heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(11)
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("architecture", ["tiny", "gqa"])
-def test_shared_prompt_forward_matches_the_full_forward(tiny, architecture, monkeypatch):
+def test_shared_prompt_forward_matches_the_full_forward(tiny, gqa_llama, architecture, monkeypatch):
     """Each distinct prompt run once, responses on its cache in one unpadded batch: same
     log-probs, entropies and gradients as the full padded forward of every row."""
     model, tok = tiny
-    trainer = _trainer((model if architecture == "tiny" else _gqa_llama(tok)).double(), tok, [], share_prompts=True)
+    trainer = _trainer((model if architecture == "tiny" else gqa_llama(tok, seed=11)).double(), tok, [], share_prompts=True)
     flat_calls = []
     original = trainer._flat_logprobs
     monkeypatch.setattr(trainer, "_flat_logprobs", lambda *args: flat_calls.append(1) or original(*args))
