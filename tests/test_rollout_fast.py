@@ -200,19 +200,51 @@ def test_packed_weight_products_match_plain_float32_products(tiny):
 
 
 def test_rotary_table_equals_the_models_rotary_module(tiny):
+    # float32/float64: e^{iθ} per pair (i, i + d/2); other dtypes: (cos, sin with its first half negated).
     from dapo_rl.rollout.fast import _LlamaDecoder
 
     model, _ = tiny
-    decoder = _LlamaDecoder(model)
     positions = torch.tensor([0, 3, 17, 5])
-    with torch.no_grad():
-        from_table = decoder.rotary_at(decoder.rotary_table(20, "cpu"), positions)
-        per_step = decoder.rotary_at(None, positions)  # the path for length-dependent rotary variants
-        cos, sin = model.model.rotary_emb(model.model.embed_tokens.weight[:1][None], positions[:, None])
-    half = decoder.head_dim // 2
-    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-    for got in (from_table, per_step):
-        assert torch.equal(got[0], cos) and torch.equal(got[1], signed_sin)
+    half = model.model.layers[0].self_attn.head_dim // 2
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        decoder = _LlamaDecoder(model)
+        assert decoder.complex_rotary == (dtype == torch.float32)
+        with torch.no_grad():
+            from_table = decoder.rotary_at(decoder.rotary_table(20, "cpu"), positions)
+            per_step = decoder.rotary_at(None, positions)  # the path for length-dependent rotary variants
+            cos, sin = model.model.rotary_emb(model.model.embed_tokens.weight[:1][None], positions[:, None])
+        for got in (from_table, per_step):
+            if decoder.complex_rotary:
+                assert got.shape == (4, 1, half) and got.is_complex()
+                assert torch.equal(got.real, cos[..., :half]) and torch.equal(got.imag, sin[..., :half])
+                assert torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])
+            else:
+                signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+                assert torch.equal(got[:, 0:1], cos) and torch.equal(got[:, 1:2], signed_sin)
+    model.float()
+
+
+def test_interleaved_rotary_is_the_half_split_rotation_permuted():
+    # The complex product on pairs (x_i, y_i) rotates exactly as Hugging Face's rotate_half form
+    # on (x_0 … x_{d/2-1}, y_0 … y_{d/2-1}), and permuting queries and keys alike keeps q·k.
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from dapo_rl.rollout.fast import _interleave_halves
+
+    d = 8
+    order = _interleave_halves(d)
+    assert order.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, d, generator=gen, dtype=torch.float64), torch.randn(3, d, generator=gen, dtype=torch.float64)
+    theta = torch.rand(3, d // 2, generator=gen, dtype=torch.float64) * 6
+    cos, sin = torch.cat([theta.cos()] * 2, -1), torch.cat([theta.sin()] * 2, -1)
+    hf_q, hf_k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    turn = torch.polar(torch.ones_like(theta), theta)
+    ours_q = torch.view_as_real(torch.view_as_complex(q[:, order].reshape(3, d // 2, 2).contiguous()) * turn).reshape(3, d)
+    ours_k = torch.view_as_real(torch.view_as_complex(k[:, order].reshape(3, d // 2, 2).contiguous()) * turn).reshape(3, d)
+    torch.testing.assert_close(ours_q, hf_q[:, order], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((ours_q * ours_k).sum(-1), (hf_q * hf_k).sum(-1), rtol=1e-12, atol=1e-12)
 
 
 def test_finished_rows_are_dropped_by_moving_only_survivors(tiny):
@@ -220,15 +252,17 @@ def test_finished_rows_are_dropped_by_moving_only_survivors(tiny):
 
     model, _ = tiny
     decoder = _LlamaDecoder(model)
-    decoder.kv = torch.arange(6.0).view(1, 1, 6, 1, 1, 1).expand(len(decoder.layers), 2, 6, 1, 3, 1).clone()
+    # Buffer [layers, rows, 2·kv_heads, capacity, d]: row r holds the value r everywhere.
+    decoder.kv = torch.arange(6.0).view(1, 6, 1, 1, 1).expand(len(decoder.layers), 6, 2, 3, 1).clone()
     decoder.rows, decoder.length, decoder.mask = 6, 2, None
     ids = torch.arange(6) * 10
     (kept,) = decoder.drop_rows(torch.tensor([1, 2, 5]), [ids])
     # Rows 0, 3, 4 survive: 0 stays, 4 fills hole 1, 3 fills hole 2 (the only rows that move).
     assert decoder.rows == 3 and sorted(kept.tolist()) == [0, 30, 40]
-    assert decoder.kv[0, 0, :3, 0, :2, 0].tolist() == [[k / 10] * 2 for k in kept.tolist()]
+    for layer in range(len(decoder.layers)):
+        assert decoder.kv[layer, :3, :, :2, 0].tolist() == [[[k / 10] * 2] * 2 for k in kept.tolist()]
     # Nothing past the filled length is touched.
-    assert decoder.kv[0, 0, :3, 0, 2, 0].tolist() == [0.0, 1.0, 2.0]
+    assert decoder.kv[0, :3, 0, 2, 0].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_direct_decode_runs_a_bfloat16_model_and_samples_from_float_logits(tiny):

@@ -151,28 +151,41 @@ def _onednn_linear_works() -> bool:
         return False
 
 
+def _interleave_halves(head_dim: int) -> torch.Tensor:
+    """Index ``[d]`` that reorders a head's ``(x_0 … x_{d/2-1}, y_0 … y_{d/2-1})`` into pairs
+    ``(x_0, y_0, x_1, y_1, …)``: Hugging Face's rotary embedding turns pair ``(x_i, y_i)`` by
+    angle ``θ_i``, and adjacent pairs make that one complex product ``(x_i + i·y_i)·e^{iθ_i}``."""
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half, head_dim)], dim=1).reshape(-1)
+
+
 class _LlamaDecoder:
     """Decode steps of a Llama-architecture model computed straight from its weights.
 
     Same arithmetic as the Hugging Face modules (RMSNorm, rotary embedding, attention, SiLU MLP),
     minus the per-call overhead that dominates a small model's decode step: mask building, cache
-    bookkeeping, ~10 module calls per layer. Per layer a step is ~14 tensor ops:
+    bookkeeping, ~10 module calls per layer. Per layer a step is ~12 tensor ops:
 
     - Q/K/V and gate/up projections are fused into one matrix each (built per ``generate`` call,
       since training changes the weights); RMSNorm is ``F.rms_norm`` (one op, bit-identical to
-      Hugging Face's here); residual additions are folded into the output GEMMs.
+      Hugging Face's here); residual additions are folded into the output products.
     - On a CPU, float32 weights are reordered once per call into oneDNN's blocked layout and the
       products run on oneDNN (``pack_weights``): a decode step has few rows, and MKL's ``sgemm``
       re-packs the whole weight matrix on every call, which made small-batch steps 2–3× slower
       than one pass over the weights. Same float32 arithmetic up to summation order (~1e-6
       relative).
-    - Rotary cos/sin come from a table computed once per call by the model's own rotary module
-      (one row lookup per step), and are applied to Q and K together:
-      ``x·cos + roll(x, d/2)·sin'`` with ``sin'`` = sin whose first half is negated, which is
-      Hugging Face's ``x·cos + rotate_half(x)·sin`` term for term.
-    - All layers' keys and values live in one buffer ``[layers, 2, rows, kv_heads, capacity, d]``,
-      written in place; dropping finished rows moves only the rows that must move, for all layers
-      in one indexing op (see :meth:`drop_rows`).
+    - Rotary embedding for float32/float64 models is one in-place complex product on the Q/K
+      output: the rows of ``W_q``/``W_k`` are permuted (per head, see :func:`_interleave_halves`)
+      so that each rotated pair is adjacent. Attention scores are sums over the head dimension,
+      so permuting queries and keys alike leaves them unchanged; values are not permuted, so the
+      output is too. Cached keys are stored permuted (the prefill's are permuted once). Other
+      dtypes (no complex type) use ``x·cos + roll(x, d/2)·sin'`` with ``sin'`` = sin whose first
+      half is negated: Hugging Face's ``x·cos + rotate_half(x)·sin`` term for term. Cos/sin
+      come from a table computed once per call by the model's own rotary module.
+    - All layers' keys and values live in one buffer ``[layers, rows, 2·kv_heads, capacity, d]``
+      (keys, then values: one copy writes a step's both), written in place; dropping finished
+      rows moves only the rows that must move, for all layers in one indexing op (see
+      :meth:`drop_rows`).
     - Prompts of equal length need no attention mask; otherwise an additive mask (0 / −inf on
       the prompt's padding) is built once and sliced.
     """
@@ -187,21 +200,38 @@ class _LlamaDecoder:
         self.hidden = config.hidden_size
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
         self.packed = pack_weights and _can_pack(self.embed)
+        self.complex_rotary = self.embed.dtype in (torch.float32, torch.float64) and self._halves_share_angles()
+        # Row order of Q and K outputs: pairs adjacent (complex rotary) or Hugging Face's.
+        d = self.head_dim
+        self.key_order = _interleave_halves(d).to(self.embed.device) if self.complex_rotary else None
+        qk_rows = (torch.arange(self.heads + self.kv_heads, device=self.embed.device)[:, None] * d
+                   + self.key_order).reshape(-1) if self.complex_rotary else None
         # Matrices ``[out, in]``; on the packed path each is reordered once into oneDNN's layout.
-        prepare = _pack if self.packed else (lambda w: w)
+        prepare = _pack if self.packed else (lambda w: w.detach())
         self.lm_head = prepare(model.lm_head.weight)
         self.layers = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
+            qk = torch.cat([a.q_proj.weight, a.k_proj.weight])
+            if qk_rows is not None:
+                qk = qk[qk_rows]
             self.layers.append((
                 layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                prepare(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])), prepare(a.o_proj.weight),
+                prepare(torch.cat([qk, a.v_proj.weight])), prepare(a.o_proj.weight),
                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
                 prepare(torch.cat([m.gate_proj.weight, m.up_proj.weight])), prepare(m.down_proj.weight),
             ))
         self.kv: torch.Tensor | None = None
         self.rows = 0
         self.mask: torch.Tensor | None = None
+
+    def _halves_share_angles(self) -> bool:
+        """Whether the rotary module turns dimensions ``i`` and ``i + d/2`` by the same angle (as
+        Hugging Face's rotary variants do), the premise of the complex product."""
+        with torch.no_grad():
+            cos, sin = self.rotary(self.embed[:1][None], torch.arange(4, device=self.embed.device)[None])
+        half = self.head_dim // 2
+        return all(torch.equal(t[..., :half], t[..., half:]) for t in (cos, sin))
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``x [rows, in]`` → ``x · Wᵀ [rows, out]``."""
@@ -221,12 +251,13 @@ class _LlamaDecoder:
         ``attention`` is the prompts' ``[b, P]`` 0/1 mask (left padding = 0).
         """
         first = prefill_cache.layers[0].keys
-        b, _, width, d = first.shape
+        b, kv_heads, width, d = first.shape
         rows = b * repeats
-        self.kv = first.new_empty((len(self.layers), 2, rows, self.kv_heads, capacity, d))
+        self.kv = first.new_empty((len(self.layers), rows, 2 * kv_heads, capacity, d))
         for i, layer in enumerate(prefill_cache.layers):
-            self.kv[i, 0, :, :, :width] = layer.keys.repeat_interleave(repeats, dim=0)
-            self.kv[i, 1, :, :, :width] = layer.values.repeat_interleave(repeats, dim=0)
+            keys = layer.keys if self.key_order is None else layer.keys[..., self.key_order]
+            self.kv[i, :, :kv_heads, :width] = keys.repeat_interleave(repeats, dim=0)
+            self.kv[i, :, kv_heads:, :width] = layer.values.repeat_interleave(repeats, dim=0)
         self.rows = rows
         self.length = width
         if bool(attention.all()):
@@ -237,25 +268,28 @@ class _LlamaDecoder:
             self.mask = mask
 
     def rotary_table(self, capacity: int, device) -> torch.Tensor | None:
-        """``[capacity, 2, d]`` (cos, sin') per position, from the model's rotary module; None for
-        rotary variants whose frequencies depend on the sequence length (computed per step then)."""
+        """Rotation of every position ``0 … capacity−1`` (see :meth:`rotary_at`), from the model's
+        rotary module; None for rotary variants whose frequencies depend on the sequence length
+        (computed per step then)."""
         if getattr(self.rotary, "rope_type", "default") in ("dynamic", "longrope"):
             return None
-        positions = torch.arange(capacity, device=device)[None]
-        cos, sin = self.rotary(self.embed[:1][None], positions)
-        cos, sin = cos[0], sin[0].clone()  # [capacity, d]
-        sin[:, : self.head_dim // 2].neg_()
-        return torch.stack([cos, sin], dim=1)
+        return self._rotation(torch.arange(capacity, device=device))
 
-    def rotary_at(self, table: torch.Tensor | None, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin') ``[rows, 1, d]`` for ``positions [rows]``."""
-        if table is not None:
-            cs = table.index_select(0, positions)  # [rows, 2, d]
-            return cs[:, 0:1], cs[:, 1:2]
-        cos, sin = self.rotary(self.embed[:1][None], positions[:, None])  # [rows, 1, d]
+    def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary(self.embed[:1][None], positions[None])
+        cos, sin = cos[0], sin[0]  # [n, d], each half repeated (θ_i at i and i + d/2)
+        half = self.head_dim // 2
+        if self.complex_rotary:
+            return torch.complex(cos[:, :half], sin[:, :half])  # [n, d/2] e^{iθ}
         sin = sin.clone()
-        sin[..., : self.head_dim // 2].neg_()
-        return cos, sin
+        sin[:, :half].neg_()
+        return torch.stack([cos, sin], dim=1)  # [n, 2, d] (cos, sin')
+
+    def rotary_at(self, table: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """The rotation at ``positions [rows]``: ``[rows, 1, d/2]`` complex ``e^{iθ}`` (complex
+        rotary), else ``[rows, 2, d]`` (cos, sin')."""
+        rotation = table.index_select(0, positions) if table is not None else self._rotation(positions)
+        return rotation[:, None] if self.complex_rotary else rotation
 
     def drop_rows(self, finished: torch.Tensor, carried: list[torch.Tensor]) -> list[torch.Tensor]:
         """Remove decode rows ``finished`` (ascending indices) from the batch.
@@ -273,7 +307,7 @@ class _LlamaDecoder:
             keep[finished] = False
             movers = keep[m:].nonzero().squeeze(-1) + m  # as many as holes, ascending
             length = self.length
-            self.kv[:, :, holes, :, :length] = self.kv[:, :, movers, :, :length]
+            self.kv[:, holes, :, :length] = self.kv[:, movers, :, :length]
             if self.mask is not None:
                 self.mask[holes] = self.mask[movers]
             for tensor in carried:
@@ -281,24 +315,27 @@ class _LlamaDecoder:
         self.rows = m
         return [tensor[:m] for tensor in carried]
 
-    def __call__(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``tokens [rows]`` at the next position → logits ``[rows, V]``; appends their keys/values."""
+    def __call__(self, tokens: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """``tokens [rows]`` at the next position, turned by ``rotation`` (:meth:`rotary_at`) →
+        logits ``[rows, V]``; appends their keys/values."""
         rows, d, heads, kv_heads = tokens.shape[0], self.head_dim, self.heads, self.kv_heads
-        qk_heads = heads + kv_heads
+        qk_heads, all_heads = heads + kv_heads, heads + 2 * kv_heads
         pos, length = self.length, self.length + 1
         mask = self.mask[:rows, :, :, :length] if self.mask is not None else None
         gqa = kv_heads != heads
         hidden = (self.hidden,)
         x = F.embedding(tokens, self.embed)  # [rows, hidden]
         for i, (w1, eps1, qkv_w, o_w, w2, eps2, gate_up_w, down_w) in enumerate(self.layers):
-            qkv = self.linear(F.rms_norm(x, hidden, w1, eps1), qkv_w)  # [rows, (heads + 2·kv_heads)·d]
-            qk = qkv[:, : qk_heads * d].view(rows, qk_heads, d)
-            rotated = (qk * cos).add_(qk.roll(d // 2, dims=-1).mul_(sin))  # [rows, heads + kv_heads, d]
-            cache = self.kv[i]
-            cache[0, :rows, :, pos] = rotated[:, heads:]
-            cache[1, :rows, :, pos] = qkv[:, qk_heads * d :].view(rows, kv_heads, d)
+            qkv = self.linear(F.rms_norm(x, hidden, w1, eps1), qkv_w).view(rows, all_heads, d)  # queries, keys, values
+            if self.complex_rotary:
+                torch.view_as_complex(qkv[:, :qk_heads].unflatten(-1, (d // 2, 2))).mul_(rotation)
+            else:
+                qk = qkv[:, :qk_heads]
+                qk.copy_((qk * rotation[:, 0:1]).add_(qk.roll(d // 2, dims=-1).mul_(rotation[:, 1:2])))
+            cache = self.kv[i, :rows]
+            cache[:, :, pos] = qkv[:, heads:]  # this step's keys and values
             out = F.scaled_dot_product_attention(
-                rotated[:, :heads, None], cache[0, :rows, :, :length], cache[1, :rows, :, :length],
+                qkv[:, :heads, None], cache[:, :kv_heads, :length], cache[:, kv_heads:, :length],
                 attn_mask=mask, scale=self.scaling, enable_gqa=gqa,
             )  # [rows, heads, 1, d]
             x = self.linear_add(out.view(rows, heads * d), o_w, x)
@@ -468,8 +505,7 @@ class FastRolloutEngine(InProcessEngine):
                     done = hit if done is None else done | hit
             if t == max_new - 1:
                 break
-            cos, sin = decoder.rotary_at(table, next_pos)
-            logits = decoder(token, cos, sin).float()  # no copy for float32 models
+            logits = decoder(token, decoder.rotary_at(table, next_pos)).float()  # no copy for float32 models
             next_pos = next_pos + 1
         tokens_out = torch.full((rows_total, max_new), self.pad_token_id, dtype=torch.long, device=device)
         logprobs_out = torch.zeros((rows_total, max_new), dtype=torch.float32, device=device)
