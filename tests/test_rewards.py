@@ -548,6 +548,64 @@ def test_hanging_reward_fn_is_abandoned_within_timeout():
     assert elapsed < 0.5 + SLACK_S
 
 
+def test_each_call_has_its_own_timeout_and_a_batch_shares_one_thread():
+    # Three calls of 0.3 s under a 0.5 s timeout all succeed (the limit is per call, not per
+    # batch), in order, on one helper thread.
+    seen = []
+
+    def slow(response, ground_truth, metadata):
+        seen.append((response, threading.get_ident()))
+        time.sleep(0.3)
+        return 1.0
+
+    results = score_responses(NamedReward(slow, "slow"), ["a", "b", "c"], ["1"] * 3, None, timeout_s=0.5)
+    assert not any(r.failed for r in results)
+    assert [r for r, _ in seen] == ["a", "b", "c"]
+    assert len({ident for _, ident in seen}) == 1 and seen[0][1] != threading.get_ident()
+
+
+def test_calls_after_a_hang_run_on_a_new_thread_and_each_hang_is_reported():
+    release = threading.Event()
+    threads = {}
+
+    def hangs_on_x(response, ground_truth, metadata):
+        threads[response] = threading.get_ident()
+        if response.startswith("x"):
+            release.wait(60)
+        return 1.0
+
+    try:
+        with pytest.warns(RewardFunctionWarning, match="did not return"):
+            results = score_responses(NamedReward(hangs_on_x, "hangs-twice"), ["a", "x1", "b", "x2", "c"],
+                                      ["1"] * 5, None, timeout_s=0.3)
+    finally:
+        release.set()
+    assert [r.failed for r in results] == [False, True, False, True, False]
+    assert threads["a"] == threads["x1"] != threads["b"] == threads["x2"] != threads["c"]
+
+
+def test_calls_are_refused_while_too_many_hung_threads_remain(monkeypatch):
+    from dapo_rl.rewards import functions
+
+    release = threading.Event()
+    calls = []
+
+    def hangs(response, ground_truth, metadata):
+        calls.append(response)
+        release.wait(60)
+        return 1.0
+
+    monkeypatch.setattr(functions, "_MAX_ABANDONED_THREADS", 1)
+    monkeypatch.setattr(functions, "_abandoned", [])  # no hung threads left over from other tests
+    try:
+        with pytest.warns(RewardFunctionWarning):
+            results = score_responses(NamedReward(hangs, "hangs-always"), ["a", "b"], ["1"] * 2, None, timeout_s=0.2)
+    finally:
+        release.set()
+    assert calls == ["a"]  # "b" was never called
+    assert [r.failed for r in results] == [True, True] and "still hung" in results[1].error
+
+
 def test_sys_exit_in_reward_fn_does_not_end_training():
     def exits(response, ground_truth, metadata):
         raise SystemExit(1)
