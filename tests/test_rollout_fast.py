@@ -230,10 +230,10 @@ def test_interleaved_rotary_is_the_half_split_rotation_permuted():
     # on (x_0 … x_{d/2-1}, y_0 … y_{d/2-1}), and permuting queries and keys alike keeps q·k.
     from transformers.models.llama.modeling_llama import rotate_half
 
-    from dapo_rl.rollout.fast import _interleave_halves
+    from dapo_rl.models.llama import interleaved_pairs, rotate_pairs
 
     d = 8
-    order = _interleave_halves(d)
+    order = interleaved_pairs(d)
     assert order.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(3, d, generator=gen, dtype=torch.float64), torch.randn(3, d, generator=gen, dtype=torch.float64)
@@ -241,8 +241,7 @@ def test_interleaved_rotary_is_the_half_split_rotation_permuted():
     cos, sin = torch.cat([theta.cos()] * 2, -1), torch.cat([theta.sin()] * 2, -1)
     hf_q, hf_k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     turn = torch.polar(torch.ones_like(theta), theta)
-    ours_q = torch.view_as_real(torch.view_as_complex(q[:, order].reshape(3, d // 2, 2).contiguous()) * turn).reshape(3, d)
-    ours_k = torch.view_as_real(torch.view_as_complex(k[:, order].reshape(3, d // 2, 2).contiguous()) * turn).reshape(3, d)
+    ours_q, ours_k = rotate_pairs(q[:, order], turn), rotate_pairs(k[:, order], turn)
     torch.testing.assert_close(ours_q, hf_q[:, order], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close((ours_q * ours_k).sum(-1), (hf_q * hf_k).sum(-1), rtol=1e-12, atol=1e-12)
 

@@ -163,10 +163,17 @@ def test_old_logprob_pass_skipped_only_when_exactly_on_policy(tiny, monkeypatch)
         assert len(calls) == expected_calls, overrides
 
 
+@pytest.mark.parametrize("complex_rotary", [True, False])
 @pytest.mark.parametrize("architecture", ["tiny", "gqa"])
-def test_shared_prompt_forward_matches_the_full_forward(tiny, gqa_llama, architecture, monkeypatch):
+def test_shared_prompt_forward_matches_the_full_forward(tiny, gqa_llama, architecture, complex_rotary, monkeypatch):
     """Each distinct prompt run once, responses on its cache in one unpadded batch: same
-    log-probs, entropies and gradients as the full padded forward of every row."""
+    log-probs, entropies and gradients as the full padded forward of every row (rotary as a
+    complex product on permuted query/key rows, and as Hugging Face's rotate-half form, the
+    path under bfloat16 autocast)."""
+    import dapo_rl.models.llama as llama
+
+    if not complex_rotary:
+        monkeypatch.setattr(llama, "complex_rotary_applies", lambda *args: False)
     model, tok = tiny
     trainer = _trainer((model if architecture == "tiny" else gqa_llama(tok, seed=11)).double(), tok, [], share_prompts=True)
     flat_calls = []

@@ -33,6 +33,46 @@ def is_plain_llama(model) -> bool:
             and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
 
 
+def interleaved_pairs(head_dim: int) -> torch.Tensor:
+    """Index ``[d]`` that reorders a head's ``(x_0 … x_{d/2-1}, y_0 … y_{d/2-1})`` into pairs
+    ``(x_0, y_0, x_1, y_1, …)``.
+
+    Hugging Face's rotary embedding turns pair ``(x_i, y_i)`` by angle ``θ_i``; with the pairs
+    adjacent that is one complex product ``(x_i + i·y_i)·e^{iθ_i}``. Permuting the rows of
+    ``W_q`` and ``W_k`` by this index per head puts queries and keys in that order; attention
+    scores are sums over the head dimension, so permuting queries and keys alike leaves them
+    unchanged (values are not permuted, so neither is the output).
+    """
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half, head_dim)], dim=1).reshape(-1)
+
+
+def qk_weight_rows(heads: int, head_dim: int, device=None) -> torch.Tensor:
+    """Row index ``[heads · d]`` applying :func:`interleaved_pairs` to every head of a stacked
+    ``[W_q; W_k]`` (``heads`` = query heads + key heads)."""
+    order = interleaved_pairs(head_dim)
+    return (torch.arange(heads)[:, None] * head_dim + order).reshape(-1).to(device)
+
+
+def complex_rotary_applies(rotary_emb, dtype: torch.dtype, device) -> bool:
+    """Whether rotary embedding can be one complex product: a float32/float64 computation (there
+    is no complex bfloat16) and a rotary module that turns dimensions ``i`` and ``i + d/2`` by
+    the same angle, as Hugging Face's variants do."""
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    with torch.no_grad():
+        cos, sin = rotary_emb(torch.zeros(1, dtype=dtype, device=device), torch.arange(4, device=device)[None])
+    half = cos.shape[-1] // 2
+    return all(torch.equal(t[..., :half], t[..., half:]) for t in (cos, sin))
+
+
+def rotate_pairs(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """``x [..., heads, d]`` in :func:`interleaved_pairs` order, each pair turned by the complex
+    ``turn [..., 1, d/2]`` (``e^{iθ}``); differentiable."""
+    pairs = torch.view_as_complex(x.unflatten(-1, (x.shape[-1] // 2, 2)))
+    return torch.view_as_real(pairs * turn).flatten(-2)
+
+
 @dataclass
 class FlatResponses:
     """Where each real response token of a micro-batch sits, in one flat order.
@@ -116,6 +156,15 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
     x = inner.embed_tokens(tokens)  # [N, hidden]
     cos, sin = inner.rotary_emb(x, flat.positions[None])  # [1, N, d]
     cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, d]
+    attn0 = inner.layers[0].self_attn
+    heads, kv_heads, d = model.config.num_attention_heads, model.config.num_key_value_heads, attn0.head_dim
+    # Under autocast the products' outputs are bfloat16/float16, which have no complex type.
+    complex_rotary = (not torch.is_autocast_enabled(x.device.type)
+                      and complex_rotary_applies(inner.rotary_emb, x.dtype, x.device))
+    if complex_rotary:
+        turn = torch.complex(cos[..., : d // 2], sin[..., : d // 2])  # [N, 1, d/2]
+        qk_rows = qk_weight_rows(heads + kv_heads, d, x.device)
+        key_order = interleaved_pairs(d).to(x.device)
 
     # Per group, an additive mask [g, 1, W, P + W]: the prompt's real tokens, then the response
     # causally. Padded query positions see the prompt only (their outputs are never read).
@@ -139,13 +188,19 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
 
     for layer, (prompt_keys, prompt_values) in zip(inner.layers, prompt_kv):
         attn = layer.self_attn
-        d = attn.head_dim
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(n, -1, d)
-        k = attn.k_proj(h).view(n, -1, d)
-        v = attn.v_proj(h).view(n, -1, d)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        # One product for queries, keys and values (their weights stacked, per forward: the
+        # optimiser changes them), with query/key rows in pair order for the complex rotary.
+        qk_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight])
+        if complex_rotary:
+            qk_weight, prompt_keys = qk_weight[qk_rows], prompt_keys[..., key_order]
+        qkv = F.linear(h, torch.cat([qk_weight, attn.v_proj.weight])).view(n, heads + 2 * kv_heads, d)
+        q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+        if complex_rotary:
+            q, k = rotate_pairs(q, turn), rotate_pairs(k, turn)
+        else:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         outs = []
         for g, (rows, width, slots) in enumerate(flat.groups):
             prompt_rows = owner[rows]

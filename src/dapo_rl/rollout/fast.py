@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from dapo_rl.models.llama import is_plain_llama
+from dapo_rl.models.llama import complex_rotary_applies, interleaved_pairs, is_plain_llama, qk_weight_rows
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, InProcessEngine, Sample, SamplingParams
 from dapo_rl.rollout.hf import left_pad
 
@@ -151,14 +151,6 @@ def _onednn_linear_works() -> bool:
         return False
 
 
-def _interleave_halves(head_dim: int) -> torch.Tensor:
-    """Index ``[d]`` that reorders a head's ``(x_0 … x_{d/2-1}, y_0 … y_{d/2-1})`` into pairs
-    ``(x_0, y_0, x_1, y_1, …)``: Hugging Face's rotary embedding turns pair ``(x_i, y_i)`` by
-    angle ``θ_i``, and adjacent pairs make that one complex product ``(x_i + i·y_i)·e^{iθ_i}``."""
-    half = head_dim // 2
-    return torch.stack([torch.arange(half), torch.arange(half, head_dim)], dim=1).reshape(-1)
-
-
 class _LlamaDecoder:
     """Decode steps of a Llama-architecture model computed straight from its weights.
 
@@ -175,7 +167,7 @@ class _LlamaDecoder:
       than one pass over the weights. Same float32 arithmetic up to summation order (~1e-6
       relative).
     - Rotary embedding for float32/float64 models is one in-place complex product on the Q/K
-      output: the rows of ``W_q``/``W_k`` are permuted (per head, see :func:`_interleave_halves`)
+      output: the rows of ``W_q``/``W_k`` are permuted (per head, see :func:`~dapo_rl.models.llama.interleaved_pairs`)
       so that each rotated pair is adjacent. Attention scores are sums over the head dimension,
       so permuting queries and keys alike leaves them unchanged; values are not permuted, so the
       output is too. Cached keys are stored permuted (the prefill's are permuted once). Other
@@ -200,12 +192,11 @@ class _LlamaDecoder:
         self.hidden = config.hidden_size
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
         self.packed = pack_weights and _can_pack(self.embed)
-        self.complex_rotary = self.embed.dtype in (torch.float32, torch.float64) and self._halves_share_angles()
+        self.complex_rotary = complex_rotary_applies(self.rotary, self.embed.dtype, self.embed.device)
         # Row order of Q and K outputs: pairs adjacent (complex rotary) or Hugging Face's.
-        d = self.head_dim
-        self.key_order = _interleave_halves(d).to(self.embed.device) if self.complex_rotary else None
-        qk_rows = (torch.arange(self.heads + self.kv_heads, device=self.embed.device)[:, None] * d
-                   + self.key_order).reshape(-1) if self.complex_rotary else None
+        device = self.embed.device
+        self.key_order = interleaved_pairs(self.head_dim).to(device) if self.complex_rotary else None
+        qk_rows = qk_weight_rows(self.heads + self.kv_heads, self.head_dim, device) if self.complex_rotary else None
         # Matrices ``[out, in]``; on the packed path each is reordered once into oneDNN's layout.
         prepare = _pack if self.packed else (lambda w: w.detach())
         self.lm_head = prepare(model.lm_head.weight)
@@ -224,14 +215,6 @@ class _LlamaDecoder:
         self.kv: torch.Tensor | None = None
         self.rows = 0
         self.mask: torch.Tensor | None = None
-
-    def _halves_share_angles(self) -> bool:
-        """Whether the rotary module turns dimensions ``i`` and ``i + d/2`` by the same angle (as
-        Hugging Face's rotary variants do), the premise of the complex product."""
-        with torch.no_grad():
-            cos, sin = self.rotary(self.embed[:1][None], torch.arange(4, device=self.embed.device)[None])
-        half = self.head_dim // 2
-        return all(torch.equal(t[..., :half], t[..., half:]) for t in (cos, sin))
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``x [rows, in]`` → ``x · Wᵀ [rows, out]``."""
@@ -327,7 +310,7 @@ class _LlamaDecoder:
         x = F.embedding(tokens, self.embed)  # [rows, hidden]
         for i, (w1, eps1, qkv_w, o_w, w2, eps2, gate_up_w, down_w) in enumerate(self.layers):
             qkv = self.linear(F.rms_norm(x, hidden, w1, eps1), qkv_w).view(rows, all_heads, d)  # queries, keys, values
-            if self.complex_rotary:
+            if self.complex_rotary:  # in place (inference): rotate_pairs without the copy
                 torch.view_as_complex(qkv[:, :qk_heads].unflatten(-1, (d // 2, 2))).mul_(rotation)
             else:
                 qk = qkv[:, :qk_heads]
