@@ -18,6 +18,10 @@ Definitions (identical for both):
 - tokens/s of a run: Σ completion tokens / Σ step time over its measured steps;
 - peak RSS: the subprocess's ``VmHWM`` at exit (imports + model + training).
 
+Our worker calls ``keep_freed_host_memory()`` first, as ``dapo train`` does (glibc keeps freed
+blocks for reuse instead of unmapping them); TRL's runs with glibc's defaults unless
+``--trl-keep-freed-memory`` gives it the same setting.
+
 What is identical and what is not (checked 2026-11-25, see RESULTS.md): both feed the model the
 same prompt ids at the same step (``<s>`` + characters; TRL tokenizes with the tokenizer's
 special tokens, as ``encode_prompts`` does), stop only at ``</s>`` (id 2), sample at temperature 1
@@ -106,9 +110,11 @@ def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, eng
     from dapo_rl.data.datasets import Example
     from dapo_rl.data.encoding import encode_prompts
     from dapo_rl.rewards import resolve_reward_fn
+    from dapo_rl.training.host_memory import keep_freed_host_memory
     from dapo_rl.training.run import build_engine
     from dapo_rl.training.trainer import Trainer
 
+    keep_freed_host_memory()  # as `dapo train` does
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
@@ -143,13 +149,17 @@ def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, eng
     return {"rows": rows, "setup_rss_kib": setup_rss, "peak_rss_kib": rss_kib()[1]}
 
 
-def run_trl(folder: Path, steps: int, warmup: int, seed: int, threads: int) -> dict:
+def run_trl(folder: Path, steps: int, warmup: int, seed: int, threads: int, keep_freed_memory: bool) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     from trl.rewards import get_soft_overlong_punishment
 
+    if keep_freed_memory:  # our allocator setting given to TRL too, to see what it does there
+        from dapo_rl.training.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
@@ -210,6 +220,8 @@ def _load() -> str:
 def _spawn(framework: str, folder: Path, a, seed: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", framework, "--folder", str(folder), "--steps", str(a.steps),
            "--warmup", str(a.warmup), "--seed", str(seed), "--threads", str(a.threads), "--engine", a.engine]
+    if a.trl_keep_freed_memory:
+        cmd.append("--trl-keep-freed-memory")
     load_before = _load()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -244,6 +256,8 @@ def main() -> None:
     parser.add_argument("--engine", default="fast", help="our rollout.engine (fast | hf)")
     parser.add_argument("--frameworks", default="ours,trl", help="which to run (e.g. 'ours' to time another "
                         "checkout of the library against an earlier TRL run)")
+    parser.add_argument("--trl-keep-freed-memory", action="store_true",
+                        help="give TRL's process the glibc malloc setting our trainer uses (keep_freed_host_memory)")
     parser.add_argument("--json", help="also write all per-run results here")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -254,7 +268,7 @@ def main() -> None:
         if a.worker == "ours":
             result = run_ours(folder, a.steps, a.warmup, a.seed, a.threads, a.engine)
         else:
-            result = run_trl(folder, a.steps, a.warmup, a.seed, a.threads)
+            result = run_trl(folder, a.steps, a.warmup, a.seed, a.threads, a.trl_keep_freed_memory)
         print(json.dumps(result))
         return
 
@@ -262,7 +276,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-vs-trl-"))
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  torch {torch.__version__}  threads={a.threads}  "
-          f"engine={a.engine}  cpus={os.cpu_count()}  loadavg at start {_load()}")
+          f"engine={a.engine}  trl_keep_freed_memory={a.trl_keep_freed_memory}  cpus={os.cpu_count()}  loadavg at start {_load()}")
     everything = {}
     for size in a.sizes.split(","):
         folder = prepare(workdir, size, a.steps + a.warmup, a.seed)

@@ -39,6 +39,7 @@ from dapo_rl.training.checkpoint import (
     valid_checkpoints,
 )
 from dapo_rl.training.errors import RunError, RunInterrupted, signal_name
+from dapo_rl.training.host_memory import keep_freed_host_memory
 from dapo_rl.training.quickstart import prepare_quickstart_model
 from dapo_rl.training.distributed import DistContext, init_distributed, shutdown_distributed
 from dapo_rl.training.trainer import Trainer
@@ -387,6 +388,7 @@ def run_training(config: Config) -> RunResult:
 
 def _run_training(config: Config, dist: DistContext, started: float) -> RunResult:
     progress = config.logging.progress and dist.is_main
+    keep_freed_host_memory()  # every step frees and re-allocates the same buffers
     torch.manual_seed(config.seed + dist.rank)  # ranks sample different responses
     device, autocast_dtype = resolve_device(config, dist.local_rank)
     _check_sinks_available(config)
