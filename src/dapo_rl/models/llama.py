@@ -54,6 +54,16 @@ def qk_weight_rows(heads: int, head_dim: int, device=None) -> torch.Tensor:
     return (torch.arange(heads)[:, None] * head_dim + order).reshape(-1).to(device)
 
 
+def qkv_weight(attn, qk_rows: torch.Tensor | None) -> torch.Tensor:
+    """``[W_q; W_k; W_v]`` of an attention module, stacked for one product ``[(heads + 2·kv_heads)·d,
+    hidden]``, the query/key rows reordered by ``qk_rows`` (:func:`qk_weight_rows`) when given.
+    Differentiable; built per use, since the optimiser changes the weights."""
+    qk = torch.cat([attn.q_proj.weight, attn.k_proj.weight])
+    if qk_rows is not None:
+        qk = qk[qk_rows]
+    return torch.cat([qk, attn.v_proj.weight])
+
+
 def complex_rotary_applies(rotary_emb, dtype: torch.dtype, device) -> bool:
     """Whether rotary embedding can be one complex product: a float32/float64 computation (there
     is no complex bfloat16) and a rotary module that turns dimensions ``i`` and ``i + d/2`` by
@@ -161,9 +171,9 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
     # Under autocast the products' outputs are bfloat16/float16, which have no complex type.
     complex_rotary = (not torch.is_autocast_enabled(x.device.type)
                       and complex_rotary_applies(inner.rotary_emb, x.dtype, x.device))
+    qk_rows = qk_weight_rows(heads + kv_heads, d, x.device) if complex_rotary else None
     if complex_rotary:
         turn = torch.complex(cos[..., : d // 2], sin[..., : d // 2])  # [N, 1, d/2]
-        qk_rows = qk_weight_rows(heads + kv_heads, d, x.device)
         key_order = interleaved_pairs(d).to(x.device)
 
     # Per group, an additive mask [g, 1, W, P + W]: the prompt's real tokens, then the response
@@ -189,12 +199,11 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
     for layer, (prompt_keys, prompt_values) in zip(inner.layers, prompt_kv):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        # One product for queries, keys and values (their weights stacked, per forward: the
-        # optimiser changes them), with query/key rows in pair order for the complex rotary.
-        qk_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight])
+        # One product for queries, keys and values, query/key rows in pair order for the complex
+        # rotary (the prompt's cached keys are permuted to match).
+        qkv = F.linear(h, qkv_weight(attn, qk_rows)).view(n, heads + 2 * kv_heads, d)
         if complex_rotary:
-            qk_weight, prompt_keys = qk_weight[qk_rows], prompt_keys[..., key_order]
-        qkv = F.linear(h, torch.cat([qk_weight, attn.v_proj.weight])).view(n, heads + 2 * kv_heads, d)
+            prompt_keys = prompt_keys[..., key_order]
         q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
         if complex_rotary:
             q, k = rotate_pairs(q, turn), rotate_pairs(k, turn)

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from dapo_rl.models.llama import complex_rotary_applies, interleaved_pairs, is_plain_llama, qk_weight_rows
+from dapo_rl.models.llama import complex_rotary_applies, interleaved_pairs, is_plain_llama, qk_weight_rows, qkv_weight
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, InProcessEngine, Sample, SamplingParams
 from dapo_rl.rollout.hf import left_pad
 
@@ -203,12 +203,9 @@ class _LlamaDecoder:
         self.layers = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
-            qk = torch.cat([a.q_proj.weight, a.k_proj.weight])
-            if qk_rows is not None:
-                qk = qk[qk_rows]
             self.layers.append((
                 layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                prepare(torch.cat([qk, a.v_proj.weight])), prepare(a.o_proj.weight),
+                prepare(qkv_weight(a, qk_rows)), prepare(a.o_proj.weight),
                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
                 prepare(torch.cat([m.gate_proj.weight, m.up_proj.weight])), prepare(m.down_proj.weight),
             ))
