@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dapo_rl.training.distributed import DistContext
+from dapo_rl.training.distributed import DistContext, shutdown_distributed
 
 
 def _free_port() -> int:
@@ -78,7 +78,7 @@ def _worker(rank: int, world_size: int, port: int, workdir: str, strategy: str) 
     results = {name: _run_case(overrides, ctx, Path(workdir), f"{strategy}-{name}", f"single-{name}") for name, overrides in CASES.items()}
     if rank == 0:
         torch.save(results, Path(workdir) / f"{strategy}.pt")
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 @pytest.fixture(scope="module")
