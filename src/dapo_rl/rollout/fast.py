@@ -37,6 +37,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from dapo_rl.models.llama import complex_rotary_applies, interleaved_pairs, is_plain_llama, qk_weight_rows, qkv_weight
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, InProcessEngine, Sample, SamplingParams
 from dapo_rl.rollout.hf import left_pad
+from dapo_rl.rollout.native import decode_kernels
 
 F = torch.nn.functional
 
@@ -174,6 +175,10 @@ class _LlamaDecoder:
       dtypes (no complex type) use ``x·cos + roll(x, d/2)·sin'`` with ``sin'`` = sin whose first
       half is negated: Hugging Face's ``x·cos + rotate_half(x)·sin`` term for term. Cos/sin
       come from a table computed once per call by the model's own rotary module.
+    - On a CPU in float32 with the complex rotary, RMSNorm, the rotary product with the cache
+      write, and attention run as fused C loops (``native_kernels``, :mod:`dapo_rl.rollout.native`):
+      at a decode step's sizes PyTorch's versions cost 40–500 µs per call, mostly set-up.
+      Same arithmetic up to summation order.
     - All layers' keys and values live in one buffer ``[layers, rows, 2·kv_heads, capacity, d]``
       (keys, then values: one copy writes a step's both), written in place; dropping finished
       rows moves only the rows that must move, for all layers in one indexing op (see
@@ -182,7 +187,7 @@ class _LlamaDecoder:
       the prompt's padding) is built once and sliced.
     """
 
-    def __init__(self, model, pack_weights: bool = True):
+    def __init__(self, model, pack_weights: bool = True, native_kernels: bool = True):
         inner, config = model.model, model.config
         self.embed = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
@@ -193,6 +198,9 @@ class _LlamaDecoder:
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
         self.packed = pack_weights and _can_pack(self.embed)
         self.complex_rotary = complex_rotary_applies(self.rotary, self.embed.dtype, self.embed.device)
+        # Norms, rotary + cache write and attention as fused C loops (CPU float32, pairs adjacent).
+        native = native_kernels and self.complex_rotary and self.embed.device.type == "cpu" and self.embed.dtype == torch.float32
+        self.kernels = decode_kernels() if native else None
         # Row order of Q and K outputs: pairs adjacent (complex rotary) or Hugging Face's.
         device = self.embed.device
         self.key_order = interleaved_pairs(self.head_dim).to(device) if self.complex_rotary else None
@@ -305,6 +313,8 @@ class _LlamaDecoder:
         gqa = kv_heads != heads
         hidden = (self.hidden,)
         x = F.embedding(tokens, self.embed)  # [rows, hidden]
+        if self.kernels is not None:
+            return self._native_step(x, rotation, rows, pos, length)
         for i, (w1, eps1, qkv_w, o_w, w2, eps2, gate_up_w, down_w) in enumerate(self.layers):
             qkv = self.linear(F.rms_norm(x, hidden, w1, eps1), qkv_w).view(rows, all_heads, d)  # queries, keys, values
             if self.complex_rotary:  # in place (inference): rotate_pairs without the copy
@@ -323,6 +333,19 @@ class _LlamaDecoder:
             x = self.linear_add(F.silu(gate).mul_(up), down_w, x)
         self.length = length
         return self.linear(F.rms_norm(x, hidden, *self.norm), self.lm_head)
+
+    def _native_step(self, x: torch.Tensor, rotation: torch.Tensor, rows: int, pos: int, length: int) -> torch.Tensor:
+        """:meth:`__call__` from the embeddings ``x [rows, hidden]`` on, with the fused kernels."""
+        kernels, heads, d = self.kernels, self.heads, self.head_dim
+        mask = self.mask[:, 0, 0] if self.mask is not None else None  # [rows, capacity]
+        for i, (w1, eps1, qkv_w, o_w, w2, eps2, gate_up_w, down_w) in enumerate(self.layers):
+            qkv = self.linear(kernels.rms_norm(x, w1, eps1), qkv_w).view(rows, -1, d)
+            kernels.rotary_append(qkv, rotation, self.kv[i], heads, pos)
+            x = self.linear_add(kernels.attention(qkv, self.kv[i], mask, heads, length, self.scaling), o_w, x)
+            gate, up = self.linear(kernels.rms_norm(x, w2, eps2), gate_up_w).chunk(2, dim=-1)
+            x = self.linear_add(F.silu(gate).mul_(up), down_w, x)
+        self.length = length
+        return self.linear(kernels.rms_norm(x, *self.norm), self.lm_head)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -381,13 +404,17 @@ class FastRolloutEngine(InProcessEngine):
             ``_LlamaDecoder``) instead of through its Hugging Face modules.
         pack_weights: on a CPU, run the direct decode's products on oneDNN with weights packed
             once per call (float32 only; ignored elsewhere).
+        native_kernels: on a CPU in float32, run the direct decode's norms, rotary and attention
+            as fused C kernels (:mod:`dapo_rl.rollout.native`; PyTorch ops where they cannot be built).
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_id: int, max_batch_prompts: int = 64,
-                 compact_min_fraction: float = 0.125, direct_decode: bool = True, pack_weights: bool = True):
+                 compact_min_fraction: float = 0.125, direct_decode: bool = True, pack_weights: bool = True,
+                 native_kernels: bool = True):
         super().__init__(model, pad_token_id, eos_token_id, max_batch_prompts)
         self.direct_decode = direct_decode
         self.pack_weights = pack_weights
+        self.native_kernels = native_kernels
         self.compact_min_fraction = compact_min_fraction
 
     def _generate_chunk(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
@@ -417,7 +444,7 @@ class FastRolloutEngine(InProcessEngine):
                 is_stop = torch.zeros(max(logits.shape[-1], *stop_ids) + 1, dtype=torch.bool, device=device)
                 is_stop[stop_ids] = True
                 if direct:
-                    decoder = _LlamaDecoder(model, pack_weights=self.pack_weights)
+                    decoder = _LlamaDecoder(model, pack_weights=self.pack_weights, native_kernels=self.native_kernels)
                     decoder.start(out.past_key_values, n, attention, capacity)
                     result = self._decode_direct(decoder, logits, next_pos, is_stop, params, capacity)
                 else:

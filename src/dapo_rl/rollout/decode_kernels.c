@@ -1,0 +1,109 @@
+/* Fused float32 kernels for one decode step of a Llama model on a CPU (see native.py).
+ *
+ * A decode step multiplies a few rows (one new token per sequence) by every weight; PyTorch's
+ * RMSNorm, in-place rotary and scaled_dot_product_attention then cost 40-500 us each on tensors
+ * of a few KB, mostly per-call set-up. These loops do the same arithmetic in one pass each.
+ * They are compiled on the user's machine with -O3 -march=native -fopenmp and called through
+ * ctypes with raw pointers: every tensor is float32, row-major, with the row strides passed in
+ * floats. OpenMP resolves to the libgomp PyTorch has already loaded (same soname), so the
+ * threads are PyTorch's own. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, for `rows` rows of `n` floats
+   (Llama's RMSNorm in float32). */
+void dapo_rms_norm(const float *x, int64_t x_stride, const float *w, float *out, int64_t out_stride,
+                   int64_t rows, int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * x_stride;
+        float *o = out + r * out_stride;
+        float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < n; i++) squares += xr[i] * xr[i];
+        const float inv = 1.f / sqrtf(squares / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) o[i] = (xr[i] * inv) * w[i];
+    }
+}
+
+/* qkv: [rows, heads + 2*kv_heads, d] queries, keys, values of this step (row stride qkv_stride),
+   each head's dims stored as adjacent (re, im) pairs. rot: [rows, d/2] complex rotations
+   e^{i theta} as (re, im) pairs. Multiplies every query and key pair by its rotation in place,
+   then copies the keys and values to position `pos` of kv: [rows, 2*kv_heads, cap, d]
+   (keys then values, row stride kv_stride). */
+void dapo_rotary_append(float *qkv, int64_t qkv_stride, const float *rot, int64_t rows, int64_t heads,
+                        int64_t kv_heads, int64_t d, float *kv, int64_t kv_stride, int64_t cap, int64_t pos) {
+    const int64_t half = d / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = qkv + r * qkv_stride;
+        const float *c = rot + r * d;
+        for (int64_t h = 0; h < heads + kv_heads; h++) {
+            float *v = row + h * d;
+            for (int64_t i = 0; i < half; i++) {
+                const float re = v[2 * i], im = v[2 * i + 1], cr = c[2 * i], ci = c[2 * i + 1];
+                v[2 * i] = re * cr - im * ci;
+                v[2 * i + 1] = re * ci + im * cr;
+            }
+        }
+        float *dst = kv + r * kv_stride + pos * d;
+        for (int64_t h = 0; h < 2 * kv_heads; h++)
+            memcpy(dst + h * cap * d, row + (heads + h) * d, (size_t)d * sizeof(float));
+    }
+}
+
+/* One query per (row, head) against cached positions 0 .. length-1:
+   out[r, h, :] = softmax_j(scale * q[r, h] . k[r, g, j] + mask[r, j]) v[r, g, j], g = h / (heads / kv_heads).
+   q: [rows, heads, d] (row stride q_stride); kv as in dapo_rotary_append; mask: [rows, >= length]
+   additive (0 or -inf, row stride mask_stride) or NULL; out: [rows, heads, d] contiguous.
+   Returns 0, or -1 if scratch memory could not be allocated. */
+int dapo_decode_attention(const float *q, int64_t q_stride, const float *kv, int64_t kv_stride,
+                          const float *mask, int64_t mask_stride, float *out, int64_t rows, int64_t heads,
+                          int64_t kv_heads, int64_t d, int64_t cap, int64_t length, float scale, int threads) {
+    const int64_t group = heads / kv_heads;
+    const int64_t tasks = rows * heads;
+    /* Below ~64K multiply-adds waking a second thread costs more than it saves. */
+    const int parallel = threads > 1 && tasks * length * d >= (1 << 16);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (parallel) reduction(| : failed)
+    {
+        float *p = (float *)malloc(sizeof(float) * (size_t)length);
+        if (!p) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (!p) continue;
+            const int64_t r = t / heads, h = t % heads, g = h / group;
+            const float *qv = q + r * q_stride + h * d;
+            const float *k = kv + r * kv_stride + g * cap * d;
+            const float *v = kv + r * kv_stride + (kv_heads + g) * cap * d;
+            const float *m = mask ? mask + r * mask_stride : NULL;
+            float top = -INFINITY;
+            for (int64_t j = 0; j < length; j++) {
+                const float *kj = k + j * d;
+                float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t i = 0; i < d; i++) s += qv[i] * kj[i];
+                s *= scale;
+                if (m) s += m[j];
+                p[j] = s;
+                if (s > top) top = s;
+            }
+            float total = 0.f;
+            for (int64_t j = 0; j < length; j++) {
+                const float e = expf(p[j] - top); /* masked: exp(-inf) = 0 */
+                p[j] = e;
+                total += e;
+            }
+            const float inv = 1.f / total;
+            float *o = out + (r * heads + h) * d;
+            for (int64_t i = 0; i < d; i++) o[i] = 0.f;
+            for (int64_t j = 0; j < length; j++) {
+                const float *vj = v + j * d;
+                const float w = p[j] * inv;
+                for (int64_t i = 0; i < d; i++) o[i] += w * vj[i];
+            }
+        }
+        free(p);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,152 @@
+"""Fused C kernels for the CPU decode step, compiled on first use; PyTorch ops when they cannot be.
+
+Why: at a decode step's shapes (a few rows of a few hundred floats) PyTorch's ``rms_norm``,
+in-place rotary and ``scaled_dot_product_attention`` spend 40–500 µs per call on set-up, about a
+quarter of a 256×4 model's step (``benchmarks/RESULTS.md``, fifth pass). ``decode_kernels.c`` does
+the same float32 arithmetic in plain loops; results equal PyTorch's to float rounding (the sums
+run in another order), so sampling is unchanged.
+
+How: the source ships with the package and is compiled once per machine with the system C
+compiler (``$CC``, else ``cc``/``gcc``) at ``-O3 -march=native -fopenmp`` into
+``$DAPO_RL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/dapo_rl`` or ``~/.cache/dapo_rl``), keyed by the
+source, the flags, the compiler and the CPU (``-march=native`` code must not run on another
+CPU model). Compiling takes about a second; a process that finds the library loads it. When there
+is no compiler, compiling fails, or ``DAPO_RL_NATIVE_KERNELS=0`` is set, :func:`decode_kernels`
+returns None and the decoder keeps its PyTorch ops (logged once at INFO).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+OPENMP = "-fopenmp"
+
+_i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+
+
+def _ptr_of(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecodeKernels:
+    """Tensor-level wrappers of ``decode_kernels.c``. Every tensor is float32 on the CPU with a
+    contiguous last dimension (checked by the caller, :class:`~dapo_rl.rollout.fast._LlamaDecoder`)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._norm = lib.dapo_rms_norm
+        self._norm.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _f32]
+        self._norm.restype = None
+        self._rotary = lib.dapo_rotary_append
+        self._rotary.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _i64]
+        self._rotary.restype = None
+        self._attention = lib.dapo_decode_attention
+        self._attention.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _f32, ctypes.c_int]
+        self._attention.restype = ctypes.c_int
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``x [rows, n]`` → ``x / sqrt(mean(x²) + eps) · weight`` (a new ``[rows, n]`` tensor)."""
+        out = torch.empty_like(x)
+        self._norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0], x.shape[1], eps)
+        return out
+
+    def rotary_append(self, qkv: torch.Tensor, rotation: torch.Tensor, kv: torch.Tensor, heads: int, pos: int) -> None:
+        """Turn the query and key heads of ``qkv [rows, heads + 2·kv_heads, d]`` (rotated pairs
+        adjacent) by ``rotation [rows, …, d/2]`` complex64, in place, and write its keys and values
+        at position ``pos`` of ``kv [≥rows, 2·kv_heads, capacity, d]`` (one layer's cache)."""
+        rows, all_heads, d = qkv.shape
+        kv_heads = (all_heads - heads) // 2
+        self._rotary(qkv.data_ptr(), qkv.stride(0), rotation.data_ptr(), rows, heads, kv_heads, d,
+                     kv.data_ptr(), kv.stride(0), kv.shape[2], pos)
+
+    def attention(self, qkv: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, heads: int,
+                  length: int, scale: float) -> torch.Tensor:
+        """Attention of the ``heads`` query heads of ``qkv [rows, …, d]`` over positions
+        ``0 … length−1`` of ``kv`` (as in :meth:`rotary_append`); ``mask [≥rows, ≥length]``
+        additive or None. Returns ``[rows, heads·d]``."""
+        rows, all_heads, d = qkv.shape
+        kv_heads = (all_heads - heads) // 2
+        out = qkv.new_empty((rows, heads * d))
+        status = self._attention(qkv.data_ptr(), qkv.stride(0), kv.data_ptr(), kv.stride(0), _ptr_of(mask),
+                                 0 if mask is None else mask.stride(0), out.data_ptr(), rows, heads, kv_heads, d,
+                                 kv.shape[2], length, scale, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"decode attention: no memory for {length} scores")
+        return out
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("DAPO_RL_CACHE_DIR"):
+        return Path(os.environ["DAPO_RL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dapo_rl"
+
+
+def _cpu_identity() -> str:
+    """The CPU model and feature flags (what ``-march=native`` compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = ("model name", "flags")
+    return "|".join(next((line for line in lines if line.startswith(key)), "") for key in wanted)
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "?"
+
+
+def _compile(cc: str, target: Path) -> None:
+    """Compile ``SOURCE`` to ``target`` (atomically: concurrent processes may race here); without
+    OpenMP when the compiler has none (the kernels then run on one thread)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        for extra in ([OPENMP], []):
+            done = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{cc} exited with {done.returncode}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def decode_kernels() -> DecodeKernels | None:
+    """The compiled kernels (built on first use, then cached on disk), or None where they cannot
+    be built or are turned off with ``DAPO_RL_NATIVE_KERNELS=0``."""
+    if os.environ.get("DAPO_RL_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        logger.info("no C compiler found ($CC, cc, gcc): decoding with PyTorch ops, ~25%% slower on a CPU")
+        return None
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), cc, _compiler_version(cc), _cpu_identity()]).encode())
+    target = _cache_dir() / "kernels" / f"decode_{key.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            _compile(cc, target)
+        return DecodeKernels(ctypes.CDLL(str(target)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.info("decode kernels unavailable (%s): decoding with PyTorch ops", exc)
+        return None
