@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from dapo_rl.data.synthetic import VOCAB
 from dapo_rl.models.llama import rotate_pairs
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
-from dapo_rl.rollout import SamplingParams
-from dapo_rl.rollout import native
+from dapo_rl.rollout import SamplingParams, native
 from dapo_rl.rollout.fast import FastRolloutEngine, _LlamaDecoder
 
 needs_compiler = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler on this machine")
@@ -114,7 +113,7 @@ def test_generation_with_kernels_equals_generation_with_torch_ops(kernels, tiny,
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """decode_kernels() as on a machine that has never built them (empty cache folder)."""
-    monkeypatch.setenv("DAPO_RL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DAPO_RL_CACHE", str(tmp_path))
     native.decode_kernels.cache_clear()
     yield tmp_path
     native.decode_kernels.cache_clear()

@@ -7,10 +7,9 @@ the same float32 arithmetic in plain loops; results equal PyTorch's to float rou
 run in another order), so sampling is unchanged.
 
 How: the source ships with the package and is compiled once per machine with the system C
-compiler (``$CC``, else ``cc``/``gcc``) at ``-O3 -march=native -fopenmp`` into
-``$DAPO_RL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/dapo_rl`` or ``~/.cache/dapo_rl``), keyed by the
-source, the flags, the compiler and the CPU (``-march=native`` code must not run on another
-CPU model). Compiling takes about a second; a process that finds the library loads it. When there
+compiler (``$CC``, else ``cc``/``gcc``) at ``-O3 -march=native -fopenmp`` into ``kernels/`` of
+the cache folder (``$DAPO_RL_CACHE``, default ``~/.cache/dapo-rl``), keyed by the source, the
+flags, the compiler and the CPU (``-march=native`` code must not run on another CPU model). Compiling takes about a second; a process that finds the library loads it. When there
 is no compiler, compiling fails, or ``DAPO_RL_NATIVE_KERNELS=0`` is set, :func:`decode_kernels`
 returns None and the decoder keeps its PyTorch ops (logged once at INFO).
 """
@@ -29,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from dapo_rl.cache import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +90,6 @@ class DecodeKernels:
         return out
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("DAPO_RL_CACHE_DIR"):
-        return Path(os.environ["DAPO_RL_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "dapo_rl"
-
-
 def _cpu_identity() -> str:
     """The CPU model and feature flags (what ``-march=native`` compiles for)."""
     try:
@@ -108,7 +102,7 @@ def _cpu_identity() -> str:
 
 def _compiler_version(cc: str) -> str:
     try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout.splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return "?"
 
@@ -121,7 +115,7 @@ def _compile(cc: str, target: Path) -> None:
     os.close(fd)
     try:
         for extra in ([OPENMP], []):
-            done = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120, check=False)
             if done.returncode == 0:
                 os.replace(tmp, target)
                 return
@@ -142,7 +136,7 @@ def decode_kernels() -> DecodeKernels | None:
         logger.info("no C compiler found ($CC, cc, gcc): decoding with PyTorch ops, ~25%% slower on a CPU")
         return None
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), cc, _compiler_version(cc), _cpu_identity()]).encode())
-    target = _cache_dir() / "kernels" / f"decode_{key.hexdigest()[:16]}.so"
+    target = default_cache_dir() / "kernels" / f"decode_{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
             _compile(cc, target)

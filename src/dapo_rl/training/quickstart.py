@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -20,15 +19,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dapo_rl.cache import default_cache_dir
 from dapo_rl.config import QuickstartConfig
 from dapo_rl.data.synthetic import VOCAB, sample_problem, warmup_response
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 
 _FORMAT_VERSION = 1  # bump when the warm-up procedure changes, to invalidate old caches
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DAPO_RL_CACHE", Path.home() / ".cache" / "dapo-rl"))
 
 
 def quickstart_key(config: QuickstartConfig, seed: int) -> str:
