@@ -9,8 +9,9 @@ run in another order), so sampling is unchanged.
 How: the source ships with the package and is compiled once per machine with the system C
 compiler (``$CC``, else ``cc``/``gcc``) at ``-O3 -march=native -fopenmp`` into ``kernels/`` of
 the cache folder (``$DAPO_RL_CACHE``, default ``~/.cache/dapo-rl``), keyed by the source, the
-flags, the compiler and the CPU (``-march=native`` code must not run on another CPU model). Compiling takes about a second; a process that finds the library loads it. When there
-is no compiler, compiling fails, or ``DAPO_RL_NATIVE_KERNELS=0`` is set, :func:`decode_kernels`
+flags, the compiler and the CPU (``-march=native`` code must not run on another CPU model).
+Compiling takes about a second; a process that finds the library loads it. When there is no
+compiler, compiling fails, or ``DAPO_RL_NATIVE_KERNELS=0`` is set, :func:`decode_kernels`
 returns None and the decoder keeps its PyTorch ops (logged once at INFO).
 """
 
@@ -45,8 +46,9 @@ def _ptr_of(t: torch.Tensor | None) -> int | None:
 
 
 class DecodeKernels:
-    """Tensor-level wrappers of ``decode_kernels.c``. Every tensor is float32 on the CPU with a
-    contiguous last dimension (checked by the caller, :class:`~dapo_rl.rollout.fast._LlamaDecoder`)."""
+    """Tensor-level wrappers of ``decode_kernels.c``. Every tensor is float32 on the CPU, rows
+    laid out as the C code reads them (row stride free, the rest contiguous), as the tensors of
+    :class:`~dapo_rl.rollout.fast._LlamaDecoder` are by construction."""
 
     def __init__(self, lib: ctypes.CDLL):
         self._norm = lib.dapo_rms_norm
@@ -71,6 +73,7 @@ class DecodeKernels:
         at position ``pos`` of ``kv [≥rows, 2·kv_heads, capacity, d]`` (one layer's cache)."""
         rows, all_heads, d = qkv.shape
         kv_heads = (all_heads - heads) // 2
+        rotation = rotation.contiguous()  # read as [rows, d/2] (re, im) pairs
         self._rotary(qkv.data_ptr(), qkv.stride(0), rotation.data_ptr(), rows, heads, kv_heads, d,
                      kv.data_ptr(), kv.stride(0), kv.shape[2], pos)
 
@@ -133,7 +136,7 @@ def decode_kernels() -> DecodeKernels | None:
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
-        logger.info("no C compiler found ($CC, cc, gcc): decoding with PyTorch ops, ~25%% slower on a CPU")
+        logger.info("no C compiler found ($CC, cc, gcc): decoding with PyTorch ops (~20%% slower on a CPU)")
         return None
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), cc, _compiler_version(cc), _cpu_identity()]).encode())
     target = default_cache_dir() / "kernels" / f"decode_{key.hexdigest()[:16]}.so"
