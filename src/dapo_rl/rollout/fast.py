@@ -306,15 +306,15 @@ class _LlamaDecoder:
     def __call__(self, tokens: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         """``tokens [rows]`` at the next position, turned by ``rotation`` (:meth:`rotary_at`) →
         logits ``[rows, V]``; appends their keys/values."""
-        rows, d, heads, kv_heads = tokens.shape[0], self.head_dim, self.heads, self.kv_heads
-        qk_heads, all_heads = heads + kv_heads, heads + 2 * kv_heads
-        pos, length = self.length, self.length + 1
-        mask = self.mask[:rows, :, :, :length] if self.mask is not None else None
-        gqa = kv_heads != heads
-        hidden = (self.hidden,)
+        rows, pos, length = tokens.shape[0], self.length, self.length + 1
         x = F.embedding(tokens, self.embed)  # [rows, hidden]
         if self.kernels is not None:
             return self._native_step(x, rotation, rows, pos, length)
+        d, heads, kv_heads = self.head_dim, self.heads, self.kv_heads
+        qk_heads, all_heads = heads + kv_heads, heads + 2 * kv_heads
+        mask = self.mask[:rows, :, :, :length] if self.mask is not None else None
+        gqa = kv_heads != heads
+        hidden = (self.hidden,)
         for i, (w1, eps1, qkv_w, o_w, w2, eps2, gate_up_w, down_w) in enumerate(self.layers):
             qkv = self.linear(F.rms_norm(x, hidden, w1, eps1), qkv_w).view(rows, all_heads, d)  # queries, keys, values
             if self.complex_rotary:  # in place (inference): rotate_pairs without the copy
