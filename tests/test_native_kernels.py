@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from dapo_rl.data.synthetic import VOCAB
-from dapo_rl.models.llama import rotate_pairs
+from dapo_rl.models.decode import SpecDecoder
+from dapo_rl.models.rotary import rotate_pairs
+from dapo_rl.models.spec import read_spec
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 from dapo_rl.rollout import SamplingParams, native
-from dapo_rl.rollout.fast import FastRolloutEngine, _LlamaDecoder
+from dapo_rl.rollout.fast import FastRolloutEngine
 
 HAS_COMPILER = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))  # as native.decode_kernels looks
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
@@ -90,10 +92,10 @@ def tiny():
 
 def test_decoder_uses_the_kernels_only_where_they_apply(kernels, tiny):
     model, _ = tiny
-    assert _LlamaDecoder(model).kernels is kernels
-    assert _LlamaDecoder(model, native_kernels=False).kernels is None
+    assert SpecDecoder(model, read_spec(model)).kernels is kernels
+    assert SpecDecoder(model, read_spec(model), native_kernels=False).kernels is None
     try:
-        assert _LlamaDecoder(model.double()).kernels is None  # float32 loops only
+        assert SpecDecoder(model.double(), read_spec(model)).kernels is None  # float32 loops only
     finally:
         model.float()  # the module-scoped model stays float32 for the other tests
 
@@ -141,7 +143,7 @@ def test_without_a_working_compiler_decoding_falls_back_to_torch_ops(fresh_build
     assert "decoding with PyTorch ops" in caplog.text
     assert not list(fresh_build.rglob("*.so")) and not list(fresh_build.rglob("*.tmp"))  # nothing half-written
     model, tok = tiny
-    assert _LlamaDecoder(model).kernels is None
+    assert SpecDecoder(model, read_spec(model)).kernels is None
     out = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id).generate(
         [tok("12=")["input_ids"]], 2, SamplingParams(temperature=0.0, max_new_tokens=5))
     assert len(out[0][0].response_ids) > 0

@@ -9,9 +9,15 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from dapo_rl.data.synthetic import VOCAB
+from dapo_rl.models.decode import SpecDecoder
+from dapo_rl.models.spec import read_spec
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 from dapo_rl.rollout import HFGenerateEngine, SamplingParams
 from dapo_rl.rollout.fast import FastRolloutEngine, filter_logits, sample_tokens
+
+
+def _decoder(model, **options) -> SpecDecoder:
+    return SpecDecoder(model, read_spec(model), **options)
 
 
 @pytest.fixture(scope="module")
@@ -187,11 +193,9 @@ def test_direct_and_module_decoding_agree_greedily_on_a_gqa_model(tiny, gqa_llam
 def test_packed_weight_products_match_plain_float32_products(tiny):
     # On a CPU the direct decode runs its products on oneDNN with pre-packed weights; the plain
     # path (torch's own float32 products) must give the same greedy tokens and log-probs.
-    from dapo_rl.rollout.fast import _LlamaDecoder
-
     model, tok = tiny
-    assert _LlamaDecoder(model).packed and not _LlamaDecoder(model, pack_weights=False).packed
-    assert not _LlamaDecoder(model.double()).packed  # oneDNN has no float64 products
+    assert _decoder(model).packed and not _decoder(model, pack_weights=False).packed
+    assert not _decoder(model.double()).packed  # oneDNN has no float64 products
     model.float()
     greedy = SamplingParams(temperature=0.0, max_new_tokens=14)
     runs = [FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -201,20 +205,17 @@ def test_packed_weight_products_match_plain_float32_products(tiny):
 
 def test_rotary_table_equals_the_models_rotary_module(tiny):
     # float32/float64: e^{iθ} per pair (i, i + d/2); other dtypes: (cos, sin with its first half negated).
-    from dapo_rl.rollout.fast import _LlamaDecoder
-
     model, _ = tiny
     positions = torch.tensor([0, 3, 17, 5])
     half = model.model.layers[0].self_attn.head_dim // 2
     for dtype in (torch.float32, torch.bfloat16):
         model.to(dtype)
-        decoder = _LlamaDecoder(model)
+        decoder = _decoder(model)
         assert decoder.complex_rotary == (dtype == torch.float32)
         with torch.no_grad():
-            from_table = decoder.rotary_at(decoder.rotary_table(20, "cpu"), positions)
-            per_step = decoder.rotary_at(None, positions)  # the path for length-dependent rotary variants
+            (from_table,) = decoder.rotary_at(decoder.rotary_tables(20, "cpu"), positions)  # one rotary kind
             cos, sin = model.model.rotary_emb(model.model.embed_tokens.weight[:1][None], positions[:, None])
-        for got in (from_table, per_step):
+        for got in (from_table,):
             if decoder.complex_rotary:
                 assert got.shape == (4, 1, half) and got.is_complex()
                 assert torch.equal(got.real, cos[..., :half]) and torch.equal(got.imag, sin[..., :half])
@@ -230,7 +231,7 @@ def test_interleaved_rotary_is_the_half_split_rotation_permuted():
     # on (x_0 … x_{d/2-1}, y_0 … y_{d/2-1}), and permuting queries and keys alike keeps q·k.
     from transformers.models.llama.modeling_llama import rotate_half
 
-    from dapo_rl.models.llama import interleaved_pairs, rotate_pairs
+    from dapo_rl.models.rotary import interleaved_pairs, rotate_pairs
 
     d = 8
     order = interleaved_pairs(d)
@@ -247,10 +248,8 @@ def test_interleaved_rotary_is_the_half_split_rotation_permuted():
 
 
 def test_finished_rows_are_dropped_by_moving_only_survivors(tiny):
-    from dapo_rl.rollout.fast import _LlamaDecoder
-
     model, _ = tiny
-    decoder = _LlamaDecoder(model)
+    decoder = _decoder(model)
     # Buffer [layers, rows, 2·kv_heads, capacity, d]: row r holds the value r everywhere.
     decoder.kv = torch.arange(6.0).view(1, 6, 1, 1, 1).expand(len(decoder.layers), 6, 2, 3, 1).clone()
     decoder.rows, decoder.length, decoder.mask = 6, 2, None

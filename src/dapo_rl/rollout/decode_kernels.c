@@ -1,4 +1,4 @@
-/* Fused float32 kernels for one decode step of a Llama model on a CPU (see native.py).
+/* Fused float32 kernels for one decode step of a Llama-family model on a CPU (see native.py).
  *
  * A decode step multiplies a few rows (one new token per sequence) by every weight; PyTorch's
  * RMSNorm, in-place rotary and scaled_dot_product_attention then cost 40-500 us each on tensors
@@ -27,20 +27,33 @@ void dapo_rms_norm(const float *x, int64_t x_stride, const float *w, float *out,
     }
 }
 
+/* In place: x[i] = x[i] / sqrt(mean(x^2) + eps) * w[i] over one head of d floats. */
+static void head_norm(float *x, const float *w, int64_t d, float eps) {
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < d; i++) squares += x[i] * x[i];
+    const float inv = 1.f / sqrtf(squares / (float)d + eps);
+    for (int64_t i = 0; i < d; i++) x[i] = (x[i] * inv) * w[i];
+}
+
 /* qkv: [rows, heads + 2*kv_heads, d] queries, keys, values of this step (row stride qkv_stride),
-   each head's dims stored as adjacent (re, im) pairs. rot: [rows, d/2] complex rotations
-   e^{i theta} as (re, im) pairs. Multiplies every query and key pair by its rotation in place,
-   then copies the keys and values to position `pos` of kv: [rows, 2*kv_heads, cap, d]
-   (keys then values, row stride kv_stride). */
-void dapo_rotary_append(float *qkv, int64_t qkv_stride, const float *rot, int64_t rows, int64_t heads,
-                        int64_t kv_heads, int64_t d, float *kv, int64_t kv_stride, int64_t cap, int64_t pos) {
-    const int64_t half = d / 2;
+   each head's first 2*rot_half dims stored as adjacent (re, im) pairs, the rest not rotated.
+   rot: [rows, rot_half] complex rotations e^{i theta} as (re, im) pairs. Per query head
+   (and key head): RMSNorm over its d dims with weights q_norm (k_norm) when not NULL (Qwen3,
+   Gemma3), then each pair multiplied by its rotation, in place; then the keys and values are
+   copied to position `pos` of kv: [rows, 2*kv_heads, cap, d] (keys then values, row stride
+   kv_stride). */
+void dapo_rotary_append(float *qkv, int64_t qkv_stride, const float *rot, int64_t rot_half, int64_t rows,
+                        int64_t heads, int64_t kv_heads, int64_t d, const float *q_norm, const float *k_norm,
+                        float norm_eps, float *kv, int64_t kv_stride, int64_t cap, int64_t pos) {
     for (int64_t r = 0; r < rows; r++) {
         float *row = qkv + r * qkv_stride;
-        const float *c = rot + r * d;
+        const float *c = rot + r * 2 * rot_half;
         for (int64_t h = 0; h < heads + kv_heads; h++) {
             float *v = row + h * d;
-            for (int64_t i = 0; i < half; i++) {
+            const float *w = h < heads ? q_norm : k_norm;
+            if (w) head_norm(v, w, d, norm_eps);
+            for (int64_t i = 0; i < rot_half; i++) {
                 const float re = v[2 * i], im = v[2 * i + 1], cr = c[2 * i], ci = c[2 * i + 1];
                 v[2 * i] = re * cr - im * ci;
                 v[2 * i + 1] = re * ci + im * cr;
@@ -52,44 +65,48 @@ void dapo_rotary_append(float *qkv, int64_t qkv_stride, const float *rot, int64_
     }
 }
 
-/* One query per (row, head) against cached positions 0 .. length-1:
-   out[r, h, :] = softmax_j(scale * q[r, h] . k[r, g, j] + mask[r, j]) v[r, g, j], g = h / (heads / kv_heads).
+/* One query per (row, head) against cached positions first .. length-1 (first > 0: a sliding window):
+   out[r, h, :] = softmax_j(cap(scale * q[r, h] . k[r, g, j]) + mask[r, j]) v[r, g, j], g = h / (heads / kv_heads),
+   cap(s) = softcap * tanh(s / softcap) when softcap > 0 (Gemma2), else s.
    q: [rows, heads, d] (row stride q_stride); kv as in dapo_rotary_append; mask: [rows, >= length]
    additive (0 or -inf, row stride mask_stride) or NULL; out: [rows, heads, d] contiguous.
    Returns 0, or -1 if scratch memory could not be allocated. */
 int dapo_decode_attention(const float *q, int64_t q_stride, const float *kv, int64_t kv_stride,
                           const float *mask, int64_t mask_stride, float *out, int64_t rows, int64_t heads,
-                          int64_t kv_heads, int64_t d, int64_t cap, int64_t length, float scale, int threads) {
+                          int64_t kv_heads, int64_t d, int64_t cap, int64_t first, int64_t length, float scale,
+                          float softcap, int threads) {
     const int64_t group = heads / kv_heads;
     const int64_t tasks = rows * heads;
+    const int64_t span = length - first;
     /* Below ~64K multiply-adds waking a second thread costs more than it saves. */
-    const int parallel = threads > 1 && tasks * length * d >= (1 << 16);
+    const int parallel = threads > 1 && tasks * span * d >= (1 << 16);
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (parallel) reduction(| : failed)
     {
-        float *p = (float *)malloc(sizeof(float) * (size_t)length);
+        float *p = (float *)malloc(sizeof(float) * (size_t)span);
         if (!p) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             if (!p) continue;
             const int64_t r = t / heads, h = t % heads, g = h / group;
             const float *qv = q + r * q_stride + h * d;
-            const float *k = kv + r * kv_stride + g * cap * d;
-            const float *v = kv + r * kv_stride + (kv_heads + g) * cap * d;
-            const float *m = mask ? mask + r * mask_stride : NULL;
+            const float *k = kv + r * kv_stride + (g * cap + first) * d;
+            const float *v = kv + r * kv_stride + ((kv_heads + g) * cap + first) * d;
+            const float *m = mask ? mask + r * mask_stride + first : NULL;
             float top = -INFINITY;
-            for (int64_t j = 0; j < length; j++) {
+            for (int64_t j = 0; j < span; j++) {
                 const float *kj = k + j * d;
                 float s = 0.f;
 #pragma omp simd reduction(+ : s)
                 for (int64_t i = 0; i < d; i++) s += qv[i] * kj[i];
                 s *= scale;
+                if (softcap > 0.f) s = tanhf(s / softcap) * softcap;
                 if (m) s += m[j];
                 p[j] = s;
                 if (s > top) top = s;
             }
             float total = 0.f;
-            for (int64_t j = 0; j < length; j++) {
+            for (int64_t j = 0; j < span; j++) {
                 const float e = expf(p[j] - top); /* masked: exp(-inf) = 0 */
                 p[j] = e;
                 total += e;
@@ -97,7 +114,7 @@ int dapo_decode_attention(const float *q, int64_t q_stride, const float *kv, int
             const float inv = 1.f / total;
             float *o = out + (r * heads + h) * d;
             for (int64_t i = 0; i < d; i++) o[i] = 0.f;
-            for (int64_t j = 0; j < length; j++) {
+            for (int64_t j = 0; j < span; j++) {
                 const float *vj = v + j * d;
                 const float w = p[j] * inv;
                 for (int64_t i = 0; i < d; i++) o[i] += w * vj[i];

@@ -20,24 +20,24 @@ smallest set of most likely tokens whose probability reaches p, at least one), b
 ``torch.multinomial`` on the global torch RNG, so ``torch.manual_seed`` makes runs reproducible.
 ``temperature == 0`` is greedy (argmax).
 
-The model is called through its ordinary Hugging Face ``forward`` with a cache object, so any
-causal LM that accepts ``past_key_values``/``position_ids`` works; models with sliding-window
-layers fall back to Hugging Face's own ``DynamicCache`` (still one prefill per prompt and
-dropping finished rows).
+Decode steps run on :class:`~dapo_rl.models.decode.SpecDecoder` for every model a
+:class:`~dapo_rl.models.spec.ModelSpec` describes (Llama, Qwen2/3, Mistral, Phi-3, Gemma2/3;
+sliding windows included). Any other causal LM that accepts ``past_key_values``/``position_ids``
+decodes through its Hugging Face ``forward`` (announced once), with Hugging Face's own
+``DynamicCache`` for sliding-window layers (still one prefill per prompt and dropping finished rows).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from dapo_rl.models.llama import complex_rotary_applies, interleaved_pairs, is_plain_llama, qk_weight_rows, qkv_weight
+from dapo_rl.models.decode import SpecDecoder
+from dapo_rl.models.spec import fast_spec, layer_windows
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, InProcessEngine, Sample, SamplingParams
 from dapo_rl.rollout.hf import left_pad
-from dapo_rl.rollout.native import decode_kernels
 
 F = torch.nn.functional
 
@@ -114,10 +114,10 @@ class _PreallocatedLayer(DynamicLayer):
 
 
 def has_sliding_layers(config) -> bool:
-    """Whether the model has sliding-window attention layers (their KV caches evict old positions)."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    types = getattr(text, "layer_types", None) or []
-    return any("sliding" in str(t) for t in types) or bool(getattr(text, "use_sliding_window", False))
+    """Whether the model has sliding-window attention layers, as its family builds its masks
+    (:func:`~dapo_rl.models.spec.layer_windows`; Mistral and Phi-3 through ``sliding_window``
+    alone). Hugging Face's ``DynamicCache(config=…)`` evicts their old positions."""
+    return any(w is not None for w in layer_windows(config))
 
 
 def _make_cache(model, capacity: int) -> Cache:
@@ -126,226 +126,6 @@ def _make_cache(model, capacity: int) -> Cache:
         return DynamicCache(config=config)
     layers = config.get_text_config(decoder=True).num_hidden_layers
     return Cache(layers=[_PreallocatedLayer(capacity) for _ in range(layers)])
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight [out, in]`` reordered into oneDNN's blocked layout for :meth:`_LlamaDecoder.linear`."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-
-
-def _can_pack(weight: torch.Tensor) -> bool:
-    """Whether decode products can run on oneDNN with pre-packed weights: float32 on a CPU whose
-    PyTorch build has oneDNN. (Decode products have few rows; MKL's ``sgemm`` re-packs the whole
-    weight matrix on every call, which made them 2–3× slower than one pass over the weights.)"""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_linear_works()
-
-
-@functools.cache
-def _onednn_linear_works() -> bool:
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        probe = torch.ones(2, 3)
-        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 3), _pack(probe), None, "none", [], "")
-        return out.shape == (1, 2) and bool((out == 3).all())
-    except (AttributeError, RuntimeError):  # an older build without these operators
-        return False
-
-
-class _LlamaDecoder:
-    """Decode steps of a Llama-architecture model computed straight from its weights.
-
-    Same arithmetic as the Hugging Face modules (RMSNorm, rotary embedding, attention, SiLU MLP),
-    minus the per-call overhead that dominates a small model's decode step: mask building, cache
-    bookkeeping, ~10 module calls per layer. Per layer a step is ~12 tensor ops:
-
-    - Q/K/V and gate/up projections are fused into one matrix each (built per ``generate`` call,
-      since training changes the weights); RMSNorm is ``F.rms_norm`` (one op, bit-identical to
-      Hugging Face's here); residual additions are folded into the output products.
-    - On a CPU, float32 weights are reordered once per call into oneDNN's blocked layout and the
-      products run on oneDNN (``pack_weights``): a decode step has few rows, and MKL's ``sgemm``
-      re-packs the whole weight matrix on every call, which made small-batch steps 2–3× slower
-      than one pass over the weights. Same float32 arithmetic up to summation order (~1e-6
-      relative).
-    - Rotary embedding for float32/float64 models is one in-place complex product on the Q/K
-      output: the rows of ``W_q``/``W_k`` are permuted (per head, see :func:`~dapo_rl.models.llama.interleaved_pairs`)
-      so that each rotated pair is adjacent. Attention scores are sums over the head dimension,
-      so permuting queries and keys alike leaves them unchanged; values are not permuted, so the
-      output is too. Cached keys are stored permuted (the prefill's are permuted once). Other
-      dtypes (no complex type) use ``x·cos + roll(x, d/2)·sin'`` with ``sin'`` = sin whose first
-      half is negated: Hugging Face's ``x·cos + rotate_half(x)·sin`` term for term. Cos/sin
-      come from a table computed once per call by the model's own rotary module.
-    - On a CPU in float32 with the complex rotary, RMSNorm, the rotary product with the cache
-      write, and attention run as fused C loops (``native_kernels``, :mod:`dapo_rl.rollout.native`):
-      at a decode step's sizes PyTorch's versions cost 40–500 µs per call, mostly set-up.
-      Same arithmetic up to summation order.
-    - All layers' keys and values live in one buffer ``[layers, rows, 2·kv_heads, capacity, d]``
-      (keys, then values: one copy writes a step's both), written in place; dropping finished
-      rows moves only the rows that must move, for all layers in one indexing op (see
-      :meth:`drop_rows`).
-    - Prompts of equal length need no attention mask; otherwise an additive mask (0 / −inf on
-      the prompt's padding) is built once and sliced.
-    """
-
-    def __init__(self, model, pack_weights: bool = True, native_kernels: bool = True):
-        inner, config = model.model, model.config
-        self.embed = inner.embed_tokens.weight
-        self.rotary = inner.rotary_emb
-        attn = inner.layers[0].self_attn
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim, self.scaling = attn.head_dim, attn.scaling
-        self.hidden = config.hidden_size
-        self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
-        self.packed = pack_weights and _can_pack(self.embed)
-        self.complex_rotary = complex_rotary_applies(self.rotary, self.embed.dtype, self.embed.device)
-        # Norms, rotary + cache write and attention as fused C loops (CPU float32, pairs adjacent).
-        native = native_kernels and self.complex_rotary and self.embed.device.type == "cpu" and self.embed.dtype == torch.float32
-        self.kernels = decode_kernels() if native else None
-        # Row order of Q and K outputs: pairs adjacent (complex rotary) or Hugging Face's.
-        device = self.embed.device
-        self.key_order = interleaved_pairs(self.head_dim).to(device) if self.complex_rotary else None
-        qk_rows = qk_weight_rows(self.heads + self.kv_heads, self.head_dim, device) if self.complex_rotary else None
-        # Matrices ``[out, in]``; on the packed path each is reordered once into oneDNN's layout.
-        prepare = _pack if self.packed else (lambda w: w.detach())
-        self.lm_head = prepare(model.lm_head.weight)
-        self.layers = []
-        for layer in inner.layers:
-            a, m = layer.self_attn, layer.mlp
-            self.layers.append((
-                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                prepare(qkv_weight(a, qk_rows)), prepare(a.o_proj.weight),
-                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                prepare(torch.cat([m.gate_proj.weight, m.up_proj.weight])), prepare(m.down_proj.weight),
-            ))
-        self.kv: torch.Tensor | None = None
-        self.rows = 0
-        self.mask: torch.Tensor | None = None
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``x [rows, in]`` → ``x · Wᵀ [rows, out]``."""
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-        return F.linear(x, weight)
-
-    def linear_add(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + x · Wᵀ`` (the residual addition fused into the product)."""
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, None, "add")
-        return torch.addmm(residual, x, weight.t())
-
-    def start(self, prefill_cache: Cache, repeats: int, attention: torch.Tensor, capacity: int) -> None:
-        """Copy the prefilled ``[b, kv_heads, P, d]`` keys/values into the buffer, each row ``repeats`` times.
-
-        ``attention`` is the prompts' ``[b, P]`` 0/1 mask (left padding = 0).
-        """
-        first = prefill_cache.layers[0].keys
-        b, kv_heads, width, d = first.shape
-        rows = b * repeats
-        self.kv = first.new_empty((len(self.layers), rows, 2 * kv_heads, capacity, d))
-        for i, layer in enumerate(prefill_cache.layers):
-            keys = layer.keys if self.key_order is None else layer.keys[..., self.key_order]
-            self.kv[i, :, :kv_heads, :width] = keys.repeat_interleave(repeats, dim=0)
-            self.kv[i, :, kv_heads:, :width] = layer.values.repeat_interleave(repeats, dim=0)
-        self.rows = rows
-        self.length = width
-        if bool(attention.all()):
-            self.mask = None  # no padding: every cached position is attended to
-        else:
-            mask = first.new_zeros((rows, 1, 1, capacity))
-            mask[:, 0, 0, :width].masked_fill_(attention.repeat_interleave(repeats, dim=0) == 0, float("-inf"))
-            self.mask = mask
-
-    def rotary_table(self, capacity: int, device) -> torch.Tensor | None:
-        """Rotation of every position ``0 … capacity−1`` (see :meth:`rotary_at`), from the model's
-        rotary module; None for rotary variants whose frequencies depend on the sequence length
-        (computed per step then)."""
-        if getattr(self.rotary, "rope_type", "default") in ("dynamic", "longrope"):
-            return None
-        return self._rotation(torch.arange(capacity, device=device))
-
-    def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary(self.embed[:1][None], positions[None])
-        cos, sin = cos[0], sin[0]  # [n, d], each half repeated (θ_i at i and i + d/2)
-        half = self.head_dim // 2
-        if self.complex_rotary:
-            return torch.complex(cos[:, :half], sin[:, :half])  # [n, d/2] e^{iθ}
-        sin = sin.clone()
-        sin[:, :half].neg_()
-        return torch.stack([cos, sin], dim=1)  # [n, 2, d] (cos, sin')
-
-    def rotary_at(self, table: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
-        """The rotation at ``positions [rows]``: ``[rows, 1, d/2]`` complex ``e^{iθ}`` (complex
-        rotary), else ``[rows, 2, d]`` (cos, sin')."""
-        rotation = table.index_select(0, positions) if table is not None else self._rotation(positions)
-        return rotation[:, None] if self.complex_rotary else rotation
-
-    def drop_rows(self, finished: torch.Tensor, carried: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Remove decode rows ``finished`` (ascending indices) from the batch.
-
-        The ``m`` surviving rows end up in rows ``0 … m−1``: each finished row below ``m`` is
-        overwritten by a surviving row from ``m`` or above (the only rows that move), keys and
-        values of all layers in one copy. Rows of each tensor in ``carried`` (``[rows, …]``)
-        are moved the same way; returns them cut to ``m`` rows.
-        """
-        rows = self.rows
-        m = rows - finished.numel()
-        holes = finished[finished < m]
-        if holes.numel():
-            keep = torch.ones(rows, dtype=torch.bool, device=finished.device)
-            keep[finished] = False
-            movers = keep[m:].nonzero().squeeze(-1) + m  # as many as holes, ascending
-            length = self.length
-            self.kv[:, holes, :, :length] = self.kv[:, movers, :, :length]
-            if self.mask is not None:
-                self.mask[holes] = self.mask[movers]
-            for tensor in carried:
-                tensor[holes] = tensor[movers]
-        self.rows = m
-        return [tensor[:m] for tensor in carried]
-
-    def __call__(self, tokens: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        """``tokens [rows]`` at the next position, turned by ``rotation`` (:meth:`rotary_at`) →
-        logits ``[rows, V]``; appends their keys/values."""
-        rows, pos, length = tokens.shape[0], self.length, self.length + 1
-        x = F.embedding(tokens, self.embed)  # [rows, hidden]
-        if self.kernels is not None:
-            return self._native_step(x, rotation, rows, pos, length)
-        d, heads, kv_heads = self.head_dim, self.heads, self.kv_heads
-        qk_heads, all_heads = heads + kv_heads, heads + 2 * kv_heads
-        mask = self.mask[:rows, :, :, :length] if self.mask is not None else None
-        gqa = kv_heads != heads
-        hidden = (self.hidden,)
-        for i, (w1, eps1, qkv_w, o_w, w2, eps2, gate_up_w, down_w) in enumerate(self.layers):
-            qkv = self.linear(F.rms_norm(x, hidden, w1, eps1), qkv_w).view(rows, all_heads, d)  # queries, keys, values
-            if self.complex_rotary:  # in place (inference): rotate_pairs without the copy
-                torch.view_as_complex(qkv[:, :qk_heads].unflatten(-1, (d // 2, 2))).mul_(rotation)
-            else:
-                qk = qkv[:, :qk_heads]
-                qk.copy_((qk * rotation[:, 0:1]).add_(qk.roll(d // 2, dims=-1).mul_(rotation[:, 1:2])))
-            cache = self.kv[i, :rows]
-            cache[:, :, pos] = qkv[:, heads:]  # this step's keys and values
-            out = F.scaled_dot_product_attention(
-                qkv[:, :heads, None], cache[:, :kv_heads, :length], cache[:, kv_heads:, :length],
-                attn_mask=mask, scale=self.scaling, enable_gqa=gqa,
-            )  # [rows, heads, 1, d]
-            x = self.linear_add(out.view(rows, heads * d), o_w, x)
-            gate, up = self.linear(F.rms_norm(x, hidden, w2, eps2), gate_up_w).chunk(2, dim=-1)
-            x = self.linear_add(F.silu(gate).mul_(up), down_w, x)
-        self.length = length
-        return self.linear(F.rms_norm(x, hidden, *self.norm), self.lm_head)
-
-    def _native_step(self, x: torch.Tensor, rotation: torch.Tensor, rows: int, pos: int, length: int) -> torch.Tensor:
-        """:meth:`__call__` from the embeddings ``x [rows, hidden]`` on, with the fused kernels."""
-        kernels, heads, d = self.kernels, self.heads, self.head_dim
-        mask = self.mask[:, 0, 0] if self.mask is not None else None  # [rows, capacity]
-        for i, (w1, eps1, qkv_w, o_w, w2, eps2, gate_up_w, down_w) in enumerate(self.layers):
-            qkv = self.linear(kernels.rms_norm(x, w1, eps1), qkv_w).view(rows, -1, d)
-            kernels.rotary_append(qkv, rotation, self.kv[i], heads, pos)
-            x = self.linear_add(kernels.attention(qkv, self.kv[i], mask, heads, length, self.scaling), o_w, x)
-            gate, up = self.linear(kernels.rms_norm(x, w2, eps2), gate_up_w).chunk(2, dim=-1)
-            x = self.linear_add(F.silu(gate).mul_(up), down_w, x)
-        self.length = length
-        return self.linear(kernels.rms_norm(x, *self.norm), self.lm_head)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -400,8 +180,9 @@ class FastRolloutEngine(InProcessEngine):
         compact_min_fraction: finished rows are dropped from the decode batch once they are at least
             this fraction of it (copying the cache for every single finished row costs more than
             decoding a few dead rows); 0 drops them immediately.
-        direct_decode: decode steps computed straight from a Llama model's weights (see
-            ``_LlamaDecoder``) instead of through its Hugging Face modules.
+        direct_decode: decode steps computed straight from the model's weights (see
+            :class:`~dapo_rl.models.decode.SpecDecoder`) instead of through its Hugging Face
+            modules, for every model :func:`~dapo_rl.models.spec.fast_spec` accepts.
         pack_weights: on a CPU, run the direct decode's products on oneDNN with weights packed
             once per call (float32 only; ignored elsewhere).
         native_kernels: on a CPU in float32, run the direct decode's norms, rotary and attention
@@ -426,15 +207,17 @@ class FastRolloutEngine(InProcessEngine):
         input_ids, attention = left_pad(prompts, self.pad_token_id, device)  # [b, P] each
         positions = (attention.cumsum(-1) - 1).clamp_min(0)  # padding does not shift positions
         capacity = input_ids.shape[1] + max_new
-        # Decode steps bypass the HF modules when the architecture is one we compute exactly.
-        direct = self.direct_decode and not has_sliding_layers(model.config) and is_plain_llama(model)
+        # Decode steps bypass the HF modules when the spec computes this model exactly at this length.
+        spec = fast_spec(model, capacity) if self.direct_decode else None
+        direct = spec is not None
 
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
-                # Prefill: b rows, not b·n; only the last position's logits are needed.
-                cache = DynamicCache(config=model.config) if direct else _make_cache(model, capacity)
+                # Prefill: b rows, not b·n; only the last position's logits are needed. The direct
+                # decoder needs every prompt position, so its cache never evicts (no config).
+                cache = DynamicCache() if direct else _make_cache(model, capacity)
                 out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1)
                 logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # [b·n, V]
@@ -444,7 +227,7 @@ class FastRolloutEngine(InProcessEngine):
                 is_stop = torch.zeros(max(logits.shape[-1], *stop_ids) + 1, dtype=torch.bool, device=device)
                 is_stop[stop_ids] = True
                 if direct:
-                    decoder = _LlamaDecoder(model, pack_weights=self.pack_weights, native_kernels=self.native_kernels)
+                    decoder = SpecDecoder(model, spec, pack_weights=self.pack_weights, native_kernels=self.native_kernels)
                     decoder.start(out.past_key_values, n, attention, capacity)
                     result = self._decode_direct(decoder, logits, next_pos, is_stop, params, capacity)
                 else:
@@ -466,9 +249,9 @@ class FastRolloutEngine(InProcessEngine):
             grouped.append(group)
         return grouped
 
-    def _decode_direct(self, decoder: _LlamaDecoder, logits: torch.Tensor, next_pos: torch.Tensor,
+    def _decode_direct(self, decoder: SpecDecoder, logits: torch.Tensor, next_pos: torch.Tensor,
                        is_stop: torch.Tensor, params: SamplingParams, capacity: int):
-        """The sampling loop on :class:`_LlamaDecoder`; returns (tokens, logprobs, lengths, stopped) per original row.
+        """The sampling loop on :class:`SpecDecoder`; returns (tokens, logprobs, lengths, stopped) per original row.
 
         Per step: sample, look up stops, one ``nonzero`` (the only host sync); when rows finish
         they are dropped (all at once, or once they reach ``compact_min_fraction`` of the batch).
@@ -482,7 +265,7 @@ class FastRolloutEngine(InProcessEngine):
         live = torch.arange(rows_total, device=device)  # live[i] = original row of decode row i
         done = None  # [rows] bool once finished rows wait in the batch for a compaction
         waiting = 0  # how many
-        table = decoder.rotary_table(capacity, device)
+        tables = decoder.rotary_tables(capacity, device)
         step_rows: list[torch.Tensor] = []
         step_tokens: list[torch.Tensor] = []
         step_logprobs: list[torch.Tensor] = []
@@ -512,7 +295,7 @@ class FastRolloutEngine(InProcessEngine):
                     done = hit if done is None else done | hit
             if t == max_new - 1:
                 break
-            logits = decoder(token, decoder.rotary_at(table, next_pos)).float()  # no copy for float32 models
+            logits = decoder(token, decoder.rotary_at(tables, next_pos)).float()  # no copy for float32 models
             next_pos = next_pos + 1
         tokens_out = torch.full((rows_total, max_new), self.pad_token_id, dtype=torch.long, device=device)
         logprobs_out = torch.zeros((rows_total, max_new), dtype=torch.float32, device=device)

@@ -48,17 +48,18 @@ def _ptr_of(t: torch.Tensor | None) -> int | None:
 class DecodeKernels:
     """Tensor-level wrappers of ``decode_kernels.c``. Every tensor is float32 on the CPU, rows
     laid out as the C code reads them (row stride free, the rest contiguous), as the tensors of
-    :class:`~dapo_rl.rollout.fast._LlamaDecoder` are by construction."""
+    :class:`~dapo_rl.models.decode.SpecDecoder` are by construction."""
 
     def __init__(self, lib: ctypes.CDLL):
         self._norm = lib.dapo_rms_norm
         self._norm.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _f32]
         self._norm.restype = None
         self._rotary = lib.dapo_rotary_append
-        self._rotary.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _i64]
+        self._rotary.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _f32, _ptr, _i64, _i64, _i64]
         self._rotary.restype = None
         self._attention = lib.dapo_decode_attention
-        self._attention.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _f32, ctypes.c_int]
+        self._attention.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32,
+                                    _f32, ctypes.c_int]
         self._attention.restype = ctypes.c_int
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,29 +68,35 @@ class DecodeKernels:
         self._norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0], x.shape[1], eps)
         return out
 
-    def rotary_append(self, qkv: torch.Tensor, rotation: torch.Tensor, kv: torch.Tensor, heads: int, pos: int) -> None:
+    def rotary_append(self, qkv: torch.Tensor, rotation: torch.Tensor, kv: torch.Tensor, heads: int, pos: int,
+                      q_norm: tuple[torch.Tensor, float] | None = None, k_norm: tuple[torch.Tensor, float] | None = None) -> None:
         """Turn the query and key heads of ``qkv [rows, heads + 2·kv_heads, d]`` (rotated pairs
-        adjacent) by ``rotation [rows, …, d/2]`` complex64, in place, and write its keys and values
-        at position ``pos`` of ``kv [≥rows, 2·kv_heads, capacity, d]`` (one layer's cache)."""
+        adjacent in each head's first ``2r`` dims) by ``rotation [rows, …, r]`` complex64, in place,
+        after an RMSNorm of each query (key) head with ``q_norm`` (``k_norm``) ``(scale [d], eps)``
+        when given; then write its keys and values at position ``pos`` of
+        ``kv [≥rows, 2·kv_heads, capacity, d]`` (one layer's cache)."""
         rows, all_heads, d = qkv.shape
         kv_heads = (all_heads - heads) // 2
-        rotation = rotation.contiguous()  # read as [rows, d/2] (re, im) pairs
-        self._rotary(qkv.data_ptr(), qkv.stride(0), rotation.data_ptr(), rows, heads, kv_heads, d,
+        rotation = rotation.contiguous()  # read as [rows, r] (re, im) pairs
+        eps = q_norm[1] if q_norm is not None else 0.0
+        self._rotary(qkv.data_ptr(), qkv.stride(0), rotation.data_ptr(), rotation.shape[-1], rows, heads, kv_heads, d,
+                     _ptr_of(None if q_norm is None else q_norm[0]), _ptr_of(None if k_norm is None else k_norm[0]), eps,
                      kv.data_ptr(), kv.stride(0), kv.shape[2], pos)
 
     def attention(self, qkv: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, heads: int,
-                  length: int, scale: float) -> torch.Tensor:
+                  length: int, scale: float, first: int = 0, softcap: float | None = None) -> torch.Tensor:
         """Attention of the ``heads`` query heads of ``qkv [rows, …, d]`` over positions
-        ``0 … length−1`` of ``kv`` (as in :meth:`rotary_append`); ``mask [≥rows, ≥length]``
-        additive or None. Returns ``[rows, heads·d]``."""
+        ``first … length−1`` of ``kv`` (as in :meth:`rotary_append`; ``first > 0`` for a sliding
+        window); ``mask [≥rows, ≥length]`` additive or None; scores soft-capped
+        (``cap · tanh(s / cap)``, before the mask) when ``softcap`` is given. Returns ``[rows, heads·d]``."""
         rows, all_heads, d = qkv.shape
         kv_heads = (all_heads - heads) // 2
         out = qkv.new_empty((rows, heads * d))
         status = self._attention(qkv.data_ptr(), qkv.stride(0), kv.data_ptr(), kv.stride(0), _ptr_of(mask),
                                  0 if mask is None else mask.stride(0), out.data_ptr(), rows, heads, kv_heads, d,
-                                 kv.shape[2], length, scale, torch.get_num_threads())
+                                 kv.shape[2], first, length, scale, softcap or 0.0, torch.get_num_threads())
         if status != 0:
-            raise MemoryError(f"decode attention: no memory for {length} scores")
+            raise MemoryError(f"decode attention: no memory for {length - first} scores")
         return out
 
 

@@ -1,0 +1,289 @@
+"""Decode steps of any model a :class:`~dapo_rl.models.spec.ModelSpec` describes, computed straight
+from its weights (the sampling engine's inner loop, :mod:`dapo_rl.rollout.fast`).
+
+Same arithmetic as the Hugging Face modules, minus the per-call overhead that dominates a small
+model's decode step (mask building, cache bookkeeping, ~10 module calls per layer):
+
+- Q/K/V and gate/up projections are fused into one matrix each (built per ``generate`` call,
+  since training changes the weights), biases included; RMSNorm is ``F.rms_norm`` with the
+  family's effective scale (Gemma's ``1 + w``); pre-norm residual additions are folded into the
+  output products.
+- On a CPU, float32 weights are reordered once per call into oneDNN's blocked layout and the
+  products run on oneDNN: a decode step has few rows, and MKL's ``sgemm`` re-packs the whole
+  weight matrix on every call. Same float32 arithmetic up to summation order.
+- Rotary for float32/float64 models is one in-place complex product: the rows of ``W_q``/``W_k``
+  are permuted per head (:func:`~dapo_rl.models.rotary.rotary_order`) so each rotated pair is
+  adjacent; per-head q/k norm scales are permuted alike. Cached keys are stored permuted. Other
+  dtypes use Hugging Face's ``x·cos + rotate_half(x)·sin``. Angles come from tables computed once
+  per call by the model's own rotary module (one per rotary kind: Gemma3's local and global).
+- On a CPU in float32 with the complex rotary, RMSNorm, q/k norm + rotary + cache write, and
+  attention (windows and soft-capping included) run as fused C loops (:mod:`dapo_rl.rollout.native`).
+- All layers' keys and values live in one buffer ``[layers, rows, 2·kv_heads, capacity, d]``,
+  written in place, never evicted: a sliding-window layer reads only its last ``window`` positions.
+- Prompts of equal length need no attention mask; otherwise an additive mask (0 / −inf on the
+  prompt's padding) is built once and sliced.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+from dapo_rl.models import rotary as rope
+from dapo_rl.models.layers import activation, gate_up_params, norm_scale, qkv_params, softcap
+from dapo_rl.models.spec import ModelSpec
+
+F = torch.nn.functional
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [out, in]`` reordered into oneDNN's blocked layout for :meth:`SpecDecoder.linear`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether decode products can run on oneDNN with pre-packed weights: float32 on a CPU whose
+    PyTorch build has oneDNN."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_linear_works()
+
+
+@functools.cache
+def _onednn_linear_works() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        probe = torch.ones(2, 3)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 3), pack(probe), None, "none", [], "")
+        return out.shape == (1, 2) and bool((out == 3).all())
+    except (AttributeError, RuntimeError):  # an older build without these operators
+        return False
+
+
+@dataclass
+class DecodeLayer:
+    """One layer's weights as the decode step uses them (matrices packed or detached; norm
+    scales effective, ``(scale, eps)``)."""
+
+    attn_norm: tuple[torch.Tensor, float]
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: tuple[torch.Tensor, float] | None  # per head, in the cached (permuted) order
+    k_norm: tuple[torch.Tensor, float] | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_attn_norm: tuple[torch.Tensor, float] | None  # Gemma: on the attention output
+    mlp_norm: tuple[torch.Tensor, float]
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    post_mlp_norm: tuple[torch.Tensor, float] | None  # Gemma: on the MLP output
+    window: int | None
+    kind: int  # index of its rotary table
+
+
+class SpecDecoder:
+    """Decode steps from a model's weights, as its :class:`ModelSpec` describes them.
+
+    Args:
+        model: the Hugging Face causal LM (weights read, never copied except when fused/packed).
+        spec: its spec (:func:`~dapo_rl.models.spec.fast_spec`).
+        pack_weights: products on oneDNN with packed weights (CPU float32 only).
+        native_kernels: fused C loops for norms, rotary and attention (CPU float32, complex rotary).
+    """
+
+    def __init__(self, model, spec: ModelSpec, pack_weights: bool = True, native_kernels: bool = True):
+        from dapo_rl.rollout.native import decode_kernels
+
+        inner = model.model
+        self.spec = spec
+        self.embed = inner.embed_tokens.weight.detach()
+        self.embed_scale = inner.embed_tokens.embed_scale.to(self.embed.dtype) if spec.embed_scale else None
+        self.rotary = inner.rotary_emb
+        self.heads, self.kv_heads, self.head_dim, self.rotary_dim = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
+        self.scaling, self.hidden = spec.scaling, spec.hidden
+        self.act = activation(spec)
+        self.packed = pack_weights and can_pack(self.embed)
+        device, dtype = self.embed.device, self.embed.dtype
+        self.complex_rotary = all(rope.complex_rotary_applies(self.rotary, dtype, device, kind) for kind in spec.kinds)
+        native = native_kernels and self.complex_rotary and device.type == "cpu" and dtype == torch.float32
+        self.kernels = decode_kernels() if native else None
+        order = rope.rotary_order(self.head_dim, self.rotary_dim).to(device) if self.complex_rotary else None
+        self.key_order = order
+        qk_rows = rope.qk_weight_rows(self.heads + self.kv_heads, self.head_dim, device, self.rotary_dim) if self.complex_rotary else None
+        prepare = pack if self.packed else (lambda w: w.detach())
+        detach = lambda t: None if t is None else t.detach()  # noqa: E731
+        scale = lambda norm, o=None: tuple(t.detach() if torch.is_tensor(t) else t for t in norm_scale(spec, norm, o))  # noqa: E731
+        kind_index = {kind: i for i, kind in enumerate(spec.kinds)}
+        with torch.no_grad():
+            self.lm_head = prepare(model.lm_head.weight)
+            self.norm = scale(inner.norm)
+            self.layers = []
+            for i, layer in enumerate(inner.layers):
+                a, m = layer.self_attn, layer.mlp
+                qkv_w, qkv_b = qkv_params(spec, a, qk_rows)
+                gate_up_w, gate_up_b = gate_up_params(spec, m)
+                sandwich = spec.sandwich_norms
+                self.layers.append(DecodeLayer(
+                    attn_norm=scale(layer.input_layernorm), qkv=prepare(qkv_w), qkv_bias=detach(qkv_b),
+                    q_norm=scale(a.q_norm, order) if spec.qk_norm else None,
+                    k_norm=scale(a.k_norm, order) if spec.qk_norm else None,
+                    o=prepare(a.o_proj.weight), o_bias=detach(a.o_proj.bias),
+                    post_attn_norm=scale(layer.post_attention_layernorm) if sandwich else None,
+                    mlp_norm=scale(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
+                    gate_up=prepare(gate_up_w), gate_up_bias=detach(gate_up_b),
+                    down=prepare(m.down_proj.weight), down_bias=detach(m.down_proj.bias),
+                    post_mlp_norm=scale(layer.post_feedforward_layernorm) if sandwich else None,
+                    window=spec.windows[i], kind=kind_index[spec.rotary_kinds[i]],
+                ))
+        self.kv: torch.Tensor | None = None
+        self.rows = 0
+        self.length = 0
+        self.mask: torch.Tensor | None = None
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [rows, in]`` → ``x · Wᵀ + b [rows, out]``."""
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+
+    def linear_add(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + x · Wᵀ + b`` (the residual addition fused into the product)."""
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+        out = torch.addmm(residual, x, weight.t())
+        return out if bias is None else out.add_(bias)
+
+    def rms_norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, *norm)
+        return F.rms_norm(x, (x.shape[-1],), *norm)
+
+    def start(self, prefill_cache: Cache, repeats: int, attention: torch.Tensor, capacity: int) -> None:
+        """Copy the prefilled ``[b, kv_heads, P, d]`` keys/values (all positions: a cache that does
+        not evict) into the buffer, each row ``repeats`` times. ``attention``: the prompts'
+        ``[b, P]`` 0/1 mask (left padding = 0)."""
+        first = prefill_cache.layers[0].keys
+        b, kv_heads, width, d = first.shape
+        rows = b * repeats
+        self.kv = first.new_empty((len(self.layers), rows, 2 * kv_heads, capacity, d))
+        for i, layer in enumerate(prefill_cache.layers):
+            keys = layer.keys if self.key_order is None else layer.keys[..., self.key_order]
+            self.kv[i, :, :kv_heads, :width] = keys.repeat_interleave(repeats, dim=0)
+            self.kv[i, :, kv_heads:, :width] = layer.values.repeat_interleave(repeats, dim=0)
+        self.rows, self.length = rows, width
+        if bool(attention.all()):
+            self.mask = None  # no padding: every cached position is attended to
+        else:
+            mask = first.new_zeros((rows, 1, 1, capacity))
+            mask[:, 0, 0, :width].masked_fill_(attention.repeat_interleave(repeats, dim=0) == 0, float("-inf"))
+            self.mask = mask
+
+    def rotary_tables(self, capacity: int, device) -> list[torch.Tensor]:
+        """Per rotary kind, the rotation of every position ``0 … capacity−1`` (see :meth:`rotary_at`),
+        from the model's rotary module in one call (dynamic/longrope: exact while ``capacity`` is
+        within ``spec.exact_up_to``, which the engine checks)."""
+        positions = torch.arange(capacity, device=device)
+        return [self._rotation(positions, kind) for kind in self.spec.kinds]
+
+    def _rotation(self, positions: torch.Tensor, kind) -> torch.Tensor:
+        cos, sin = rope.rotary_cos_sin(self.rotary, self.embed[:1][None], positions, kind)  # [n, r], halves repeated
+        half = cos.shape[-1] // 2
+        if self.complex_rotary:
+            return torch.complex(cos[:, :half], sin[:, :half])  # [n, r/2] e^{iθ}
+        sin = sin.clone()
+        sin[:, :half].neg_()
+        return torch.stack([cos, sin], dim=1)  # [n, 2, r] (cos, sin')
+
+    def rotary_at(self, tables: list[torch.Tensor], positions: torch.Tensor) -> list[torch.Tensor]:
+        """Per rotary kind, the rotation at ``positions [rows]``: ``[rows, 1, r/2]`` complex
+        ``e^{iθ}`` (complex rotary), else ``[rows, 2, r]`` (cos, sin with its first half negated)."""
+        picked = [table.index_select(0, positions) for table in tables]
+        return [p[:, None] for p in picked] if self.complex_rotary else picked
+
+    def drop_rows(self, finished: torch.Tensor, carried: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Remove decode rows ``finished`` (ascending indices) from the batch.
+
+        The ``m`` surviving rows end up in rows ``0 … m−1``: each finished row below ``m`` is
+        overwritten by a surviving row from ``m`` or above (the only rows that move), keys and
+        values of all layers in one copy. Rows of each tensor in ``carried`` (``[rows, …]``)
+        are moved the same way; returns them cut to ``m`` rows.
+        """
+        rows = self.rows
+        m = rows - finished.numel()
+        holes = finished[finished < m]
+        if holes.numel():
+            keep = torch.ones(rows, dtype=torch.bool, device=finished.device)
+            keep[finished] = False
+            movers = keep[m:].nonzero().squeeze(-1) + m  # as many as holes, ascending
+            self.kv[:, holes, :, : self.length] = self.kv[:, movers, :, : self.length]
+            if self.mask is not None:
+                self.mask[holes] = self.mask[movers]
+            for tensor in carried:
+                tensor[holes] = tensor[movers]
+        self.rows = m
+        return [tensor[:m] for tensor in carried]
+
+    def __call__(self, tokens: torch.Tensor, rotations: list[torch.Tensor]) -> torch.Tensor:
+        """``tokens [rows]`` at the next position, turned by ``rotations`` (:meth:`rotary_at`) →
+        logits ``[rows, V]``; appends their keys/values."""
+        rows, pos, length = tokens.shape[0], self.length, self.length + 1
+        x = F.embedding(tokens, self.embed)  # [rows, hidden]
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        d, heads = self.head_dim, self.heads
+        for i, layer in enumerate(self.layers):
+            qkv = self.linear(self.rms_norm(x, layer.attn_norm), layer.qkv, layer.qkv_bias).view(rows, -1, d)
+            first = 0 if layer.window is None else max(0, length - layer.window)  # oldest position in the window
+            if self.kernels is not None:
+                self.kernels.rotary_append(qkv, rotations[layer.kind], self.kv[i], heads, pos, layer.q_norm, layer.k_norm)
+                mask = self.mask[:, 0, 0] if self.mask is not None else None  # [rows, capacity]
+                out = self.kernels.attention(qkv, self.kv[i], mask, heads, length, self.scaling, first, self.spec.attn_softcap)
+            else:
+                self._rotate_append(qkv, rotations[layer.kind], i, pos, layer)
+                out = self._attention(qkv, i, rows, first, length)
+            if layer.post_attn_norm is None:
+                x = self.linear_add(out, layer.o, layer.o_bias, x)
+            else:
+                x = x + self.rms_norm(self.linear(out, layer.o, layer.o_bias), layer.post_attn_norm)
+            gate, up = self.linear(self.rms_norm(x, layer.mlp_norm), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            if layer.post_mlp_norm is None:
+                x = self.linear_add(self.act(gate).mul_(up), layer.down, layer.down_bias, x)
+            else:
+                x = x + self.rms_norm(self.linear(self.act(gate).mul_(up), layer.down, layer.down_bias), layer.post_mlp_norm)
+        self.length = length
+        return softcap(self.linear(self.rms_norm(x, self.norm), self.lm_head), self.spec.final_softcap)
+
+    def _rotate_append(self, qkv: torch.Tensor, rotation: torch.Tensor, i: int, pos: int, layer: DecodeLayer) -> None:
+        """PyTorch ops: per-head q/k norms, rotary (in place) and the cache write of layer ``i``."""
+        heads, kv_heads, d, r = self.heads, self.kv_heads, self.head_dim, self.rotary_dim
+        if layer.q_norm is not None:
+            qkv[:, :heads] = F.rms_norm(qkv[:, :heads], (d,), *layer.q_norm)
+            qkv[:, heads : heads + kv_heads] = F.rms_norm(qkv[:, heads : heads + kv_heads], (d,), *layer.k_norm)
+        qk = qkv[:, : heads + kv_heads, :r]
+        if self.complex_rotary:  # in place (inference): rotate_pairs without the copy
+            torch.view_as_complex(qk.unflatten(-1, (r // 2, 2))).mul_(rotation)
+        else:
+            qk.copy_((qk * rotation[:, 0:1]).add_(qk.roll(r // 2, dims=-1).mul_(rotation[:, 1:2])))
+        self.kv[i, : qkv.shape[0], :, pos] = qkv[:, heads:]  # this step's keys and values
+
+    def _attention(self, qkv: torch.Tensor, i: int, rows: int, first: int, length: int) -> torch.Tensor:
+        """PyTorch ops: attention of this step's queries over cached positions ``first … length−1``
+        of layer ``i`` → ``[rows, heads·d]``."""
+        heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
+        cache = self.kv[i, :rows, :, first:length]
+        mask = self.mask[:rows, :, :, first:length] if self.mask is not None else None
+        q = qkv[:, :heads, None]  # [rows, heads, 1, d]
+        cap = self.spec.attn_softcap
+        if cap is None:
+            out = F.scaled_dot_product_attention(q, cache[:, :kv_heads], cache[:, kv_heads:], attn_mask=mask,
+                                                 scale=self.scaling, enable_gqa=kv_heads != heads)
+            return out.reshape(rows, heads * d)
+        rep = heads // kv_heads
+        scores = softcap(torch.matmul(q.reshape(rows, kv_heads, rep, d), cache[:, :kv_heads].transpose(-1, -2)) * self.scaling, cap)
+        if mask is not None:
+            scores = scores + mask
+        return torch.matmul(scores.softmax(-1), cache[:, kv_heads:]).reshape(rows, heads * d)

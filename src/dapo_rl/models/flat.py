@@ -1,0 +1,207 @@
+"""The trainer's response forward: every response token of a micro-batch in one flat
+``[tokens, hidden]`` batch, on top of its prompt's cached keys/values, for every family a
+:class:`~dapo_rl.models.spec.ModelSpec` describes.
+
+Norms, MLPs, the output projection and the LM head are the model's own modules (so dtype handling
+matches its ``forward`` exactly, float32 norms under float64 included); the fused query/key/value
+product, per-head q/k norms, rotary, sliding windows and soft-capped attention are written from
+the spec (:mod:`dapo_rl.models.layers`, :mod:`dapo_rl.models.rotary`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dapo_rl.models import rotary as rope
+from dapo_rl.models.layers import qkv_params, softcap, window_blocked
+from dapo_rl.models.spec import read_spec
+
+F = torch.nn.functional
+
+
+@dataclass
+class FlatResponses:
+    """Where each real response token of a micro-batch sits, in one flat order.
+
+    Rows are taken group by group (groups of similar length, see ``length_buckets`` in the
+    trainer), each row's tokens contiguous and in order. Attention runs per group, padded only
+    to the group's widest response.
+    """
+
+    row_of: torch.Tensor  # [N] row of each token
+    step_of: torch.Tensor  # [N] position of each token within its response
+    positions: torch.Tensor  # [N] position id (the row's real prompt length + step)
+    # Per group: its rows [g], its width W, and each of its tokens' slot in the [g · W] padded layout.
+    groups: list[tuple[torch.Tensor, int, torch.Tensor]]
+
+    @classmethod
+    def build(cls, groups: list[list[int]], prompt_lengths: list[int], response_lengths: list[int],
+              device: torch.device) -> "FlatResponses":
+        row_of, step_of, layouts = [], [], []
+        for rows in groups:
+            width = max(max(response_lengths[r] for r in rows), 1)
+            slots = []
+            for i, r in enumerate(rows):
+                row_of += [r] * response_lengths[r]
+                step_of += range(response_lengths[r])
+                slots += range(i * width, i * width + response_lengths[r])
+            layouts.append((torch.tensor(rows, device=device), width, torch.tensor(slots, dtype=torch.long, device=device)))
+        row_t = torch.tensor(row_of, dtype=torch.long, device=device)
+        step_t = torch.tensor(step_of, dtype=torch.long, device=device)
+        return cls(row_of=row_t, step_of=step_t, positions=torch.tensor(prompt_lengths, device=device)[row_t] + step_t,
+                   groups=layouts)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+              dropout: float = 0.0, cap: float | None = None) -> torch.Tensor:
+    """Softmax attention written as two batched products, ``q [g, heads, W, d]`` over
+    ``k, v [g, kv_heads, L, d]`` with an additive ``mask [g, 1, W, L]`` (or None) → ``[g, heads, W, d]``;
+    scores soft-capped (``cap · tanh(s / cap)``, before the mask) when ``cap`` is given.
+
+    Same result as ``F.scaled_dot_product_attention`` (grouped-query heads included: query head
+    ``j`` reads key/value head ``j // (heads / kv_heads)``, as Hugging Face's ``repeat_kv``), but
+    faster forward + backward on a CPU at the small per-group shapes of a response batch, where
+    the fused kernel's per-call set-up dominates.
+    """
+    g, heads, width, d = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    rep = heads // kv_heads
+    scores = torch.matmul(q.reshape(g, kv_heads, rep * width, d), k.transpose(-1, -2))  # [g, kv_heads, rep·W, L]
+    scores = softcap(scores.view(g, kv_heads, rep, width, length) * scale, cap)
+    if mask is not None:
+        scores = scores + mask[:, :, None]
+    scores = scores.softmax(-1)
+    if dropout:
+        scores = F.dropout(scores, dropout)
+    return torch.matmul(scores.view(g, kv_heads, rep * width, length), v).view(g, heads, width, d)
+
+
+def _group_masks(flat: FlatResponses, prompt_attention: torch.Tensor, owner: torch.Tensor, windows, x: torch.Tensor):
+    """Per window value (None = full attention), per group, an additive mask ``[g, 1, W, P + W]``:
+    the prompt's real tokens, then the response causally, then keys more than a window behind.
+    Padded query slots sit at the positions after their row's response and see at least
+    themselves (no all-masked row, so no NaN reaches the backward pass)."""
+    prompt_blocked = prompt_attention == 0
+    prompt_pos = prompt_attention.long().cumsum(-1) - 1  # [u, P] (padding: masked anyway)
+    prompt_real = prompt_attention.long().sum(-1)  # [u]
+    masks: dict[int | None, list[torch.Tensor]] = {}
+    for window in dict.fromkeys(windows):
+        masks[window] = []
+        for rows, width, _ in flat.groups:
+            prompts = owner[rows]
+            steps = torch.arange(width, device=x.device)
+            blocked = torch.cat([prompt_blocked[prompts][:, None, :].expand(-1, width, -1),
+                                 torch.ones((width, width), dtype=torch.bool, device=x.device).triu(1).expand(rows.numel(), -1, -1)],
+                                dim=-1)  # [g, W, P + W]
+            query_pos = prompt_real[prompts][:, None] + steps  # [g, W]
+            far = window_blocked(query_pos, torch.cat([prompt_pos[prompts], query_pos], dim=-1), window)
+            if far is not None:
+                blocked = blocked | far
+            masks[window].append(x.new_zeros(blocked.shape).masked_fill_(blocked, float("-inf"))[:, None])
+    return masks
+
+
+def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], prompt_attention: torch.Tensor,
+                    owner: torch.Tensor, tokens: torch.Tensor, flat: FlatResponses,
+                    complex_rotary: bool | None = None) -> torch.Tensor:
+    """Logits after every real response token, responses attending to their prompts' cached keys/values.
+
+    All ``N`` real response tokens go through the projections, MLPs, norms and LM head as one
+    ``[N, hidden]`` batch (no padding, one matrix product per weight); only attention, a small
+    share of the cost, runs per length group on a padded ``[g, heads, W, d]`` layout (with
+    :func:`attention`). The same computation as the model's ``forward`` with ``past_key_values``,
+    up to summation order (differentiable).
+
+    Sliding-window layers: ``prompt_kv`` must hold *every* prompt position (a cache that evicts,
+    like ``DynamicCache(config=…)`` for windowed models, does not: run the prompt forward with an
+    explicit ``past_key_values=DynamicCache()``); the window is applied here, by position.
+    Dynamic/longrope RoPE: exact while the longest sequence is within ``spec.exact_up_to``
+    (see :func:`~dapo_rl.models.spec.supports_fast_path` with ``max_length``).
+
+    Args:
+        model: a model :func:`~dapo_rl.models.spec.supports_fast_path` accepts.
+        prompt_kv: per layer ``(keys, values)`` of the distinct prompts, ``[u, kv_heads, P, d]``
+            each (rotary applied: what the model's cache holds after a prompt forward).
+        prompt_attention: ``[u, P]`` 1 on real prompt tokens, 0 on left padding.
+        owner: ``[rows]`` which distinct prompt each response continues.
+        tokens: ``[N]`` the response tokens in ``flat`` order.
+        flat: where each token sits.
+        complex_rotary: force rotary as a complex product (True) or Hugging Face's rotate-half
+            form (False); None picks the complex product where it applies (float32/float64, no autocast).
+
+    Returns:
+        ``[N, vocab]`` logits (final soft-capping applied); entry j predicts the token after flat token j.
+    """
+    spec = read_spec(model)
+    inner = model.model
+    n = tokens.numel()
+    heads, kv_heads, d, rd = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
+    x = inner.embed_tokens(tokens)  # [N, hidden] (scaled, for Gemma)
+    if complex_rotary is None:
+        # Under autocast the products' outputs are bfloat16/float16, which have no complex type.
+        complex_rotary = not torch.is_autocast_enabled(x.device.type) and all(
+            rope.complex_rotary_applies(inner.rotary_emb, x.dtype, x.device, kind) for kind in spec.kinds)
+    turns = []  # per rotary kind: complex [N, 1, r/2], or (cos, sin) [N, 1, r]
+    for kind in spec.kinds:
+        cos, sin = rope.rotary_cos_sin(inner.rotary_emb, x, flat.positions, kind)
+        cos, sin = cos[:, None], sin[:, None]
+        turns.append(torch.complex(cos[..., : rd // 2], sin[..., : rd // 2]) if complex_rotary else (cos, sin))
+    order = rope.rotary_order(d, rd).to(x.device) if complex_rotary else None
+    # Without q/k norms the permutation goes into the weight rows (no copy of activations);
+    # per-head norms run on Hugging Face's order (the norm modules' own weights), then permute.
+    qk_rows = rope.qk_weight_rows(heads + kv_heads, d, x.device, rd) if complex_rotary and not spec.qk_norm else None
+    masks = _group_masks(flat, prompt_attention, owner, spec.windows, x)
+    kind_index = {kind: i for i, kind in enumerate(spec.kinds)}
+    bounds, start = [], 0
+    for _, _, slots in flat.groups:
+        bounds.append((start, start + slots.numel()))
+        start += slots.numel()
+
+    def padded(t: torch.Tensor, group: int) -> torch.Tensor:
+        """The group's tokens of ``t [N, heads, d]`` → ``[g, heads, W, d]``, zeros on padding."""
+        rows, width, slots = flat.groups[group]
+        lo, hi = bounds[group]
+        out = t.new_zeros((rows.numel() * width, *t.shape[1:])).index_copy(0, slots, t[lo:hi])
+        return out.view(rows.numel(), width, *t.shape[1:]).transpose(1, 2)
+
+    dropout = getattr(model.config, "attention_dropout", 0.0) if model.training else 0.0
+    for i, (layer, (prompt_keys, prompt_values)) in enumerate(zip(inner.layers, prompt_kv)):
+        attn = layer.self_attn
+        weight, bias = qkv_params(spec, attn, qk_rows)
+        qkv = F.linear(layer.input_layernorm(x), weight, bias).view(n, heads + 2 * kv_heads, d)
+        q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+        if spec.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            if order is not None:
+                q, k = q[..., order], k[..., order]
+        turn = turns[kind_index[spec.rotary_kinds[i]]]
+        if complex_rotary:
+            prompt_keys = prompt_keys[..., order]
+            q, k = rope.apply_rotary(q, turn), rope.apply_rotary(k, turn)
+        else:
+            q, k = rope.rotate_half_form(q, *turn), rope.rotate_half_form(k, *turn)
+        outs = []
+        for g, (rows, width, slots) in enumerate(flat.groups):
+            prompt_rows = owner[rows]
+            out = attention(
+                padded(q, g), torch.cat([prompt_keys[prompt_rows], padded(k, g)], dim=2),
+                torch.cat([prompt_values[prompt_rows], padded(v, g)], dim=2), masks[spec.windows[i]][g], spec.scaling,
+                dropout=dropout, cap=spec.attn_softcap,
+            )  # [g, heads, W, d]
+            outs.append(out.transpose(1, 2).reshape(rows.numel() * width, -1).index_select(0, slots))
+        o = attn.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+        if spec.sandwich_norms:
+            x = x + layer.post_attention_layernorm(o)
+            x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+        else:
+            x = x + _resid_dropout(layer, "resid_attn_dropout", o)
+            x = x + _resid_dropout(layer, "resid_mlp_dropout", layer.mlp(layer.post_attention_layernorm(x)))
+    return softcap(model.lm_head(inner.norm(x)), spec.final_softcap)
+
+
+def _resid_dropout(layer, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Phi-3's dropout on each branch output (identity elsewhere and in eval mode)."""
+    module = getattr(layer, name, None)
+    return x if module is None else module(x)

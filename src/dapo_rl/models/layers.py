@@ -1,0 +1,72 @@
+"""Pieces of a decoder layer both fast paths share, written once from a :class:`~dapo_rl.models.spec.ModelSpec`:
+the fused query/key/value product, the fused gate/up product, norm scales, the MLP activation,
+soft-capping and sliding-window masks. All differentiable (the trainer builds them per forward,
+since the optimiser changes the weights)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from dapo_rl.models.spec import ModelSpec
+
+F = torch.nn.functional
+
+
+def qkv_params(spec: ModelSpec, attn, qk_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[W_q; W_k; W_v]`` ``[(heads + 2·kv_heads)·d, hidden]`` and its bias (or None), the
+    query/key rows reordered by ``qk_rows`` (:func:`~dapo_rl.models.rotary.qk_weight_rows`) when
+    given. Phi-3's ``qkv_proj`` already stacks them in this order."""
+    if spec.fused_qkv:
+        weight, bias = attn.qkv_proj.weight, attn.qkv_proj.bias
+        if qk_rows is None:
+            return weight, bias
+        qk = (spec.heads + spec.kv_heads) * spec.head_dim
+        return torch.cat([weight[qk_rows], weight[qk:]]), (None if bias is None else torch.cat([bias[qk_rows], bias[qk:]]))
+    qk = torch.cat([attn.q_proj.weight, attn.k_proj.weight])
+    weight = torch.cat([qk if qk_rows is None else qk[qk_rows], attn.v_proj.weight])
+    if not spec.qkv_bias:
+        return weight, None
+    qk_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias])
+    return weight, torch.cat([qk_b if qk_rows is None else qk_b[qk_rows], attn.v_proj.bias])
+
+
+def gate_up_params(spec: ModelSpec, mlp) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[W_gate; W_up]`` ``[2·intermediate, hidden]`` and its bias (or None)."""
+    if spec.fused_gate_up:
+        return mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
+    weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    return weight, (torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]) if spec.mlp_bias else None)
+
+
+def norm_scale(spec: ModelSpec, norm, order: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """An RMSNorm module's effective scale ``[n]`` (Gemma's ``1 + w``; reordered by ``order`` when
+    given, for per-head norms on permuted queries/keys) and its epsilon."""
+    weight = norm.weight if order is None else norm.weight[order]
+    eps = getattr(norm, "variance_epsilon", None)
+    eps = norm.eps if eps is None else eps
+    return (weight + spec.norm_offset if spec.norm_offset else weight), float(eps)
+
+
+def activation(spec: ModelSpec):
+    """The MLP's gate activation as a function of one tensor (same arithmetic as the model's module)."""
+    if spec.activation == "silu":
+        return F.silu
+    if spec.activation == "gelu_tanh":
+        return functools.partial(F.gelu, approximate="tanh")
+    return F.gelu
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap · tanh(x / cap)`` in Hugging Face's order of operations (x unchanged when cap is None)."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def window_blocked(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """Bool ``[…, q, k]``: key too far behind the query for a sliding window of ``window`` keys
+    (Hugging Face's rule: a query at position p sees keys at positions > p − window); None when
+    the layer attends everything. ``query_pos [..., q]``, ``key_pos [..., k]``."""
+    if window is None:
+        return None
+    return (query_pos[..., :, None] - key_pos[..., None, :]) >= window
