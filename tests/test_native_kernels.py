@@ -84,6 +84,45 @@ def test_decode_attention_equals_sdpa(kernels, heads, kv_heads, length, masked):
     torch.testing.assert_close(got, expected.reshape(rows, heads * d), rtol=1e-5, atol=1e-6)
 
 
+def test_rotary_append_with_per_head_norms_and_partial_rotary(kernels):
+    # Qwen3/Gemma3: RMSNorm of each query and key head before rotary; Phi-3: only the first r dims turn.
+    gen = torch.Generator().manual_seed(5)
+    rows, heads, kv_heads, d, r, capacity, pos = 3, 4, 2, 16, 8, 6, 2
+    qkv, cache, _ = _qkv_and_cache(rows, heads, kv_heads, d, capacity, gen)
+    angles = torch.rand(rows, 1, r // 2, generator=gen) * 6.28
+    rotation = torch.polar(torch.ones_like(angles), angles)
+    q_norm, k_norm = (torch.randn(d, generator=gen), 1e-6), (torch.randn(d, generator=gen), 1e-6)
+    expected = qkv.clone()
+    expected[:, :heads] = F.rms_norm(expected[:, :heads], (d,), *q_norm)
+    expected[:, heads : heads + kv_heads] = F.rms_norm(expected[:, heads : heads + kv_heads], (d,), *k_norm)
+    expected[:, : heads + kv_heads, :r] = rotate_pairs(expected[:, : heads + kv_heads, :r], rotation)
+    expected_cache = cache.clone()
+    expected_cache[:rows, :, pos] = expected[:, heads:]
+    kernels.rotary_append(qkv, rotation, cache, heads, pos, q_norm, k_norm)
+    torch.testing.assert_close(qkv, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache, expected_cache, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("first,softcap", [(0, 2.0), (4, None), (4, 1.5)])
+def test_decode_attention_over_a_window_with_soft_capping(kernels, first, softcap):
+    # Sliding-window layers read positions first … length−1; Gemma2 caps scores at softcap·tanh(s / softcap).
+    gen = torch.Generator().manual_seed(6)
+    rows, heads, kv_heads, d, length = 4, 4, 2, 16, 11
+    qkv, cache, _ = _qkv_and_cache(rows, heads, kv_heads, d, length + 2, gen)
+    mask = torch.zeros(rows, length + 2)
+    mask[1, :6] = float("-inf")  # left padding reaching into the window
+    scale = 0.3
+    got = kernels.attention(qkv, cache, mask, heads, length, scale, first, softcap)
+    q = qkv[:, :heads].reshape(rows, kv_heads, heads // kv_heads, d)
+    keys, values = cache[:rows, :kv_heads, first:length], cache[:rows, kv_heads:, first:length]
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + mask[:rows, None, None, first:length]
+    expected = torch.matmul(scores.softmax(-1), values).reshape(rows, heads * d)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     tokenizer = build_char_tokenizer(VOCAB)

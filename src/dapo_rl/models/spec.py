@@ -220,7 +220,7 @@ def read_spec(model) -> ModelSpec:
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(model_type)
     if family is None:
-        reason = KNOWN_UNSUPPORTED.get(model_type, "no fast-decoder spec for this architecture")
+        reason = KNOWN_UNSUPPORTED.get(model_type, "this architecture")
         raise Unsupported(f"{type(model).__name__} ({model_type}): {reason}")
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
@@ -270,7 +270,7 @@ def read_spec(model) -> ModelSpec:
     )
     _check_weights(spec, model)  # a mismatch is an error even where the model would fall back
     if impl not in ("sdpa", "eager"):
-        raise Unsupported(f"{family.name}: attention implementation {impl!r} (sdpa and eager are)")
+        raise Unsupported(f"{family.name}: attention implementation {impl!r}")
     if activation is None:
         raise Unsupported(f"{family.name}: activation {getattr(config, family.activation_key, None)!r}")
     if getattr(config, "pretraining_tp", 1) != 1:
@@ -294,13 +294,14 @@ def _cos_of(rotary, embed, kind):
     return rotary_cos_sin(rotary, embed[:1].detach()[None], torch.arange(2, device=embed.device), kind)
 
 
-_announced: set[str] = set()
+# Reasons already announced in this process (tests may clear it).
+announced: set[str] = set()
 
 
 def announce_fallback(reason: str) -> None:
     """Log, once per process and reason, that a model runs through the Hugging Face forward."""
-    if reason not in _announced:
-        _announced.add(reason)
+    if reason not in announced:
+        announced.add(reason)
         logger.warning("%s; using the Hugging Face forward", reason)
 
 

@@ -1,0 +1,275 @@
+"""Every supported family through the spec decoder, exact against Hugging Face: the engine's
+log-probs against a full single-sequence forward, greedy samples against ``generate``, the
+trainer's flat forward (log-probs and gradients) against the padded full forward, left padding,
+the one-line fallback notice and the one-line weight-mismatch error."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+import transformers as tf
+from transformers import DynamicCache
+
+from dapo_rl.data.synthetic import VOCAB
+from dapo_rl.models import rotary as rope
+from dapo_rl.models import spec as spec_module
+from dapo_rl.models.flat import FlatResponses, response_logits
+from dapo_rl.models.spec import SpecMismatchError, check_checkpoint_keys, fast_spec, read_spec, supports_fast_path
+from dapo_rl.models.tiny import build_char_tokenizer
+from dapo_rl.rollout import HFGenerateEngine, SamplingParams
+from dapo_rl.rollout.fast import FastRolloutEngine, has_sliding_layers
+from dapo_rl.rollout.hf import left_pad
+
+TOK = build_char_tokenizer(VOCAB)
+# head_dim 16 ≠ hidden / heads = 12; grouped-query attention (4 query heads on 2 key/value heads).
+COMMON = dict(vocab_size=len(TOK), hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=TOK.pad_token_id,
+              bos_token_id=TOK.bos_token_id, eos_token_id=TOK.eos_token_id, tie_word_embeddings=False)
+
+# name: (config class, model class, config overrides). Windows of 4–7 tokens, shorter than the
+# prompt + response sequences below (up to 9 + 12 tokens).
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama-rope-linear": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
+    "llama-rope-dynamic": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})),
+    "llama-rope-llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "llama-rope-yarn": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen2-bias-window": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "qwen3-qk-norm": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
+    "phi3-partial-rotary-window": ("Phi3Config", "Phi3ForCausalLM", dict(partial_rotary_factor=0.5, sliding_window=7)),
+    "phi3-rope-longrope": ("Phi3Config", "Phi3ForCausalLM", dict(hidden_size=64, max_position_embeddings=128, original_max_position_embeddings=32, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        "long_factor": [2.0 + 0.3 * i for i in range(8)], "original_max_position_embeddings": 32})),
+    # Eager attention: the implementation that applies Gemma2's attention soft-capping.
+    "gemma2-softcap-window": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=3.0, query_pre_attn_scalar=24,
+        attn_implementation="eager")),
+    "gemma3-window-local-global": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        sliding_window=5, sliding_window_pattern=2, query_pre_attn_scalar=24, rope_parameters={
+            "full_attention": {"rope_type": "linear", "rope_theta": 100000.0, "factor": 2.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+}
+WINDOWED = [name for name in CASES if "window" in name]
+PROMPTS = [TOK(text)["input_ids"] for text in ("12=", "3456..=", "7=", "98765432=")]  # different lengths: left padding
+_built: dict[str, torch.nn.Module] = {}
+
+
+def family(name: str) -> torch.nn.Module:
+    """The case's tiny float32 model, every 1-D weight (norm scales, biases) randomised so that
+    a wrong norm offset or a dropped bias shows."""
+    if name not in _built:
+        config_cls, model_cls, overrides = CASES[name]
+        kwargs = {**COMMON, **overrides}
+        attn = kwargs.pop("attn_implementation", None)
+        config = getattr(tf, config_cls)(**kwargs)
+        if attn:
+            config._attn_implementation = attn
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sum(map(ord, name)))
+            model = getattr(tf, model_cls)(config).float().eval()
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.ndim == 1:
+                        p.normal_(0.0, 0.3)
+        _built[name] = model
+    return _built[name]
+
+
+def _full_logprobs(model, prompt, response, temperature=1.0):
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+def _engine(model, **options):
+    return FastRolloutEngine(model, pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id, **options)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_spec_is_read_and_the_engine_log_probs_equal_a_full_forward(name):
+    model = family(name)
+    spec = fast_spec(model, 32)
+    assert spec is not None and spec.head_dim == 16 and spec.kv_heads == 2
+    assert has_sliding_layers(model.config) == (name in WINDOWED) == any(w is not None for w in spec.windows)
+    torch.manual_seed(0)
+    params = SamplingParams(temperature=1.0, max_new_tokens=12)
+    groups = _engine(model).generate(PROMPTS, 3, params)
+    assert max(len(p) + len(s.response_ids) for p, g in zip(PROMPTS, groups) for s in g) > 8  # past every window
+    for prompt, group in zip(PROMPTS, groups):
+        for sample in group:
+            expected = _full_logprobs(model, prompt, sample.response_ids)
+            torch.testing.assert_close(torch.tensor(sample.logprobs, dtype=torch.float64), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_greedy_samples_equal_hf_generate(name):
+    model = family(name)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    fast = _engine(model).generate(PROMPTS, 1, greedy)
+    ref = HFGenerateEngine(model, pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id).generate(PROMPTS, 1, greedy)
+    assert [g[0].response_ids for g in fast] == [g[0].response_ids for g in ref]
+
+
+SPREAD = ["qwen3-qk-norm", "phi3-partial-rotary-window", "gemma2-softcap-window", "gemma3-window-local-global"]
+
+
+@pytest.mark.parametrize("name", SPREAD)
+def test_pytorch_ops_decode_like_the_fused_kernels(name, monkeypatch):
+    # The decoder's other paths: plain float32 products and PyTorch ops (no C kernels, as on a
+    # GPU), then Hugging Face's rotate-half form (no complex rotary, as in bfloat16).
+    model = family(name)
+    params = SamplingParams(temperature=1.0, max_new_tokens=12)
+    runs = []
+    for options in ({}, {"native_kernels": False, "pack_weights": False}, {"native_kernels": False}):
+        if len(runs) == 2:
+            monkeypatch.setattr(rope, "complex_rotary_applies", lambda *args: False)
+        torch.manual_seed(4)
+        runs.append(_engine(model, **options).generate(PROMPTS, 2, params))
+    for run in runs[1:]:
+        assert [[s.response_ids for s in g] for g in run] == [[s.response_ids for s in g] for g in runs[0]]
+        for a, b in zip(run, runs[0]):
+            for sa, sb in zip(a, b):
+                torch.testing.assert_close(torch.tensor(sa.logprobs), torch.tensor(sb.logprobs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral-window", "gemma2-softcap-window", "gemma3-window-local-global"])
+def test_left_padding_changes_nothing(name):
+    model = family(name)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
+    alone = _engine(model).generate(PROMPTS[:1], 1, greedy)[0][0]
+    batched = _engine(model).generate(PROMPTS, 1, greedy)[0][0]  # prompt 0 left-padded by 7
+    assert alone.response_ids == batched.response_ids
+    torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(batched.logprobs), atol=1e-5, rtol=0)
+
+
+def _padded_logprobs(model, prompts, owner, responses):
+    """Log-probs ``[N]`` of every response token (row by row) from one padded forward of all rows
+    (one forward per row under eager attention, whose float32 softmax turns an all-masked padding
+    row into NaN in float64, which its values then spread)."""
+    if model.config._attn_implementation == "eager" and len(responses) > 1:
+        return torch.cat([_padded_logprobs(model, prompts, [o], [r]) for o, r in zip(owner, responses)])
+    seqs = [prompts[o] + r for o, r in zip(owner, responses)]
+    width_p, width_r = max(len(p) for p in prompts), max(len(r) for r in responses)
+    ids = torch.full((len(seqs), width_p + width_r), TOK.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, (o, r) in enumerate(zip(owner, responses)):
+        p = prompts[o]
+        ids[i, width_p - len(p) : width_p + len(r)] = torch.tensor(p + r)
+        mask[i, width_p - len(p) : width_p + len(r)] = 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    logp = torch.log_softmax(logits[:, width_p - 1 : -1], -1)
+    return torch.cat([logp[i, : len(r)].gather(-1, torch.tensor(r)[:, None]).squeeze(-1) for i, r in enumerate(responses)])
+
+
+def _flat_logprobs(model, prompts, owner, responses, complex_rotary=None):
+    """The same log-probs from one prompt forward (keys kept whole: ``DynamicCache()``) and
+    :func:`response_logits` on top, groups of two rows."""
+    ids, attention = left_pad(prompts, TOK.pad_token_id)
+    out = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp_min(0),
+                past_key_values=DynamicCache(), use_cache=True)
+    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    rows = list(range(len(responses)))
+    groups = [rows[i : i + 2] for i in range(0, len(rows), 2)]
+    flat = FlatResponses.build(groups, [len(prompts[o]) for o in owner], [len(r) for r in responses], torch.device("cpu"))
+    owner_t = torch.tensor(owner)
+    tokens = torch.tensor([responses[r][s] for r, s in zip(flat.row_of.tolist(), flat.step_of.tolist())])
+    after = response_logits(model, kv, attention, owner_t, tokens, flat, complex_rotary=complex_rotary)
+    n = tokens.numel()
+    source = torch.where(flat.step_of == 0, n + owner_t[flat.row_of], torch.arange(n) - 1)
+    logp = torch.log_softmax(torch.cat([after, out.logits[:, -1]])[source], -1).gather(-1, tokens[:, None]).squeeze(-1)
+    # Back to row-by-row order, as _padded_logprobs.
+    order = sorted(range(n), key=lambda j: (flat.row_of[j].item(), flat.step_of[j].item()))
+    return logp[torch.tensor(order)]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_flat_training_forward_equals_the_padded_forward_in_float64(name):
+    _check_flat_forward(name, complex_rotary=None)
+
+
+@pytest.mark.parametrize("name", SPREAD)
+def test_flat_training_forward_with_the_rotate_half_form(name):
+    # The trainer's path under autocast (no complex bfloat16), checked in float64.
+    _check_flat_forward(name, complex_rotary=False)
+
+
+def _check_flat_forward(name: str, complex_rotary: bool | None) -> None:
+    """:func:`response_logits` log-probs and gradients against the padded full forward (float64)."""
+    model = family(name).double()
+    try:
+        gen = torch.Generator().manual_seed(1)
+        prompts = [PROMPTS[1], PROMPTS[3], PROMPTS[0]]
+        if model.config._attn_implementation == "eager":
+            # (see _padded_logprobs: the prompt forward must not pad either)
+            prompts = [TOK(text)["input_ids"] for text in ("3456..=", "1212.0=", "98.765=")]
+        owner = [0, 0, 1, 1, 2]
+        responses = [torch.randint(3, len(TOK), (k,), generator=gen).tolist() for k in (9, 4, 12, 1, 7)]
+        results = []
+        for forward in (_padded_logprobs, functools.partial(_flat_logprobs, complex_rotary=complex_rotary)):
+            model.zero_grad()
+            logp = forward(model, prompts, owner, responses)
+            weights = torch.randn(logp.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+            (logp * weights).sum().backward()
+            results.append((logp.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        (full_logp, full_grad), (flat_logp, flat_grad) = results
+        torch.testing.assert_close(flat_logp, full_logp, rtol=1e-6, atol=1e-6 * full_logp.abs().max().item())
+        torch.testing.assert_close(flat_grad, full_grad, rtol=1e-6, atol=1e-6 * full_grad.abs().max().item())
+    finally:
+        model.float()
+
+
+def test_an_unsupported_architecture_falls_back_announced_once_in_one_line(caplog, monkeypatch):
+    monkeypatch.setattr(spec_module, "announced", set())
+    config = tf.GPT2Config(vocab_size=len(TOK), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                           bos_token_id=TOK.bos_token_id, eos_token_id=TOK.eos_token_id)
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(config).eval()
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+    with caplog.at_level(logging.WARNING, logger="dapo_rl.models.spec"):
+        runs = [_engine(model).generate(PROMPTS, 1, greedy) for _ in range(2)]
+        assert not supports_fast_path(model)
+    notices = [r.getMessage() for r in caplog.records if r.name == "dapo_rl.models.spec"]
+    assert notices == ["GPT2LMHeadModel (gpt2): this architecture not supported by the fast decoder; using the Hugging Face forward"]
+    ref = HFGenerateEngine(model, pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id).generate(PROMPTS, 1, greedy)
+    assert [g[0].response_ids for g in runs[0]] == [g[0].response_ids for g in ref]
+
+
+def test_length_dependent_rope_falls_back_past_its_exact_length(caplog, monkeypatch):
+    monkeypatch.setattr(spec_module, "announced", set())
+    model = family("llama-rope-dynamic")
+    spec = read_spec(model)
+    assert spec.exact_up_to == 63 and spec.exact_for(63) and not spec.exact_for(64) and not spec.exact_for(None)
+    longrope = read_spec(family("phi3-rope-longrope"))
+    assert longrope.exact_up_to == 32 and longrope.rotary_dim == 16 and read_spec(family("phi3-partial-rotary-window")).rotary_dim == 8
+    with caplog.at_level(logging.WARNING, logger="dapo_rl.models.spec"):
+        out = _engine(model).generate(PROMPTS[:1], 1, SamplingParams(temperature=0.0, max_new_tokens=60))
+    assert len(out[0][0].response_ids) > 0
+    (notice,) = [r.getMessage() for r in caplog.records if r.name == "dapo_rl.models.spec"]
+    assert "dynamic RoPE past 63 tokens" in notice and "\n" not in notice
+
+
+def test_a_family_whose_weights_do_not_match_raises_one_line_naming_the_tensor():
+    config_cls, model_cls, overrides = CASES["qwen3-qk-norm"]
+    torch.manual_seed(0)
+    model = getattr(tf, model_cls)(getattr(tf, config_cls)(**{**COMMON, **overrides})).eval()
+    keys = list(model.state_dict())
+    with pytest.raises(SpecMismatchError, match=r"^Qwen3 config, but the checkpoint has no tensor model\.layers\.1\.self_attn\.q_norm\.weight$"):
+        check_checkpoint_keys(read_spec(model), model.config, [k for k in keys if k != "model.layers.1.self_attn.q_norm.weight"])
+    model.model.layers[1].self_attn.q_norm = None
+    with pytest.raises(SpecMismatchError) as error:
+        _engine(model).generate(PROMPTS, 1, SamplingParams(max_new_tokens=4))
+    assert str(error.value) == "Qwen3 config, but the model has no tensor model.layers.1.self_attn.q_norm.weight"
+    assert isinstance(error.value, ValueError)
+    # A tensor the family would ignore is as wrong as a missing one.
+    llama = getattr(tf, "LlamaForCausalLM")(tf.LlamaConfig(**COMMON))
+    llama.model.layers[0].self_attn.q_proj.bias = torch.nn.Parameter(torch.zeros(64))
+    with pytest.raises(SpecMismatchError, match="model.layers.0.self_attn.q_proj.bias"):
+        read_spec(llama)
