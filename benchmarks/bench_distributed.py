@@ -12,6 +12,12 @@ task for ``--steps`` steps with the DAPO defaults, and reports:
 
     python benchmarks/bench_distributed.py --size 512x8 --nproc 2 --steps 3
     python benchmarks/bench_distributed.py --device cuda --nproc 8 --size 2048x16   # on a GPU node
+    python benchmarks/bench_distributed.py --size 64x2 --steps 1 --warmup 0 --prompts 2   # smoke run
+
+Options: ``--size`` (hidden x layers, any; heads = hidden / 64, at least 1), ``--nproc`` (ranks),
+``--strategies`` (comma list of ddp, fsdp2), ``--steps`` / ``--warmup`` (measured / unmeasured
+steps), ``--prompts`` (prompts per step, 8 samples each), ``--threads`` (torch threads per rank),
+``--device``.
 
 On a CUDA machine ``--device cuda`` uses NCCL and reports ``torch.cuda.max_memory_allocated``
 per rank instead of the resident set.
@@ -47,7 +53,7 @@ def worker(a) -> None:
     from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
     from dapo_rl.rewards import resolve_reward_fn
     from dapo_rl.training.distributed import init_distributed, shutdown_distributed
-    from dapo_rl.training.run import build_engine, resolve_device
+    from dapo_rl.training.run import run_device, run_engine
     from dapo_rl.training.trainer import Trainer
 
     torch.set_num_threads(a.threads)
@@ -59,7 +65,7 @@ def worker(a) -> None:
     ])
     ctx = init_distributed(config.model.device, config.distributed.strategy)
     torch.manual_seed(ctx.rank)
-    device, autocast = resolve_device(config, ctx.local_rank)
+    device, autocast = run_device(config, ctx.local_rank)
     tokenizer = build_char_tokenizer(VOCAB)
     model = build_tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=max(1, hidden // 64),
                              intermediate_size=hidden * 8 // 3, max_positions=128, seed=0).to(device)
@@ -68,7 +74,7 @@ def worker(a) -> None:
     # A random model is never right on the chain task: reward the share of digits instead, so that
     # groups have spread and every step trains.
     reward = resolve_reward_fn(lambda response, truth, meta: sum(c.isdigit() for c in response) / max(1, len(response)))
-    trainer = Trainer(config, model, tokenizer, prompts, None, reward, build_engine(config, model, tokenizer),
+    trainer = Trainer(config, model, tokenizer, prompts, None, reward, run_engine(config, model, tokenizer),
                       device=device, autocast_dtype=autocast, dist=ctx)
     times = []
     for step in range(a.steps + a.warmup):
@@ -121,7 +127,7 @@ def main() -> None:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         ranks = result["ranks"]
         print(f"{strategy:6s} {result['params'] / 1e6:6.1f} M params  {ranks[0]['s_step']:6.2f} s/step  "
-              f"params+grads+Adam per rank {max(r['state_mib'] for r in ranks):7.1f} MiB  "
+              f"params+grads+Adam per rank {max(r['state_mib'] for r in ranks):7.2f} MiB  "
               f"peak per rank {max(r['peak_mib'] for r in ranks):7.0f} MiB  loadavg {os.getloadavg()[0]:.2f}", flush=True)
 
 

@@ -1,14 +1,25 @@
 """Our DAPO trainer vs TRL's GRPOTrainer (configured as DAPO) on identical work, side by side.
 
-Both frameworks get the same randomly initialised Llama (weights saved once, loaded by both), the
+Both frameworks get the same randomly initialised model (weights saved once, loaded by both), the
 same character tokenizer, the same prompts, the same reward (a cheap content score plus the soft
 overlong punishment), the same batch shape (8 prompts × 8 samples, ≤ 64 new tokens, one
 optimiser update per rollout), the same optimiser settings and seed. Each run is a fresh
 subprocess (so its peak RSS is its own); runs alternate ours/TRL so both see the same background
-load. Printed per model size: median completion tokens/s, seconds per step, peak RSS, ratios.
+load. Printed per model family and size: median completion tokens/s, seconds per step, peak RSS,
+ratios.
 
-    python benchmarks/bench_vs_trl.py                       # both sizes, 3 rounds each
+    python benchmarks/bench_vs_trl.py                       # Llama, both sizes, 3 rounds each
     python benchmarks/bench_vs_trl.py --sizes 256x4 --rounds 5 --steps 4
+    python benchmarks/bench_vs_trl.py --arch llama,qwen2,gemma2 --sizes 256x4
+    python benchmarks/bench_vs_trl.py --sizes 64x2 --rounds 1 --steps 1 --warmup 0   # smoke run (seconds)
+
+Options: ``--sizes`` (comma list of hidden×layers from ``SIZES``: 64x2 (smoke tests only), 256x4,
+512x8), ``--arch`` (comma list of model families from ``ARCHS``, default llama; see
+:func:`build_model` for what each family's model is), ``--rounds`` (ours/TRL pairs per family and
+size), ``--steps`` / ``--warmup`` (measured / unmeasured steps per run), ``--seed``,
+``--same-seed``, ``--threads``, ``--engine`` (our rollout engine), ``--frameworks`` (ours, trl or
+both), ``--trl-keep-freed-memory``, ``--json`` (write every run's results, keyed by family then
+size).
 
 Needs ``pip install trl==1.16.0`` (benchmark-only; the library never imports TRL).
 
@@ -53,9 +64,14 @@ MAX_NEW_TOKENS = 64
 OVERLONG_CACHE = 16  # L_cache of the soft overlong punishment (both frameworks)
 LR = 1e-5
 SIZES = {  # hidden × layers → (hidden, layers, heads, intermediate); intermediate ≈ 8/3·hidden (Llama)
+    "64x2": (64, 2, 4, 176),  # for smoke tests (tests/test_benchmarks.py): seconds, not a measurement
     "256x4": (256, 4, 4, 688),
     "512x8": (512, 8, 8, 1376),
 }
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3")
+GQA_ARCHS = ("qwen2", "qwen3", "mistral", "gemma2")  # families whose released models share key/value heads
+SLIDING_WINDOW = 32  # Mistral's and Gemma 2's window: shorter than prompt + 64 new tokens, so it is exercised
+MAX_POSITIONS = 256
 
 
 # ----------------------------------------------------------------------------- shared definitions
@@ -76,25 +92,75 @@ def rss_kib() -> tuple[int, int]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
-def prepare(workdir: Path, size: str, steps: int, seed: int) -> Path:
-    """Save the model + tokenizer of ``size`` and the prompt list to ``workdir/size``."""
+def build_model(arch: str, tokenizer, size: str, seed: int):
+    """A randomly initialised float32 causal LM of family ``arch`` with the hidden size, layers,
+    query heads and MLP width of ``SIZES[size]``, deterministic by ``seed``.
+
+    Common to all families: the character tokenizer's vocabulary and special ids (``<pad>`` 0,
+    ``<s>`` 1, ``</s>`` 2), tied input/output embeddings, 256 positions, head dim = hidden / heads.
+    Per family (otherwise its config class's defaults):
+
+    - llama: multi-head attention (key/value heads = query heads): the model of every earlier run
+      (the same weights as ``dapo_rl.models.tiny.build_tiny_llama`` with this seed);
+    - qwen2: grouped-query attention (heads / 2 key/value heads), biases on the q/k/v projections
+      (always on in Qwen2), no sliding window (its default);
+    - qwen3: grouped-query attention, RMSNorm on queries and keys, no attention biases;
+    - mistral: grouped-query attention, sliding window ``SLIDING_WINDOW`` (32) on every layer;
+    - gemma2: grouped-query attention, layers alternating sliding window ``SLIDING_WINDOW`` (32) /
+      global, GeLU-tanh MLP, final logit soft-capping (30), query scaling by the head dim,
+      embeddings scaled by √hidden, extra norms after attention and MLP. Its attention-score
+      soft-capping (50) applies only under eager attention; both frameworks load the model with
+      transformers' default (SDPA), which leaves it out;
+    - phi3: multi-head attention with fused q/k/v and gate/up projections.
+    """
+    import torch
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    hidden, layers, heads, inter = SIZES[size]
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=heads // 2 if arch in GQA_ARCHS else heads,
+                  max_position_embeddings=MAX_POSITIONS, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    head_dim = hidden // heads
+    if arch == "llama":
+        config = LlamaConfig(**common)
+    elif arch == "qwen2":
+        config = Qwen2Config(**common, use_sliding_window=False)
+    elif arch == "qwen3":
+        config = Qwen3Config(**common, head_dim=head_dim, attention_bias=False, use_sliding_window=False)
+    elif arch == "mistral":
+        config = MistralConfig(**common, head_dim=head_dim, sliding_window=SLIDING_WINDOW)
+    elif arch == "gemma2":
+        config = Gemma2Config(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=SLIDING_WINDOW)
+    else:
+        config = Phi3Config(**common)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.float()
+
+
+def prepare(workdir: Path, size: str, steps: int, seed: int, arch: str = "llama") -> Path:
+    """Save the ``arch`` model of ``size`` + tokenizer and the prompt list to ``workdir/arch/size``."""
     import torch
 
     from dapo_rl.data.synthetic import VOCAB, builtin_splits
-    from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
+    from dapo_rl.models.tiny import build_char_tokenizer
 
-    hidden, layers, heads, inter = SIZES[size]
-    out = workdir / size
+    out = workdir / arch / size
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_char_tokenizer(VOCAB)
-    model = build_tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                             intermediate_size=inter, max_positions=256, seed=seed)
+    model = build_model(arch, tokenizer, size, seed)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     train, _ = builtin_splits(PROMPTS_PER_STEP * steps, 8, seed=seed)
     (out / "prompts.json").write_text(json.dumps([e.prompt for e in train]))
     params = sum(p.numel() for p in model.parameters())
-    (out / "meta.json").write_text(json.dumps({"params": params}))
+    (out / "meta.json").write_text(json.dumps({"params": params, "arch": arch, "size": size,
+                                               "model_type": model.config.model_type}))
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
@@ -111,7 +177,7 @@ def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, eng
     from dapo_rl.data.encoding import encode_prompts
     from dapo_rl.rewards import resolve_reward_fn
     from dapo_rl.training.host_memory import keep_freed_host_memory
-    from dapo_rl.training.run import build_engine
+    from dapo_rl.training.run import run_engine
     from dapo_rl.training.trainer import Trainer
 
     keep_freed_host_memory()  # as `dapo train` does
@@ -131,7 +197,7 @@ def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, eng
     texts = json.loads((folder / "prompts.json").read_text())
     prompts, _ = encode_prompts([Example(prompt=t, answer="0", metadata={}) for t in texts], tokenizer)
     reward = resolve_reward_fn(lambda response, truth, meta: content_reward(response))
-    engine_obj = build_engine(config, model, tokenizer)
+    engine_obj = run_engine(config, model, tokenizer)
     trainer = Trainer(config, model, tokenizer, prompts, None, reward, engine_obj, device=torch.device("cpu"))
     setup_rss = rss_kib()[0]
     rows = []
@@ -167,7 +233,7 @@ def run_trl(folder: Path, steps: int, warmup: int, seed: int, threads: int, keep
     texts = json.loads((folder / "prompts.json").read_text())
     # Serve prompts in the order our trainer's PromptStream does (TRL reads them in order), so
     # step k of both frameworks sees the same 8 prompts.
-    from dapo_rl.training.trainer import PromptStream
+    from dapo_rl.training.rollouts import PromptStream
 
     texts = PromptStream(texts, seed).take(len(texts))
     dataset = Dataset.from_dict({"prompt": texts})
@@ -245,8 +311,9 @@ def _summary(result: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="256x4,512x8")
-    parser.add_argument("--rounds", type=int, default=3, help="ours/TRL pairs per size")
+    parser.add_argument("--sizes", default="256x4,512x8", help=f"comma list of hidden x layers from {', '.join(SIZES)}")
+    parser.add_argument("--arch", default="llama", help=f"comma list of model families from {', '.join(ARCHS)}")
+    parser.add_argument("--rounds", type=int, default=3, help="ours/TRL pairs per family and size")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per run")
     parser.add_argument("--seed", type=int, default=0, help="model weights, prompt list; run seed of round 0")
@@ -258,7 +325,7 @@ def main() -> None:
                         "checkout of the library against an earlier TRL run)")
     parser.add_argument("--trl-keep-freed-memory", action="store_true",
                         help="give TRL's process the glibc malloc setting our trainer uses (keep_freed_host_memory)")
-    parser.add_argument("--json", help="also write all per-run results here")
+    parser.add_argument("--json", help="also write all per-run results here, as {family: {size: results}}")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     a = parser.parse_args()
@@ -272,48 +339,57 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    sizes, archs, frameworks = a.sizes.split(","), a.arch.split(","), a.frameworks.split(",")
+    for name, values, known in (("--sizes", sizes, SIZES), ("--arch", archs, ARCHS), ("--frameworks", frameworks, ("ours", "trl"))):
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            parser.error(f"{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+
     import torch
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-vs-trl-"))
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  torch {torch.__version__}  threads={a.threads}  "
           f"engine={a.engine}  trl_keep_freed_memory={a.trl_keep_freed_memory}  cpus={os.cpu_count()}  loadavg at start {_load()}")
-    everything = {}
-    for size in a.sizes.split(","):
-        folder = prepare(workdir, size, a.steps + a.warmup, a.seed)
-        params = json.loads((folder / "meta.json").read_text())["params"]
-        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
-        for rnd in range(a.rounds):
-            order = ("ours", "trl") if rnd % 2 == 0 else ("trl", "ours")  # alternate who goes first
-            order = tuple(fw for fw in order if fw in a.frameworks.split(","))
-            # One run seed per round, shared by the pair: both frameworks see the same prompts in
-            # the same order; across rounds the samples (hence lengths) vary, so medians average
-            # over sampling noise instead of repeating one draw per framework.
-            seed = a.seed + rnd if a.vary_seed else a.seed
-            for framework in order:
-                summary = _summary(_spawn(framework, folder, a, seed))
-                runs[framework].append(summary)
-                extra = (f" gen {summary['gen_s']:.2f}s score {summary['score_s']:.3f}s update {summary['update_s']:.2f}s"
-                         if "gen_s" in summary else "")
-                print(f"{size} round {rnd} seed {seed} {framework:4s}: {summary['tok_s']:7.0f} tok/s  {summary['s_step']:6.2f} s/step  "
-                      f"{summary['tokens_step']:5.0f} tok/step  peak {summary['peak_mib']:6.0f} MiB (after setup "
-                      f"{summary['setup_mib']:.0f}){extra}  load {summary['load']}", flush=True)
-        runs = {fw: rs for fw, rs in runs.items() if rs}
-        med = {fw: {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "s_step", "peak_mib", "tokens_step")}
-               for fw, rs in runs.items()}
-        for fw, rs in runs.items():  # pooled over all runs: Σ tokens / Σ seconds
-            med[fw]["pooled_tok_s"] = sum(r["tokens_step"] for r in rs) / sum(r["s_step"] for r in rs)
-        print(f"\n{size} ({params / 1e6:.2f} M params), medians of {a.rounds} runs × {a.steps} steps:")
-        print(f"  {'':6s} {'tok/s':>8s} {'pooled':>8s} {'s/step':>8s} {'tok/step':>9s} {'peak MiB':>9s}")
-        for fw in med:
-            print(f"  {fw:6s} {med[fw]['tok_s']:8.0f} {med[fw]['pooled_tok_s']:8.0f} {med[fw]['s_step']:8.2f} "
-                  f"{med[fw]['tokens_step']:9.0f} {med[fw]['peak_mib']:9.0f}")
-        if len(med) == 2:
-            print(f"  ours/TRL: tokens/s ×{med['ours']['tok_s'] / med['trl']['tok_s']:.2f} (pooled ×"
-                  f"{med['ours']['pooled_tok_s'] / med['trl']['pooled_tok_s']:.2f}), s/step ×"
-                  f"{med['ours']['s_step'] / med['trl']['s_step']:.2f}, peak RSS ×{med['ours']['peak_mib'] / med['trl']['peak_mib']:.2f}",
-                  flush=True)
-        print(flush=True)
-        everything[size] = {"params": params, "runs": runs, "medians": med}
+    everything: dict[str, dict] = {}
+    for arch in archs:
+        for size in sizes:
+            folder = prepare(workdir, size, a.steps + a.warmup, a.seed, arch)
+            params = json.loads((folder / "meta.json").read_text())["params"]
+            runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+            for rnd in range(a.rounds):
+                order = ("ours", "trl") if rnd % 2 == 0 else ("trl", "ours")  # alternate who goes first
+                order = tuple(fw for fw in order if fw in frameworks)
+                # One run seed per round, shared by the pair: both frameworks see the same prompts in
+                # the same order; across rounds the samples (hence lengths) vary, so medians average
+                # over sampling noise instead of repeating one draw per framework.
+                seed = a.seed + rnd if a.vary_seed else a.seed
+                for framework in order:
+                    summary = _summary(_spawn(framework, folder, a, seed))
+                    runs[framework].append(summary)
+                    extra = (f" gen {summary['gen_s']:.2f}s score {summary['score_s']:.3f}s update {summary['update_s']:.2f}s"
+                             if "gen_s" in summary else "")
+                    print(f"{arch} {size} round {rnd} seed {seed} {framework:4s}: {summary['tok_s']:7.0f} tok/s  "
+                          f"{summary['s_step']:6.2f} s/step  {summary['tokens_step']:5.0f} tok/step  peak "
+                          f"{summary['peak_mib']:6.0f} MiB (after setup {summary['setup_mib']:.0f}){extra}  load {summary['load']}",
+                          flush=True)
+            runs = {fw: rs for fw, rs in runs.items() if rs}
+            med = {fw: {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "s_step", "peak_mib", "tokens_step")}
+                   for fw, rs in runs.items()}
+            for fw, rs in runs.items():  # pooled over all runs: Σ tokens / Σ seconds
+                med[fw]["pooled_tok_s"] = sum(r["tokens_step"] for r in rs) / sum(r["s_step"] for r in rs)
+            print(f"\n{arch} {size} ({params / 1e6:.2f} M params), medians of {a.rounds} runs × {a.steps} steps:")
+            print(f"  {'':6s} {'tok/s':>8s} {'pooled':>8s} {'s/step':>8s} {'tok/step':>9s} {'peak MiB':>9s}")
+            for fw in med:
+                print(f"  {fw:6s} {med[fw]['tok_s']:8.0f} {med[fw]['pooled_tok_s']:8.0f} {med[fw]['s_step']:8.2f} "
+                      f"{med[fw]['tokens_step']:9.0f} {med[fw]['peak_mib']:9.0f}")
+            if len(med) == 2:
+                print(f"  {arch} {size} ours/TRL: tokens/s ×{med['ours']['tok_s'] / med['trl']['tok_s']:.2f} (pooled ×"
+                      f"{med['ours']['pooled_tok_s'] / med['trl']['pooled_tok_s']:.2f}), s/step ×"
+                      f"{med['ours']['s_step'] / med['trl']['s_step']:.2f}, peak RSS ×"
+                      f"{med['ours']['peak_mib'] / med['trl']['peak_mib']:.2f}", flush=True)
+            print(flush=True)
+            everything.setdefault(arch, {})[size] = {"arch": arch, "size": size, "params": params, "runs": runs,
+                                                     "medians": med}
     if a.json:
         Path(a.json).write_text(json.dumps(everything, indent=2))
 

@@ -1,12 +1,18 @@
 """This CPU's fp32 matrix-multiply rate: the limit the trainer's FLOP/s are compared with.
 
     python benchmarks/matmul_peak.py                 # 2048² (and the model-shaped products), 1 and 2 threads
+    python benchmarks/matmul_peak.py --square 128 --sizes 64x2 --threads 1 --repeats 1 --block-s 0.01   # smoke run
 
 Prints GFLOP/s (2·n³ FLOP per n×n product) as the median over ``--repeats`` timed blocks, each
 block as many products as fit in ~``--block-s`` seconds; the best block is printed too (it is the
 least disturbed by other processes sharing the machine). Also times products shaped like the
 benchmark models' layers (rows = tokens in flight, e.g. 64 decode rows or ~2,000 training tokens)
 so the gap between "peak" and "what a small model can get" is visible.
+
+Options: ``--square`` (n of the square product, default 2048), ``--sizes`` (model sizes of
+bench_vs_trl.py whose hidden → MLP-width products are timed, default 256x4,512x8), ``--threads``
+(comma list of torch thread counts), ``--repeats`` (timed blocks per product), ``--block-s``
+(seconds per block).
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ import statistics
 import time
 
 import torch
+from bench_vs_trl import GROUP_SIZE, PROMPTS_PER_STEP, SIZES
+
+TRAIN_ROWS = 2048  # tokens of a training micro-batch: 64 sequences × ~32 (prompt + response) tokens
+DECODE_ROWS = PROMPTS_PER_STEP * GROUP_SIZE  # rows of a decode step while every sample is still generating
 
 
 def rate(m: int, k: int, n: int, threads: int, repeats: int, block_s: float) -> tuple[float, float]:
@@ -41,17 +51,19 @@ def rate(m: int, k: int, n: int, threads: int, repeats: int, block_s: float) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--block-s", type=float, default=1.0)
-    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--repeats", type=int, default=7, help="timed blocks per product")
+    parser.add_argument("--block-s", type=float, default=1.0, help="seconds per timed block")
+    parser.add_argument("--threads", default="1,2", help="comma list of torch thread counts")
+    parser.add_argument("--square", type=int, default=2048, help="n of the n×n square product")
+    parser.add_argument("--sizes", default="256x4,512x8", help=f"comma list of model sizes from {', '.join(SIZES)}")
     a = parser.parse_args()
-    shapes = [
-        ("2048² square", 2048, 2048, 2048),
-        ("256x4 train: 2048 tok × 256 → 688", 2048, 256, 688),
-        ("256x4 decode: 64 rows × 256 → 688", 64, 256, 688),
-        ("512x8 train: 2048 tok × 512 → 1376", 2048, 512, 1376),
-        ("512x8 decode: 64 rows × 512 → 1376", 64, 512, 1376),
-    ]
+    shapes = [(f"{a.square}² square", a.square, a.square, a.square)]
+    for size in a.sizes.split(","):
+        if size not in SIZES:
+            parser.error(f"--sizes: unknown {size}; choose from {', '.join(SIZES)}")
+        hidden, _, _, inter = SIZES[size]
+        shapes += [(f"{size} train: {TRAIN_ROWS} tok × {hidden} → {inter}", TRAIN_ROWS, hidden, inter),
+                   (f"{size} decode: {DECODE_ROWS} rows × {hidden} → {inter}", DECODE_ROWS, hidden, inter)]
     load = open("/proc/loadavg").read().split()[0]
     print(f"# torch {torch.__version__}, fp32, loadavg at start {load}")
     for name, m, k, n in shapes:

@@ -3,9 +3,18 @@
     python benchmarks/profile_rollout.py --size 512x8 --repeats 5            # timing, tokens/s, GFLOP/s
     python benchmarks/profile_rollout.py --size 256x4 --profile torch        # + torch.profiler op table
     python benchmarks/profile_rollout.py --size 256x4 --profile cprofile     # + cProfile (Python side)
+    python benchmarks/profile_rollout.py --size 256x4 --arch gemma2          # another model family
+    python benchmarks/profile_rollout.py --size 64x2 --repeats 1             # smoke run
 
-The model is the benchmark's randomly initialised Llama (same seed and sizes as bench_vs_trl.py),
-untrained; each repeat reseeds the RNG, so every repeat draws the same samples.
+The model is the benchmark's randomly initialised model (same seed, sizes and families as
+bench_vs_trl.py; Llama by default), untrained; each repeat reseeds the RNG, so every repeat draws
+the same samples.
+
+Options: ``--size`` (a key of ``bench_vs_trl.SIZES``), ``--arch`` (a family of
+``bench_vs_trl.ARCHS``), ``--repeats`` (timed generations; the median is printed), ``--threads``,
+``--seed``, ``--profile`` (none | torch | cprofile: profile one more generation),
+``--engine-kwargs`` (JSON keyword arguments of ``FastRolloutEngine``), ``--engine-file`` (load the
+engine class from another file).
 """
 
 from __future__ import annotations
@@ -17,19 +26,17 @@ import time
 from pathlib import Path
 
 import torch
-from bench_vs_trl import GROUP_SIZE, MAX_NEW_TOKENS, PROMPTS_PER_STEP, SIZES
+from bench_vs_trl import ARCHS, GROUP_SIZE, MAX_NEW_TOKENS, PROMPTS_PER_STEP, SIZES, build_model
 
 
-def build(size: str, seed: int):
+def build(size: str, seed: int, arch: str = "llama"):
     from dapo_rl.data.datasets import Example
     from dapo_rl.data.encoding import encode_prompts
     from dapo_rl.data.synthetic import VOCAB, builtin_splits
-    from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
+    from dapo_rl.models.tiny import build_char_tokenizer
 
-    hidden, layers, heads, inter = SIZES[size]
     tokenizer = build_char_tokenizer(VOCAB)
-    model = build_tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                             intermediate_size=inter, max_positions=256, seed=seed)
+    model = build_model(arch, tokenizer, size, seed)
     train, _ = builtin_splits(PROMPTS_PER_STEP, 8, seed=seed)
     prompts, _ = encode_prompts([Example(prompt=e.prompt, answer="0", metadata={}) for e in train], tokenizer)
     return model, tokenizer, [list(p.ids) for p in prompts]
@@ -38,10 +45,11 @@ def build(size: str, seed: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="256x4", choices=sorted(SIZES))
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--arch", default="llama", choices=ARCHS, help="model family (see bench_vs_trl.build_model)")
+    p.add_argument("--repeats", type=int, default=5, help="timed generations (median printed)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", choices=["none", "torch", "cprofile"], default="none")
+    p.add_argument("--profile", choices=["none", "torch", "cprofile"], default="none", help="profile one more generation")
     p.add_argument("--engine-kwargs", default="{}", help="JSON kwargs for FastRolloutEngine")
     p.add_argument("--engine-file", help="load FastRolloutEngine from this file instead (e.g. an older version, "
                    "`git show REV:src/dapo_rl/rollout/fast.py > old.py`), for paired comparisons")
@@ -59,7 +67,7 @@ def main() -> None:
         from dapo_rl.rollout.fast import FastRolloutEngine
 
     torch.set_num_threads(a.threads)
-    model, tok, prompts = build(a.size, a.seed)
+    model, tok, prompts = build(a.size, a.seed, a.arch)
     params_count = sum(q.numel() for q in model.parameters())
     engine = FastRolloutEngine(model, tok.pad_token_id, tok.eos_token_id, **json.loads(a.engine_kwargs))
     params = SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS)
@@ -75,7 +83,7 @@ def main() -> None:
     secs = statistics.median(r[0] for r in runs)
     tokens = runs[0][1]
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-    print(f"{a.size} ({params_count / 1e6:.2f} M): {tokens} tokens in {secs * 1000:.1f} ms (median of {a.repeats}) = "
+    print(f"{a.arch} {a.size} ({params_count / 1e6:.2f} M): {tokens} tokens in {secs * 1000:.1f} ms (median of {a.repeats}) = "
           f"{tokens / secs:.0f} tok/s = {2 * params_count * tokens / secs / 1e9:.1f} GFLOP/s; "
           f"load {load}")
 

@@ -1,6 +1,10 @@
 """Check that bench_vs_trl.py gives both frameworks the same work: prompt ids, and the gradient of one batch.
 
     python benchmarks/trl_parity.py --size 512x8
+    python benchmarks/trl_parity.py --size 64x2 --arch qwen2        # smoke run; any family of bench_vs_trl.ARCHS
+
+Options: ``--size`` (a key of ``bench_vs_trl.SIZES``), ``--arch`` (model family, as in
+bench_vs_trl.py, default llama), ``--sample-seed`` (seed of the fixed batch's sampling).
 
 1. Prompt ids: TRL's ``generate`` is intercepted at step 0; the ids it feeds the model are
    compared with the ids our trainer's PromptStream serves at step 0.
@@ -35,7 +39,7 @@ def _samples(folder: Path, seed: int) -> dict:
     from dapo_rl.data.encoding import encode_prompts
     from dapo_rl.rollout.base import SamplingParams
     from dapo_rl.rollout.fast import FastRolloutEngine
-    from dapo_rl.training.trainer import PromptStream
+    from dapo_rl.training.rollouts import PromptStream
 
     tok = AutoTokenizer.from_pretrained(folder / "model")
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
@@ -109,14 +113,31 @@ def _worker(framework: str, folder: Path, fixed_path: Path, out_path: Path) -> N
             self.add_callback(Capture())
 
         trl.GRPOTrainer.__init__ = init
-        bench.run_trl(folder, 1, 0, 0, 1)
+        bench.run_trl(folder, 1, 0, 0, 1, keep_freed_memory=False)
     torch.save({"grads": grads, "seen": seen}, out_path)
+
+
+def _run_workers(work: Path, folder: Path, fixed: dict) -> dict:
+    """One training step of each framework on the batch ``fixed``, each in its own subprocess."""
+    fixed_path = work / "fixed.json"
+    fixed_path.write_text(json.dumps(fixed))
+    result = {}
+    for framework in ("ours", "trl"):
+        out = work / f"{framework}.pt"
+        cmd = [sys.executable, __file__, "--worker", framework, "--folder", str(folder), "--fixed", str(fixed_path),
+               "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{framework} worker failed:\n{proc.stderr[-3000:]}")
+        result[framework] = torch.load(out)
+    return result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="512x8", choices=sorted(bench.SIZES))
-    p.add_argument("--sample-seed", type=int, default=5)
+    p.add_argument("--arch", default="llama", choices=bench.ARCHS, help="model family (see bench_vs_trl.build_model)")
+    p.add_argument("--sample-seed", type=int, default=5, help="seed of the fixed batch's sampling")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--fixed", help=argparse.SUPPRESS)
@@ -127,27 +148,20 @@ def main() -> None:
         return
 
     work = Path(tempfile.mkdtemp(prefix="trl-parity-"))
-    folder = bench.prepare(work, a.size, 1, 0)
+    folder = bench.prepare(work, a.size, 1, 0, a.arch)
     batch = _samples(folder, a.sample_seed)
     at_limit_pad = [i for i, c in enumerate(batch["completions"]) if len(c) == bench.MAX_NEW_TOKENS and c[-1] == PAD]
     variants = {"as sampled": batch,
                 "pad-ended at limit fixed": {**batch, "completions": [c[:-1] + [DIGIT] if i in at_limit_pad else c
                                                                        for i, c in enumerate(batch["completions"])]}}
-    print(f"{a.size}: batch of {len(batch['completions'])} completions, mean length "
+    print(f"{a.arch} {a.size}: batch of {len(batch['completions'])} completions, mean length "
           f"{sum(map(len, batch['completions'])) / len(batch['completions']):.1f}, <pad> tokens inside "
           f"{sum(c.count(PAD) for c in batch['completions'])}, length-limited ending in <pad>: {len(at_limit_pad)}")
+    result: dict = {}
     for name, fixed in variants.items():
-        fixed_path = work / "fixed.json"
-        fixed_path.write_text(json.dumps(fixed))
-        result = {}
-        for framework in ("ours", "trl"):
-            out = work / f"{framework}.pt"
-            cmd = [sys.executable, __file__, "--worker", framework, "--folder", str(folder), "--fixed", str(fixed_path),
-                   "--out", str(out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{framework} worker failed:\n{proc.stderr[-3000:]}")
-            result[framework] = torch.load(out)
+        reused = name != "as sampled" and fixed == batch  # nothing to fix: the gradients of the batch as sampled
+        if not reused:
+            result = _run_workers(work, folder, fixed)
         if name == "as sampled":
             ours_p, trl_p = result["ours"]["seen"]["prompts"], result["trl"]["seen"]["prompts"]
             print(f"step-0 prompt ids identical: {ours_p == trl_p} (TRL rows repeat each prompt "
@@ -157,7 +171,8 @@ def main() -> None:
         va = torch.cat([g_ours[n].flatten() for n in names])
         vb = torch.cat([g_trl[n].flatten() for n in names])
         cos = torch.nn.functional.cosine_similarity(va.double(), vb.double(), dim=0).item()
-        print(f"gradient, batch {name}: cosine {cos:.4f}, norms ours {va.norm():.5f} TRL {vb.norm():.5f}")
+        print(f"gradient, batch {name}: cosine {cos:.4f}, norms ours {va.norm():.5f} TRL {vb.norm():.5f}"
+              + (" (no completion to fix: the batch as sampled)" if reused else ""))
 
 
 if __name__ == "__main__":

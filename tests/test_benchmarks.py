@@ -1,0 +1,237 @@
+"""Smoke tests of the scripts under benchmarks/: each runs as a subprocess at its smallest
+settings (the 64x2 model size, one round, one step, a single repeat) and must exit 0 and print
+what it promises (both frameworks' rows, a ratio line, numbers that parse and are positive).
+
+They check that the scripts still run against the library, not how fast anything is: the
+numbers they print at these settings are not measurements. The slower ones (over ~20 s each) are
+marked ``slow`` (``pytest -m slow``); the ones that need TRL skip without it
+(``pip install -e ".[bench]"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+NUMBER = r"[-+]?\d+(?:\.\d+)?"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """``benchmarks/bench_vs_trl.py`` imported as a module (the scripts import it the same way)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_vs_trl
+
+        yield bench_vs_trl
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def run_script(name: str, *args: str, timeout: float = 300) -> str:
+    """Run ``benchmarks/<name>`` with ``args`` from the repository root; its stdout (it must exit 0)."""
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, f"{name} {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def table_rows(out: str, arch: str, size: str) -> dict[str, list[float]]:
+    """The medians table that bench_vs_trl.py prints for ``arch`` ``size``: framework → its five numbers."""
+    block = out.split(f"\n{arch} {size} (", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in block.splitlines():
+        m = re.fullmatch(rf"\s+(ours|trl)((?:\s+{NUMBER}){{5}})\s*", line)
+        if m:
+            rows[m.group(1)] = [float(x) for x in m.group(2).split()]
+    return rows
+
+
+def check_bench_vs_trl(out: str, results: dict, bench, archs: list[str], frameworks: list[str]) -> None:
+    """What every bench_vs_trl.py smoke run must show, for each family at size 64x2, one round of one step."""
+    from dapo_rl.data.synthetic import VOCAB
+    from dapo_rl.models.tiny import build_char_tokenizer
+
+    samples = bench.PROMPTS_PER_STEP * bench.GROUP_SIZE
+    assert sorted(results) == sorted(archs)
+    for arch in archs:
+        for fw in frameworks:  # one per-run line per framework, naming the family
+            assert re.search(rf"^{arch} 64x2 round 0 seed 0 {fw}\s*:\s+{NUMBER} tok/s", out, re.M), (arch, fw, out)
+        rows = table_rows(out, arch, "64x2")
+        assert sorted(rows) == sorted(frameworks), out
+        for fw, (tok_s, pooled, s_step, tok_step, peak_mib) in rows.items():
+            assert tok_s > 0 and pooled > 0 and s_step > 0 and peak_mib > 0, (arch, fw, rows)
+            assert samples <= tok_step <= samples * bench.MAX_NEW_TOKENS, (arch, fw, tok_step)  # ≥ 1 token per sample
+        ratio = re.search(rf"^  {arch} 64x2 ours/TRL: tokens/s ×({NUMBER}) \(pooled ×({NUMBER})\), s/step ×({NUMBER}), "
+                          rf"peak RSS ×({NUMBER})$", out, re.M)
+        assert (ratio is not None) == (len(frameworks) == 2), out
+        if ratio:
+            assert all(float(x) > 0 for x in ratio.groups())
+        # --json: family → size → runs and medians, with the model the script built
+        entry = results[arch]["64x2"]
+        assert entry["arch"] == arch and entry["size"] == "64x2"
+        model = bench.build_model(arch, build_char_tokenizer(VOCAB), "64x2", seed=0)
+        assert entry["params"] == sum(p.numel() for p in model.parameters())
+        assert sorted(entry["runs"]) == sorted(frameworks) and all(len(r) == 1 for r in entry["runs"].values())
+        for fw, med in entry["medians"].items():
+            assert med["tok_s"] == pytest.approx(rows[fw][0], rel=0.01, abs=1)
+            assert med["tokens_step"] == pytest.approx(entry["runs"][fw][0]["tokens_step"])
+
+
+# ----------------------------------------------------------------------------- the model families
+
+def test_build_model_families(bench):
+    """--arch: each family's tiny model has the chosen size's shape, the family's own traits, and
+    the character tokenizer's special ids; llama is the model every earlier run used."""
+    from dapo_rl.data.synthetic import VOCAB
+    from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
+
+    tokenizer = build_char_tokenizer(VOCAB)
+    hidden, layers, heads, inter = bench.SIZES["64x2"]
+    ids = torch.tensor([tokenizer("12+3=")["input_ids"]])
+    for arch in bench.ARCHS:
+        model = bench.build_model(arch, tokenizer, "64x2", seed=0)
+        c = model.config
+        assert c.model_type == arch
+        assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (hidden, layers, heads, inter)
+        assert c.num_key_value_heads == (heads // 2 if arch in ("qwen2", "qwen3", "mistral", "gemma2") else heads)
+        assert (c.pad_token_id, c.bos_token_id, c.eos_token_id) == (0, 1, 2)
+        assert c.vocab_size == len(tokenizer)
+        names = dict(model.named_parameters())
+        assert ("model.layers.0.self_attn.q_proj.bias" in names) == (arch == "qwen2")
+        if arch in ("mistral", "gemma2"):  # a window the benchmark's 64-token responses go past
+            assert c.sliding_window == bench.SLIDING_WINDOW < bench.MAX_NEW_TOKENS
+        else:
+            assert getattr(c, "sliding_window", None) is None
+        if arch == "gemma2":
+            assert c.layer_types[:2] == ["sliding_attention", "full_attention"]
+        logits = model(ids).logits
+        assert logits.shape == (1, ids.shape[1], len(tokenizer)) and torch.isfinite(logits).all()
+    same = build_tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=inter,
+                            max_positions=256, seed=0).state_dict()
+    built = bench.build_model("llama", tokenizer, "64x2", seed=0).state_dict()
+    assert same.keys() == built.keys() and all(torch.equal(same[k], built[k]) for k in same)
+    with pytest.raises(ValueError, match="unknown arch"):
+        bench.build_model("gpt2", tokenizer, "64x2", seed=0)
+
+
+# ----------------------------------------------------------------------------- bench_vs_trl.py
+
+TINY = ["--sizes", "64x2", "--rounds", "1", "--steps", "1", "--warmup", "0", "--threads", "1"]
+
+
+def test_bench_vs_trl_ours_smoke(bench, tmp_path):
+    """Our trainer alone, the default family: the per-run line, the table row, the JSON."""
+    out = run_script("bench_vs_trl.py", *TINY, "--frameworks", "ours", "--json", str(tmp_path / "r.json"))
+    check_bench_vs_trl(out, json.loads((tmp_path / "r.json").read_text()), bench, ["llama"], ["ours"])
+
+
+@pytest.mark.slow
+def test_bench_vs_trl_ours_every_other_family(bench, tmp_path):
+    """Our trainer on the families the TRL smoke test does not run (biases, q/k norms, sliding windows, fused projections)."""
+    archs = ["qwen2", "qwen3", "mistral", "phi3"]
+    out = run_script("bench_vs_trl.py", *TINY, "--frameworks", "ours", "--arch", ",".join(archs),
+                     "--json", str(tmp_path / "r.json"))
+    check_bench_vs_trl(out, json.loads((tmp_path / "r.json").read_text()), bench, archs, ["ours"])
+
+
+@pytest.mark.slow
+def test_bench_vs_trl_both_frameworks_two_families(bench, tmp_path):
+    """Ours and TRL side by side on Llama and Gemma 2 (sliding-window layers, soft-capping): both rows and the ratio line."""
+    pytest.importorskip("trl")
+    archs = ["llama", "gemma2"]
+    out = run_script("bench_vs_trl.py", *TINY, "--arch", ",".join(archs), "--json", str(tmp_path / "r.json"))
+    check_bench_vs_trl(out, json.loads((tmp_path / "r.json").read_text()), bench, archs, ["ours", "trl"])
+
+
+def test_bench_vs_trl_rejects_unknown_names():
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_vs_trl.py"), "--arch", "llama,gpt2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--arch: unknown gpt2" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- trl_parity.py
+
+@pytest.mark.slow
+def test_trl_parity_smoke():
+    """Same step-0 prompt ids in both frameworks, and the same gradient from the same fixed batch."""
+    pytest.importorskip("trl")
+    out = run_script("trl_parity.py", "--size", "64x2")
+    assert re.search(r"^llama 64x2: batch of 64 completions, mean length " + NUMBER, out, re.M), out
+    assert re.search(r"^step-0 prompt ids identical: True \(TRL rows repeat each prompt 8x: True\)", out, re.M), out
+    grads = {name: [float(x) for x in rest] for name, *rest in re.findall(
+        rf"^gradient, batch (.+?): cosine ({NUMBER}), norms ours ({NUMBER}) TRL ({NUMBER})\b", out, re.M)}
+    assert sorted(grads) == ["as sampled", "pad-ended at limit fixed"], out
+    for cos, ours, trl in grads.values():
+        assert -1 <= cos <= 1 and ours > 0 and trl > 0
+    # With the one documented difference removed, the two gradients are the same.
+    cos, ours, trl = grads["pad-ended at limit fixed"]
+    assert cos > 0.999 and trl == pytest.approx(ours, rel=0.01), out
+
+
+# ----------------------------------------------------------------------------- matmul_peak.py
+
+def test_matmul_peak_smoke():
+    out = run_script("matmul_peak.py", "--square", "128", "--sizes", "64x2", "--threads", "1", "--repeats", "2",
+                     "--block-s", "0.01")
+    rates = re.findall(rf"^(.+?)\s+threads=1: median\s+({NUMBER}) GFLOP/s\s+best\s+({NUMBER})$", out, re.M)
+    assert [name.strip() for name, _, _ in rates] == ["128² square", "64x2 train: 2048 tok × 64 → 176",
+                                                     "64x2 decode: 64 rows × 64 → 176"], out
+    for _, median, best in rates:
+        assert 0 < float(median) <= float(best)
+
+
+# ----------------------------------------------------------------------------- decode_products.py
+
+def test_decode_products_smoke():
+    out = run_script("decode_products.py", "--size", "64x2", "--rows", "1,4", "--threads", "1", "--repeats", "2")
+    assert "# 64x2: 8 products per step" in out  # 4 products × 2 layers
+    rows = re.findall(rf"^\s+(\d+)\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+(onednn|mkl|mkl_packed)\s+({NUMBER})\s+({NUMBER})$",
+                      out, re.M)
+    assert [int(r[0]) for r in rows] == [1, 4], out
+    for _, onednn, mkl, packed, fastest, gb_s, gflop_s in rows:
+        ms = {"onednn": float(onednn), "mkl": float(mkl), "mkl_packed": float(packed)}
+        assert all(v > 0 for v in ms.values()) and float(gb_s) > 0 and float(gflop_s) > 0
+        assert ms[fastest] == min(ms.values())
+
+
+# ----------------------------------------------------------------------------- profile_rollout.py
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_profile_rollout_smoke(bench, arch):
+    """The fast engine alone: Llama takes the direct decode path, Mistral (sliding window) the generic one."""
+    out = run_script("profile_rollout.py", "--size", "64x2", "--arch", arch, "--repeats", "1", "--threads", "1",
+                     "--profile", "torch")
+    m = re.search(rf"^{arch} 64x2 \(({NUMBER}) M\): (\d+) tokens in ({NUMBER}) ms \(median of 1\) = (\d+) tok/s = "
+                  rf"({NUMBER}) GFLOP/s", out, re.M)
+    assert m, out
+    samples = bench.PROMPTS_PER_STEP * bench.GROUP_SIZE
+    assert samples <= int(m.group(2)) <= samples * bench.MAX_NEW_TOKENS
+    assert float(m.group(1)) > 0 and float(m.group(3)) > 0 and int(m.group(4)) > 0
+    assert "Self CPU" in out  # the torch.profiler table
+
+
+# ----------------------------------------------------------------------------- bench_distributed.py
+
+@pytest.mark.slow
+def test_bench_distributed_smoke():
+    """DDP and FSDP2 under torchrun, 2 CPU ranks (gloo): both report, and FSDP2 holds less state per rank."""
+    out = run_script("bench_distributed.py", "--size", "64x2", "--nproc", "2", "--steps", "1", "--warmup", "0",
+                     "--prompts", "2", "--threads", "1", timeout=400)
+    found = {m[0]: m[1:] for m in re.findall(
+        rf"^(ddp|fsdp2)\s+({NUMBER}) M params\s+({NUMBER}) s/step\s+params\+grads\+Adam per rank\s+({NUMBER}) MiB\s+"
+        rf"peak per rank\s+({NUMBER}) MiB", out, re.M)}
+    assert sorted(found) == ["ddp", "fsdp2"], out
+    for params, s_step, state, peak in found.values():
+        assert float(params) > 0 and float(s_step) > 0 and float(state) > 0 and float(peak) > 0
+    assert found["ddp"][0] == found["fsdp2"][0]  # the same model
+    assert float(found["fsdp2"][2]) < 0.75 * float(found["ddp"][2])  # sharded over 2 ranks
