@@ -61,10 +61,10 @@ PROMPTS = [TOK(text)["input_ids"] for text in ("12=", "3456..=", "7=", "98765432
 _built: dict[str, torch.nn.Module] = {}
 
 
-def family(name: str) -> torch.nn.Module:
-    """The case's tiny float32 model, every 1-D weight (norm scales, biases) randomised so that
-    a wrong norm offset or a dropped bias shows."""
-    if name not in _built:
+def family(name: str, fresh: bool = False) -> torch.nn.Module:
+    """The case's tiny float32 model (built once, unless ``fresh``), every 1-D weight (norm
+    scales, biases) randomised so that a wrong norm offset or a dropped bias shows."""
+    if name not in _built or fresh:
         config_cls, model_cls, overrides = CASES[name]
         kwargs = {**COMMON, **overrides}
         attn = kwargs.pop("attn_implementation", None)
@@ -78,6 +78,8 @@ def family(name: str) -> torch.nn.Module:
                 for p in model.parameters():
                     if p.ndim == 1:
                         p.normal_(0.0, 0.3)
+        if fresh:
+            return model
         _built[name] = model
     return _built[name]
 
@@ -138,6 +140,18 @@ def test_pytorch_ops_decode_like_the_fused_kernels(name, monkeypatch):
         for a, b in zip(run, runs[0]):
             for sa, sb in zip(a, b):
                 torch.testing.assert_close(torch.tensor(sa.logprobs), torch.tensor(sb.logprobs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", SPREAD)
+def test_bfloat16_models_decode_close_to_their_full_forward(name):
+    # The GPU configuration: bfloat16 weights, PyTorch ops, rotate-half rotary, float32 Gemma norms.
+    model = family(name, fresh=True).to(torch.bfloat16)
+    torch.manual_seed(0)
+    groups = _engine(model).generate(PROMPTS, 2, SamplingParams(temperature=1.0, max_new_tokens=10))
+    for prompt, group in zip(PROMPTS, groups):
+        for sample in group:
+            expected = _full_logprobs(model, prompt, sample.response_ids)
+            torch.testing.assert_close(torch.tensor(sample.logprobs, dtype=torch.float64), expected, atol=0.02, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral-window", "gemma2-softcap-window", "gemma3-window-local-global"])

@@ -116,7 +116,8 @@ class SpecDecoder:
         qk_rows = rope.qk_weight_rows(self.heads + self.kv_heads, self.head_dim, device, self.rotary_dim) if self.complex_rotary else None
         prepare = pack if self.packed else (lambda w: w.detach())
         detach = lambda t: None if t is None else t.detach()  # noqa: E731
-        scale = lambda norm, o=None: tuple(t.detach() if torch.is_tensor(t) else t for t in norm_scale(spec, norm, o))  # noqa: E731
+        upcast = dtype not in (torch.float32, torch.float64)
+        scale = lambda norm, o=None: tuple(t.detach() if torch.is_tensor(t) else t for t in norm_scale(spec, norm, o, upcast))  # noqa: E731
         kind_index = {kind: i for i, kind in enumerate(spec.kinds)}
         with torch.no_grad():
             self.lm_head = prepare(model.lm_head.weight)
@@ -158,9 +159,13 @@ class SpecDecoder:
         return out if bias is None else out.add_(bias)
 
     def rms_norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+        """RMSNorm of ``x [..., n]`` over its last dimension with ``norm = (scale [n], eps)``."""
         if self.kernels is not None:
             return self.kernels.rms_norm(x, *norm)
-        return F.rms_norm(x, (x.shape[-1],), *norm)
+        scale, eps = norm
+        if scale.dtype != x.dtype:  # Gemma in bfloat16/float16: normalised and scaled in float32, as its RMSNorm
+            return (F.rms_norm(x.float(), (x.shape[-1],), None, eps) * scale).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), scale, eps)
 
     def start(self, prefill_cache: Cache, repeats: int, attention: torch.Tensor, capacity: int) -> None:
         """Copy the prefilled ``[b, kv_heads, P, d]`` keys/values (all positions: a cache that does
@@ -259,10 +264,10 @@ class SpecDecoder:
 
     def _rotate_append(self, qkv: torch.Tensor, rotation: torch.Tensor, i: int, pos: int, layer: DecodeLayer) -> None:
         """PyTorch ops: per-head q/k norms, rotary (in place) and the cache write of layer ``i``."""
-        heads, kv_heads, d, r = self.heads, self.kv_heads, self.head_dim, self.rotary_dim
+        heads, kv_heads, r = self.heads, self.kv_heads, self.rotary_dim
         if layer.q_norm is not None:
-            qkv[:, :heads] = F.rms_norm(qkv[:, :heads], (d,), *layer.q_norm)
-            qkv[:, heads : heads + kv_heads] = F.rms_norm(qkv[:, heads : heads + kv_heads], (d,), *layer.k_norm)
+            qkv[:, :heads] = self.rms_norm(qkv[:, :heads], layer.q_norm)
+            qkv[:, heads : heads + kv_heads] = self.rms_norm(qkv[:, heads : heads + kv_heads], layer.k_norm)
         qk = qkv[:, : heads + kv_heads, :r]
         if self.complex_rotary:  # in place (inference): rotate_pairs without the copy
             torch.view_as_complex(qk.unflatten(-1, (r // 2, 2))).mul_(rotation)

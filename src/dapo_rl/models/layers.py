@@ -40,13 +40,16 @@ def gate_up_params(spec: ModelSpec, mlp) -> tuple[torch.Tensor, torch.Tensor | N
     return weight, (torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]) if spec.mlp_bias else None)
 
 
-def norm_scale(spec: ModelSpec, norm, order: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+def norm_scale(spec: ModelSpec, norm, order: torch.Tensor | None = None, upcast: bool = False) -> tuple[torch.Tensor, float]:
     """An RMSNorm module's effective scale ``[n]`` (Gemma's ``1 + w``; reordered by ``order`` when
-    given, for per-head norms on permuted queries/keys) and its epsilon."""
+    given, for per-head norms on permuted queries/keys) and its epsilon. ``upcast``: Gemma's
+    ``1 + w`` in float32, as its norm computes it (in bfloat16 the sum would lose ``w``'s low bits)."""
     weight = norm.weight if order is None else norm.weight[order]
     eps = getattr(norm, "variance_epsilon", None)
     eps = norm.eps if eps is None else eps
-    return (weight + spec.norm_offset if spec.norm_offset else weight), float(eps)
+    if spec.norm_offset:
+        weight = (weight.float() if upcast else weight) + spec.norm_offset
+    return weight, float(eps)
 
 
 def activation(spec: ModelSpec):
