@@ -1,13 +1,17 @@
-"""Shared fixtures: one quickstart model per test session, built into a temporary cache; a
-grouped-query-attention Llama builder."""
+"""Shared fixtures and helpers: one quickstart model per test session, built into a temporary
+cache; a grouped-query-attention Llama builder; hand-made scored groups and a trainer on a tiny
+model (plain functions too, for test workers in spawned processes)."""
 
 from __future__ import annotations
+
+import copy
+import random
 
 import pytest
 import torch
 
 from dapo_rl.config import QuickstartConfig
-from dapo_rl.training.quickstart import prepare_quickstart_model
+from dapo_rl.models.quickstart import prepare_quickstart_model
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +43,62 @@ def gqa_llama():
         return LlamaForCausalLM(config).float().eval()
 
     return build
+
+
+def make_scored_groups(tok, num_groups: int, group_size: int, seed: int, truncate_some: bool = True):
+    """Hand-made groups with random responses, rewards with spread, and some truncated samples;
+    the last group is uniform (zero advantage everywhere, counted in the normaliser only)."""
+    from dapo_rl.data.encoding import encode_prompts
+    from dapo_rl.data.synthetic import builtin_splits
+    from dapo_rl.rollout import Sample
+    from dapo_rl.training.rollouts import ScoredGroup
+
+    rng = random.Random(seed)
+    train, _ = builtin_splits(64, 8)
+    prompts, _ = encode_prompts(train[:num_groups], tok)
+    groups = []
+    for prompt in prompts:
+        samples, scores, correct = [], [], []
+        for j in range(group_size):
+            length = rng.randint(1, 9)
+            response = [rng.randint(3, len(tok) - 1) for _ in range(length)]
+            truncated = truncate_some and j == 0
+            samples.append(Sample(list(prompt.ids), response, "length" if truncated else "stop"))
+            ok = j % 2 == 1 or (j == 2 and rng.random() < 0.5)
+            scores.append(1.0 if ok else -1.0)
+            correct.append(ok)
+        groups.append(ScoredGroup(prompt=prompt, samples=samples, scores=scores, correct=correct))
+    groups[-1].scores = [1.0] * group_size
+    return groups
+
+
+def make_trainer(tiny_model, tok, overrides: list[str], dist=None, share_prompts: bool = False, autocast_dtype=None):
+    """A trainer on a copy of ``tiny_model`` (4 prompts × 4 samples, one mini-batch, lr 1e-2, no
+    warm-up or clipping). The exact (1e-9) law tests run the full forward of every row
+    (``share_prompts=False``): the shared-prompt forward changes tensor shapes, and Hugging Face's
+    RMSNorm computes in float32 even for float64 models, so the two differ by ~1e-8."""
+    from dapo_rl.config import load_config
+    from dapo_rl.data.encoding import encode_prompts
+    from dapo_rl.data.synthetic import builtin_splits
+    from dapo_rl.rollout import HFGenerateEngine
+    from dapo_rl.training.trainer import Trainer
+
+    config = load_config(overrides=["prompts_per_step=4", "group_size=4", "mini_batch_size=4", "micro_batch_size=16",
+                                    "optim.warmup_updates=0", "optim.lr=1e-2", "optim.grad_clip=0", *overrides])
+    model = copy.deepcopy(tiny_model).train()
+    engine = HFGenerateEngine(model, tok.pad_token_id, tok.eos_token_id)
+    prompts, _ = encode_prompts(builtin_splits(16, 4)[0], tok)
+    return Trainer(config, model, tok, prompts, None, lambda *a: True, engine, device=torch.device("cpu"), dist=dist,
+                   share_prompts=share_prompts, autocast_dtype=autocast_dtype)
+
+
+@pytest.fixture(scope="session")
+def scored_groups():
+    """:func:`make_scored_groups`."""
+    return make_scored_groups
+
+
+@pytest.fixture(scope="session")
+def trainer_factory():
+    """:func:`make_trainer`."""
+    return make_trainer

@@ -19,7 +19,7 @@ from dapo_rl.training.ablation import (
     rung_config,
     select_rungs,
 )
-from dapo_rl.training.quickstart import prepare_quickstart_model
+from dapo_rl.models.quickstart import prepare_quickstart_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

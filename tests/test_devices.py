@@ -8,25 +8,25 @@ import torch
 
 from dapo_rl.config import ConfigError, load_config
 from dapo_rl.training import distributed
-from dapo_rl.training.run import resolve_device
+from dapo_rl.training.run import run_device
 
 
 def test_auto_device_is_cuda_with_bf16_autocast_when_a_gpu_is_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    device, autocast = resolve_device(load_config(overrides=[]))
+    device, autocast = run_device(load_config(overrides=[]))
     assert (device, autocast) == (torch.device("cuda"), torch.bfloat16)
-    device, _ = resolve_device(load_config(overrides=[]), local_rank=3)
+    device, _ = run_device(load_config(overrides=[]), local_rank=3)
     assert device == torch.device("cuda:3")  # one GPU per torchrun process
-    _, autocast = resolve_device(load_config(overrides=["model.dtype=float32"]))
+    _, autocast = run_device(load_config(overrides=["model.dtype=float32"]))
     assert autocast is None
 
 
 def test_auto_device_is_cpu_fp32_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device(load_config(overrides=[])) == (torch.device("cpu"), None)
-    assert resolve_device(load_config(overrides=["model.dtype=bf16-autocast"])) == (torch.device("cpu"), torch.bfloat16)
+    assert run_device(load_config(overrides=[])) == (torch.device("cpu"), None)
+    assert run_device(load_config(overrides=["model.dtype=bf16-autocast"])) == (torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ConfigError, match="model.device"):
-        resolve_device(load_config(overrides=["model.device=cuda"]))
+        run_device(load_config(overrides=["model.device=cuda"]))
 
 
 @pytest.mark.parametrize("has_gpu, backend", [(True, "nccl"), (False, "gloo")])
@@ -64,9 +64,8 @@ def test_micro_batch_counts_keep_ranks_in_step():
     assert ddp.micro_batch_count([0, 0]) == fsdp.micro_batch_count([0, 0]) == 0
 
 
-def test_bf16_autocast_update_runs_and_tracks_the_fp32_update():
+def test_bf16_autocast_update_runs_and_tracks_the_fp32_update(trainer_factory, scored_groups):
     """The GPU default (bf16 autocast) on CPU: the update is finite and close to fp32's."""
-    from tests.test_training import _groups, _trainer
     from dapo_rl.data.synthetic import VOCAB
     from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 
@@ -75,12 +74,25 @@ def test_bf16_autocast_update_runs_and_tracks_the_fp32_update():
     start = torch.cat([p.detach().flatten() for p in model.parameters()])
     deltas = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        trainer = _trainer(model, tok, ["optim.lr=1e-3"])
-        trainer.autocast_dtype = dtype
-        metrics = trainer._update(_groups(tok, 4, 4, seed=5))
+        trainer = trainer_factory(model, tok, ["optim.lr=1e-3"], autocast_dtype=dtype)
+        metrics = trainer.update(scored_groups(tok, 4, 4, seed=5))
         assert torch.isfinite(torch.tensor(metrics["train/loss"]))
         deltas[name] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - start
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
     assert deltas["bf16"].abs().max() > 0
     cosine = torch.nn.functional.cosine_similarity(deltas["bf16"], deltas["fp32"], dim=0)
     assert cosine > 0.9, cosine
+
+
+def test_balanced_micro_batches_yield_own_samples_and_placeholders():
+    """Rank 1 of 2 owns samples 1, 3, 5, 7; of those only 1 and 3 have work, rank 0 has three."""
+    work = torch.tensor([True] * 5 + [False] * 3)
+    for strategy, training, expected_placeholders in (("fsdp2", True, 1), ("ddp", True, 0), ("fsdp2", False, 1), ("ddp", False, 0)):
+        ctx = distributed.DistContext(rank=1, world_size=2, strategy=strategy)
+        placeholders = []
+        model = torch.nn.Linear(1, 1) if training else None
+        batches = list(ctx.balanced_micro_batches(work, 1, lambda: placeholders.append(1), train_model=model))
+        assert batches == [[1], [3]], (strategy, training)
+        assert len(placeholders) == expected_placeholders, (strategy, training)
+    alone = distributed.DistContext()
+    assert list(alone.balanced_micro_batches(work, 2, lambda: None)) == [[0, 1], [2, 3], [4]]

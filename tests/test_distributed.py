@@ -36,24 +36,24 @@ TOLERANCE = {"shared-prompts": dict(rtol=1e-5, atol=5e-6)}
 
 
 def _build(overrides: list[str], dist_ctx: DistContext):
-    from tests.test_training import _trainer
+    from tests.conftest import make_trainer
     from dapo_rl.data.synthetic import VOCAB
     from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 
     tok = build_char_tokenizer(VOCAB)
     model = build_tiny_llama(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=3).double()
     share = "+share_prompts" in overrides
-    return _trainer(model, tok, [o for o in overrides if o != "+share_prompts"], dist=dist_ctx, share_prompts=share), tok
+    return make_trainer(model, tok, [o for o in overrides if o != "+share_prompts"], dist=dist_ctx, share_prompts=share), tok
 
 
 def _run_case(overrides: list[str], dist_ctx: DistContext, workdir: Path, tag: str, resume_from: str) -> dict:
     """Update 1 and a checkpoint into ``workdir/tag``; then a fresh trainer resumes the checkpoint
     in ``workdir/resume_from`` and makes update 2 on other groups."""
-    from tests.test_training import _groups
+    from tests.conftest import make_scored_groups
     from dapo_rl.training.checkpoint import load_checkpoint, save_checkpoint
 
     trainer, tok = _build(overrides, dist_ctx)
-    metrics = trainer._update(_groups(tok, 4, 4, seed=5))
+    metrics = trainer.update(make_scored_groups(tok, 4, 4, seed=5))
     trainer.state.step = 1
     save_checkpoint(trainer, workdir / tag, keep_last=0)
     out = {"params1": _flat(dist_ctx.full_model_state(trainer.model)), "metrics": metrics,
@@ -62,7 +62,7 @@ def _run_case(overrides: list[str], dist_ctx: DistContext, workdir: Path, tag: s
     dist_ctx.barrier()  # the checkpoint to resume is complete
     resumed, _ = _build(overrides, dist_ctx)
     load_checkpoint(resumed, workdir / resume_from / "checkpoints" / "step_000001")
-    resumed._update(_groups(tok, 4, 4, seed=6))
+    resumed.update(make_scored_groups(tok, 4, 4, seed=6))
     out["params2"] = _flat(dist_ctx.full_model_state(resumed.model))
     return out
 

@@ -32,7 +32,8 @@ from dapo_rl.training.checkpoint import (
     save_checkpoint,
     valid_checkpoints,
 )
-from dapo_rl.training.run import _load_split, build_engine, load_policy, resolve_reward
+from dapo_rl.models.loading import load_policy
+from dapo_rl.training.run import run_engine, run_prompts, run_reward
 from dapo_rl.training.trainer import Trainer
 
 # Small enough for seconds per run, big enough to exercise everything a checkpoint must carry:
@@ -311,9 +312,9 @@ def reward(response, ground_truth, metadata):
 def _build_trainer(cache: str, *overrides: str) -> Trainer:
     config = load_config(None, [*FAST, f"quickstart.cache_dir={cache}", "output_dir=unused", *overrides])
     torch.manual_seed(0)
-    model, tokenizer = load_policy(config, progress=False)
-    prompts = _load_split(config, config.data.train, tokenizer, "train")
-    return Trainer(config, model, tokenizer, prompts, None, resolve_reward(config), build_engine(config, model, tokenizer),
+    model, tokenizer = load_policy(config.model.path, quickstart=config.quickstart, seed=config.seed, progress=False)
+    prompts = run_prompts(config, "train", tokenizer)
+    return Trainer(config, model, tokenizer, prompts, None, run_reward(config), run_engine(config, model, tokenizer),
                    device=torch.device("cpu"))
 
 

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dapo_rl.algorithm import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, aggregate_loss
 from dapo_rl.config import load_config
-from dapo_rl.data.encoding import encode_prompts
-from dapo_rl.data.synthetic import VOCAB, builtin_splits
+from dapo_rl.data.synthetic import VOCAB
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
-from dapo_rl.rewards import resolve_reward_fn
 from dapo_rl.rollout import HFGenerateEngine, Sample, SamplingParams
+from dapo_rl.training.batching import pack
+from dapo_rl.training.logprobs import ForwardSettings, distinct_prompts, forward_path, logprobs
 from dapo_rl.training.run import run_training
-from dapo_rl.training.trainer import ScoredGroup, Trainer, pack
 
 # ----------------------------------------------------------------------------- rollout engine
 
@@ -80,129 +79,134 @@ def test_pack_aligns_responses_and_positions():
 # ----------------------------------------------------------------------------- trainer update laws
 
 
-def _groups(tok, num_groups: int, group_size: int, seed: int, truncate_some: bool = True) -> list[ScoredGroup]:
-    """Hand-made groups with random responses, rewards with spread, and some truncated samples."""
-    rng = random.Random(seed)
-    train, _ = builtin_splits(64, 8)
-    prompts, _ = encode_prompts(train[:num_groups], tok)
-    groups = []
-    for prompt in prompts:
-        samples, scores, correct = [], [], []
-        for j in range(group_size):
-            length = rng.randint(1, 9)
-            response = [rng.randint(3, len(tok) - 1) for _ in range(length)]
-            truncated = truncate_some and j == 0
-            samples.append(Sample(list(prompt.ids), response, "length" if truncated else "stop"))
-            ok = j % 2 == 1 or (j == 2 and rng.random() < 0.5)
-            scores.append(1.0 if ok else -1.0)
-            correct.append(ok)
-        groups.append(ScoredGroup(prompt=prompt, samples=samples, scores=scores, correct=correct))
-    # One uniform group: zero advantage everywhere, counted in the normaliser only.
-    groups[-1].scores = [1.0] * group_size
-    return groups
-
-
-def _trainer(tiny_model, tok, overrides: list[str], dist=None, share_prompts: bool = False) -> Trainer:
-    """A trainer on the tiny model. The exact (1e-9) law tests run one forward code path: the
-    shared-prompt forward changes tensor shapes, and Hugging Face's RMSNorm computes in float32
-    even for float64 models, so the two paths differ by ~1e-8 (tested separately below)."""
-    config = load_config(overrides=["prompts_per_step=4", "group_size=4", "mini_batch_size=4", "micro_batch_size=16",
-                                    "optim.warmup_updates=0", "optim.lr=1e-2", "optim.grad_clip=0", *overrides])
-    model = copy.deepcopy(tiny_model).train()
-    engine = HFGenerateEngine(model, tok.pad_token_id, tok.eos_token_id)
-    prompts, _ = encode_prompts(builtin_splits(16, 4)[0], tok)
-    trainer = Trainer(config, model, tok, prompts, None, lambda *a: True, engine, device=torch.device("cpu"), dist=dist)
-    trainer.share_prompt_forward = share_prompts
-    return trainer
-
-
-def _params_after_update(tiny, overrides: list[str], skip_inert: bool = True, ppo_epochs_groups=None) -> torch.Tensor:
+def _params_after_update(tiny, trainer_factory, scored_groups, overrides: list[str]) -> torch.Tensor:
     model, tok = tiny
-    trainer = _trainer(model.double(), tok, overrides)
-    trainer.skip_inert_samples = skip_inert
-    trainer._update(_groups(tok, 4, 4, seed=5))
+    trainer = trainer_factory(model.double(), tok, overrides)
+    trainer.update(scored_groups(tok, 4, 4, seed=5))
     return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_update_is_invariant_to_micro_batch_size(tiny, mode):
-    whole = _params_after_update(tiny, [f"loss.agg_mode={mode}", "micro_batch_size=16", "optim.lr=1e-3"])
+@pytest.mark.parametrize("loss", POLICY_LOSSES.names())
+def test_update_is_invariant_to_micro_batch_size(tiny, trainer_factory, scored_groups, mode, loss):
+    base = [f"loss.agg_mode={mode}", f"loss.policy_loss={loss}", "optim.lr=1e-3", "ppo_epochs=2"]
+    whole = _params_after_update(tiny, trainer_factory, scored_groups, [*base, "micro_batch_size=16"])
     for micro in (1, 2, 8):
-        split = _params_after_update(tiny, [f"loss.agg_mode={mode}", f"micro_batch_size={micro}", "optim.lr=1e-3"])
+        split = _params_after_update(tiny, trainer_factory, scored_groups, [*base, f"micro_batch_size={micro}"])
         torch.testing.assert_close(split, whole, rtol=1e-9, atol=1e-10)
 
 
-def test_skipping_inert_samples_changes_nothing(tiny):
-    for overrides in (["ppo_epochs=1"], ["ppo_epochs=2"], ["overlong.filter=false"], ["loss.agg_mode=seq-mean-token-mean"]):
-        skipped = _params_after_update(tiny, overrides, skip_inert=True)
-        full = _params_after_update(tiny, overrides, skip_inert=False)
-        torch.testing.assert_close(skipped, full, rtol=1e-9, atol=1e-10)
+def _reference_gradient(model, tok, groups, overrides: list[str]) -> torch.Tensor:
+    """The gradient of the paper's objective at π_θ = π_old on the whole mini-batch, from one plain
+    Hugging Face forward of every sample: at ratio 1 no token is clipped, every loss is -A·log π."""
+    config = load_config(overrides=["prompts_per_step=4", "group_size=4", "mini_batch_size=4", "micro_batch_size=16", *overrides])
+    samples = [s for g in groups for s in g.samples]
+    batch = pack(samples, tok.pad_token_id, torch.device("cpu"))
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    p = batch.prompt_width
+    logp = torch.log_softmax(logits[:, p - 1 : -1] / config.rollout.temperature, -1).gather(-1, batch.response_ids[..., None])[..., 0]
+    advantages = ADVANTAGE_ESTIMATORS.get(config.advantage.estimator)(torch.tensor([g.scores for g in groups])).double()
+    truncated = torch.tensor([s.truncated for s in samples])
+    mask = batch.response_mask.double() * (~truncated if config.overlong.filter else torch.ones_like(truncated))[:, None]
+    loss = aggregate_loss(-advantages.reshape(-1, 1) * logp, mask, config.loss.agg_mode, norm_constant=config.rollout.max_response_length)
+    model.zero_grad()
+    loss.backward()
+    return torch.cat([q.grad.flatten() for q in model.parameters()])
 
 
-def test_update_moves_weights_and_reports_metrics(tiny):
+@pytest.mark.parametrize("overrides", [[], ["overlong.filter=false"], ["loss.agg_mode=seq-mean-token-mean"], ["loss.kl_coef=0.1"],
+                                       ["advantage.estimator=drgrpo"], ["loss.policy_loss=cispo"], ["loss.policy_loss=gspo"]],
+                         ids=lambda o: ",".join(o) or "default")
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_update_follows_the_reference_gradient(tiny, trainer_factory, scored_groups, overrides, share_prompts):
+    """One optimiser update equals AdamW's first step on the reference gradient of the whole
+    mini-batch: ``Δθ = -lr·g / (|g| + eps)``. The trainer never runs the zero-advantage group nor
+    (under overlong filtering) the truncated samples, yet counts their tokens in the normaliser:
+    the reference runs everything, so skipping is proven to change nothing."""
     model, tok = tiny
-    trainer = _trainer(model.double(), tok, ["ppo_epochs=2", "clip.eps_low=0.01", "clip.eps_high=0.01"])
+    model = copy.deepcopy(model).double()
+    groups = scored_groups(tok, 4, 4, seed=5)
+    trainer = trainer_factory(model, tok, [*overrides, "optim.eps=1.0"], share_prompts=share_prompts)
+    start = torch.cat([q.detach().flatten() for q in trainer.model.parameters()])
+    trainer.update(groups)
+    delta = torch.cat([q.detach().flatten() for q in trainer.model.parameters()]) - start
+    g = _reference_gradient(model, tok, groups, overrides)
+    assert g.abs().max() > 0
+    # Hugging Face's RMSNorm rounds to float32 inside a float64 model: forwards of other shapes
+    # (length groups, shared prompts) agree to ~1e-8 of the largest gradient, not to 1e-15.
+    torch.testing.assert_close(delta, -1e-2 * g / (g.abs() + 1.0), rtol=1e-5, atol=1e-7 * delta.abs().max().item())
+
+
+def test_update_moves_weights_and_reports_metrics(tiny, trainer_factory, scored_groups):
+    model, tok = tiny
+    trainer = trainer_factory(model.double(), tok, ["ppo_epochs=2", "clip.eps_low=0.01", "clip.eps_high=0.01"])
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    metrics = trainer._update(_groups(tok, 4, 4, seed=6))
+    metrics = trainer.update(scored_groups(tok, 4, 4, seed=6))
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     assert metrics["train/updates"] == 2.0
     # Second epoch is off-policy: with a tiny clip range some tokens must be clipped.
     assert metrics["train/clip_frac_low"] + metrics["train/clip_frac_high"] > 0
+    assert metrics["diag/clip_low_old_prob_mean"] > 0 or metrics["diag/clip_high_old_prob_mean"] > 0
     assert metrics["train/advantage_zero_frac"] == pytest.approx(0.25)
     assert 0 < metrics["train/entropy"] < torch.log(torch.tensor(float(len(tok)))).item() + 1e-6
 
 
-def test_old_logprob_pass_skipped_only_when_exactly_on_policy(tiny, monkeypatch):
+def test_old_logprob_pass_skipped_only_when_exactly_on_policy(tiny, trainer_factory, scored_groups, monkeypatch):
+    import dapo_rl.training.trainer as trainer_module
+
     model, tok = tiny
-    for overrides, expected_calls in ((["ppo_epochs=1"], 0), (["ppo_epochs=2"], 1), (["mini_batch_size=2", "micro_batch_size=8"], 1)):
-        trainer = _trainer(model.double(), tok, overrides)
-        calls = []
-        original = trainer._score_old
-        monkeypatch.setattr(trainer, "_score_old", lambda *args: calls.append(1) or original(*args))
-        trainer._update(_groups(tok, 4, 4, seed=7))
-        assert len(calls) == expected_calls, overrides
+    no_grad_calls = []
+    original = trainer_module.logprobs
+
+    def counting(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            no_grad_calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "logprobs", counting)
+    for overrides, expected in ((["ppo_epochs=1"], False), (["ppo_epochs=2"], True), (["mini_batch_size=2", "micro_batch_size=8"], True)):
+        no_grad_calls.clear()
+        trainer_factory(model.double(), tok, overrides).update(scored_groups(tok, 4, 4, seed=7))
+        assert bool(no_grad_calls) == expected, overrides
 
 
 @pytest.mark.parametrize("complex_rotary", [True, False])
 @pytest.mark.parametrize("architecture", ["tiny", "gqa"])
-def test_shared_prompt_forward_matches_the_full_forward(tiny, gqa_llama, architecture, complex_rotary, monkeypatch):
-    """Each distinct prompt run once, responses on its cache in one unpadded batch: same
-    log-probs, entropies and gradients as the full padded forward of every row (rotary as a
-    complex product on permuted query/key rows, and as Hugging Face's rotate-half form, the
-    path under bfloat16 autocast)."""
+def test_every_forward_path_matches_the_full_forward(tiny, gqa_llama, scored_groups, architecture, complex_rotary, monkeypatch):
+    """Each distinct prompt run once, responses on its cache (in one unpadded batch, ``flat``, or
+    in length groups on Hugging Face's cache, ``shared``): same log-probs, entropies and gradients
+    as the full padded forward of every row (rotary as a complex product on permuted query/key
+    rows, and as Hugging Face's rotate-half form, the path under bfloat16 autocast)."""
     import dapo_rl.models.llama as llama
 
     if not complex_rotary:
         monkeypatch.setattr(llama, "complex_rotary_applies", lambda *args: False)
     model, tok = tiny
-    trainer = _trainer((model if architecture == "tiny" else gqa_llama(tok, seed=11)).double(), tok, [], share_prompts=True)
-    flat_calls = []
-    original = trainer._flat_logprobs
-    monkeypatch.setattr(trainer, "_flat_logprobs", lambda *args: flat_calls.append(1) or original(*args))
-    samples = [s for g in _groups(tok, 4, 4, seed=5) for s in g.samples]
+    model = copy.deepcopy(model if architecture == "tiny" else gqa_llama(tok, seed=11)).double()
+    samples = [s for g in scored_groups(tok, 4, 4, seed=5) for s in g.samples]
     for sample in samples[4:8]:  # a shorter prompt for the second group: left padding in the prompt forward
         sample.prompt_ids = sample.prompt_ids[:-2]
     packed = pack(samples, tok.pad_token_id, torch.device("cpu"))
     assert len(set(packed.prompt_lengths)) > 1 and len(set(packed.response_lengths)) > 3  # padding on both sides
-    shared = trainer._shared_prompts(trainer.model, packed)
-    assert shared is not None and shared.prompt_of.tolist() == [i // 4 for i in range(16)]  # 4 groups of 4
+    assert distinct_prompts(packed).prompt_of.tolist() == [i // 4 for i in range(16)]  # 4 groups of 4
     weights = torch.randn(packed.response_mask.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    settings = {"flat": ForwardSettings(), "shared": ForwardSettings(flat=False), "buckets": ForwardSettings(share_prompts=False),
+                "whole": ForwardSettings(one_forward=True)}
     results = {}
-    for share in (False, True):
-        trainer.share_prompt_forward = share
-        trainer.model.zero_grad()
-        logp, entropy = trainer._forward_logprobs(trainer.model, packed, with_entropy=True)
+    for path, setting in settings.items():
+        assert forward_path(model, packed, setting) == path
+        model.zero_grad()
+        logp, entropy = logprobs(model, packed, setting, with_entropy=True)
         (logp * packed.response_mask * weights).sum().backward()
-        results[share] = (logp * packed.response_mask, entropy * packed.response_mask,
-                          torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
-    assert flat_calls == [1]  # the shared-prompt forward took the unpadded path
-    for full, split in zip(results[False], results[True]):
-        torch.testing.assert_close(split, full, rtol=1e-6, atol=1e-6 * full.abs().max().item())
-    # Nothing to share: every row its own prompt, or one row.
-    trainer.share_prompt_forward = True
-    distinct = pack([g.samples[0] for g in _groups(tok, 4, 4, seed=5)], tok.pad_token_id, torch.device("cpu"))
-    assert trainer._shared_prompts(trainer.model, distinct) is None
-    assert trainer._shared_prompts(trainer.model, pack(samples[:1], tok.pad_token_id, torch.device("cpu"))) is None
+        results[path] = (logp * packed.response_mask, entropy * packed.response_mask,
+                         torch.cat([p.grad.flatten() for p in model.parameters()]))
+    for path in ("flat", "shared", "buckets"):
+        for full, other in zip(results["whole"], results[path]):
+            torch.testing.assert_close(other, full, rtol=1e-6, atol=1e-6 * full.abs().max().item())
+    # Nothing to share: every row its own prompt (length groups), or one row (one forward).
+    distinct = pack([g.samples[0] for g in scored_groups(tok, 4, 4, seed=5)], tok.pad_token_id, torch.device("cpu"))
+    assert distinct_prompts(distinct) is None and forward_path(model, distinct) == "buckets"
+    assert forward_path(model, pack(samples[:1], tok.pad_token_id, torch.device("cpu"))) == "whole"
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
@@ -247,24 +251,24 @@ def test_flat_response_layout_by_hand():
     assert rows_b.tolist() == [1] and width_b == 1 and slots_b.tolist() == []
 
 
-def test_update_with_shared_prompts_matches_micro_batch_of_one(tiny):
+def test_update_with_shared_prompts_matches_micro_batch_of_one(tiny, trainer_factory, scored_groups):
     """The default update path (prompts shared within a micro-batch) against one sample per micro-batch."""
     model, tok = tiny
     params = {}
     for micro, share in ((1, False), (16, True)):
-        trainer = _trainer(model.double(), tok, ["optim.lr=1e-3", f"micro_batch_size={micro}", "optim.beta1=0", "optim.beta2=0"],
-                           share_prompts=share)
+        trainer = trainer_factory(model.double(), tok, ["optim.lr=1e-3", f"micro_batch_size={micro}", "optim.beta1=0", "optim.beta2=0"],
+                                  share_prompts=share)
         start = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-        trainer._update(_groups(tok, 4, 4, seed=5))
+        trainer.update(scored_groups(tok, 4, 4, seed=5))
         params[micro] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - start
     torch.testing.assert_close(params[16], params[1], rtol=1e-5, atol=1e-7)
 
 
-def test_kl_term_uses_frozen_reference(tiny):
+def test_kl_term_uses_frozen_reference(tiny, trainer_factory, scored_groups):
     model, tok = tiny
-    trainer = _trainer(model.double(), tok, ["loss.kl_coef=0.1", "ppo_epochs=2"])
+    trainer = trainer_factory(model.double(), tok, ["loss.kl_coef=0.1", "ppo_epochs=2"])
     reference = [p.detach().clone() for p in trainer.reference.parameters()]
-    metrics = trainer._update(_groups(tok, 4, 4, seed=8))
+    metrics = trainer.update(scored_groups(tok, 4, 4, seed=8))
     assert all(torch.equal(a, b) for a, b in zip(reference, trainer.reference.parameters()))
     assert metrics["train/kl"] >= 0
 

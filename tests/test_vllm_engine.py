@@ -36,7 +36,7 @@ from dapo_rl.algorithm import token_logprobs  # noqa: E402
 from dapo_rl.config import QuickstartConfig  # noqa: E402
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, SamplingParams  # noqa: E402
 from dapo_rl.rollout.hf import HFGenerateEngine  # noqa: E402
-from dapo_rl.training.quickstart import prepare_quickstart_model  # noqa: E402
+from dapo_rl.models.quickstart import prepare_quickstart_model  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

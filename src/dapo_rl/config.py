@@ -20,6 +20,13 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 BUILTIN_MODEL = "builtin:chain-tiny"
 BUILTIN_DATA = "builtin:chain"
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
+ROLLOUT_ENGINES = ("hf", "fast", "vllm")
+
+# Keys that were renamed or replaced: an old key gets a one-line "did you mean".
+REPLACED_KEYS = {
+    "advantage.norm_by_std": "advantage.estimator=drgrpo (for norm_by_std=false) or advantage.estimator=grpo (true)",
+}
 
 
 class ConfigError(ValueError):
@@ -84,6 +91,7 @@ class ClipConfig:
 
 @dataclass
 class LossConfig:
+    policy_loss: str = "decoupled_clip"  # decoupled_clip (DAPO) | gspo | cispo | pkg.module:function
     agg_mode: str = "token-mean"  # token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum | seq-mean-token-sum-norm (Dr. GRPO)
     norm_constant: Optional[int] = None  # C of seq-mean-token-sum-norm; null = rollout.max_response_length
     kl_coef: float = 0.0  # KL to a frozen reference model; DAPO removes it (0)
@@ -92,7 +100,7 @@ class LossConfig:
 
 @dataclass
 class AdvantageConfig:
-    norm_by_std: bool = True  # divide by the group std (GRPO/DAPO); false = Dr. GRPO
+    estimator: str = "grpo"  # grpo (divide by the group std; DAPO) | drgrpo (no std) | pkg.module:function
     eps: float = 1e-6
 
 
@@ -249,6 +257,8 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
     if "not in" in msg and ("Key '" in msg or isinstance(exc, ConfigKeyError)):
+        if key in REPLACED_KEYS:
+            return f"config key '{key}' was replaced; did you mean {REPLACED_KEYS[key]}? (see README: Configuration reference)"
         hint = re.search(r"Did you mean: '([^']+)'", str(exc))
         suggestion = ""
         if hint:
@@ -356,9 +366,17 @@ def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"{value!r} is not valid", f"use one of {', '.join(choices)}")
 
 
+def _registered(value: str, key: str, registry: Any) -> None:
+    """A name the algorithm's registry knows, or an import path that resolves."""
+    try:
+        registry.get(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
 def validate(c: Config) -> None:
     """Cross-field rules that types alone cannot express."""
-    from dapo_rl.algorithm import KL_ESTIMATORS, LOSS_AGG_MODES
+    from dapo_rl.algorithm import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
 
     _require(c.steps >= 1, "steps", f"must be >= 1, got {c.steps}", "set steps=1 or more")
     _require(c.group_size >= 2, "group_size", f"must be >= 2 for group-relative advantages, got {c.group_size}", "set group_size=2 or more (paper: 16)")
@@ -374,8 +392,10 @@ def validate(c: Config) -> None:
     _require(c.clip.eps_high >= 0, "clip.eps_high", f"must be >= 0, got {c.clip.eps_high}", "paper: 0.28")
     _require(c.clip.dual_clip_c is None or c.clip.dual_clip_c > 1, "clip.dual_clip_c",
              f"must be > 1, got {c.clip.dual_clip_c}", "use e.g. 3.0, or null to disable")
-    _choice(c.loss.agg_mode, "loss.agg_mode", LOSS_AGG_MODES)
-    _choice(c.loss.kl_estimator, "loss.kl_estimator", KL_ESTIMATORS)
+    _registered(c.loss.policy_loss, "loss.policy_loss", POLICY_LOSSES)
+    _registered(c.advantage.estimator, "advantage.estimator", ADVANTAGE_ESTIMATORS)
+    _choice(c.loss.agg_mode, "loss.agg_mode", tuple(LOSS_AGG_MODES.names()))
+    _choice(c.loss.kl_estimator, "loss.kl_estimator", tuple(KL_ESTIMATORS.names()))
     _require(c.loss.kl_coef >= 0, "loss.kl_coef", f"must be >= 0, got {c.loss.kl_coef}", "0 disables the KL term")
     _require(c.loss.norm_constant is None or c.loss.norm_constant > 0, "loss.norm_constant", "must be positive", "use null for max_response_length")
     L = c.rollout.max_response_length
@@ -383,7 +403,7 @@ def validate(c: Config) -> None:
     _require(c.rollout.temperature > 0, "rollout.temperature", f"must be > 0 for sampling, got {c.rollout.temperature}", "paper: 1.0")
     _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {c.rollout.top_p}", "1.0 disables it")
     _require(c.rollout.top_k >= 0, "rollout.top_k", f"must be >= 0, got {c.rollout.top_k}", "0 disables it")
-    _choice(c.rollout.engine, "rollout.engine", ("hf", "fast", "vllm"))
+    _choice(c.rollout.engine, "rollout.engine", ROLLOUT_ENGINES)
     _choice(c.rollout.vllm_dtype, "rollout.vllm_dtype", ("auto", "float32", "bfloat16", "float16"))
     _require(0 < c.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization",
              f"must be in (0, 1], got {c.rollout.vllm_gpu_memory_utilization}", "e.g. 0.4, leaving the rest for training")
@@ -402,9 +422,7 @@ def validate(c: Config) -> None:
     _require(c.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0", "0 checkpoints only at the end")
     _require(c.reward.correct > c.reward.incorrect, "reward.correct", "must be greater than reward.incorrect", "paper: +1 / -1")
     _require(c.reward.timeout_s > 0, "reward.timeout_s", "must be > 0", "e.g. 5")
-    from dapo_rl.training.distributed import STRATEGIES
-
-    _choice(c.distributed.strategy, "distributed.strategy", STRATEGIES)
+    _choice(c.distributed.strategy, "distributed.strategy", DISTRIBUTED_STRATEGIES)
     _choice(c.model.dtype, "model.dtype", ("auto", "float32", "bf16-autocast"))
     _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.model.device) is not None, "model.device",
              f"{c.model.device!r} is not a device", "use auto, cpu, cuda or cuda:N")

@@ -1,12 +1,15 @@
-"""Pure DAPO / GRPO-family math on tensors: no models, no files, no processes."""
+"""Pure DAPO / GRPO-family math on tensors: no models, no files, no processes.
+
+The plug points are registries selected by name in the configuration: :data:`POLICY_LOSSES`
+(``loss.policy_loss``), :data:`ADVANTAGE_ESTIMATORS` (``advantage.estimator``),
+:data:`KL_ESTIMATORS` (``loss.kl_estimator``) and :data:`LOSS_AGG_MODES` (``loss.agg_mode``).
+"""
 
 from dapo_rl.algorithm.advantages import (
     ADVANTAGE_ESTIMATORS,
     broadcast_to_tokens,
     drgrpo_advantages,
-    group_advantages,
     grpo_advantages,
-    register_advantage_estimator,
 )
 from dapo_rl.algorithm.aggregation import LOSS_AGG_MODES, aggregate_loss, loss_normalizer
 from dapo_rl.algorithm.dynamic_sampling import (
@@ -15,9 +18,17 @@ from dapo_rl.algorithm.dynamic_sampling import (
     SampledBatch,
     informative_groups,
 )
-from dapo_rl.algorithm.kl import KL_ESTIMATORS, kl_penalty
+from dapo_rl.algorithm.kl import KL_ESTIMATORS
 from dapo_rl.algorithm.overlong import overlong_filter_mask, soft_overlong_penalty
-from dapo_rl.algorithm.policy_loss import POLICY_LOSSES, PolicyLossOutput, decoupled_clip_loss, register_policy_loss
+from dapo_rl.algorithm.policy_loss import (
+    POLICY_LOSSES,
+    ClipRange,
+    PolicyLossResult,
+    cispo_loss,
+    decoupled_clip_loss,
+    gspo_loss,
+)
+from dapo_rl.algorithm.registry import Registry
 from dapo_rl.algorithm.token_stats import token_entropy, token_logprobs
 
 __all__ = [
@@ -25,22 +36,22 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "POLICY_LOSSES",
+    "ClipRange",
     "DynamicSampler",
     "DynamicSamplingExhausted",
-    "PolicyLossOutput",
+    "PolicyLossResult",
+    "Registry",
     "SampledBatch",
     "aggregate_loss",
     "broadcast_to_tokens",
+    "cispo_loss",
     "decoupled_clip_loss",
     "drgrpo_advantages",
-    "group_advantages",
     "grpo_advantages",
+    "gspo_loss",
     "informative_groups",
-    "kl_penalty",
     "loss_normalizer",
     "overlong_filter_mask",
-    "register_advantage_estimator",
-    "register_policy_loss",
     "soft_overlong_penalty",
     "token_entropy",
     "token_logprobs",

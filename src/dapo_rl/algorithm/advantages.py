@@ -17,18 +17,10 @@ from typing import Callable
 
 import torch
 
+from dapo_rl.algorithm.registry import Registry
+
 AdvantageEstimator = Callable[..., torch.Tensor]
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
-
-
-def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
-    """Register ``fn`` under ``name`` so configurations can select it by name."""
-
-    def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return decorator
+ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
 
 
 def _check_groups(rewards: torch.Tensor) -> None:
@@ -43,9 +35,10 @@ def _zero_spread(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards.amax(dim=1, keepdim=True) == rewards.amin(dim=1, keepdim=True))
 
 
-@register_advantage_estimator("grpo")
+@ADVANTAGE_ESTIMATORS.register("grpo")
 def grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
-    """DAPO/GRPO: ``(R - mean_group(R)) / (std_group(R) + eps)``.
+    """DAPO/GRPO: ``(R - mean_group(R)) / (std_group(R) + eps)`` (DAPO eq. 9). verl
+    ``algorithm.adv_estimator=grpo``; TRL ``scale_rewards="group"``.
 
     Args:
         rewards: ``[num_groups, group_size]`` scalar rewards.
@@ -59,9 +52,11 @@ def grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor
     return advantages.masked_fill(_zero_spread(rewards), 0.0)
 
 
-@register_advantage_estimator("drgrpo")
+@ADVANTAGE_ESTIMATORS.register("drgrpo")
 def drgrpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
-    """Dr. GRPO: ``R - mean_group(R)``, no std normalisation (it biases toward easy/hard groups).
+    """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): ``R - mean_group(R)``, no std normalisation
+    (dividing by it favours groups that are nearly all right or all wrong). verl
+    ``algorithm.norm_adv_by_std_in_grpo=false``; TRL ``scale_rewards="none"``.
 
     Args:
         rewards: ``[num_groups, group_size]`` scalar rewards.
@@ -72,11 +67,6 @@ def drgrpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tens
     _check_groups(rewards)
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     return centred.masked_fill(_zero_spread(rewards), 0.0)
-
-
-def group_advantages(rewards: torch.Tensor, *, norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Group-relative advantages with the std normalisation switch of the config (``advantage.norm_by_std``)."""
-    return (grpo_advantages if norm_by_std else drgrpo_advantages)(rewards, eps=eps)
 
 
 def broadcast_to_tokens(sequence_advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,23 @@
-"""Reduce a per-token loss to the scalar that is back-propagated.
-
-Modes (names as in verl):
+"""Reduce a per-token loss to the scalar that is back-propagated; modes registered by name in
+:data:`LOSS_AGG_MODES` (names as in verl's ``actor.loss_agg_mode``).
 
 ==========================  ===============================================================
 ``token-mean``              DAPO: Σ_i Σ_t l_it / Σ_i |o_i| — every token weighs the same.
+                            TRL ``loss_type="dapo"``.
 ``seq-mean-token-mean``     GRPO: 1/N Σ_i (Σ_t l_it / |o_i|) — every sequence weighs the same.
+                            TRL ``loss_type="grpo"``.
 ``seq-mean-token-sum``      1/N Σ_i Σ_t l_it.
 ``seq-mean-token-sum-norm`` Dr. GRPO: 1/N Σ_i Σ_t l_it / C, C a constant (e.g. max response
                             length). Note: verl's variant divides by C only; ours keeps the 1/N
-                            of the sequence mean, as the Dr. GRPO objective does.
+                            of the sequence mean, as the Dr. GRPO objective does. TRL
+                            ``loss_type="dr_grpo"``.
 ==========================  ===============================================================
 
-N counts the sequences with at least one loss-contributing token: an overlong-filtered response
-is absent from both numerator and denominator.
+Every mode is one :class:`Aggregation`: a function ``fn(per_token_loss, mask, norm_constant) ->
+numerator`` (the summed contributions, ``[batch]`` summed to a scalar) and what its normaliser
+counts, ``"tokens"`` or ``"sequences"``. N counts the sequences with at least one
+loss-contributing token: an overlong-filtered response is absent from both numerator and
+denominator.
 
 **Exactness under splitting.** Every mode is ``Σ_i contribution_i / normaliser`` where the
 normaliser is a count (tokens or sequences) over the *whole* optimiser step. Compute it once with
@@ -23,14 +28,51 @@ gradient of the whole mini-batch exactly (to float rounding).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+from dapo_rl.algorithm.registry import Registry
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in LOSS_AGG_MODES:
-        raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of {', '.join(LOSS_AGG_MODES)}")
+@dataclass(frozen=True)
+class Aggregation:
+    numerator: Callable[[torch.Tensor, torch.Tensor, float | None], torch.Tensor]
+    counts: str  # "tokens" | "sequences": what the normaliser counts
+
+
+LOSS_AGG_MODES: Registry[Aggregation] = Registry("loss aggregation mode")
+
+
+def _register(name: str, counts: str):
+    def decorator(fn):
+        LOSS_AGG_MODES.register(name)(Aggregation(fn, counts))
+        return fn
+
+    return decorator
+
+
+@_register("token-mean", counts="tokens")
+def _token_sum(per_token_loss: torch.Tensor, weights: torch.Tensor, norm_constant: float | None) -> torch.Tensor:
+    return (per_token_loss * weights).sum()
+
+
+@_register("seq-mean-token-mean", counts="sequences")
+def _sequence_means(per_token_loss: torch.Tensor, weights: torch.Tensor, norm_constant: float | None) -> torch.Tensor:
+    return ((per_token_loss * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)).sum()
+
+
+@_register("seq-mean-token-sum", counts="sequences")
+def _sequence_sums(per_token_loss: torch.Tensor, weights: torch.Tensor, norm_constant: float | None) -> torch.Tensor:
+    return (per_token_loss * weights).sum()
+
+
+@_register("seq-mean-token-sum-norm", counts="sequences")
+def _sequence_sums_over_constant(per_token_loss: torch.Tensor, weights: torch.Tensor, norm_constant: float | None) -> torch.Tensor:
+    if norm_constant is None or norm_constant <= 0:
+        raise ValueError("seq-mean-token-sum-norm needs a positive norm_constant (e.g. the max response length)")
+    return (per_token_loss * weights).sum() / norm_constant
 
 
 def loss_normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -38,12 +80,11 @@ def loss_normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
 
     Args:
         mask: ``[batch, response_len]`` 1 where a token contributes to the loss.
-        mode: one of :data:`LOSS_AGG_MODES`.
+        mode: a name in :data:`LOSS_AGG_MODES`.
     Returns:
         0-dim float tensor; add these up over micro-batches (and all-reduce over ranks).
     """
-    _check_mode(mode)
-    if mode == "token-mean":
+    if LOSS_AGG_MODES.get(mode).counts == "tokens":
         return mask.sum().to(torch.float32)
     return (mask.sum(dim=-1) > 0).sum().to(torch.float32)
 
@@ -61,7 +102,7 @@ def aggregate_loss(
     Args:
         per_token_loss: ``[batch, response_len]``.
         mask: ``[batch, response_len]`` 1 where a token contributes.
-        mode: one of :data:`LOSS_AGG_MODES`.
+        mode: a name in :data:`LOSS_AGG_MODES`.
         normalizer: the global count from :func:`loss_normalizer` for the whole optimiser step;
             ``None`` uses this batch's own count (correct only when the batch *is* the step).
         norm_constant: the constant C of ``seq-mean-token-sum-norm`` (required for that mode).
@@ -69,20 +110,7 @@ def aggregate_loss(
         0-dim loss. With an empty normaliser (nothing contributes) the loss is 0 with a
         zero gradient rather than NaN.
     """
-    _check_mode(mode)
-    weights = mask.to(per_token_loss.dtype)
-    token_sums = (per_token_loss * weights).sum(dim=-1)
-    if mode == "token-mean":
-        numerator = token_sums.sum()
-    elif mode == "seq-mean-token-mean":
-        lengths = weights.sum(dim=-1)
-        numerator = (token_sums / lengths.clamp_min(1.0)).sum()
-    elif mode == "seq-mean-token-sum":
-        numerator = token_sums.sum()
-    else:
-        if norm_constant is None or norm_constant <= 0:
-            raise ValueError("seq-mean-token-sum-norm needs a positive norm_constant (e.g. the max response length)")
-        numerator = token_sums.sum() / norm_constant
+    numerator = LOSS_AGG_MODES.get(mode).numerator(per_token_loss, mask.to(per_token_loss.dtype), norm_constant)
     if normalizer is None:
         normalizer = loss_normalizer(mask, mode)
     normalizer = torch.as_tensor(normalizer, dtype=numerator.dtype)

@@ -1,108 +1,169 @@
-"""Policy-gradient losses, per token.
+"""Policy-gradient losses, per token, registered by name in :data:`POLICY_LOSSES`.
 
 Every loss has one signature::
 
-    fn(logp, old_logp, advantages, mask, *, eps_low, eps_high, dual_clip_c) -> PolicyLossOutput
+    fn(logp, old_logp, advantages, mask, clip: ClipRange) -> PolicyLossResult(per_token_loss, metrics)
 
-with ``logp``/``old_logp``/``advantages``/``mask`` all ``[batch, response_len]``: log-probabilities
-(natural log, at the sampling temperature) of the sampled tokens under the current and the old
-policy, the per-token advantage, and 1 where a token contributes to the loss. The loss is the
-*negative* objective; reduce it with :func:`dapo_rl.algorithm.aggregation.aggregate_loss`.
+``logp`` / ``old_logp`` / ``advantages`` / ``mask`` are ``[batch, response_len]``: log-probabilities
+(natural log, at the sampling temperature) of the sampled tokens under the current policy π_θ
+(differentiable) and the old policy π_old, the per-token advantage, and 1 where a token
+contributes to the loss. ``per_token_loss`` is the *negative* objective per token, 0 off the mask;
+reduce it with :func:`dapo_rl.algorithm.aggregation.aggregate_loss`.
+
+``metrics`` maps names to tensors, in two kinds the trainer adds up across micro-batches and
+ranks without knowing the loss:
+
+- a 0-dim tensor is a **sum over the masked tokens**; the trainer logs ``train/<name>`` as that
+  sum divided by the number of trained tokens (a fraction or a mean per token);
+- a bool tensor shaped like ``mask`` is a **set of tokens**; the trainer logs the old-policy
+  probability of those tokens as ``diag/<name>_old_prob_{mean,p10,p50,p90}`` (the DAPO paper's
+  diagnostic of which tokens the clip acts on).
+
+A user's own loss is registered with ``@POLICY_LOSSES.register("name")`` or selected by import path
+``loss.policy_loss=package.module:function``. Every registered loss is tested by the same laws
+(micro-batch, padding and order invariance) in ``tests/test_algorithm.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-PolicyLoss = Callable[..., "PolicyLossOutput"]
-POLICY_LOSSES: dict[str, PolicyLoss] = {}
+from dapo_rl.algorithm.registry import Registry
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
-    """Register ``fn`` under ``name`` so configurations can select it by name."""
+@dataclass(frozen=True)
+class ClipRange:
+    """The clip settings a loss may read (config section ``clip``).
 
-    def decorator(fn: PolicyLoss) -> PolicyLoss:
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return decorator
-
-
-@dataclass
-class PolicyLossOutput:
-    """Per-token loss and the per-token events behind the clip statistics.
-
-    All tensors are ``[batch, response_len]``; the bool ones are already restricted to the mask.
+    ``eps_low`` / ``eps_high``: the ratio (or importance weight) is clipped to
+    ``[1 - eps_low, 1 + eps_high]``; verl ``clip_ratio_low/high``, TRL ``epsilon/epsilon_high``.
+    ``dual_clip_c``: bound ``c > 1`` on the loss of negative-advantage tokens (decoupled_clip
+    only); verl ``clip_ratio_c``.
     """
 
-    per_token_loss: torch.Tensor
-    ratio: torch.Tensor  # pi_theta / pi_old, detached
-    clipped_low: torch.Tensor  # A < 0 and ratio < 1 - eps_low: the clip removed this token's gradient
-    clipped_high: torch.Tensor  # A > 0 and ratio > 1 + eps_high
-    dual_clipped: torch.Tensor  # A < 0 and ratio > c: bounded by the dual clip
-
-    def token_sums(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Sums over valid tokens, to be added up across micro-batches and divided by the token count.
-
-        ``approx_kl`` is the k3 estimate of KL(old || new): ``(r - 1) - log r`` per token.
-        """
-        valid = mask.bool()
-        log_ratio = torch.log(self.ratio.clamp_min(1e-30))
-        kl = (self.ratio - 1.0) - log_ratio
-        return {
-            "clip_frac_low": self.clipped_low.sum(),
-            "clip_frac_high": self.clipped_high.sum(),
-            "dual_clip_frac": self.dual_clipped.sum(),
-            "ratio_mean": self.ratio[valid].sum(),
-            "approx_kl": kl[valid].sum(),
-        }
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip_c: float | None = None
 
 
-@register_policy_loss("decoupled_clip")
-def decoupled_clip_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip_c: float | None = None,
-) -> PolicyLossOutput:
-    """DAPO's Clip-Higher PPO surrogate: ``-min(r·A, clip(r, 1-eps_low, 1+eps_high)·A)``.
+class PolicyLossResult(NamedTuple):
+    per_token_loss: torch.Tensor  # [batch, response_len], 0 off the mask
+    metrics: dict[str, torch.Tensor]  # token sums (0-dim) and token sets (bool [batch, response_len])
 
-    With ``dual_clip_c`` (> 1), the loss of a negative-advantage token is further bounded by
-    ``-c·A`` (Ye et al. 2020), so a token whose ratio exploded cannot dominate the update.
-    Symmetric PPO/GRPO clipping is ``eps_low == eps_high``.
-    """
-    if dual_clip_c is not None and dual_clip_c <= 1.0:
-        raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
-    valid = mask.bool()
+
+PolicyLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ClipRange], PolicyLossResult]
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+
+
+def _ratio_metrics(ratio: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token sums of the per-token ratio π_θ/π_old and of the k3 estimate of KL(π_old‖π_θ),
+    ``(r - 1) - log r``, over ``valid`` tokens (``ratio`` detached)."""
+    kl = (ratio - 1.0) - torch.log(ratio.clamp_min(1e-30))
+    return {"ratio_mean": ratio[valid].sum(), "approx_kl": kl[valid].sum()}
+
+
+def _token_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     # Padding may hold arbitrary log-probs; zero the difference there so exp() cannot overflow.
-    log_ratio = torch.where(valid, logp - old_logp, torch.zeros_like(logp))
-    ratio = torch.exp(log_ratio)
-    clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    unclipped_loss = -advantages * ratio
-    clipped_loss = -advantages * clipped_ratio
-    loss = torch.maximum(unclipped_loss, clipped_loss)
+    return torch.where(valid, logp - old_logp, torch.zeros_like(logp))
 
-    detached_ratio = ratio.detach()
+
+@POLICY_LOSSES.register("decoupled_clip")
+def decoupled_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                        clip: ClipRange = ClipRange()) -> PolicyLossResult:
+    """DAPO's Clip-Higher PPO surrogate (DAPO eq. 10): ``-min(r·A, clip(r, 1-ε_low, 1+ε_high)·A)``
+    with the token ratio ``r = π_θ/π_old``.
+
+    Symmetric PPO/GRPO clipping is ``eps_low == eps_high``. With ``dual_clip_c`` (> 1) the loss of
+    a negative-advantage token is further bounded by ``-c·A`` (Ye et al. 2020), so a token whose
+    ratio exploded cannot dominate the update. verl: ``policy_loss.loss_mode=vanilla``; TRL:
+    ``loss_type="dapo"`` with ``importance_sampling_level="token"``.
+
+    Metrics: ``clip_frac_low`` (A < 0 and r < 1-ε_low: the clip removed the token's gradient),
+    ``clip_frac_high`` (A > 0 and r > 1+ε_high), ``dual_clip_frac``, ``ratio_mean``,
+    ``approx_kl``; token sets ``clip_low`` and ``clip_high``.
+    """
+    if clip.dual_clip_c is not None and clip.dual_clip_c <= 1.0:
+        raise ValueError(f"dual_clip_c must be > 1, got {clip.dual_clip_c}")
+    valid = mask.bool()
+    ratio = torch.exp(_token_log_ratio(logp, old_logp, valid))
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip.eps_low, 1.0 + clip.eps_high))
+
+    r = ratio.detach()
     negative = advantages < 0
-    clipped_low = valid & negative & (detached_ratio < 1.0 - eps_low)
-    clipped_high = valid & (advantages > 0) & (detached_ratio > 1.0 + eps_high)
+    clipped_low = valid & negative & (r < 1.0 - clip.eps_low)
+    clipped_high = valid & (advantages > 0) & (r > 1.0 + clip.eps_high)
     dual_clipped = torch.zeros_like(valid)
-    if dual_clip_c is not None:
-        dual_bound = -advantages * dual_clip_c
+    if clip.dual_clip_c is not None:
+        dual_bound = -advantages * clip.dual_clip_c
         dual_clipped = valid & negative & (loss.detach() > dual_bound)
         loss = torch.where(negative, torch.minimum(loss, dual_bound), loss)
+    metrics = {"clip_frac_low": clipped_low.sum(), "clip_frac_high": clipped_high.sum(),
+               "dual_clip_frac": dual_clipped.sum(), **_ratio_metrics(r, valid),
+               "clip_low": clipped_low, "clip_high": clipped_high}
+    return PolicyLossResult(torch.where(valid, loss, torch.zeros_like(loss)), metrics)
 
-    return PolicyLossOutput(
-        per_token_loss=loss * mask.to(loss.dtype),
-        ratio=detached_ratio,
-        clipped_low=clipped_low,
-        clipped_high=clipped_high,
-        dual_clipped=dual_clipped,
-    )
+
+@POLICY_LOSSES.register("gspo")
+def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              clip: ClipRange = ClipRange(3e-4, 4e-4)) -> PolicyLossResult:
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071), in its GSPO-token form (eqs. 13-14).
+
+    The sequence ratio is the geometric mean of the token ratios over the response's loss tokens,
+    ``s_i = exp(mean_t(log π_θ - log π_old))``, clipped to ``[1-ε_low, 1+ε_high]`` for the whole
+    sequence. Each token carries ``s_it = sg[s_i]·π_θ(t)/sg[π_θ(t)]``: its value is ``s_i`` and its
+    gradient is ``s_i·∇log π_θ(t)``, so ``-min(s_it·A, clip(s_it)·A)`` aggregated with
+    ``seq-mean-token-mean`` is the paper's sequence objective (eq. 5) with its gradient.
+
+    Its ε are those of a *sequence* ratio, ~1e-3, not 0.2: the paper uses ε_low = 3e-4 and
+    ε_high = 4e-4 (``clip.eps_low=3e-4 clip.eps_high=4e-4``) and ``loss.agg_mode=seq-mean-token-mean``.
+    verl: ``policy_loss.loss_mode=gspo``; TRL: ``importance_sampling_level="sequence"``.
+
+    Metrics as :func:`decoupled_clip_loss`, counting every token of a clipped sequence; the ratio
+    is the sequence ratio.
+    """
+    valid = mask.bool()
+    log_ratio = _token_log_ratio(logp, old_logp, valid)
+    lengths = valid.sum(-1, keepdim=True).clamp_min(1)
+    seq_log_ratio = (log_ratio.sum(-1, keepdim=True) / lengths).detach()  # [batch, 1] log s_i
+    # Value s_i on every token; gradient s_i · ∇ log π_θ(t). Capped so a wild sequence cannot overflow.
+    token_ratio = torch.exp((seq_log_ratio + logp - logp.detach()).clamp(max=20.0))
+    token_ratio = torch.where(valid, token_ratio, torch.ones_like(token_ratio))
+    loss = torch.maximum(-advantages * token_ratio, -advantages * token_ratio.clamp(1.0 - clip.eps_low, 1.0 + clip.eps_high))
+    s = token_ratio.detach()
+    clipped_low = valid & (advantages < 0) & (s < 1.0 - clip.eps_low)
+    clipped_high = valid & (advantages > 0) & (s > 1.0 + clip.eps_high)
+    metrics = {"clip_frac_low": clipped_low.sum(), "clip_frac_high": clipped_high.sum(),
+               "ratio_mean": s[valid].sum(), "approx_kl": _ratio_metrics(torch.exp(log_ratio.detach()), valid)["approx_kl"],
+               "clip_low": clipped_low, "clip_high": clipped_high}
+    return PolicyLossResult(torch.where(valid, loss, torch.zeros_like(loss)), metrics)
+
+
+@POLICY_LOSSES.register("cispo")
+def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               clip: ClipRange = ClipRange()) -> PolicyLossResult:
+    """CISPO (MiniMax-M1, arXiv 2506.13585, eq. 4): ``-sg(clip(r, 1-ε_low, 1+ε_high))·A·log π_θ``.
+
+    The importance weight is clipped and detached instead of the update: every token keeps a
+    gradient ``clip(r)·A·∇log π_θ`` (PPO's clip drops the gradient of tokens outside the range,
+    among them the rare "fork" tokens whose probability grows fastest). Use with
+    ``loss.agg_mode=token-mean`` as the paper does. MiniMax leaves the lower bound effectively
+    open (a large ``clip.eps_low``, below 1) and tunes ``clip.eps_high``. verl:
+    ``policy_loss.loss_mode=cispo``; TRL: ``loss_type="cispo"``, whose ``epsilon_high`` is the
+    absolute upper bound of the weight (our ``1 + eps_high``) with no lower bound.
+
+    Metrics: ``clip_frac_low`` / ``clip_frac_high`` count tokens whose weight was clipped below /
+    above (their gradient is scaled, not dropped); ``ratio_mean``, ``approx_kl``; token sets
+    ``clip_low`` and ``clip_high``.
+    """
+    valid = mask.bool()
+    ratio = torch.exp(_token_log_ratio(logp, old_logp, valid)).detach()
+    weight = ratio.clamp(1.0 - clip.eps_low, 1.0 + clip.eps_high)
+    loss = -weight * advantages * torch.where(valid, logp, torch.zeros_like(logp))
+    clipped_low = valid & (ratio < 1.0 - clip.eps_low)
+    clipped_high = valid & (ratio > 1.0 + clip.eps_high)
+    metrics = {"clip_frac_low": clipped_low.sum(), "clip_frac_high": clipped_high.sum(), **_ratio_metrics(ratio, valid),
+               "clip_low": clipped_low, "clip_high": clipped_high}
+    return PolicyLossResult(torch.where(valid, loss, torch.zeros_like(loss)), metrics)

@@ -1,10 +1,13 @@
-"""Examples → prompt token ids, with the configured template."""
+"""Examples → prompt token ids, with the configured template; a dataset (or the built-in task)
+→ encoded prompts, the one loader that ``dapo train`` and ``dapo eval`` share."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dapo_rl.data.datasets import Example, RowProblem
+from dapo_rl.config import BUILTIN_DATA
+from dapo_rl.data.datasets import DatasetError, DatasetSpec, Example, RowProblem, load_examples
+from dapo_rl.data.synthetic import builtin_splits
 from dapo_rl.data.templates import render_prompt
 
 
@@ -38,3 +41,62 @@ def encode_prompts(
             continue
         encoded.append(EncodedPrompt(example=example, text=text, ids=ids))
     return encoded, skipped
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Where prompts come from and how they are rendered (config section ``data``, or ``dapo eval``'s options).
+
+    ``path`` is a dataset path or ``builtin:chain``; ``held_out`` picks the built-in task's
+    held-out split (the one evaluations use). The other fields are those of
+    :class:`~dapo_rl.data.datasets.DatasetSpec` and :func:`encode_prompts`.
+    """
+
+    path: str
+    held_out: bool = False
+    format: str = "auto"
+    preset: str = "plain"
+    split: str = "train"
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    max_rows: int | None = None
+    template: str = "raw"
+    use_chat_template: bool = False
+    max_prompt_length: int | None = None
+    builtin_train_size: int = 20000
+    builtin_eval_size: int = 256
+
+
+def load_prompts(source: PromptSource, tokenizer) -> tuple[list[EncodedPrompt], list[RowProblem]]:
+    """The encoded prompts of ``source`` and the rows skipped (unusable, or prompts too long).
+
+    Raises:
+        DatasetError: the dataset cannot be read, or it has no usable row (the message says why,
+            naming the path as ``data.path``).
+        TemplateError: the template cannot render a prompt.
+    """
+    if source.path == BUILTIN_DATA:
+        # The held-out set is drawn first and does not depend on the train size, so it does not
+        # build the (large) train split.
+        train, held_out = builtin_splits(1 if source.held_out else source.builtin_train_size, source.builtin_eval_size, seed=0)
+        examples, skipped = (held_out if source.held_out else train), []
+    elif source.path.startswith("builtin:"):
+        raise DatasetError(f"data.path: unknown built-in dataset {source.path!r}; use {BUILTIN_DATA} or a dataset path")
+    else:
+        spec = DatasetSpec(path=source.path, format=source.format, preset=source.preset, split=source.split,
+                           prompt_field=source.prompt_field, answer_field=source.answer_field, max_rows=source.max_rows)
+        try:
+            loaded = load_examples(spec)
+        except ValueError as exc:  # DatasetError, or a spec the loader refuses
+            raise DatasetError(str(exc)) from None
+        examples, skipped = list(loaded.examples), list(loaded.skipped)
+    prompts, too_long = encode_prompts(examples, tokenizer, template=source.template, use_chat_template=source.use_chat_template,
+                                       max_prompt_length=source.max_prompt_length)
+    skipped += too_long
+    if source.max_rows is not None:
+        prompts = prompts[: source.max_rows]
+    if not prompts:
+        reasons = "; ".join(str(p) for p in skipped[:3])
+        raise DatasetError(f"data.path: {source.path} has no usable rows ({reasons}); fix the rows, the field mapping "
+                           f"(preset, prompt_field, answer_field) or max_prompt_length")
+    return prompts, skipped

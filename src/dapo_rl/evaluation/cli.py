@@ -22,26 +22,14 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dapo_rl.config import (
-    BUILTIN_DATA,
-    Config,
-    ConfigError,
-    ModelConfig,
-    QuickstartConfig,
-)
-from dapo_rl.data import (
-    TEMPLATES,
-    DatasetError,
-    DatasetSpec,
-    TemplateError,
-    load_examples,
-)
-from dapo_rl.data.encoding import EncodedPrompt, encode_prompts
-from dapo_rl.data.synthetic import builtin_splits
+from dapo_rl.config import ConfigError, QuickstartConfig
+from dapo_rl.data import TEMPLATES, DatasetError, TemplateError
+from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts
 from dapo_rl.evaluation.evaluate import EvalResult, evaluate
+from dapo_rl.models.loading import ModelLoadError, load_policy, resolve_device
 from dapo_rl.rewards import resolve_reward_fn
-from dapo_rl.rollout import HFGenerateEngine
 from dapo_rl.rollout.base import SamplingParams
+from dapo_rl.rollout.engines import build_engine
 
 _DATA_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".ndjson", ".parquet", ".pq")
 
@@ -69,6 +57,7 @@ class EvalOptions:
     reward: str = "auto"  # auto (chain for builtin:chain, else math) | math | dapo | gsm8k | boxed | exact | pkg.module:fn
     reward_timeout_s: float = 5.0
     batch_size: int = 64  # prompts per generate call (each with its k samples)
+    engine: str = "fast"  # rollout engine: fast (the trainer's sampler) | hf (Hugging Face generate)
     seed: int = 0  # torch seed of the sampler (and of the built-in model)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output: str | None = None  # JSON path; default <MODEL>/eval-<dataset>.json (./ for built-in models)
@@ -116,6 +105,7 @@ def _validate(o: EvalOptions) -> None:
     _require(o.template in TEMPLATES, "template", f"{o.template!r} is not valid", f"use one of {', '.join(TEMPLATES)}")
     _require(o.max_rows is None or o.max_rows >= 1, "max_rows", f"must be >= 1, got {o.max_rows}", "or leave it unset for all rows")
     _require(o.batch_size >= 1, "batch_size", f"must be >= 1, got {o.batch_size}", "e.g. batch_size=16")
+    _require(o.engine in ("fast", "hf"), "engine", f"{o.engine!r} is not valid", "use fast or hf")
     _require(o.reward_timeout_s > 0, "reward_timeout_s", "must be > 0", "e.g. 5")
     _require(o.builtin_eval_size >= 1, "builtin_eval_size", "must be >= 1", "e.g. 256")
 
@@ -139,54 +129,34 @@ def default_output(model: str, data: str) -> Path:
 
 
 def _load_model(model: str, o: EvalOptions):
-    from dapo_rl.training.run import load_policy
-
-    # load_policy takes the trainer's Config; only model.path, quickstart and seed matter to it
-    config = Config(seed=o.seed, model=ModelConfig(path=model), quickstart=o.quickstart)
     try:
-        model_obj, tokenizer = load_policy(config, progress=o.progress)
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace("model.path:", "MODEL:", 1)) from None
+        model_obj, tokenizer = load_policy(model, quickstart=o.quickstart, seed=o.seed, progress=o.progress)
+    except ModelLoadError as exc:
+        raise ConfigError(f"MODEL: {exc}") from None
     return model_obj.eval(), tokenizer
 
 
 def load_eval_prompts(data: str, tokenizer, o: EvalOptions) -> list[EncodedPrompt]:
     """The problems of DATA as encoded prompts (``builtin:chain``: the held-out split)."""
-    if data == BUILTIN_DATA:
-        _, examples = builtin_splits(1, o.builtin_eval_size, seed=0)
-        skipped: list[Any] = []
-    elif data.startswith("builtin:"):
-        raise ConfigError(f"DATA: unknown built-in dataset {data!r}; use {BUILTIN_DATA} or a dataset path")
-    else:
-        try:
-            spec = DatasetSpec(path=data, format=o.format, preset=o.preset, split=o.split, prompt_field=o.prompt_field,
-                               answer_field=o.answer_field, max_rows=o.max_rows)
-            loaded = load_examples(spec)
-        except (DatasetError, ValueError) as exc:
-            raise DatasetError(f"DATA: {exc}") from None
-        examples, skipped = list(loaded.examples), list(loaded.skipped)
+    source = PromptSource(path=data, held_out=True, format=o.format, preset=o.preset, split=o.split, prompt_field=o.prompt_field,
+                          answer_field=o.answer_field, max_rows=o.max_rows, template=o.template,
+                          use_chat_template=o.use_chat_template, max_prompt_length=o.max_prompt_length,
+                          builtin_eval_size=o.builtin_eval_size)
     try:
-        prompts, too_long = encode_prompts(examples, tokenizer, template=o.template, use_chat_template=o.use_chat_template,
-                                           max_prompt_length=o.max_prompt_length)
+        prompts, skipped = load_prompts(source, tokenizer)
+    except DatasetError as exc:
+        raise DatasetError(f"DATA: {str(exc).replace('data.path: ', '')}") from None
     except TemplateError as exc:
         raise ConfigError(f"template / use_chat_template: {exc}") from None
-    skipped += too_long
-    if o.max_rows is not None:
-        prompts = prompts[: o.max_rows]
     if skipped:
         shown = "; ".join(str(p) for p in skipped[:3])
         print(f"dapo eval: skipped {len(skipped)} unusable rows ({shown}{'; ...' if len(skipped) > 3 else ''})")
-    if not prompts:
-        raise DatasetError(f"DATA: {data} has no usable rows; fix the rows above or the field mapping (preset, prompt_field, answer_field)")
     return prompts
 
 
 def _resolve_reward(data: str, o: EvalOptions):
-    name = o.reward
-    if name == "auto":
-        name = "chain" if data == BUILTIN_DATA else "math"
     try:
-        return resolve_reward_fn(name)
+        return resolve_reward_fn(o.reward, data=data)
     except ValueError as exc:
         raise ConfigError(f"reward: {exc}") from None
 
@@ -238,16 +208,15 @@ def run_eval(model: str, data: str, overrides: list[str]) -> int:
         raise ConfigError(f"output: {output} already exists; pass overwrite=true or another output=PATH")
     if output.is_dir():
         raise ConfigError(f"output: {output} is a folder; give a file path ending in .json")
-    device_name = options.device
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    _require(device_name == "cpu" or torch.cuda.is_available(), "device", f"{device_name} requested but CUDA is not available", "use device=cpu")
+    try:
+        device, _ = resolve_device(options.device)
+    except ModelLoadError as exc:
+        raise ConfigError(f"device: {exc}") from None
     reward_fn = _resolve_reward(data, options)
     policy, tokenizer = _load_model(model, options)
-    policy.to(torch.device(device_name))
+    policy.to(device)
     prompts = load_eval_prompts(data, tokenizer, options)
-    engine = HFGenerateEngine(policy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                              max_batch_prompts=options.batch_size)
+    engine = build_engine(options.engine, policy, tokenizer, max_batch_prompts=options.batch_size)
     params = SamplingParams(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
                             max_new_tokens=options.max_response_length)
     torch.manual_seed(options.seed)

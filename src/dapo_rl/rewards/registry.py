@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .functions import MathReward, NamedReward, RewardFn
+from dapo_rl.config import BUILTIN_DATA
 
 __all__ = [
     "RewardFactory",
@@ -122,13 +123,15 @@ def _import_reward(spec: str, correct_reward: float, incorrect_reward: float) ->
 
 
 def resolve_reward_fn(
-    spec: str | Callable[..., Any], correct_reward: float = 1.0, incorrect_reward: float = -1.0
+    spec: str | Callable[..., Any], correct_reward: float = 1.0, incorrect_reward: float = -1.0, *, data: str | None = None
 ) -> RewardFn:
-    """Turn a configuration value into a reward function.
+    """Turn a configuration value into a reward function (``dapo train`` and ``dapo eval`` both use it).
 
     Args:
         spec: a registered name (see :func:`available_rewards`), an import path
-            ``package.module:function`` (or ``package.module:Class.method``), or a callable.
+            ``package.module:function`` (or ``package.module:Class.method``), a callable, or
+            ``auto``: the chain task's reward for the built-in data (``data == builtin:chain``),
+            the math verifier otherwise.
         correct_reward: score of a correct answer (built-ins; also used for ``True`` returns).
         incorrect_reward: score of a wrong answer and of any failed call.
 
@@ -148,6 +151,8 @@ def resolve_reward_fn(
             f"Invalid reward function spec {spec!r}: expected a registered name or 'package.module:function'."
         )
     key = spec.strip()
+    if key == "auto":
+        key = "chain" if data == BUILTIN_DATA else "math"
     with _registry_lock:
         factory = _registry.get(key)
     if factory is not None:

@@ -256,7 +256,7 @@ def _resolve_base_model(overrides: Sequence[str]) -> list[str]:
     probe = rung_config(RUNGS[0], BASE_MODEL_SEED, 1, "unused", overrides)
     if probe.model.path != BUILTIN_MODEL:
         return list(overrides)
-    from dapo_rl.training.quickstart import prepare_quickstart_model
+    from dapo_rl.models.quickstart import prepare_quickstart_model
 
     folder = prepare_quickstart_model(probe.quickstart, seed=BASE_MODEL_SEED, progress=probe.logging.progress)
     return [*overrides, f"model.path={folder}"]

@@ -32,16 +32,16 @@ they resume on any world size and either strategy. CPU runs use the gloo backend
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-STRATEGIES = ("ddp", "fsdp2")
 # GIL-free pause before leaving the process group (see shutdown_distributed).
 GLOO_RELEASE_PAUSE_S = 0.1
 
@@ -142,7 +142,7 @@ class DistContext:
         return train_model.no_sync()
 
     def micro_batch_count(self, counts_per_rank: list[int]) -> int:
-        """Micro-batches this rank runs, given how many each rank has real work for.
+        """Micro-batches this rank runs in a training pass, given how many each rank has real work for.
 
         FSDP2: as many as the busiest rank (each is a collective). DDP: at least one when any
         rank trains (the last backward all-reduces). Alone: its own count.
@@ -153,6 +153,37 @@ class DistContext:
         if self.sharded:
             return max(counts_per_rank)
         return max(mine, 1)
+
+    def micro_batches_per_rank(self, work: torch.Tensor, size: int) -> list[int]:
+        """``work [num_samples]`` bool over the global batch → micro-batches of ``size`` each rank needs
+        for the samples it owns (every rank computes the same list without asking the others)."""
+        owner = self.owners(work.numel())
+        return [math.ceil(int((work & (owner == r)).sum()) / size) for r in range(self.world_size)]
+
+    def balanced_micro_batches(self, work: torch.Tensor, size: int, placeholder: Callable[[], None], *,
+                               train_model: torch.nn.Module | None = None) -> Iterator[list[int]]:
+        """This rank's micro-batches of the samples it owns where ``work`` is True, in step with the other ranks.
+
+        Yields lists of global sample indices, ``size`` at most. A training pass passes
+        ``train_model``: each micro-batch is then processed inside DDP's ``no_sync`` but the last,
+        whose backward all-reduces. Where the collectives need this rank after its own work has
+        run out (FSDP2: every forward; DDP: the synchronising backward), ``placeholder()`` runs
+        instead: a zero-weight pass that adds exactly nothing to any gradient.
+        """
+        counts = self.micro_batches_per_rank(work, size)
+        if train_model is not None:
+            runs = self.micro_batch_count(counts)
+        else:  # a no-grad pass: only FSDP2's forwards are collective
+            runs = max(counts) if self.sharded else counts[self.rank]
+        owner = self.owners(work.numel())
+        mine = [i for i in range(work.numel()) if work[i] and owner[i] == self.rank]
+        for run in range(runs):
+            batch = mine[run * size : (run + 1) * size]
+            with self.no_sync(train_model, run == runs - 1) if train_model is not None else nullcontext():
+                if batch:
+                    yield batch
+                else:
+                    placeholder()
 
     # ------------------------------------------------------------------ state for checkpoints
 

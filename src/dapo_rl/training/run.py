@@ -19,18 +19,16 @@ from tqdm.auto import tqdm
 
 from dapo_rl.algorithm import DynamicSamplingExhausted
 from dapo_rl.config import (
-    BUILTIN_DATA,
-    BUILTIN_MODEL,
     Config,
     ConfigError,
     to_dict,
     to_yaml,
 )
-from dapo_rl.data import DatasetError, DatasetSpec, TemplateError, load_examples
-from dapo_rl.data.encoding import EncodedPrompt, encode_prompts
-from dapo_rl.data.synthetic import builtin_splits
+from dapo_rl.data import DatasetError, TemplateError
+from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts
+from dapo_rl.models.loading import ModelLoadError, first_line, load_policy, resolve_device
 from dapo_rl.rewards import resolve_reward_fn
-from dapo_rl.rollout import HFGenerateEngine
+from dapo_rl.rollout.engines import build_engine
 from dapo_rl.telemetry import build_sinks, read_metrics
 from dapo_rl.training.checkpoint import (
     latest_checkpoint,
@@ -40,126 +38,68 @@ from dapo_rl.training.checkpoint import (
 )
 from dapo_rl.training.errors import RunError, RunInterrupted, signal_name
 from dapo_rl.training.host_memory import keep_freed_host_memory
-from dapo_rl.training.quickstart import prepare_quickstart_model
 from dapo_rl.training.distributed import DistContext, init_distributed, shutdown_distributed
 from dapo_rl.training.trainer import Trainer
 
 RUN_MARKER = "config.yaml"
 
-__all__ = ["RunError", "RunInterrupted", "RunResult", "load_policy", "prepare_output_dir", "run_training"]
+__all__ = ["RunError", "RunInterrupted", "RunResult", "prepare_output_dir", "run_device", "run_engine", "run_prompts",
+           "run_reward", "run_training"]
 
 
-def resolve_device(config: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
-    """The device, and the autocast dtype (None = plain fp32)."""
-    name = config.model.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and local_rank:
-        name = f"cuda:{local_rank}"  # one GPU per process under torchrun
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model.device: {name} requested but CUDA is not available; use model.device=cpu")
-    dtype = config.model.dtype
-    if dtype == "auto":
-        dtype = "bf16-autocast" if device.type == "cuda" else "float32"
-    return device, (torch.bfloat16 if dtype == "bf16-autocast" else None)
-
-
-def load_policy(config: Config, progress: bool = True):
-    """The policy model and tokenizer named by ``model.path`` (built locally for the built-in one)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = config.model.path
-    if path == BUILTIN_MODEL:
-        path = str(prepare_quickstart_model(config.quickstart, seed=config.seed, progress=progress))
-    elif path.startswith("builtin:"):
-        raise ConfigError(f"model.path: unknown built-in model {path!r}; use {BUILTIN_MODEL} or a local model folder")
-    elif not Path(path).is_dir():
-        raise ConfigError(f"model.path: {path} is not a folder; give a local Hugging Face model folder (see `dapo convert-gguf` for SmolLM2)")
-    elif not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"model.path: {path} has no config.json, so it is not a Hugging Face model folder; "
-                          f"point model.path at a folder written by save_pretrained (config.json, weights, tokenizer)")
-    # transformers reports a broken folder with many exception types and multi-line messages;
-    # the user needs one line that says which folder and what is wrong with it.
+def run_device(config: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
+    """``model.device`` / ``model.dtype`` resolved (see :func:`dapo_rl.models.loading.resolve_device`)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - any failure here means the folder is unusable
-        raise ConfigError(f"model.path: cannot load a tokenizer from {path} ({_first_line(exc)}); "
-                          f"the folder needs tokenizer files (tokenizer.json or tokenizer_config.json)") from None
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise ConfigError(f"model.path: the tokenizer in {path} has neither a pad nor an EOS token; "
-                              f"set eos_token in its tokenizer_config.json")
-        tokenizer.pad_token = tokenizer.eos_token
+        return resolve_device(config.model.device, config.model.dtype, local_rank)
+    except ModelLoadError as exc:
+        raise ConfigError(f"model.device: {exc}") from None
+
+
+def _load_policy(config: Config, progress: bool):
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001 - any failure here means the folder is unusable
-        raise ConfigError(f"model.path: cannot load a causal language model from {path} ({_first_line(exc)}); "
-                          f"check config.json and the weight files (*.safetensors)") from None
-    if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model, tokenizer
+        return load_policy(config.model.path, quickstart=config.quickstart, seed=config.seed, progress=progress,
+                           gradient_checkpointing=config.model.gradient_checkpointing)
+    except ModelLoadError as exc:
+        raise ConfigError(f"model.path: {exc}") from None
 
 
-def _load_split(config: Config, path: str, tokenizer, which: str) -> list[EncodedPrompt]:
+def run_prompts(config: Config, which: str, tokenizer) -> list[EncodedPrompt]:
+    """The encoded prompts of ``data.train`` (``which="train"``) or ``data.eval``; skipped rows are reported."""
     dc = config.data
-    if path == BUILTIN_DATA:
-        # The held-out set is drawn first and does not depend on the train size, so the eval
-        # split need not build the (large) train split.
-        train_size = dc.builtin_train_size if which == "train" else 1
-        train, held_out = builtin_splits(train_size, dc.builtin_eval_size, seed=0)
-        examples = train if which == "train" else held_out
-        skipped = []
-    else:
-        spec = DatasetSpec(path=path, format=dc.format, preset=dc.preset, prompt_field=dc.prompt_field,
-                           answer_field=dc.answer_field, max_rows=dc.max_rows if which == "train" else None)
-        try:
-            loaded = load_examples(spec)
-        except DatasetError as exc:
-            # The loader names the path as data.path; the user set it as data.train or data.eval.
-            raise RunError(f"data.{which}: {str(exc).replace('data.path', f'data.{which}')}") from None
-        examples, skipped = loaded.examples, list(loaded.skipped)
+    path = dc.train if which == "train" else dc.eval
+    source = PromptSource(path=path, held_out=which == "eval", format=dc.format, preset=dc.preset, prompt_field=dc.prompt_field,
+                          answer_field=dc.answer_field, max_rows=dc.max_rows if which == "train" else None,
+                          template=dc.template, use_chat_template=dc.use_chat_template, max_prompt_length=dc.max_prompt_length,
+                          builtin_train_size=dc.builtin_train_size, builtin_eval_size=dc.builtin_eval_size)
     try:
-        prompts, too_long = encode_prompts(examples, tokenizer, template=dc.template, use_chat_template=dc.use_chat_template,
-                                           max_prompt_length=dc.max_prompt_length)
+        prompts, skipped = load_prompts(source, tokenizer)
+    except DatasetError as exc:
+        # The loader names the path as data.path; the user set it as data.train or data.eval.
+        raise RunError(f"data.{which}: {str(exc).replace('data.path: ', '').replace('data.path', f'data.{which}')}") from None
     except TemplateError as exc:
-        raise RunError(f"data.template: {_first_line(exc)} (while encoding data.{which}); choose another data.template "
+        raise RunError(f"data.template: {first_line(exc)} (while encoding data.{which}); choose another data.template "
                        f"or data.use_chat_template=false") from None
-    skipped += too_long
     if skipped:
         shown = "; ".join(str(p) for p in skipped[:3])
         tqdm.write(f"data.{which}: skipped {len(skipped)} unusable rows ({shown}{'; ...' if len(skipped) > 3 else ''})")
-    if not prompts:
-        reasons = "; ".join(str(p) for p in skipped[:3])
-        raise RunError(f"data.{which}: {path} has no usable rows ({reasons}); fix the rows, the field mapping "
-                       f"(data.preset, data.prompt_field, data.answer_field) or data.max_prompt_length")
     return prompts
 
 
-def resolve_reward(config: Config):
-    name = config.reward.function
-    if name == "auto":
-        name = "chain" if config.data.train == BUILTIN_DATA else "math"
+def run_reward(config: Config):
+    """``reward.function`` resolved (``auto``: the chain reward on the built-in data, math otherwise)."""
     try:
-        return resolve_reward_fn(name, correct_reward=config.reward.correct, incorrect_reward=config.reward.incorrect)
+        return resolve_reward_fn(config.reward.function, correct_reward=config.reward.correct,
+                                 incorrect_reward=config.reward.incorrect, data=config.data.train)
     except ValueError as exc:
         raise ConfigError(f"reward.function: {exc}") from None
 
 
-def build_engine(config: Config, model, tokenizer):
-    if config.rollout.engine == "hf":
-        return HFGenerateEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    if config.rollout.engine == "fast":
-        from dapo_rl.rollout.fast import FastRolloutEngine
-
-        return FastRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+def run_engine(config: Config, model, tokenizer):
+    """The rollout engine ``rollout.engine`` names."""
     try:
-        from dapo_rl.rollout.vllm_engine import VLLMEngine  # optional extra
-    except ImportError as exc:
-        raise ConfigError(f"rollout.engine: vllm is not available ({_first_line(exc)}); install it "
-                          f"(pip install 'dapo-rl[vllm]') or use rollout.engine=hf") from None
-
-    return VLLMEngine.from_config(config, model, tokenizer)
+        return build_engine(config.rollout.engine, model, tokenizer, config=config)
+    except ValueError as exc:
+        raise ConfigError(f"rollout.engine: {exc}") from None
 
 
 def _check_sinks_available(config: Config) -> None:
@@ -208,7 +148,7 @@ def check_output_dir(config: Config) -> Path:
         try:
             saved = yaml.safe_load(marker.read_text())
         except (OSError, yaml.YAMLError) as exc:
-            raise RunError(f"resume: cannot read {marker} ({_first_line(exc)}); use overwrite=true to start the run over") from None
+            raise RunError(f"resume: cannot read {marker} ({first_line(exc)}); use overwrite=true to start the run over") from None
         saved_flat, now_flat = _flatten(saved if isinstance(saved, dict) else {}), _flatten(to_dict(config))
         for key in sorted(set(saved_flat) | set(now_flat)):
             if key.startswith(RESUMABLE_CHANGES) or key not in saved_flat:
@@ -335,8 +275,8 @@ def _restore(trainer: Trainer, run_dir: Path) -> Path | None:
             load_checkpoint(trainer, folder)
             return folder
         except Exception as exc:  # noqa: BLE001 - a damaged file: fall back to the previous checkpoint
-            problems.append(f"{folder.name}: {_first_line(exc)}")
-            tqdm.write(f"resume: cannot load {folder} ({_first_line(exc)}); trying the previous checkpoint")
+            problems.append(f"{folder.name}: {first_line(exc)}")
+            tqdm.write(f"resume: cannot load {folder} ({first_line(exc)}); trying the previous checkpoint")
     if problems:
         raise RunError(f"resume: no checkpoint in {run_dir / 'checkpoints'} could be loaded ({'; '.join(problems[:2])}); "
                        f"use overwrite=true to start the run over")
@@ -390,15 +330,15 @@ def _run_training(config: Config, dist: DistContext, started: float) -> RunResul
     progress = config.logging.progress and dist.is_main
     keep_freed_host_memory()  # every step frees and re-allocates the same buffers
     torch.manual_seed(config.seed + dist.rank)  # ranks sample different responses
-    device, autocast_dtype = resolve_device(config, dist.local_rank)
+    device, autocast_dtype = run_device(config, dist.local_rank)
     _check_sinks_available(config)
     check_output_dir(config)
-    model, tokenizer = load_policy(config, progress=progress)
+    model, tokenizer = _load_policy(config, progress)
     model.to(device)
-    reward_fn = resolve_reward(config)
-    train_prompts = _load_split(config, config.data.train, tokenizer, "train")
-    eval_prompts = _load_split(config, config.data.eval, tokenizer, "eval") if config.data.eval else None
-    engine = build_engine(config, model, tokenizer)
+    reward_fn = run_reward(config)
+    train_prompts = run_prompts(config, "train", tokenizer)
+    eval_prompts = run_prompts(config, "eval", tokenizer) if config.data.eval else None
+    engine = run_engine(config, model, tokenizer)
     run_dir = Path(config.output_dir)
     # Only the main rank writes (checkpoints, metrics, the final policy); the others take part in
     # gathering the state to write.
@@ -469,12 +409,6 @@ def _run_training(config: Config, dist: DistContext, started: float) -> RunResul
     tqdm.write(f"final policy saved to {final}")
     return RunResult(run_dir=run_dir, accuracy_before=before, accuracy_after=after, steps=trainer.state.step,
                      seconds=time.perf_counter() - started, history=trainer.state.history)
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception as one short line (library messages often span many)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -1,0 +1,84 @@
+"""Load the policy a run or an evaluation names, and pick its device: one loader for
+``dapo train`` and ``dapo eval``.
+
+Every failure is a :class:`ModelLoadError` whose one-line message says which folder and what is
+wrong with it; callers prefix the key the user set (``model.path``, ``MODEL``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dapo_rl.config import BUILTIN_MODEL, QuickstartConfig
+
+
+class ModelLoadError(ValueError):
+    """A model folder, device or dtype that cannot be used; the message says why and the fix."""
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto", local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
+    """The device, and the autocast dtype (None = plain fp32).
+
+    ``auto`` picks CUDA when present (``cuda:LOCAL_RANK`` under torchrun, one GPU per process);
+    dtype ``auto`` is bf16 autocast on CUDA and float32 on CPU.
+    """
+    name = device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank:
+        name = f"cuda:{local_rank}"
+    resolved = torch.device(name)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"{name} requested but CUDA is not available; use cpu")
+    if dtype == "auto":
+        dtype = "bf16-autocast" if resolved.type == "cuda" else "float32"
+    return resolved, (torch.bfloat16 if dtype == "bf16-autocast" else None)
+
+
+def load_policy(path: str, *, quickstart: QuickstartConfig | None = None, seed: int = 0, progress: bool = True,
+                gradient_checkpointing: bool = False):
+    """The causal LM and tokenizer in the Hugging Face folder ``path``, in float32, or the built-in
+    policy (``builtin:chain-tiny``, built and warmed up locally with ``quickstart`` and ``seed``).
+
+    A tokenizer without a pad token pads with its EOS token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dapo_rl.models.quickstart import prepare_quickstart_model
+
+    if path == BUILTIN_MODEL:
+        path = str(prepare_quickstart_model(quickstart or QuickstartConfig(), seed=seed, progress=progress))
+    elif path.startswith("builtin:"):
+        raise ModelLoadError(f"unknown built-in model {path!r}; use {BUILTIN_MODEL} or a local model folder")
+    elif not Path(path).is_dir():
+        raise ModelLoadError(f"{path} is not a folder; give a local Hugging Face model folder (see `dapo convert-gguf` for SmolLM2)")
+    elif not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json, so it is not a Hugging Face model folder; "
+                             f"point it at a folder written by save_pretrained (config.json, weights, tokenizer)")
+    # transformers reports a broken folder with many exception types and multi-line messages;
+    # the user needs one line that says which folder and what is wrong with it.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the folder is unusable
+        raise ModelLoadError(f"cannot load a tokenizer from {path} ({first_line(exc)}); "
+                             f"the folder needs tokenizer files (tokenizer.json or tokenizer_config.json)") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"the tokenizer in {path} has neither a pad nor an EOS token; set eos_token in its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the folder is unusable
+        raise ModelLoadError(f"cannot load a causal language model from {path} ({first_line(exc)}); "
+                             f"check config.json and the weight files (*.safetensors)") from None
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line (library messages often span many)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 240 else text[:237] + "..."

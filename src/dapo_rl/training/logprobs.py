@@ -1,0 +1,217 @@
+"""π_θ(token) and the entropy of every response token of a micro-batch: one function, four paths.
+
+:func:`logprobs` is the only way the trainer runs the policy (and the KL reference). Log-probs and
+entropy come from ``logits / temperature``: the distribution the rollout sampled from, so the
+importance ratio is exactly 1 on-policy. The paths all compute the same numbers (to rounding,
+tested); :func:`forward_path` says which one a batch takes:
+
+- ``flat``: each distinct prompt run once, then every real response token of the micro-batch in
+  one unpadded batch (:func:`dapo_rl.models.llama.response_logits`): no projection or MLP
+  computes padding. Models the fused decoder supports, in one process.
+- ``shared``: each distinct prompt run once, responses run on its cache in length groups
+  (a group's G responses share their prompt, and causal attention makes the prompt's keys and
+  values independent of the response: 1/G of the prompt compute).
+- ``buckets``: nothing repeats; rows run in length groups (:func:`length_buckets`), each cut to
+  its own widest prompt and response.
+- ``whole``: one forward of the whole padded batch (FSDP2, where every forward is a collective
+  and all ranks must make the same calls, or a single row).
+
+Only the logits of response positions are materialised.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from dapo_rl.algorithm import token_entropy, token_logprobs
+from dapo_rl.models.llama import FlatResponses, is_plain_llama, response_logits
+from dapo_rl.rollout.fast import has_sliding_layers
+from dapo_rl.training.batching import PackedBatch, length_buckets
+
+F = torch.nn.functional
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    """How :func:`logprobs` may run the model.
+
+    ``one_forward``: exactly one model call per batch, the same on every rank (FSDP2).
+    ``flat``: the unpadded flat forward is allowed (off when a DDP or FSDP2 wrapper must see every
+    forward through its own ``forward``). ``share_prompts``: run each distinct prompt once.
+    """
+
+    temperature: float = 1.0
+    autocast_dtype: torch.dtype | None = None
+    share_prompts: bool = True
+    flat: bool = True
+    one_forward: bool = False
+
+    def autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+@dataclass
+class DistinctPrompts:
+    """Which rows of a micro-batch share a prompt."""
+
+    prompt_of: torch.Tensor  # [b] which distinct prompt each row has
+    first: torch.Tensor  # [U] a row holding each distinct prompt
+
+
+def distinct_prompts(batch: PackedBatch) -> DistinctPrompts | None:
+    """The distinct prompts of ``batch`` (in order of first appearance), or None when none repeats."""
+    b = batch.response_ids.shape[0]
+    if b < 2:
+        return None
+    width = batch.prompt_width
+    keys = [tuple(row[width - length :]) for row, length in zip(batch.input_ids[:, :width].tolist(), batch.prompt_lengths)]
+    slot: dict[tuple, int] = {}
+    prompt_of = [slot.setdefault(key, len(slot)) for key in keys]
+    if len(slot) == b:
+        return None
+    device = batch.input_ids.device
+    return DistinctPrompts(prompt_of=torch.tensor(prompt_of, device=device),
+                           first=torch.tensor([prompt_of.index(u) for u in range(len(slot))], device=device))
+
+
+def _plan(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettings) -> tuple[str, DistinctPrompts | None]:
+    if settings.one_forward or batch.response_ids.shape[0] < 2:
+        return "whole", None
+    plain = getattr(model, "module", model)  # under DDP, the wrapped model
+    config = getattr(plain, "config", None)
+    # Sliding-window layers evict cached positions, so a prompt's cache cannot be shared.
+    shared = (distinct_prompts(batch) if settings.share_prompts and config is not None and not has_sliding_layers(config)
+              else None)
+    if shared is not None:
+        return ("flat" if settings.flat and model is plain and is_plain_llama(model) else "shared"), shared
+    return "buckets", None
+
+
+def forward_path(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettings = ForwardSettings()) -> str:
+    """Which path :func:`logprobs` takes for ``batch``: ``flat``, ``shared``, ``buckets`` or ``whole``."""
+    return _plan(model, batch, settings)[0]
+
+
+def logprobs(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettings = ForwardSettings(), *,
+             with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the response tokens and, with ``with_entropy``, the entropy of each position.
+
+    Args:
+        model: a Hugging Face causal LM, or its DDP / FSDP2 wrapper.
+        batch: the packed micro-batch.
+        settings: which paths are allowed, the temperature and the autocast dtype.
+    Returns:
+        ``logp [b, R]`` (differentiable, float32 or wider) and ``entropy [b, R]`` (detached) or
+        None. Positions past a row's response are 0 and must be masked by ``response_mask``.
+    """
+    path, shared = _plan(model, batch, settings)
+    if path == "flat":
+        return _flat(model, batch, shared, settings, with_entropy)
+    b, width = batch.response_ids.shape
+    cache = _prompt_cache(model, batch, shared, settings) if shared is not None else None
+    if path == "whole":
+        groups = [list(range(b))]
+    else:  # with shared prompts a group's cost is its response widths only
+        groups = length_buckets([0] * b if shared is not None else batch.prompt_lengths, batch.response_lengths)
+    logp_parts, entropy_parts = [], []
+    for rows in groups:
+        whole = len(groups) == 1  # the whole batch, in its own order: no row gather, full width
+        if whole:
+            rows = list(range(b))
+        max_r = width if whole else max(max(batch.response_lengths[r] for r in rows), 1)
+        index = None if whole else torch.tensor(rows, device=batch.input_ids.device)
+        if cache is not None:
+            logits = _logits_on_prompt_cache(model, batch, rows, max_r, cache, settings)
+        else:
+            max_p = batch.prompt_width if whole else max(batch.prompt_lengths[r] for r in rows)
+            logits = _logits_full(model, batch, index, max_p, max_r, settings)
+        response_ids = batch.response_ids[:, :max_r] if whole else batch.response_ids[index, :max_r]
+        logp_parts.append(F.pad(token_logprobs(logits, response_ids, temperature=settings.temperature), (0, width - max_r)))
+        if with_entropy:
+            with torch.no_grad():
+                entropy_parts.append(F.pad(token_entropy(logits.detach(), temperature=settings.temperature), (0, width - max_r)))
+    if len(groups) == 1:
+        return logp_parts[0], (entropy_parts[0] if with_entropy else None)
+    # Back to the caller's row order: rows were concatenated group by group.
+    inverse = torch.empty(b, dtype=torch.long)
+    inverse[torch.tensor([r for rows in groups for r in rows])] = torch.arange(b)
+    inverse = inverse.to(logp_parts[0].device)
+    return torch.cat(logp_parts)[inverse], (torch.cat(entropy_parts)[inverse] if with_entropy else None)
+
+
+def _logits_full(model, batch: PackedBatch, index: torch.Tensor | None, max_p: int, max_r: int,
+                 settings: ForwardSettings) -> torch.Tensor:
+    """Logits ``[rows, max_r, V]`` predicting response tokens 0..max_r-1 from a forward of prompt + response."""
+    columns = slice(batch.prompt_width - max_p, batch.prompt_width + max_r)
+    pick = (lambda t: t[:, columns]) if index is None else (lambda t: t[index, columns])
+    with settings.autocast(batch.input_ids.device):
+        out = model(input_ids=pick(batch.input_ids), attention_mask=pick(batch.attention_mask),
+                    position_ids=pick(batch.position_ids), logits_to_keep=max_r + 1, use_cache=False)
+    return out.logits[:, :-1]  # position t predicts response token t
+
+
+@dataclass
+class _PromptCache:
+    shared: DistinctPrompts
+    last_logits: torch.Tensor  # [U, V] logits at each prompt's last token (predict response token 0)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values [U, kv_heads, P, head_dim]
+    columns: slice  # the prompt columns of the packed batch that were run
+    attention: torch.Tensor  # [U, P] 1 on each distinct prompt's real tokens (0 on left padding)
+
+
+def _prompt_cache(model, batch: PackedBatch, shared: DistinctPrompts, settings: ForwardSettings) -> _PromptCache:
+    """One forward over the distinct prompts: their keys, values and last logits."""
+    columns = slice(batch.prompt_width - max(batch.prompt_lengths), batch.prompt_width)
+    first = shared.first
+    with settings.autocast(batch.input_ids.device):
+        out = model(input_ids=batch.input_ids[first, columns], attention_mask=batch.attention_mask[first, columns],
+                    position_ids=batch.position_ids[first, columns], logits_to_keep=1, use_cache=True)
+    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return _PromptCache(shared=shared, last_logits=out.logits[:, -1], kv=kv, columns=columns,
+                        attention=batch.attention_mask[first, columns])
+
+
+def _logits_on_prompt_cache(model, batch: PackedBatch, rows: list[int], max_r: int, cache: _PromptCache,
+                            settings: ForwardSettings) -> torch.Tensor:
+    """Logits ``[rows, max_r, V]`` predicting response tokens 0..max_r-1, the responses run on their prompts' caches."""
+    from transformers import DynamicCache
+
+    index = torch.tensor(rows, device=batch.input_ids.device)
+    owner = cache.shared.prompt_of[index]
+    past = DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v in cache.kv])
+    response = slice(batch.prompt_width, batch.prompt_width + max_r)
+    mask = torch.cat([batch.attention_mask[index, cache.columns], batch.attention_mask[index, response]], dim=1)
+    with settings.autocast(batch.input_ids.device):
+        out = model(input_ids=batch.response_ids[index, :max_r], attention_mask=mask,
+                    position_ids=batch.position_ids[index, response], past_key_values=past, use_cache=True)
+    # The prompt's last position predicts response token 0; response position t predicts t + 1.
+    return torch.cat([cache.last_logits[owner].unsqueeze(1), out.logits[:, : max_r - 1]], dim=1)
+
+
+def _flat(model, batch: PackedBatch, shared: DistinctPrompts, settings: ForwardSettings, with_entropy: bool):
+    """Every response token of the micro-batch in one unpadded batch; attention per length group."""
+    cache = _prompt_cache(model, batch, shared, settings)
+    b, width = batch.response_ids.shape
+    device = batch.response_ids.device
+    flat = FlatResponses.build(length_buckets([0] * b, batch.response_lengths), batch.prompt_lengths,
+                               batch.response_lengths, device)
+    row_of, step_of = flat.row_of, flat.step_of
+    n = row_of.numel()
+    tokens = batch.response_ids[row_of, step_of]
+    with settings.autocast(device):
+        after = response_logits(model, cache.kv, cache.attention, shared.prompt_of, tokens, flat)  # [N, V]
+    # Response token 0 is predicted by its prompt's last position, token t > 0 by token t - 1.
+    source = torch.where(step_of == 0, n + shared.prompt_of[row_of], torch.arange(n, device=device) - 1)
+    logits = torch.cat([after, cache.last_logits])[source]  # [N, V]
+    logp_flat = token_logprobs(logits, tokens, temperature=settings.temperature)
+    logp = logp_flat.new_zeros((b, width)).index_put((row_of, step_of), logp_flat)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        entropy_flat = token_entropy(logits.detach(), temperature=settings.temperature)
+    return logp, entropy_flat.new_zeros((b, width)).index_put((row_of, step_of), entropy_flat)
