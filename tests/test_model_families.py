@@ -9,6 +9,7 @@ import functools
 import logging
 
 import pytest
+import safetensors.torch
 import torch
 import transformers as tf
 from transformers import DynamicCache
@@ -17,7 +18,8 @@ from dapo_rl.data.synthetic import VOCAB
 from dapo_rl.models import rotary as rope
 from dapo_rl.models import spec as spec_module
 from dapo_rl.models.flat import FlatResponses, response_logits
-from dapo_rl.models.spec import SpecMismatchError, check_checkpoint_keys, fast_spec, read_spec, supports_fast_path
+from dapo_rl.models.spec import (SpecMismatchError, check_checkpoint, check_checkpoint_keys, fast_spec, read_spec,
+                                 supports_fast_path)
 from dapo_rl.models.tiny import build_char_tokenizer
 from dapo_rl.rollout import HFGenerateEngine, SamplingParams
 from dapo_rl.rollout.fast import FastRolloutEngine, has_sliding_layers
@@ -270,13 +272,20 @@ def test_length_dependent_rope_falls_back_past_its_exact_length(caplog, monkeypa
     assert "dynamic RoPE past 63 tokens" in notice and "\n" not in notice
 
 
-def test_a_family_whose_weights_do_not_match_raises_one_line_naming_the_tensor():
+def test_a_family_whose_weights_do_not_match_raises_one_line_naming_the_tensor(tmp_path):
     config_cls, model_cls, overrides = CASES["qwen3-qk-norm"]
     torch.manual_seed(0)
     model = getattr(tf, model_cls)(getattr(tf, config_cls)(**{**COMMON, **overrides})).eval()
     keys = list(model.state_dict())
     with pytest.raises(SpecMismatchError, match=r"^Qwen3 config, but the checkpoint has no tensor model\.layers\.1\.self_attn\.q_norm\.weight$"):
         check_checkpoint_keys(read_spec(model), model.config, [k for k in keys if k != "model.layers.1.self_attn.q_norm.weight"])
+    # A checkpoint folder without the tensor: from_pretrained would fill it in with ones.
+    model.save_pretrained(tmp_path)
+    check_checkpoint(model, tmp_path)  # complete: nothing to say
+    state = {k: v for k, v in model.state_dict().items() if k != "model.layers.1.self_attn.q_norm.weight"}
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(SpecMismatchError, match=r"no tensor model\.layers\.1\.self_attn\.q_norm\.weight$"):
+        check_checkpoint(model, tmp_path)
     model.model.layers[1].self_attn.q_norm = None
     with pytest.raises(SpecMismatchError) as error:
         _engine(model).generate(PROMPTS, 1, SamplingParams(max_new_tokens=4))

@@ -240,13 +240,13 @@ class SpecDecoder:
         if self.embed_scale is not None:
             x = x * self.embed_scale
         d, heads = self.head_dim, self.heads
+        kernel_mask = self.mask[:, 0, 0] if self.kernels is not None and self.mask is not None else None  # [rows, capacity]
         for i, layer in enumerate(self.layers):
             qkv = self.linear(self.rms_norm(x, layer.attn_norm), layer.qkv, layer.qkv_bias).view(rows, -1, d)
             first = 0 if layer.window is None else max(0, length - layer.window)  # oldest position in the window
             if self.kernels is not None:
                 self.kernels.rotary_append(qkv, rotations[layer.kind], self.kv[i], heads, pos, layer.q_norm, layer.k_norm)
-                mask = self.mask[:, 0, 0] if self.mask is not None else None  # [rows, capacity]
-                out = self.kernels.attention(qkv, self.kv[i], mask, heads, length, self.scaling, first, self.spec.attn_softcap)
+                out = self.kernels.attention(qkv, self.kv[i], kernel_mask, heads, length, self.scaling, first, self.spec.attn_softcap)
             else:
                 self._rotate_append(qkv, rotations[layer.kind], i, pos, layer)
                 out = self._attention(qkv, i, rows, first, length)

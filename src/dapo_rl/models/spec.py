@@ -35,6 +35,7 @@ class _Family:
     gemma: bool = False  # (1 + w) norms, sandwich norms, scaled embeddings, soft-capping
     windows: str = "none"  # "none" | "uniform" (config.sliding_window on every layer) | "layer_types"
     rotary_per_layer_type: bool = False  # rotary module called with the layer type (Gemma3)
+    partial_rotary: bool = False  # its attention turns only the first dims cos/sin cover (Phi-3)
     qkv_bias: str | bool = "attention_bias"  # config flag, or fixed
     o_bias: str | bool = "attention_bias"
     mlp_bias: str | bool = False
@@ -46,7 +47,7 @@ FAMILIES = {
     "mistral": _Family("Mistral", windows="uniform", qkv_bias=False, o_bias=False),
     "qwen2": _Family("Qwen2", windows="layer_types", qkv_bias=True, o_bias=False),
     "qwen3": _Family("Qwen3", qk_norm=True, windows="layer_types"),
-    "phi3": _Family("Phi-3", fused=True, windows="uniform", qkv_bias=False, o_bias=False),
+    "phi3": _Family("Phi-3", fused=True, windows="uniform", partial_rotary=True, qkv_bias=False, o_bias=False),
     "gemma2": _Family("Gemma2", gemma=True, windows="layer_types", activation_key="hidden_activation"),
     "gemma3_text": _Family("Gemma3", gemma=True, qk_norm=True, windows="layer_types", rotary_per_layer_type=True,
                            activation_key="hidden_activation"),
@@ -189,9 +190,35 @@ def check_checkpoint_keys(spec: ModelSpec, config, keys) -> None:
             raise SpecMismatchError(f"{spec.name} config, but the checkpoint has no tensor {name}")
 
 
+def check_checkpoint(model, folder) -> None:
+    """:func:`check_checkpoint_keys` for a model loaded from ``folder`` (its ``*.safetensors``
+    headers; nothing is checked for models without a spec or folders without safetensors).
+    Call it after ``from_pretrained``, which fills missing tensors with initial values.
+
+    Raises:
+        SpecMismatchError: one line naming the first missing tensor.
+    """
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files or getattr(getattr(model, "config", None), "model_type", None) not in FAMILIES:
+        return
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            names.update(handle.keys())
+    try:
+        spec = read_spec(model)
+    except Unsupported:
+        return
+    check_checkpoint_keys(spec, model.config, names)
+
+
 def _check_weights(spec: ModelSpec, model) -> None:
     """The model's tensors against :func:`expected_tensors`: each present with its shape, and no
-    layer holding a tensor the spec would ignore."""
+    parameter the spec would ignore (a bias the family does not have, say)."""
     expected = expected_tensors(spec, model.config)
     for name, shape in expected.items():
         module_path, _, attr = name.rpartition(".")
@@ -203,10 +230,9 @@ def _check_weights(spec: ModelSpec, model) -> None:
             raise SpecMismatchError(f"{spec.name} config, but the model has no tensor {name}")
         if tuple(tensor.shape) != shape:
             raise SpecMismatchError(f"{spec.name} config, but {name} has shape {tuple(tensor.shape)}, expected {shape}")
-    for i, layer in enumerate(model.model.layers):
-        for local, _ in layer.named_parameters():
-            if f"model.layers.{i}.{local}" not in expected:
-                raise SpecMismatchError(f"{spec.name} config, but the model has a tensor the family does not use: model.layers.{i}.{local}")
+    for name, _ in model.named_parameters():  # (a tied head's weight is listed once, as the embedding)
+        if name not in expected:
+            raise SpecMismatchError(f"{spec.name} config, but the model has a tensor the family does not use: {name}")
 
 
 def read_spec(model) -> ModelSpec:
@@ -277,7 +303,7 @@ def read_spec(model) -> ModelSpec:
         raise Unsupported(f"{family.name}: pretraining_tp > 1 (split projections)")
     if getattr(config, "use_bidirectional_attention", False):
         raise Unsupported(f"{family.name}: bidirectional attention")
-    if rotary_dim is None or rotary_dim % 2 or (rotary_dim != head_dim and not family.fused):
+    if rotary_dim is None or rotary_dim % 2 or (rotary_dim != head_dim and not family.partial_rotary):
         raise Unsupported(f"{family.name}: rotary width {sorted(rotary_dims)} per head of {head_dim}")
     if family.windows == "layer_types" and any(t not in ("full_attention", "sliding_attention") for t in config.layer_types):
         raise Unsupported(f"{family.name}: layer types {sorted(set(config.layer_types))}")
