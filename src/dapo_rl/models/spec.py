@@ -126,7 +126,7 @@ def layer_windows(config) -> tuple[int | None, ...]:
     layer windowed when the config has any sliding window or chunked attention (conservative:
     callers use it to keep Hugging Face's own evicting cache)."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layers = text.num_hidden_layers
+    layers = getattr(text, "num_hidden_layers", None) or 1
     window = getattr(text, "sliding_window", None)
     types = getattr(text, "layer_types", None)
     family = FAMILIES.get(getattr(text, "model_type", None))
