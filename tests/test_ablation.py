@@ -11,7 +11,7 @@ import pytest
 from dapo_rl.cli import main
 from dapo_rl.config import ConfigError, QuickstartConfig
 from dapo_rl.config import to_yaml
-from dapo_rl.training.ablation import (
+from dapo_rl.experiments.ablation import (
     ABLATION_DEFAULTS,
     RUNG_KEYS,
     RUNGS,

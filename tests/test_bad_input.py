@@ -92,6 +92,11 @@ CONFIG_CASES = [
     ("unknown-strategy", ["distributed.strategy=fsdp"], ["distributed.strategy", "fsdp2"]),
     ("unknown-sink", ["logging.sinks=[jsonl,foo]"], ["logging.sinks", "tensorboard"]),
     ("unknown-template", ["data.template=fancy"], ["data.template", "raw"]),
+    ("unknown-policy-loss", ["loss.policy_loss=ppo2"], ["loss.policy_loss", "decoupled_clip", "gspo", "cispo"]),
+    ("policy-loss-import-path", ["loss.policy_loss=no_such_pkg_xyz:loss"], ["loss.policy_loss", "cannot import"]),
+    ("unknown-estimator", ["advantage.estimator=rloo"], ["advantage.estimator", "grpo", "drgrpo"]),
+    ("unknown-kl-estimator", ["loss.kl_estimator=k9"], ["loss.kl_estimator", "k3"]),
+    ("replaced-key", ["advantage.norm_by_std=false"], ["advantage.norm_by_std", "did you mean advantage.estimator=drgrpo"]),
 ]
 
 

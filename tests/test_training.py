@@ -115,7 +115,8 @@ def _reference_gradient(model, tok, groups, overrides: list[str]) -> torch.Tenso
 
 
 @pytest.mark.parametrize("overrides", [[], ["overlong.filter=false"], ["loss.agg_mode=seq-mean-token-mean"], ["loss.kl_coef=0.1"],
-                                       ["advantage.estimator=drgrpo"], ["loss.policy_loss=cispo"], ["loss.policy_loss=gspo"]],
+                                       ["advantage.estimator=drgrpo"], ["loss.policy_loss=cispo"], ["loss.policy_loss=gspo"],
+                                       ["loss.policy_loss=dapo_rl.algorithm.policy_loss:cispo_loss"]],
                          ids=lambda o: ",".join(o) or "default")
 @pytest.mark.parametrize("share_prompts", [False, True])
 def test_update_follows_the_reference_gradient(tiny, trainer_factory, scored_groups, overrides, share_prompts):

@@ -88,7 +88,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from dapo_rl.training.ablation import run_ablation, select_rungs
+    from dapo_rl.experiments.ablation import run_ablation, select_rungs
 
     report = run_ablation(select_rungs(args.rungs), args.seeds, args.steps, args.out, args.overrides,
                           target=args.target, jobs=args.jobs)
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--out", help="output folder (default: RUN_DIR/plots)")
     plot.add_argument("--smooth", type=float, default=0.0, help="EMA smoothing in [0, 1)")
     plot.set_defaults(func=cmd_plot)
-    from dapo_rl.training.ablation import (
+    from dapo_rl.experiments.ablation import (
         DEFAULT_SEEDS,
         DEFAULT_STEPS,
         DEFAULT_TARGET,

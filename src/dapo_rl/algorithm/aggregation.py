@@ -55,7 +55,7 @@ def _register(name: str, counts: str):
 
 @_register("token-mean", counts="tokens")
 def _token_sum(per_token_loss: torch.Tensor, weights: torch.Tensor, norm_constant: float | None) -> torch.Tensor:
-    return (per_token_loss * weights).sum()
+    return (per_token_loss * weights).sum(-1).sum()
 
 
 @_register("seq-mean-token-mean", counts="sequences")
@@ -65,14 +65,14 @@ def _sequence_means(per_token_loss: torch.Tensor, weights: torch.Tensor, norm_co
 
 @_register("seq-mean-token-sum", counts="sequences")
 def _sequence_sums(per_token_loss: torch.Tensor, weights: torch.Tensor, norm_constant: float | None) -> torch.Tensor:
-    return (per_token_loss * weights).sum()
+    return (per_token_loss * weights).sum(-1).sum()
 
 
 @_register("seq-mean-token-sum-norm", counts="sequences")
 def _sequence_sums_over_constant(per_token_loss: torch.Tensor, weights: torch.Tensor, norm_constant: float | None) -> torch.Tensor:
     if norm_constant is None or norm_constant <= 0:
         raise ValueError("seq-mean-token-sum-norm needs a positive norm_constant (e.g. the max response length)")
-    return (per_token_loss * weights).sum() / norm_constant
+    return (per_token_loss * weights).sum(-1).sum() / norm_constant
 
 
 def loss_normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
