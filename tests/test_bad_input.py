@@ -47,7 +47,28 @@ def files(tmp_path_factory) -> Path:
     (root / "no_config" / "model.safetensors").write_bytes(b"")
     (root / "broken_config").mkdir()
     (root / "broken_config" / "config.json").write_text("{not json")
+    _qwen3_without_a_q_norm(root / "qwen3_no_qnorm")
     return root
+
+
+def _qwen3_without_a_q_norm(folder: Path) -> None:
+    """A Qwen3 folder whose weights lack one per-head query norm (``from_pretrained`` would fill it with ones)."""
+    import safetensors.torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from dapo_rl.data.synthetic import VOCAB
+    from dapo_rl.models.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer(VOCAB)
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    model = Qwen3ForCausalLM(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if k not in ("model.layers.1.self_attn.q_norm.weight", "lm_head.weight")}
+    safetensors.torch.save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _train(capfd, *args: str) -> tuple[int, str]:
@@ -129,6 +150,8 @@ LOAD_CASES = [
     ("model-missing", ["model.path={root}/nowhere"], ["model.path", "not a folder"]),
     ("model-without-config", ["model.path={root}/no_config"], ["model.path", "no config.json", "save_pretrained"]),
     ("model-broken-config", ["model.path={root}/broken_config"], ["model.path", "broken_config"]),
+    ("model-weights-not-its-family", ["model.path={root}/qwen3_no_qnorm", "data.train=builtin:chain", "reward.function=chain"],
+     ["model.path", "Qwen3 config", "model.layers.1.self_attn.q_norm.weight"]),
     ("train-data-missing", ["data.train={root}/nowhere.jsonl"], ["data.train", "does not exist"]),
     ("eval-data-missing", ["data.eval={root}/nowhere.jsonl"], ["data.eval", "does not exist"]),
     ("data-empty", ["data.train={root}/empty.jsonl"], ["data.train", "empty.jsonl", "no rows"]),

@@ -171,19 +171,33 @@ def test_old_logprob_pass_skipped_only_when_exactly_on_policy(tiny, trainer_fact
         assert bool(no_grad_calls) == expected, overrides
 
 
+def _mistral_with_a_small_window(tok):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=16, sliding_window=4, max_position_embeddings=64,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(4)
+    return MistralForCausalLM(config).eval()
+
+
 @pytest.mark.parametrize("complex_rotary", [True, False])
-@pytest.mark.parametrize("architecture", ["tiny", "gqa"])
+@pytest.mark.parametrize("architecture", ["tiny", "gqa", "mistral-window-4"])
 def test_every_forward_path_matches_the_full_forward(tiny, gqa_llama, scored_groups, architecture, complex_rotary, monkeypatch):
     """Each distinct prompt run once, responses on its cache (in one unpadded batch, ``flat``, or
     in length groups on Hugging Face's cache, ``shared``): same log-probs, entropies and gradients
     as the full padded forward of every row (rotary as a complex product on permuted query/key
-    rows, and as Hugging Face's rotate-half form, the path under bfloat16 autocast)."""
-    import dapo_rl.models.llama as llama
+    rows, and as Hugging Face's rotate-half form, the path under bfloat16 autocast). A model with
+    sliding windows (4 tokens, prompts of 6-8 and responses of 1-9) runs the flat path over a
+    prompt cache that keeps every position; Hugging Face's evicting cache cannot serve it, so
+    without the flat path it runs length groups."""
+    import dapo_rl.models.rotary as rotary
 
     if not complex_rotary:
-        monkeypatch.setattr(llama, "complex_rotary_applies", lambda *args: False)
+        monkeypatch.setattr(rotary, "complex_rotary_applies", lambda *args: False)
     model, tok = tiny
-    model = copy.deepcopy(model if architecture == "tiny" else gqa_llama(tok, seed=11)).double()
+    builders = {"tiny": lambda: model, "gqa": lambda: gqa_llama(tok, seed=11), "mistral-window-4": lambda: _mistral_with_a_small_window(tok)}
+    model = copy.deepcopy(builders[architecture]()).double()
     samples = [s for g in scored_groups(tok, 4, 4, seed=5) for s in g.samples]
     for sample in samples[4:8]:  # a shorter prompt for the second group: left padding in the prompt forward
         sample.prompt_ids = sample.prompt_ids[:-2]
@@ -191,8 +205,11 @@ def test_every_forward_path_matches_the_full_forward(tiny, gqa_llama, scored_gro
     assert len(set(packed.prompt_lengths)) > 1 and len(set(packed.response_lengths)) > 3  # padding on both sides
     assert distinct_prompts(packed).prompt_of.tolist() == [i // 4 for i in range(16)]  # 4 groups of 4
     weights = torch.randn(packed.response_mask.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    settings = {"flat": ForwardSettings(), "shared": ForwardSettings(flat=False), "buckets": ForwardSettings(share_prompts=False),
+    sliding = architecture.startswith("mistral")
+    settings = {"flat": ForwardSettings(), ("buckets" if sliding else "shared"): ForwardSettings(flat=False),
                 "whole": ForwardSettings(one_forward=True)}
+    if not sliding:
+        settings["buckets"] = ForwardSettings(share_prompts=False)
     results = {}
     for path, setting in settings.items():
         assert forward_path(model, packed, setting) == path
@@ -201,9 +218,9 @@ def test_every_forward_path_matches_the_full_forward(tiny, gqa_llama, scored_gro
         (logp * packed.response_mask * weights).sum().backward()
         results[path] = (logp * packed.response_mask, entropy * packed.response_mask,
                          torch.cat([p.grad.flatten() for p in model.parameters()]))
-    for path in ("flat", "shared", "buckets"):
+    for path in settings:
         for full, other in zip(results["whole"], results[path]):
-            torch.testing.assert_close(other, full, rtol=1e-6, atol=1e-6 * full.abs().max().item())
+            torch.testing.assert_close(other, full, rtol=1e-6, atol=1e-6 * full.abs().max().item(), msg=lambda m: f"{path}: {m}")
     # Nothing to share: every row its own prompt (length groups), or one row (one forward).
     distinct = pack([g.samples[0] for g in scored_groups(tok, 4, 4, seed=5)], tok.pad_token_id, torch.device("cpu"))
     assert distinct_prompts(distinct) is None and forward_path(model, distinct) == "buckets"
@@ -215,7 +232,7 @@ def test_every_forward_path_matches_the_full_forward(tiny, gqa_llama, scored_gro
 def test_attention_as_batched_products_equals_sdpa(kv_heads, masked):
     """The flat forward's attention (grouped-query heads, additive mask) against PyTorch's SDPA:
     outputs and gradients of queries, keys and values."""
-    from dapo_rl.models.llama import attention
+    from dapo_rl.models.flat import attention
 
     g, heads, width, length, d = 3, 4, 5, 9, 8
     gen = torch.Generator().manual_seed(0)
@@ -241,7 +258,7 @@ def test_attention_as_batched_products_equals_sdpa(kv_heads, masked):
 
 
 def test_flat_response_layout_by_hand():
-    from dapo_rl.models.llama import FlatResponses
+    from dapo_rl.models.flat import FlatResponses
 
     # rows 0..2 with responses of 2, 0 and 3 tokens, prompts of 4, 5 and 3; groups [2, 0] and [1]
     flat = FlatResponses.build([[2, 0], [1]], [4, 5, 3], [2, 0, 3], torch.device("cpu"))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dapo_rl.config import BUILTIN_MODEL, QuickstartConfig
+from dapo_rl.models.spec import SpecMismatchError, check_checkpoint
 
 
 class ModelLoadError(ValueError):
@@ -73,6 +74,12 @@ def load_policy(path: str, *, quickstart: QuickstartConfig | None = None, seed: 
     except Exception as exc:  # noqa: BLE001 - any failure here means the folder is unusable
         raise ModelLoadError(f"cannot load a causal language model from {path} ({first_line(exc)}); "
                              f"check config.json and the weight files (*.safetensors)") from None
+    try:
+        # from_pretrained fills a missing tensor with its initial value: a family whose weights
+        # do not match its config would train with wrong math, silently.
+        check_checkpoint(model, path)
+    except SpecMismatchError as exc:
+        raise ModelLoadError(f"{exc} (in {path}); the weights do not match config.json's model_type") from None
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer

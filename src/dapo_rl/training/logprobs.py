@@ -6,11 +6,13 @@ importance ratio is exactly 1 on-policy. The paths all compute the same numbers 
 tested); :func:`forward_path` says which one a batch takes:
 
 - ``flat``: each distinct prompt run once, then every real response token of the micro-batch in
-  one unpadded batch (:func:`dapo_rl.models.llama.response_logits`): no projection or MLP
-  computes padding. Models the fused decoder supports, in one process.
+  one unpadded batch (:func:`dapo_rl.models.flat.response_logits`): no projection or MLP
+  computes padding. Models the architecture spec supports (:mod:`dapo_rl.models.spec`: Llama,
+  Qwen2/3, Mistral, Phi-3, Gemma2/3), sliding windows included, in one process.
 - ``shared``: each distinct prompt run once, responses run on its cache in length groups
   (a group's G responses share their prompt, and causal attention makes the prompt's keys and
-  values independent of the response: 1/G of the prompt compute).
+  values independent of the response: 1/G of the prompt compute). Not for models with
+  sliding-window layers, whose Hugging Face cache evicts positions.
 - ``buckets``: nothing repeats; rows run in length groups (:func:`length_buckets`), each cut to
   its own widest prompt and response.
 - ``whole``: one forward of the whole padded batch (FSDP2, where every forward is a collective
@@ -25,9 +27,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from dapo_rl.algorithm import token_entropy, token_logprobs
-from dapo_rl.models.llama import FlatResponses, is_plain_llama, response_logits
+from dapo_rl.models.flat import FlatResponses, response_logits
+from dapo_rl.models.spec import supports_fast_path
 from dapo_rl.rollout.fast import has_sliding_layers
 from dapo_rl.training.batching import PackedBatch, length_buckets
 
@@ -84,12 +88,14 @@ def _plan(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettings)
         return "whole", None
     plain = getattr(model, "module", model)  # under DDP, the wrapped model
     config = getattr(plain, "config", None)
-    # Sliding-window layers evict cached positions, so a prompt's cache cannot be shared.
-    shared = (distinct_prompts(batch) if settings.share_prompts and config is not None and not has_sliding_layers(config)
-              else None)
-    if shared is not None:
-        return ("flat" if settings.flat and model is plain and is_plain_llama(model) else "shared"), shared
-    return "buckets", None
+    shared = distinct_prompts(batch) if settings.share_prompts and config is not None else None
+    if shared is None:
+        return "buckets", None
+    # The flat forward applies sliding windows itself, over a prompt cache that keeps every
+    # position; Hugging Face's own cache evicts them, so the "shared" path cannot serve such models.
+    if settings.flat and model is plain and supports_fast_path(plain, max_length=batch.input_ids.shape[1]):
+        return "flat", shared
+    return ("buckets", None) if has_sliding_layers(config) else ("shared", shared)
 
 
 def forward_path(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettings = ForwardSettings()) -> str:
@@ -169,8 +175,10 @@ def _prompt_cache(model, batch: PackedBatch, shared: DistinctPrompts, settings: 
     columns = slice(batch.prompt_width - max(batch.prompt_lengths), batch.prompt_width)
     first = shared.first
     with settings.autocast(batch.input_ids.device):
+        # A cache built without the model's config keeps every position, windowed layers too.
         out = model(input_ids=batch.input_ids[first, columns], attention_mask=batch.attention_mask[first, columns],
-                    position_ids=batch.position_ids[first, columns], logits_to_keep=1, use_cache=True)
+                    position_ids=batch.position_ids[first, columns], logits_to_keep=1, use_cache=True,
+                    past_key_values=DynamicCache())
     kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     return _PromptCache(shared=shared, last_logits=out.logits[:, -1], kv=kv, columns=columns,
                         attention=batch.attention_mask[first, columns])
@@ -179,8 +187,6 @@ def _prompt_cache(model, batch: PackedBatch, shared: DistinctPrompts, settings: 
 def _logits_on_prompt_cache(model, batch: PackedBatch, rows: list[int], max_r: int, cache: _PromptCache,
                             settings: ForwardSettings) -> torch.Tensor:
     """Logits ``[rows, max_r, V]`` predicting response tokens 0..max_r-1, the responses run on their prompts' caches."""
-    from transformers import DynamicCache
-
     index = torch.tensor(rows, device=batch.input_ids.device)
     owner = cache.shared.prompt_of[index]
     past = DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v in cache.kv])
