@@ -409,7 +409,7 @@ def test_sampler_drop_surplus_and_disabled_filter():
 
 
 def test_sampler_round_limit():
-    sampler = DynamicSampler(groups_per_step=2, max_rounds=2)
+    sampler = DynamicSampler(groups_per_step=2, max_rounds=2, on_exhausted="error")
     sampler.start_step()
     for r in range(2):
         assert sampler.needs_more()
@@ -421,7 +421,7 @@ def test_sampler_round_limit():
     sampler.add(*_round([[0, 0]], 10))
     with pytest.raises(DynamicSamplingExhausted, match="dynamic_sampling.max_rounds"):
         sampler.needs_more()
-    lenient = DynamicSampler(groups_per_step=2, max_rounds=1, on_exhausted="train")
+    lenient = DynamicSampler(groups_per_step=2, max_rounds=1)  # on_exhausted="train", the default
     lenient.start_step()
     lenient.add(*_round([[1, 0], [1, 1]], 0))
     assert not lenient.needs_more()

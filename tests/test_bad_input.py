@@ -118,6 +118,18 @@ CONFIG_CASES = [
     ("unknown-estimator", ["advantage.estimator=rloo"], ["advantage.estimator", "grpo", "drgrpo"]),
     ("unknown-kl-estimator", ["loss.kl_estimator=k9"], ["loss.kl_estimator", "k3"]),
     ("replaced-key", ["advantage.norm_by_std=false"], ["advantage.norm_by_std", "did you mean advantage.estimator=drgrpo"]),
+    ("accuracy-range-above-1", ["dynamic_sampling.accuracy_range=[0.2,1.5]"], ["dynamic_sampling.accuracy_range", "0 <= lo < hi <= 1"]),
+    ("accuracy-range-below-0", ["dynamic_sampling.accuracy_range=[-0.1,0.9]"], ["dynamic_sampling.accuracy_range", "0 <= lo < hi <= 1"]),
+    ("accuracy-range-lo-not-below-hi", ["dynamic_sampling.accuracy_range=[0.6,0.6]"], ["dynamic_sampling.accuracy_range", "[0, 1]"]),
+    ("accuracy-range-one-bound", ["dynamic_sampling.accuracy_range=[0.5]"], ["dynamic_sampling.accuracy_range", "[lo, hi]"]),
+    ("negative-min-reward-std", ["dynamic_sampling.min_reward_std=-0.1"], ["dynamic_sampling.min_reward_std", ">= 0"]),
+    ("round-below-batch", ["prompts_per_step=8", "mini_batch_size=8", "dynamic_sampling.max_prompts_per_round=4"],
+     ["dynamic_sampling.max_prompts_per_round", "below prompts_per_step=8"]),
+    ("negative-surplus-age", ["dynamic_sampling.max_surplus_age=-1"], ["dynamic_sampling.max_surplus_age", ">= 0"]),
+    ("margin-below-1", ["dynamic_sampling.oversample_margin=0.5"], ["dynamic_sampling.oversample_margin", ">= 1"]),
+    ("unknown-criterion", ["dynamic_sampling.criterion=entropy"], ["dynamic_sampling.criterion", "accuracy", "reward_std"]),
+    ("negative-retire", ["data.retire_solved_after=-2"], ["data.retire_solved_after", ">= 0"]),
+    ("unsolved-weight-above-1", ["data.unsolved_weight=2"], ["data.unsolved_weight", "[0, 1]"]),
 ]
 
 

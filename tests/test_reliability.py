@@ -37,11 +37,15 @@ from dapo_rl.training.run import run_engine, run_prompts, run_reward
 from dapo_rl.training.trainer import Trainer
 
 # Small enough for seconds per run, big enough to exercise everything a checkpoint must carry:
-# several updates, dynamic sampling with carried surplus, periodic evaluation, LR warm-up.
+# several updates, dynamic sampling with carried surplus and its rate estimate, periodic
+# evaluation, LR warm-up, and the prompt stream's difficulty memory (16 prompts: revisited every
+# few steps, so prompts get retired and unsolved ones skipped). No over-sampling margin, so that
+# some steps need a second generation round.
 SMALL = [
     "steps=6", "prompts_per_step=4", "group_size=4", "mini_batch_size=4", "micro_batch_size=16",
-    "eval.interval=3", "data.builtin_eval_size=32", "data.builtin_train_size=512", "checkpoint.interval=1",
-    "logging.progress=false",
+    "eval.interval=3", "data.builtin_eval_size=32", "data.builtin_train_size=16", "checkpoint.interval=1",
+    "logging.progress=false", "data.retire_solved_after=1", "data.unsolved_weight=0.5",
+    "dynamic_sampling.oversample_margin=1",
 ]
 TIMEOUT_S = 300  # per subprocess; generous, the machine may be shared
 _LIVE: list[subprocess.Popen] = []  # every process started here, killed if a scenario fails
@@ -211,6 +215,8 @@ def test_reference_run_exercises_what_a_checkpoint_must_carry(scenarios):
         pool += r["train/informative_group_frac"] * r["train/samples_generated"] / 4 - r["train/batch_groups"]
         carried.append(round(pool))
     assert any(c > 0 for c in carried[:-1]), "no surplus group was carried into a later step"
+    assert any(r["sampling/surplus_carried"] > 0 for r in train_rows)
+    assert train_rows[-2]["sampling/prompts_retired"] > 0, "no prompt was retired before the last step"
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 3, 6]
 
 
@@ -299,7 +305,8 @@ def reward(response, ground_truth, metadata):
     out = tmp_path / "run"
     with pytest.warns(RewardFunctionWarning) as caught:
         rc = main(["train", *FAST, f"quickstart.cache_dir={cache}", f"output_dir={out}",
-                   f"reward.function={module}:reward", "reward.timeout_s=0.3", "dynamic_sampling.max_rounds=1"])
+                   f"reward.function={module}:reward", "reward.timeout_s=0.3", "dynamic_sampling.max_rounds=1",
+                   "dynamic_sampling.oversample_margin=1"])  # exactly 4 prompts (16 calls) per step
     assert rc == 0, capfd.readouterr().err
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] > 0]
     assert [r["step"] for r in rows] == [1, 2]
@@ -381,7 +388,7 @@ def reward(response, ground_truth, metadata):
     rc = main(["train", *common, "dynamic_sampling.on_exhausted=train", "resume=true"])
     captured = capfd.readouterr()
     assert rc == 0, captured.err
-    assert "found 0 of 4 informative groups in 2 rounds; training on those" in captured.out
+    assert "found 0 of 4 informative groups in 2 rounds; update skipped" in captured.out
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1]["train/sampling_exhausted"] == 1.0

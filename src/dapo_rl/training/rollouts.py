@@ -2,12 +2,12 @@
 holds B informative groups (or the sampler's rounds run out); and the rollout metrics.
 
 Every rank sees the same prompts; rank r samples prompts r, r + W, ... and the scored groups are
-all-gathered in prompt order, so the dynamic sampler decides identically on every rank.
+all-gathered in prompt order, so the dynamic sampler (its round sizes, its p̂) and the prompt
+stream's difficulty memory decide identically on every rank.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from dapo_rl.algorithm import DynamicSampler, informative_groups, soft_overlong_penalty
 from dapo_rl.config import Config
 from dapo_rl.data.encoding import EncodedPrompt
+from dapo_rl.data.stream import PromptStream
 from dapo_rl.rewards import score_responses
 from dapo_rl.rollout.base import RolloutEngine, Sample, SamplingParams
 from dapo_rl.training.distributed import DistContext
@@ -31,46 +32,17 @@ class ScoredGroup:
     samples: list[Sample]
     scores: list[float]  # shaped reward: rule-based + soft overlong penalty
     correct: list[bool]  # is_equivalent; dynamic sampling judges by this
+    # Optimiser updates the policy had when it sampled this group (carried surplus is older than
+    # the policy it trains; samples[i].logprobs hold that policy's π_rollout).
+    policy_version: int = 0
 
 
-class PromptStream:
-    """Endless shuffled passes over the prompts, with a position that checkpoints can restore."""
-
-    def __init__(self, prompts: list[Any], seed: int):
-        if not prompts:
-            raise ValueError("no training prompts")
-        self.prompts = prompts
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self._order = self._shuffled(0)
-
-    def _shuffled(self, epoch: int) -> list[int]:
-        order = list(range(len(self.prompts)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    def take(self, count: int) -> list[Any]:
-        out = []
-        for _ in range(count):
-            if self.position == len(self._order):
-                self.epoch += 1
-                self.position = 0
-                self._order = self._shuffled(self.epoch)
-            out.append(self.prompts[self._order[self.position]])
-            self.position += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._shuffled(self.epoch)
+__all__ = ["PromptStream", "RolloutCollector", "ScoredGroup"]
 
 
 class RolloutCollector:
-    """Generates and scores rounds of B prompts until the dynamic sampler holds B informative groups."""
+    """Generates and scores rounds of prompts, sized by the dynamic sampler, until it holds B
+    informative groups or its rounds run out."""
 
     def __init__(self, config: Config, engine: RolloutEngine, tokenizer: Any, reward_fn: Callable[..., Any],
                  prompts: list[EncodedPrompt], dist: DistContext):
@@ -79,12 +51,18 @@ class RolloutCollector:
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn
         self.dist = dist
-        self.stream = PromptStream(prompts, config.seed)
+        self.stream = PromptStream(prompts, config.seed, retire_solved_after=config.data.retire_solved_after,
+                                   unsolved_weight=config.data.unsolved_weight)
         ds = config.dynamic_sampling
         self.sampler: DynamicSampler[ScoredGroup] = DynamicSampler(
             groups_per_step=config.prompts_per_step, enabled=ds.enabled, max_rounds=ds.max_rounds,
-            on_exhausted=ds.on_exhausted, surplus=ds.surplus,
+            on_exhausted=ds.on_exhausted, surplus=ds.surplus, criterion=ds.criterion,
+            accuracy_range=(ds.accuracy_range[0], ds.accuracy_range[1]), min_reward_std=ds.min_reward_std,
+            max_surplus_age=ds.max_surplus_age, max_prompts_per_round=ds.max_prompts_per_round,
+            oversample_margin=ds.oversample_margin,
         )
+        self.updates_per_step = (config.prompts_per_step // config.mini_batch_size) * config.ppo_epochs
+        self._warned_exhausted = False  # the round-limit warning is printed once per run
         self.sampling = SamplingParams(
             temperature=config.rollout.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
             max_new_tokens=config.rollout.max_response_length, stop_token_ids=tuple(config.rollout.stop_token_ids),
@@ -106,16 +84,22 @@ class RolloutCollector:
                               correct=[r.correct for r in results[i * g : (i + 1) * g]]) for i in range(len(prompts))]
         return scored, sum(r.failed for r in results)
 
-    def collect(self, step: int) -> tuple[list[ScoredGroup], dict[str, float]]:
+    def collect(self, step: int, policy_version: int | None = None) -> tuple[list[ScoredGroup], dict[str, float]]:
         """This step's training groups (step = the 0-based index of the step being collected),
-        and the rollout metrics. The caller holds the model's full parameters (FSDP2)."""
+        and the rollout metrics. The caller holds the model's full parameters (FSDP2).
+
+        ``policy_version`` is the number of optimiser updates applied so far; None assumes every
+        earlier step applied all of its ``B / mini_batch_size × ppo_epochs`` updates.
+        """
         cfg, dist = self.cfg, self.dist
-        self.sampler.start_step()
+        version = step * self.updates_per_step if policy_version is None else policy_version
+        self.sampler.start_step(version)
         generated: list[ScoredGroup] = []
         gen_time = score_time = 0.0
         failures = 0
         while self.sampler.needs_more():
-            prompts = self.stream.take(cfg.prompts_per_step)  # the same on every rank
+            indices = self.stream.take_indices(self.sampler.round_size())  # the same on every rank
+            prompts = [self.stream.prompts[i] for i in indices]
             mine = prompts[dist.rank :: dist.world_size]
             t0 = time.perf_counter()
             groups = self.engine.generate([list(p.ids) for p in mine], cfg.group_size, self.sampling) if mine else []
@@ -128,8 +112,12 @@ class RolloutCollector:
                 scored = [shares[i % dist.world_size][0][i // dist.world_size] for i in range(len(prompts))]
                 failed = sum(share[1] for share in shares)
             failures += failed
+            for index, group in zip(indices, scored):
+                group.policy_version = version
+                self.stream.record(index, group.correct)
             generated.extend(scored)
-            self.sampler.add(scored, torch.tensor([s.correct for s in scored], dtype=torch.bool))
+            self.sampler.add(scored, torch.tensor([s.correct for s in scored], dtype=torch.bool),
+                             torch.tensor([s.scores for s in scored], dtype=torch.float64))
         batch = self.sampler.take()
         # Policy statistics come from everything generated this step (the trained batch is
         # biased toward 50% accuracy by dynamic sampling); a step fed only by carried surplus
@@ -139,11 +127,11 @@ class RolloutCollector:
         lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float64)
         new_tokens = sum(len(s.response_ids) for grp in generated for s in grp.samples) / dist.world_size
         metrics = {
-            "train/reward_mean": sum(sum(g.scores) for g in seen) / len(samples),
-            "train/accuracy": sum(sum(g.correct) for g in seen) / len(samples),
-            "train/response_length_mean": lengths.mean().item(),
-            "train/response_length_max": lengths.max().item(),
-            "train/truncated_frac": sum(s.truncated for s in samples) / len(samples),
+            "train/reward_mean": sum(sum(g.scores) for g in seen) / len(samples) if samples else 0.0,
+            "train/accuracy": sum(sum(g.correct) for g in seen) / len(samples) if samples else 0.0,
+            "train/response_length_mean": lengths.mean().item() if samples else 0.0,
+            "train/response_length_max": lengths.max().item() if samples else 0.0,
+            "train/truncated_frac": sum(s.truncated for s in samples) / len(samples) if samples else 0.0,
             # Judged on every generated group, also when dynamic sampling is off (the sampler then
             # accepts all groups): how much of the batch carries a gradient signal is the point.
             "train/informative_group_frac": (informative_groups(torch.tensor([g.correct for g in generated], dtype=torch.bool)).sum().item()
@@ -152,12 +140,39 @@ class RolloutCollector:
             "train/samples_generated": float(len(generated) * cfg.group_size),
             "train/batch_groups": float(len(batch.groups)),
             "train/reward_failures": float(failures),
+            "train/sampling_exhausted": float(batch.exhausted),
+            "train/sampling_exhausted_total": float(self.sampler.exhausted_total),
+            **self._sampling_metrics(batch),
             "time/generation_s": gen_time,
             "time/scoring_s": score_time,
             "perf/generation_tokens_per_s": new_tokens / gen_time if gen_time > 0 else 0.0,
         }
-        if batch.exhausted:
-            metrics["train/sampling_exhausted"] = 1.0
-            tqdm.write(f"step {step + 1}: dynamic sampling found {len(batch.groups)} of "
-                       f"{cfg.prompts_per_step} informative groups in {batch.rounds} rounds; training on those")
+        if batch.exhausted and not self._warned_exhausted:
+            self._warned_exhausted = True
+            outcome = "training on those" if batch.groups else "update skipped"
+            tqdm.write(f"step {step + 1}: dynamic sampling found {len(batch.groups)} of {cfg.prompts_per_step} informative "
+                       f"groups in {batch.rounds} rounds; {outcome} (dynamic_sampling.max_rounds={cfg.dynamic_sampling.max_rounds}; "
+                       f"said once per run, every such step is counted in train/sampling_exhausted)")
         return batch.groups, metrics
+
+    def _sampling_metrics(self, batch: Any) -> dict[str, float]:
+        """The sampler's and the prompt stream's per-step numbers (``sampling/*``)."""
+        carried_ages = batch.ages[: batch.carried_used]
+        metrics = {
+            "sampling/rate_estimate": batch.rate_estimate,  # p̂ that sized this step's first round
+            "sampling/oversample_factor": batch.oversample_factor,
+            "sampling/surplus_carried": float(batch.carried_in),
+            "sampling/surplus_used": float(batch.carried_used),
+            "sampling/surplus_left": float(batch.carried_out),
+            "sampling/surplus_dropped_age": float(batch.dropped_by_age),
+            "sampling/surplus_dropped": float(batch.dropped_surplus),
+            "sampling/surplus_age_mean": sum(carried_ages) / len(carried_ages) if carried_ages else 0.0,
+            "sampling/surplus_age_max": float(max(carried_ages, default=0)),
+            "sampling/prompts_retired": float(self.stream.retired),
+            "sampling/prompts_never_solved": float(self.stream.never_solved),
+        }
+        for reason in ("too_hard", "too_easy", "low_reward_std"):
+            metrics[f"sampling/rejected_{reason}"] = float(batch.rejected.get(reason, 0))
+        for reason, count in batch.rejected.items():  # a custom criterion's own reasons
+            metrics[f"sampling/rejected_{reason}"] = float(count)
+        return metrics
