@@ -307,6 +307,22 @@ def _write_run(run_dir: Path, seed: int, steps: int = 30, with_diag: bool = True
                 "train/informative_group_frac": 0.8 - 0.3 * progress,
                 "train/generation_rounds": int(rng.integers(1, 3)),
                 "train/samples_generated": 64 * int(rng.integers(1, 3)),
+                "train/sampling_exhausted": float(step % 11 == 10),
+                "sampling/rate_estimate": 0.8 - 0.3 * progress,
+                "sampling/oversample_factor": 1.3 / (0.8 - 0.3 * progress),
+                "sampling/rejected_too_hard": float(rng.integers(0, 4)),
+                "sampling/rejected_too_easy": float(rng.integers(0, 6)),
+                "sampling/rejected_low_reward_std": 0.0,
+                "sampling/surplus_carried": float(rng.integers(0, 5)),
+                "sampling/surplus_age_mean": float(rng.integers(0, 2)),
+                "sampling/surplus_dropped_age": float(step % 13 == 12),
+                "sampling/prompts_retired": float(step // 4),
+                "rollout/logp_abs_diff": 0.01 + 0.002 * rng.random(),
+                "rollout/kl": 1e-4 * (1 + rng.random()),
+                "rollout/is_weight_max": 1.5 + rng.random(),
+                "rollout/ess_frac": 0.98 + 0.01 * rng.random(),
+                "rollout/masked_frac": 0.001 * rng.random(),
+                "rollout/sync_logp_abs_diff": 2e-7 * (1 + rng.random()),
             }
             if with_diag:
                 for side, centre in (("high", 0.1 + 0.05 * seed), ("low", 0.6)):

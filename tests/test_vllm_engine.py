@@ -12,7 +12,7 @@ first run pays for it (~3-5 min on 2 cores).
 
 vLLM runs in this process and is started once per module (~20 s): the engine tests share one
 engine, and the training test hands the same kind of engine to the trainer through
-``run.build_engine``; a second in-process vLLM engine in one process is not something vLLM
+``rollout.engines.build_engine``; a second in-process vLLM engine in one process is not something vLLM
 promises to support, so the training test runs in a subprocess.
 """
 
@@ -193,8 +193,8 @@ _TRAIN_SCRIPT = textwrap.dedent(
 
 
 def test_training_with_vllm_rollouts_learns(tmp_path, policy):
-    """The full run path (run.build_engine → VLLMEngine, weight push after every step) learns the
-    built-in task: held-out accuracy rises by a clear margin in 25 steps."""
+    """The full run path (rollout.engines.build_engine → VLLMEngine, weight push after every step)
+    learns the built-in task: held-out accuracy rises by a clear margin in 25 steps."""
     out = tmp_path / "result.json"
     overrides = [
         "rollout.engine=vllm", "steps=25", "quickstart.hidden_size=128", "quickstart.warmup_lr=1e-3", f"quickstart.cache_dir={CACHE}",
@@ -208,3 +208,10 @@ def test_training_with_vllm_rollouts_learns(tmp_path, policy):
     print(f"vLLM training run: {result}")
     assert result["steps"] == 25
     assert result["after"] - result["before"] >= 0.10, result
+    # Every push reached the engine: after each one, its probe log-probs equal the trainer's new
+    # weights' (fp32 on CPU), and no weight-reload warning or shutdown traceback was printed.
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["step"] > 0]
+    assert len(steps) == 25 and all(r["rollout/sync_logp_abs_diff"] < 1e-5 for r in steps), [r.get("rollout/sync_logp_abs_diff") for r in steps]
+    assert all("rollout/logp_abs_diff" in r and r["rollout/ess_frac"] > 0.9 for r in steps)
+    assert "Failed to load weights" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -55,6 +55,8 @@ class DataConfig:
     max_rows: Optional[int] = None
     builtin_train_size: int = 20000
     builtin_eval_size: int = 256
+    retire_solved_after: int = 0  # retire a prompt all-correct on this many consecutive visits; 0 = never
+    unsolved_weight: float = 1.0  # chance a visited, never-solved prompt enters each later pass; 1 = always
 
 
 @dataclass
@@ -65,6 +67,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     max_response_length: int = 16  # L_max: new tokens per response; longer ones are truncated
     stop_token_ids: List[int] = field(default_factory=list)  # besides EOS
+    verify_sync: bool = True  # after every weight push, check that the engine samples from the new weights
     # rollout.engine=vllm only (optional extra; see README "vLLM rollouts"):
     vllm_dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
     vllm_max_model_len: Optional[int] = None  # prompt + response tokens; null = the model's max_position_embeddings
@@ -72,6 +75,14 @@ class RolloutConfig:
     vllm_kv_cache_gb: Optional[float] = None  # KV cache GiB; null = 1 on CPU, from vllm_gpu_memory_utilization on GPU
     vllm_enforce_eager: Optional[bool] = None  # no CUDA graphs / compilation; null = true on CPU, false on GPU
     vllm_sleep: bool = False  # GPU: free vLLM's memory (sleep level 1) while training; ignored on CPU
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """π_rollout (the sampler's log-probs) against π_old (the trainer's): see algorithm/rollout_correction.py."""
+
+    mode: str = "auto"  # auto (none for the in-process fp32 engines, token_truncate for vllm) | none | token_truncate | token_mask | sequence_truncate | sequence_mask
+    cap: float = 2.0  # C: truncate at C; mask outside [1/C, C]
 
 
 @dataclass
@@ -113,10 +124,18 @@ class OverlongConfig:
 
 @dataclass
 class DynamicSamplingConfig:
-    enabled: bool = True  # keep only groups with 0 < #correct < G
+    """Which groups a step trains on, and how rounds are sized (see algorithm/dynamic_sampling.py)."""
+
+    enabled: bool = True  # keep only informative groups (criterion below); off = every group
+    criterion: str = "accuracy"  # accuracy (lo < #correct/G < hi) | reward_std (std of rewards > min_reward_std) | pkg.module:function
+    accuracy_range: List[float] = field(default_factory=lambda: [0.0, 1.0])  # [lo, hi] of criterion=accuracy; (0, 1) = DAPO
+    min_reward_std: float = 0.0  # criterion=reward_std keeps groups whose reward std exceeds this
     max_rounds: int = 8  # generation rounds allowed per step
-    on_exhausted: str = "error"  # error | train (on the groups found)
+    on_exhausted: str = "train"  # train (on the groups found; none = skip the update) | error
     surplus: str = "keep"  # keep (carry to next step) | drop
+    max_surplus_age: int = 1  # carried groups sampled more than this many optimiser updates ago are dropped
+    max_prompts_per_round: Optional[int] = None  # largest generation round; null = 4 × prompts_per_step
+    oversample_margin: float = 1.3  # a round asks ceil(margin · missing / p̂) prompts
 
 
 @dataclass
@@ -192,6 +211,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -366,6 +386,16 @@ def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"{value!r} is not valid", f"use one of {', '.join(choices)}")
 
 
+def correction_mode(c: Config) -> str:
+    """``rollout_correction.mode`` with ``auto`` resolved: vLLM samples in its own precision (bf16
+    on GPU) and drifts from the trainer, so it is corrected by default (``token_truncate``); the
+    in-process engines sample from the trainer's own fp32 weights (agreement ~1e-6), where a
+    correction would only cost a log-prob pass."""
+    if c.rollout_correction.mode != "auto":
+        return c.rollout_correction.mode
+    return "token_truncate" if c.rollout.engine == "vllm" else "none"
+
+
 def _registered(value: str, key: str, registry: Any) -> None:
     """A name the algorithm's registry knows, or an import path that resolves."""
     try:
@@ -376,7 +406,7 @@ def _registered(value: str, key: str, registry: Any) -> None:
 
 def validate(c: Config) -> None:
     """Cross-field rules that types alone cannot express."""
-    from dapo_rl.algorithm import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+    from dapo_rl.algorithm import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, ROLLOUT_CORRECTIONS
 
     _require(c.steps >= 1, "steps", f"must be >= 1, got {c.steps}", "set steps=1 or more")
     _require(c.group_size >= 2, "group_size", f"must be >= 2 for group-relative advantages, got {c.group_size}", "set group_size=2 or more (paper: 16)")
@@ -404,6 +434,13 @@ def validate(c: Config) -> None:
     _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {c.rollout.top_p}", "1.0 disables it")
     _require(c.rollout.top_k >= 0, "rollout.top_k", f"must be >= 0, got {c.rollout.top_k}", "0 disables it")
     _choice(c.rollout.engine, "rollout.engine", ROLLOUT_ENGINES)
+    if c.rollout_correction.mode != "auto":
+        _registered(c.rollout_correction.mode, "rollout_correction.mode", ROLLOUT_CORRECTIONS)
+    _require(c.rollout_correction.cap > 1, "rollout_correction.cap", f"must be > 1, got {c.rollout_correction.cap}",
+             "e.g. 2 (truncate weights at 2; mask outside [0.5, 2])")
+    _require(correction_mode(c) == "none" or c.rollout.engine != "hf", "rollout_correction.mode",
+             f"{correction_mode(c)} needs the sampler's log-probs, which the hf engine does not return",
+             "use rollout.engine=fast (or vllm), or rollout_correction.mode=none")
     _choice(c.rollout.vllm_dtype, "rollout.vllm_dtype", ("auto", "float32", "bfloat16", "float16"))
     _require(0 < c.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization",
              f"must be in (0, 1], got {c.rollout.vllm_gpu_memory_utilization}", "e.g. 0.4, leaving the rest for training")
@@ -411,9 +448,7 @@ def validate(c: Config) -> None:
         _require(0 < c.overlong.cache_length < L, "overlong.cache_length",
                  f"L_cache={c.overlong.cache_length} must be > 0 and < rollout.max_response_length={L}",
                  "choose a smaller cache_length (paper: 4096 of 20480)")
-    _require(c.dynamic_sampling.max_rounds >= 1, "dynamic_sampling.max_rounds", "must be >= 1", "paper allows several rounds, e.g. 8")
-    _choice(c.dynamic_sampling.on_exhausted, "dynamic_sampling.on_exhausted", ("error", "train"))
-    _choice(c.dynamic_sampling.surplus, "dynamic_sampling.surplus", ("keep", "drop"))
+    _validate_dynamic_sampling(c)
     _require(c.optim.lr > 0, "optim.lr", f"must be > 0, got {c.optim.lr}", "paper: 1e-6 for 32B models")
     _choice(c.optim.schedule, "optim.schedule", ("constant", "cosine"))
     _require(c.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0", "0 disables clipping")
@@ -454,6 +489,26 @@ def validate(c: Config) -> None:
         _require(0 <= value <= 1, f"quickstart.{key}", f"is a probability, got {value}", "choose a value in [0, 1]")
 
 
+def _validate_dynamic_sampling(c: Config) -> None:
+    from dapo_rl.algorithm import GROUP_CRITERIA
+
+    ds = c.dynamic_sampling
+    _require(ds.max_rounds >= 1, "dynamic_sampling.max_rounds", "must be >= 1", "paper allows several rounds, e.g. 8")
+    _choice(ds.on_exhausted, "dynamic_sampling.on_exhausted", ("error", "train"))
+    _choice(ds.surplus, "dynamic_sampling.surplus", ("keep", "drop"))
+    _registered(ds.criterion, "dynamic_sampling.criterion", GROUP_CRITERIA)
+    rng = list(ds.accuracy_range)
+    _require(len(rng) == 2 and 0 <= rng[0] < rng[1] <= 1, "dynamic_sampling.accuracy_range",
+             f"must be [lo, hi] with 0 <= lo < hi <= 1, got {rng}", "DAPO keeps 0 < accuracy < 1: [0, 1]")
+    _require(ds.min_reward_std >= 0, "dynamic_sampling.min_reward_std", f"must be >= 0, got {ds.min_reward_std}",
+             "0 keeps every group whose rewards are not all equal")
+    _require(ds.max_surplus_age >= 0, "dynamic_sampling.max_surplus_age", f"must be >= 0, got {ds.max_surplus_age}",
+             "counted in optimiser updates; default 1")
+    _require(ds.max_prompts_per_round is None or ds.max_prompts_per_round >= c.prompts_per_step, "dynamic_sampling.max_prompts_per_round",
+             f"{ds.max_prompts_per_round} is below prompts_per_step={c.prompts_per_step}", "use null (4 × prompts_per_step) or a larger count")
+    _require(ds.oversample_margin >= 1, "dynamic_sampling.oversample_margin", f"must be >= 1, got {ds.oversample_margin}", "default 1.3")
+
+
 def _validate_data(c: Config) -> None:
     from dapo_rl.data.datasets import FORMATS, PRESETS
     from dapo_rl.data.templates import TEMPLATES
@@ -470,3 +525,5 @@ def _validate_data(c: Config) -> None:
     _require(d.max_rows is None or d.max_rows >= 1, "data.max_rows", f"must be >= 1 or null, got {d.max_rows}", "null reads every row")
     _require(d.builtin_train_size >= 1, "data.builtin_train_size", f"must be >= 1, got {d.builtin_train_size}", "default 20000")
     _require(d.builtin_eval_size >= 1, "data.builtin_eval_size", f"must be >= 1, got {d.builtin_eval_size}", "or data.eval=null for no evaluation")
+    _require(d.retire_solved_after >= 0, "data.retire_solved_after", f"must be >= 0, got {d.retire_solved_after}", "0 never retires a prompt")
+    _require(0 <= d.unsolved_weight <= 1, "data.unsolved_weight", f"must be in [0, 1], got {d.unsolved_weight}", "1 samples unsolved prompts as often as any")

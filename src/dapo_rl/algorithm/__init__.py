@@ -2,7 +2,9 @@
 
 The plug points are registries selected by name in the configuration: :data:`POLICY_LOSSES`
 (``loss.policy_loss``), :data:`ADVANTAGE_ESTIMATORS` (``advantage.estimator``),
-:data:`KL_ESTIMATORS` (``loss.kl_estimator``) and :data:`LOSS_AGG_MODES` (``loss.agg_mode``).
+:data:`KL_ESTIMATORS` (``loss.kl_estimator``), :data:`LOSS_AGG_MODES` (``loss.agg_mode``),
+:data:`GROUP_CRITERIA` (``dynamic_sampling.criterion``) and :data:`ROLLOUT_CORRECTIONS`
+(``rollout_correction.mode``).
 """
 
 from dapo_rl.algorithm.advantages import (
@@ -13,8 +15,10 @@ from dapo_rl.algorithm.advantages import (
 )
 from dapo_rl.algorithm.aggregation import LOSS_AGG_MODES, aggregate_loss, loss_normalizer
 from dapo_rl.algorithm.dynamic_sampling import (
+    GROUP_CRITERIA,
     DynamicSampler,
     DynamicSamplingExhausted,
+    GroupFilter,
     SampledBatch,
     informative_groups,
 )
@@ -29,16 +33,21 @@ from dapo_rl.algorithm.policy_loss import (
     gspo_loss,
 )
 from dapo_rl.algorithm.registry import Registry
+from dapo_rl.algorithm.rollout_correction import ROLLOUT_CORRECTIONS, Correction, mismatch_metrics
 from dapo_rl.algorithm.token_stats import token_entropy, token_logprobs
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "GROUP_CRITERIA",
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "POLICY_LOSSES",
+    "ROLLOUT_CORRECTIONS",
     "ClipRange",
+    "Correction",
     "DynamicSampler",
     "DynamicSamplingExhausted",
+    "GroupFilter",
     "PolicyLossResult",
     "Registry",
     "SampledBatch",
@@ -51,6 +60,7 @@ __all__ = [
     "gspo_loss",
     "informative_groups",
     "loss_normalizer",
+    "mismatch_metrics",
     "overlong_filter_mask",
     "soft_overlong_penalty",
     "token_entropy",

@@ -88,6 +88,22 @@ def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         yield name, param.detach()
 
 
+class _ExpectedReloadWarnings(logging.Filter):
+    """Drops vLLM's "Failed to load weights" warnings for the layers a weight push leaves out on
+    purpose, one pair per push otherwise: the rotary embedding (its cos/sin cache is computed
+    from the config, not a checkpoint tensor) and, for a tied model, the output head (tied to the
+    pushed embedding, re-tied by :func:`_refresh_tied_lm_head`). Any other layer's warning, a
+    weight that really did not arrive, still shows; and the trainer's weight-sync probe checks
+    every push."""
+
+    def __init__(self, tied_head: bool):
+        super().__init__()
+        self.expected = {"RotaryEmbedding: Failed to load weights"} | ({"ParallelLMHead: Failed to load weights"} if tied_head else set())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.expected
+
+
 def _refresh_tied_lm_head(worker: Any) -> bool:
     """Make a tied output head use the freshly pushed embedding. Runs inside vLLM's worker.
 
@@ -229,6 +245,10 @@ class VLLMEngine:
         self.start_seconds = time.perf_counter() - started
         self.last_sync_seconds: float | None = None
         self.tied_embeddings = bool(getattr(model.config, "tie_word_embeddings", False))
+        reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        for old_filter in [f for f in reload_logger.filters if isinstance(f, _ExpectedReloadWarnings)]:
+            reload_logger.removeFilter(old_filter)
+        reload_logger.addFilter(_ExpectedReloadWarnings(self.tied_embeddings))
         self._check_in_process()
 
     @classmethod

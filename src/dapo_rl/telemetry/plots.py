@@ -132,6 +132,30 @@ _FIGURES: Final[tuple[_FigureSpec, ...]] = (
         ),
     ),
     _FigureSpec(
+        "sampling_rate.png",
+        "Dynamic sampling: round sizing and rejections",
+        (
+            # p̂ sized the step's first round; the factor is prompts generated per missing group.
+            _Panel("sampling/rate_estimate", "Estimated accepted-group rate p̂", "fraction of groups", yrange="unit"),
+            _Panel("sampling/oversample_factor", "Prompts generated per missing group", "prompts / group", yrange="nonneg"),
+            _Panel("sampling/rejected_too_hard", "Rejected: accuracy <= lo (too hard)", "groups", yrange="nonneg"),
+            _Panel("sampling/rejected_too_easy", "Rejected: accuracy >= hi (too easy)", "groups", yrange="nonneg"),
+            _Panel("sampling/rejected_low_reward_std", "Rejected: reward std <= min_reward_std", "groups", yrange="nonneg"),
+        ),
+    ),
+    _FigureSpec(
+        "sampling_surplus.png",
+        "Dynamic sampling: surplus groups and retired prompts",
+        (
+            _Panel("sampling/surplus_carried", "Surplus carried into the step", "groups", yrange="nonneg"),
+            _Panel("sampling/surplus_age_mean", "Age of the surplus trained", "optimiser updates", yrange="nonneg"),
+            # Cumulative: any drop at all is the thing to see.
+            _Panel("sampling/surplus_dropped_age", "Surplus dropped by the age bound (cumulative)", "groups", "cumulative", "nonneg"),
+            _Panel("train/sampling_exhausted", "Steps short of B at the round limit (cumulative)", "steps", "cumulative", "nonneg"),
+            _Panel("sampling/prompts_retired", "Prompts retired (solved k visits in a row)", "prompts", yrange="nonneg"),
+        ),
+    ),
+    _FigureSpec(
         "clipped_token_probs.png",
         "Old-policy probability of clipped tokens (median, shaded p10-p90)",
         (
@@ -149,6 +173,19 @@ _FIGURES: Final[tuple[_FigureSpec, ...]] = (
                 "band",
                 "fraction",
             ),
+        ),
+    ),
+    _FigureSpec(
+        "rollout_mismatch.png",
+        "Sampler against trainer: π_rollout vs π_old, and the weight-sync probe",
+        (
+            _Panel("rollout/logp_abs_diff", "Mean |log π_old − log π_rollout|", "nats", yrange="nonneg"),
+            _Panel("rollout/kl", "KL(π_rollout ‖ π_old), k3 per token", "nats", yrange="nonneg"),
+            _Panel("rollout/is_weight_max", "Largest importance weight π_old/π_rollout", "weight", yrange="nonneg"),
+            _Panel("rollout/ess_frac", "Effective sample size of the weights", "fraction of n", yrange="unit"),
+            _Panel("rollout/masked_frac", "Tokens rejected by the correction", "fraction", yrange="fraction"),
+            # Should sit at float rounding (fp32) or bf16 noise; a jump means the engine left the trainer.
+            _Panel("rollout/sync_logp_abs_diff", "Weight-sync probe: engine vs trainer after each push", "nats", yrange="nonneg"),
         ),
     ),
 )

@@ -115,6 +115,7 @@ def _check_sinks_available(config: Config) -> None:
 # that get a stuck run going again. Anything else would silently continue a different experiment.
 RESUMABLE_CHANGES = ("steps", "resume", "overwrite", "output_dir", "logging.", "checkpoint.", "eval.interval",
                      "reward.timeout_s", "dynamic_sampling.max_rounds", "dynamic_sampling.on_exhausted",
+                     "dynamic_sampling.max_prompts_per_round",
                      "quickstart.cache_dir", "model.device", "rollout.engine", "distributed.")
 
 
@@ -323,7 +324,10 @@ def run_training(config: Config) -> RunResult:
     try:
         return _run_training(config, dist, started)
     finally:
-        shutdown_distributed()
+        # Only a group this run joined (torchrun): an in-process vLLM engine creates a
+        # single-process group of its own and destroys it, with its subgroups, when it shuts down.
+        if dist.enabled:
+            shutdown_distributed()
 
 
 def _run_training(config: Config, dist: DistContext, started: float) -> RunResult:

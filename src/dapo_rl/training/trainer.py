@@ -36,7 +36,7 @@ import copy
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -46,14 +46,16 @@ from dapo_rl.algorithm import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
+    ROLLOUT_CORRECTIONS,
     ClipRange,
     DynamicSamplingExhausted,
     aggregate_loss,
     broadcast_to_tokens,
     loss_normalizer,
+    mismatch_metrics,
     overlong_filter_mask,
 )
-from dapo_rl.config import Config
+from dapo_rl.config import Config, correction_mode
 from dapo_rl.data.encoding import EncodedPrompt
 from dapo_rl.evaluation import EvalResult, evaluate
 from dapo_rl.rollout.base import RolloutEngine, Sample, SamplingParams
@@ -62,6 +64,7 @@ from dapo_rl.training.distributed import DistContext
 from dapo_rl.training.logprobs import ForwardSettings, logprobs
 from dapo_rl.training.rollouts import RolloutCollector, ScoredGroup
 from dapo_rl.training.step_metrics import StepMetrics
+from dapo_rl.training.weight_sync import SyncCheck, WeightSyncError
 
 
 @dataclass
@@ -113,6 +116,9 @@ class Trainer:
         self.advantage_estimator = ADVANTAGE_ESTIMATORS.get(config.advantage.estimator)
         self.kl_estimator = KL_ESTIMATORS.get(config.loss.kl_estimator)
         self.clip = ClipRange(config.clip.eps_low, config.clip.eps_high, config.clip.dual_clip_c)
+        self.correction_mode = correction_mode(config)
+        self.rollout_correction = ROLLOUT_CORRECTIONS.get(self.correction_mode)
+        self.corrects_rollouts = self.correction_mode != "none"
         self.norm_constant = float(config.loss.norm_constant or config.rollout.max_response_length)
         self.updates_per_step = (config.prompts_per_step // config.mini_batch_size) * config.ppo_epochs
         # Under FSDP2 every forward is a collective (one per micro-batch on every rank); a DDP or
@@ -135,6 +141,12 @@ class Trainer:
             fused=not self.dist.sharded,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.sync_check = None
+        if config.rollout.verify_sync:
+            # An fp32 in-process engine agrees with the trainer to ~1e-6; bf16 (autocast, vLLM) does not.
+            fp32_in_process = autocast_dtype is None and config.rollout.engine != "vllm"
+            self.sync_check = SyncCheck(engine, list(train_prompts[0].ids), self._probe_logprobs,
+                                        tolerance=1e-3 if fp32_in_process else None)
 
     @property
     def stream(self):
@@ -145,6 +157,12 @@ class Trainer:
     def sampler(self):
         """The dynamic sampler, with its surplus groups (checkpointed)."""
         return self.rollouts.sampler
+
+    @property
+    def policy_version(self) -> int:
+        """Optimiser updates applied so far (attempted minus skipped): the version that tags
+        sampled groups, whose difference is a carried group's age."""
+        return self.scheduler.last_epoch - self.state.skipped_updates_total
 
     def _lr_factor(self, update: int) -> float:
         warmup = self.cfg.optim.warmup_updates
@@ -172,10 +190,23 @@ class Trainer:
         # A sample with zero advantage and no KL term cannot change the gradient: it counts in
         # the normaliser, but is never run.
         trainable = ~filtered & ((advantages != 0) | (self.reference is not None))
+        # π_rollout: the sampler's own log-probs, when the engine reports them.
+        rollout_logp = [torch.tensor(s.logprobs) for s in samples] if all(s.logprobs is not None for s in samples) else None
         t_old = time.perf_counter()
-        old_logp = self._score(self.model, samples, trainable) if self.updates_per_step > 1 else None
+        # π_old: one no-grad pass, unless the update is exactly on-policy and uncorrected (then
+        # π_old is π_θ's first forward). A correction needs it for every sample in the loss, before
+        # the normalisers: its rejections leave the normaliser too.
+        # Surplus groups carried from an earlier step were sampled by older weights: they are
+        # never treated as on-policy (corrected by the configured mode, token_truncate under none).
+        version = self.policy_version
+        carried = torch.tensor([g.policy_version < version for g in groups for _ in g.samples])
+        corrected = rollout_logp is not None and (self.corrects_rollouts or bool(carried.any()))
+        scored = ~filtered if corrected else trainable
+        old_logp = self._score(self.model, samples, scored) if self.updates_per_step > 1 or corrected else None
         ref_logp = self._score(self.reference, samples, trainable) if self.reference is not None else None
         old_time = time.perf_counter() - t_old
+        weights, kept = self._correct(samples, old_logp, rollout_logp, carried) if corrected else ({}, {})
+        mismatch = [old_logp[i].cpu() - rollout_logp[i] for i in sorted(old_logp)] if old_logp and rollout_logp else []
 
         stats, losses, grad_norms, skipped = StepMetrics(), [], [], 0
         self.model.train()
@@ -184,7 +215,11 @@ class Trainer:
                 # One normaliser for the whole mini-batch: every loss token (or sequence) counts,
                 # including those of the zero-advantage samples that are never run.
                 lengths = [len(samples[i].response_ids) for i in mini]
-                normalizer = loss_normalizer(overlong_filter_mask(response_mask(lengths), filtered[mini]), cfg.loss.agg_mode)
+                loss_rows = overlong_filter_mask(response_mask(lengths), filtered[mini])
+                if kept:  # the correction's rejections leave the normaliser
+                    loss_rows = pad_rows([kept.get(i, row[:n]).to(row.dtype) for i, row, n in zip(mini, loss_rows, lengths)],
+                                         loss_rows.shape[1], torch.device("cpu"))
+                normalizer = loss_normalizer(loss_rows, cfg.loss.agg_mode)
                 in_mini = torch.zeros_like(trainable)
                 in_mini[mini] = True
                 self.optimizer.zero_grad(set_to_none=True)
@@ -192,11 +227,20 @@ class Trainer:
                 for idx in self.dist.balanced_micro_batches(trainable & in_mini, cfg.micro_batch_size, self._placeholder(samples[mini[0]]),
                                                             train_model=self.train_model):
                     batch = pack([samples[i] for i in idx], self.tokenizer.pad_token_id, self.device)
+                    width = batch.response_ids.shape[1]
                     mask = overlong_filter_mask(batch.response_mask, filtered[idx].to(self.device))
+                    if kept:  # the correction's rejections
+                        mask = mask * pad_rows([kept.get(i, torch.ones(len(samples[i].response_ids))).to(mask.dtype) for i in idx],
+                                               width, self.device)
                     logp, entropy = logprobs(self.train_model, batch, self.forward, with_entropy=True)
-                    old = logp.detach() if old_logp is None else pad_rows([old_logp[i] for i in idx], mask.shape[1], self.device)
+                    old = logp.detach() if old_logp is None else pad_rows([old_logp[i] for i in idx], width, self.device)
+                    if old_logp is None and rollout_logp is not None:  # on-policy: π_old is this forward
+                        mismatch.extend(old[row, : len(samples[i].response_ids)].cpu() - rollout_logp[i] for row, i in enumerate(idx))
                     adv = broadcast_to_tokens(advantages[idx].to(self.device), mask)
                     per_token, loss_metrics = self.policy_loss(logp, old, adv, mask, self.clip)
+                    if weights:  # importance weights π_old/π_rollout on the policy-gradient term
+                        per_token = per_token * pad_rows([weights.get(i, torch.ones(len(samples[i].response_ids))).to(per_token.dtype)
+                                                          for i in idx], width, self.device)
                     if ref_logp is not None:
                         kl = self.kl_estimator(logp, pad_rows([ref_logp[i] for i in idx], mask.shape[1], self.device)) * mask
                         per_token = per_token + cfg.loss.kl_coef * kl
@@ -216,8 +260,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.skipped_updates_total += skipped
         stats.reduce(self.dist)
+        mismatch = [row for share in self.dist.all_gather_objects(mismatch) for row in share]
+        masked = float(sum(len(samples[i].response_ids) - kept[i].sum().item() for i in kept))
         elapsed = time.perf_counter() - t_start
         return {
+            **mismatch_metrics(mismatch, self.correction_mode.startswith("sequence"), masked),
             "train/loss": sum(losses) / max(1, len(losses)),
             "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
             "train/lr": self.scheduler.get_last_lr()[0],
@@ -229,6 +276,25 @@ class Trainer:
             "time/update_s": elapsed,
             "perf/train_tokens_per_s": stats.trained_tokens / max(elapsed, 1e-9),
         }
+
+    def _correct(self, samples: list[Sample], old_logp: dict[int, torch.Tensor], rollout_logp: list[torch.Tensor],
+                 carried: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """The rollout correction of the samples with a π_old (under ``rollout_correction.mode=none``,
+        of the ``carried`` ones only, by ``token_truncate``): per sample, the loss weights ``[len]``
+        (this rank's samples) and the loss mask ``[len]`` (every rank's, for the global normalisers)."""
+        correction = self.rollout_correction if self.corrects_rollouts else ROLLOUT_CORRECTIONS.get("token_truncate")
+        rows = sorted(i for i in old_logp if self.corrects_rollouts or carried[i])
+        weights: dict[int, torch.Tensor] = {}
+        kept: dict[int, torch.Tensor] = {}
+        if rows:
+            lengths = [len(samples[i].response_ids) for i in rows]
+            cpu = torch.device("cpu")
+            old = pad_rows([old_logp[i].detach().cpu() for i in rows], max(lengths), cpu)
+            sampled = pad_rows([rollout_logp[i].to(old.dtype) for i in rows], max(lengths), cpu)
+            w, mask = correction(old, sampled, response_mask(lengths).to(old.dtype), self.cfg.rollout_correction.cap)
+            weights = {i: w[r, :n] for r, (i, n) in enumerate(zip(rows, lengths))}
+            kept = {i: mask[r, :n] for r, (i, n) in enumerate(zip(rows, lengths))}
+        return weights, {i: m for share in self.dist.all_gather_objects(kept) for i, m in share.items()}
 
     def _mini_batches(self, num_groups: int, epoch: int) -> Iterator[list[int]]:
         """Sample indices of each mini-batch of one epoch: groups in a seeded shuffled order."""
@@ -254,6 +320,12 @@ class Trainer:
             return None
         self.optimizer.step()
         return grad_norm
+
+    @torch.no_grad()
+    def _probe_logprobs(self, sample: Sample) -> torch.Tensor:
+        """The policy's ``[len]`` log-probs of a greedy probe's tokens, at temperature 1 (see :class:`SyncCheck`)."""
+        batch = pack([sample], self.tokenizer.pad_token_id, self.device)
+        return logprobs(self.model, batch, replace(self.forward, temperature=1.0))[0][0, : len(sample.response_ids)]
 
     def _placeholder(self, sample: Sample) -> Callable[[], None]:
         """A zero-weight forward/backward through the training model (see ``DistContext.balanced_micro_batches``)."""
@@ -300,13 +372,17 @@ class Trainer:
         """Collect a batch of informative groups, update the policy on it, push the weights to the engine."""
         t0 = time.perf_counter()
         with self.dist.gathered(self.model):  # FSDP2: full parameters for the engine, freed after
-            groups, metrics = self.rollouts.collect(self.state.step)
+            if self.sync_check is not None:
+                self.sync_check.before()
+            groups, metrics = self.rollouts.collect(self.state.step, policy_version=self.policy_version)
         self.state.samples_generated_total += int(metrics["train/samples_generated"])
         metrics["train/samples_generated_total"] = float(self.state.samples_generated_total)
         metrics.update(self.update(groups))
         with self.dist.gathered(self.model):
             self.engine.sync_weights(self.model)
-        self.state.step += 1
+            self.state.step += 1
+            if self.sync_check is not None:  # the step is complete: a failed check still checkpoints it
+                metrics.update(self.sync_check.after())
         metrics["time/step_s"] = time.perf_counter() - t0
         return metrics
 
@@ -322,6 +398,8 @@ class Trainer:
             DynamicSamplingExhausted: the sampler ran out of rounds under ``on_exhausted=error``.
                 A checkpoint is saved first, holding the groups found so far, so that resuming
                 with more rounds loses none of the generation work.
+            WeightSyncError: the engine did not take a weight push (``rollout.verify_sync``);
+                the finished step is checkpointed first.
         """
         cfg = self.cfg
         while self.state.step < cfg.steps:
@@ -331,7 +409,7 @@ class Trainer:
                 return
             try:
                 metrics = self.train_step()
-            except DynamicSamplingExhausted:
+            except (DynamicSamplingExhausted, WeightSyncError):
                 if self.checkpoint_fn is not None:
                     self.checkpoint_fn(self)
                 raise
