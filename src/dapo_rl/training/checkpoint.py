@@ -1,8 +1,10 @@
 """Atomic checkpoints: written to a temporary folder, then renamed into place.
 
 A checkpoint folder ``checkpoints/step_000042/`` holds the policy as a Hugging Face folder
-(``policy/``) and ``trainer.pt`` with the optimiser, scheduler, every RNG state, the data
-position, the dynamic sampler's surplus groups and the step. A folder is valid only when its
+(``policy/``) and ``trainer.pt`` with the optimiser, scheduler, every RNG state, the prompt
+stream (position, current pass order, difficulty memory: retired and never-solved prompts), the
+dynamic sampler (surplus groups with the policy version that sampled each, the p̂ estimate, the
+exhausted-step count) and the step. A folder is valid only when its
 ``COMPLETE`` marker exists; the marker is written last, inside the temporary folder, before the
 rename, so a kill at any moment leaves either the previous checkpoints or a complete new one.
 """
