@@ -103,6 +103,9 @@ ABLATION_DEFAULTS: dict[str, Any] = {
     "overlong.cache_length": 3,
     "dynamic_sampling.max_rounds": 8,
     "dynamic_sampling.on_exhausted": "train",
+    # Four optimiser updates per step (8 groups / mini-batches of 2): a group carried one step is
+    # 4 updates old, and the default bound of 1 update would drop every carried group.
+    "dynamic_sampling.max_surplus_age": 4,
     "eval.interval": 5,
     "eval.samples_per_prompt": 4,
     "data.builtin_eval_size": 128,

@@ -21,9 +21,11 @@ Choices made here, and why:
   it is counted in the normaliser but gets no forward or backward pass. Truncated samples under
   overlong filtering contribute nothing at all. Entropy and clip statistics are therefore means
   over the tokens that were trained.
-- Surplus groups carried to the next step were sampled by the previous weights. Their "old"
+- Surplus groups carried to the next step were sampled by older weights. Their "old"
   log-probs are recomputed with the current weights (as verl does for every batch): the ratio
-  anchors the trust region at the current policy.
+  anchors the trust region at the current policy; and since the samples came from π_rollout,
+  not π_old, they are always reweighted by the rollout correction (``token_truncate`` when
+  ``rollout_correction.mode`` is ``none``).
 - π_old is the trainer's own forward at the start of the update. With exactly one optimiser
   update per step it equals π_θ at the first forward, so the pass is skipped and ``logp.detach()``
   stands in for it.
