@@ -47,19 +47,13 @@ def encode_prompts(
 class PromptSource:
     """Where prompts come from and how they are rendered (config section ``data``, or ``dapo eval``'s options).
 
-    ``path`` is a dataset path or ``builtin:chain``; ``held_out`` picks the built-in task's
-    held-out split (the one evaluations use). The other fields are those of
-    :class:`~dapo_rl.data.datasets.DatasetSpec` and :func:`encode_prompts`.
+    ``dataset.path`` is a dataset path or ``builtin:chain``; ``held_out`` picks the built-in
+    task's held-out split (the one evaluations use). The rendering fields are those of
+    :func:`encode_prompts`.
     """
 
-    path: str
+    dataset: DatasetSpec
     held_out: bool = False
-    format: str = "auto"
-    preset: str = "plain"
-    split: str = "train"
-    prompt_field: str | None = None
-    answer_field: str | None = None
-    max_rows: int | None = None
     template: str = "raw"
     use_chat_template: bool = False
     max_prompt_length: int | None = None
@@ -75,28 +69,27 @@ def load_prompts(source: PromptSource, tokenizer) -> tuple[list[EncodedPrompt], 
             naming the path as ``data.path``).
         TemplateError: the template cannot render a prompt.
     """
-    if source.path == BUILTIN_DATA:
+    path = source.dataset.path
+    if path == BUILTIN_DATA:
         # The held-out set is drawn first and does not depend on the train size, so it does not
         # build the (large) train split.
         train, held_out = builtin_splits(1 if source.held_out else source.builtin_train_size, source.builtin_eval_size, seed=0)
         examples, skipped = (held_out if source.held_out else train), []
-    elif source.path.startswith("builtin:"):
-        raise DatasetError(f"data.path: unknown built-in dataset {source.path!r}; use {BUILTIN_DATA} or a dataset path")
+    elif path.startswith("builtin:"):
+        raise DatasetError(f"data.path: unknown built-in dataset {path!r}; use {BUILTIN_DATA} or a dataset path")
     else:
-        spec = DatasetSpec(path=source.path, format=source.format, preset=source.preset, split=source.split,
-                           prompt_field=source.prompt_field, answer_field=source.answer_field, max_rows=source.max_rows)
         try:
-            loaded = load_examples(spec)
+            loaded = load_examples(source.dataset)
         except ValueError as exc:  # DatasetError, or a spec the loader refuses
             raise DatasetError(str(exc)) from None
         examples, skipped = list(loaded.examples), list(loaded.skipped)
     prompts, too_long = encode_prompts(examples, tokenizer, template=source.template, use_chat_template=source.use_chat_template,
                                        max_prompt_length=source.max_prompt_length)
     skipped += too_long
-    if source.max_rows is not None:
-        prompts = prompts[: source.max_rows]
+    if source.dataset.max_rows is not None:
+        prompts = prompts[: source.dataset.max_rows]
     if not prompts:
         reasons = "; ".join(str(p) for p in skipped[:3])
-        raise DatasetError(f"data.path: {source.path} has no usable rows ({reasons}); fix the rows, the field mapping "
+        raise DatasetError(f"data.path: {path} has no usable rows ({reasons}); fix the rows, the field mapping "
                            f"(preset, prompt_field, answer_field) or max_prompt_length")
     return prompts, skipped

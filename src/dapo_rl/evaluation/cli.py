@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dapo_rl.config import ConfigError, QuickstartConfig
-from dapo_rl.data import TEMPLATES, DatasetError, TemplateError
+from dapo_rl.data import TEMPLATES, DatasetError, DatasetSpec, TemplateError
 from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts
 from dapo_rl.evaluation.evaluate import EvalResult, evaluate
 from dapo_rl.models.loading import ModelLoadError, load_policy, resolve_device
@@ -138,11 +138,11 @@ def _load_model(model: str, o: EvalOptions):
 
 def load_eval_prompts(data: str, tokenizer, o: EvalOptions) -> list[EncodedPrompt]:
     """The problems of DATA as encoded prompts (``builtin:chain``: the held-out split)."""
-    source = PromptSource(path=data, held_out=True, format=o.format, preset=o.preset, split=o.split, prompt_field=o.prompt_field,
-                          answer_field=o.answer_field, max_rows=o.max_rows, template=o.template,
-                          use_chat_template=o.use_chat_template, max_prompt_length=o.max_prompt_length,
-                          builtin_eval_size=o.builtin_eval_size)
     try:
+        dataset = DatasetSpec(path=data, format=o.format, preset=o.preset, split=o.split, prompt_field=o.prompt_field,
+                              answer_field=o.answer_field, max_rows=o.max_rows)
+        source = PromptSource(dataset=dataset, held_out=True, template=o.template, use_chat_template=o.use_chat_template,
+                              max_prompt_length=o.max_prompt_length, builtin_eval_size=o.builtin_eval_size)
         prompts, skipped = load_prompts(source, tokenizer)
     except DatasetError as exc:
         raise DatasetError(f"DATA: {str(exc).replace('data.path: ', '')}") from None

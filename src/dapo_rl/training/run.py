@@ -24,7 +24,7 @@ from dapo_rl.config import (
     to_dict,
     to_yaml,
 )
-from dapo_rl.data import DatasetError, TemplateError
+from dapo_rl.data import DatasetError, DatasetSpec, TemplateError
 from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts
 from dapo_rl.models.loading import ModelLoadError, first_line, load_policy, resolve_device
 from dapo_rl.rewards import resolve_reward_fn
@@ -67,11 +67,12 @@ def run_prompts(config: Config, which: str, tokenizer) -> list[EncodedPrompt]:
     """The encoded prompts of ``data.train`` (``which="train"``) or ``data.eval``; skipped rows are reported."""
     dc = config.data
     path = dc.train if which == "train" else dc.eval
-    source = PromptSource(path=path, held_out=which == "eval", format=dc.format, preset=dc.preset, prompt_field=dc.prompt_field,
-                          answer_field=dc.answer_field, max_rows=dc.max_rows if which == "train" else None,
-                          template=dc.template, use_chat_template=dc.use_chat_template, max_prompt_length=dc.max_prompt_length,
-                          builtin_train_size=dc.builtin_train_size, builtin_eval_size=dc.builtin_eval_size)
     try:
+        dataset = DatasetSpec(path=path, format=dc.format, preset=dc.preset, prompt_field=dc.prompt_field,
+                              answer_field=dc.answer_field, max_rows=dc.max_rows if which == "train" else None)
+        source = PromptSource(dataset=dataset, held_out=which == "eval", template=dc.template, use_chat_template=dc.use_chat_template,
+                              max_prompt_length=dc.max_prompt_length, builtin_train_size=dc.builtin_train_size,
+                              builtin_eval_size=dc.builtin_eval_size)
         prompts, skipped = load_prompts(source, tokenizer)
     except DatasetError as exc:
         # The loader names the path as data.path; the user set it as data.train or data.eval.
