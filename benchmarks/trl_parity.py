@@ -71,7 +71,8 @@ def _worker(framework: str, folder: Path, fixed_path: Path, out_path: Path) -> N
             original(self, *args, **kwargs)
 
             def generate(prompts, n, params):
-                seen["prompts"] = [list(p) for p in prompts]
+                if n == bench.GROUP_SIZE:  # a rollout; the trainer's weight-sync probe decodes 1 sample greedily
+                    seen.setdefault("prompts", [list(p) for p in prompts])
                 completions = fixed["completions"]
                 return [[Sample(list(p), list(c), FINISH_STOP if c and c[-1] == EOS else FINISH_LENGTH)
                          for c in completions[i * n : (i + 1) * n]] for i, p in enumerate(prompts)]
