@@ -61,7 +61,6 @@ class RolloutCollector:
             max_surplus_age=ds.max_surplus_age, max_prompts_per_round=ds.max_prompts_per_round,
             oversample_margin=ds.oversample_margin,
         )
-        self.updates_per_step = (config.prompts_per_step // config.mini_batch_size) * config.ppo_epochs
         self._warned_exhausted = False  # the round-limit warning is printed once per run
         self.sampling = SamplingParams(
             temperature=config.rollout.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
@@ -84,16 +83,15 @@ class RolloutCollector:
                               correct=[r.correct for r in results[i * g : (i + 1) * g]]) for i in range(len(prompts))]
         return scored, sum(r.failed for r in results)
 
-    def collect(self, step: int, policy_version: int | None = None) -> tuple[list[ScoredGroup], dict[str, float]]:
+    def collect(self, step: int, policy_version: int) -> tuple[list[ScoredGroup], dict[str, float]]:
         """This step's training groups (step = the 0-based index of the step being collected),
         and the rollout metrics. The caller holds the model's full parameters (FSDP2).
 
-        ``policy_version`` is the number of optimiser updates applied so far; None assumes every
-        earlier step applied all of its ``B / mini_batch_size × ppo_epochs`` updates.
+        ``policy_version`` is the number of optimiser updates applied so far (the trainer's
+        ``policy_version``); it tags the groups sampled now and ages the carried ones.
         """
         cfg, dist = self.cfg, self.dist
-        version = step * self.updates_per_step if policy_version is None else policy_version
-        self.sampler.start_step(version)
+        self.sampler.start_step(policy_version)
         generated: list[ScoredGroup] = []
         gen_time = score_time = 0.0
         failures = 0
@@ -113,7 +111,7 @@ class RolloutCollector:
                 failed = sum(share[1] for share in shares)
             failures += failed
             for index, group in zip(indices, scored):
-                group.policy_version = version
+                group.policy_version = policy_version
                 self.stream.record(index, group.correct)
             generated.extend(scored)
             self.sampler.add(scored, torch.tensor([s.correct for s in scored], dtype=torch.bool),
