@@ -69,6 +69,13 @@ from dapo_rl.training.step_metrics import StepMetrics
 from dapo_rl.training.weight_sync import SyncCheck, WeightSyncError
 
 
+def _per_sample(values: dict[int, torch.Tensor], idx: list[int], samples: list[Sample], like: torch.Tensor) -> torch.Tensor:
+    """``values[i]`` ``[len_i]`` for each sample of ``idx`` that has one, 1 on the others' tokens,
+    as ``[len(idx), width]`` with the dtype, device and width of ``like`` (0 past each response)."""
+    rows = [values.get(i, torch.ones(len(samples[i].response_ids))).to(like.dtype) for i in idx]
+    return pad_rows(rows, like.shape[1], like.device)
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -219,8 +226,7 @@ class Trainer:
                 lengths = [len(samples[i].response_ids) for i in mini]
                 loss_rows = overlong_filter_mask(response_mask(lengths), filtered[mini])
                 if kept:  # the correction's rejections leave the normaliser
-                    loss_rows = pad_rows([kept.get(i, row[:n]).to(row.dtype) for i, row, n in zip(mini, loss_rows, lengths)],
-                                         loss_rows.shape[1], torch.device("cpu"))
+                    loss_rows = loss_rows * _per_sample(kept, mini, samples, loss_rows)
                 normalizer = loss_normalizer(loss_rows, cfg.loss.agg_mode)
                 in_mini = torch.zeros_like(trainable)
                 in_mini[mini] = True
@@ -232,8 +238,7 @@ class Trainer:
                     width = batch.response_ids.shape[1]
                     mask = overlong_filter_mask(batch.response_mask, filtered[idx].to(self.device))
                     if kept:  # the correction's rejections
-                        mask = mask * pad_rows([kept.get(i, torch.ones(len(samples[i].response_ids))).to(mask.dtype) for i in idx],
-                                               width, self.device)
+                        mask = mask * _per_sample(kept, idx, samples, mask)
                     logp, entropy = logprobs(self.train_model, batch, self.forward, with_entropy=True)
                     old = logp.detach() if old_logp is None else pad_rows([old_logp[i] for i in idx], width, self.device)
                     if old_logp is None and rollout_logp is not None:  # on-policy: π_old is this forward
@@ -241,8 +246,7 @@ class Trainer:
                     adv = broadcast_to_tokens(advantages[idx].to(self.device), mask)
                     per_token, loss_metrics = self.policy_loss(logp, old, adv, mask, self.clip)
                     if weights:  # importance weights π_old/π_rollout on the policy-gradient term
-                        per_token = per_token * pad_rows([weights.get(i, torch.ones(len(samples[i].response_ids))).to(per_token.dtype)
-                                                          for i in idx], width, self.device)
+                        per_token = per_token * _per_sample(weights, idx, samples, per_token)
                     if ref_logp is not None:
                         kl = self.kl_estimator(logp, pad_rows([ref_logp[i] for i in idx], mask.shape[1], self.device)) * mask
                         per_token = per_token + cfg.loss.kl_coef * kl
