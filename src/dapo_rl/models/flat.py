@@ -175,10 +175,10 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
         if spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
             if order is not None:
-                q, k = q[..., order], k[..., order]
+                q, k = q.index_select(-1, order), k.index_select(-1, order)
         turn = turns[kind_index[spec.rotary_kinds[i]]]
         if complex_rotary:
-            prompt_keys = prompt_keys[..., order]
+            prompt_keys = prompt_keys.index_select(-1, order)
             q, k = rope.apply_rotary(q, turn), rope.apply_rotary(k, turn)
         else:
             q, k = rope.rotate_half_form(q, *turn), rope.rotate_half_form(k, *turn)
@@ -186,8 +186,8 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
         for g, (rows, width, slots) in enumerate(flat.groups):
             prompt_rows = owner[rows]
             out = attention(
-                padded(q, g), torch.cat([prompt_keys[prompt_rows], padded(k, g)], dim=2),
-                torch.cat([prompt_values[prompt_rows], padded(v, g)], dim=2), masks[spec.windows[i]][g], spec.scaling,
+                padded(q, g), torch.cat([prompt_keys.index_select(0, prompt_rows), padded(k, g)], dim=2),
+                torch.cat([prompt_values.index_select(0, prompt_rows), padded(v, g)], dim=2), masks[spec.windows[i]][g], spec.scaling,
                 dropout=dropout, cap=spec.attn_softcap,
             )  # [g, heads, W, d]
             outs.append(out.transpose(1, 2).reshape(rows.numel() * width, -1).index_select(0, slots))

@@ -23,13 +23,14 @@ def qkv_params(spec: ModelSpec, attn, qk_rows: torch.Tensor | None) -> tuple[tor
         if qk_rows is None:
             return weight, bias
         qk = (spec.heads + spec.kv_heads) * spec.head_dim
-        return torch.cat([weight[qk_rows], weight[qk:]]), (None if bias is None else torch.cat([bias[qk_rows], bias[qk:]]))
+        return (torch.cat([weight.index_select(0, qk_rows), weight[qk:]]),
+                None if bias is None else torch.cat([bias.index_select(0, qk_rows), bias[qk:]]))
     qk = torch.cat([attn.q_proj.weight, attn.k_proj.weight])
-    weight = torch.cat([qk if qk_rows is None else qk[qk_rows], attn.v_proj.weight])
+    weight = torch.cat([qk if qk_rows is None else qk.index_select(0, qk_rows), attn.v_proj.weight])
     if not spec.qkv_bias:
         return weight, None
     qk_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias])
-    return weight, torch.cat([qk_b if qk_rows is None else qk_b[qk_rows], attn.v_proj.bias])
+    return weight, torch.cat([qk_b if qk_rows is None else qk_b.index_select(0, qk_rows), attn.v_proj.bias])
 
 
 def gate_up_params(spec: ModelSpec, mlp) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -147,7 +147,8 @@ def logprobs(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettin
     inverse = torch.empty(b, dtype=torch.long)
     inverse[torch.tensor([r for rows in groups for r in rows])] = torch.arange(b)
     inverse = inverse.to(logp_parts[0].device)
-    return torch.cat(logp_parts)[inverse], (torch.cat(entropy_parts)[inverse] if with_entropy else None)
+    return (torch.cat(logp_parts).index_select(0, inverse),
+            torch.cat(entropy_parts).index_select(0, inverse) if with_entropy else None)
 
 
 def _logits_full(model, batch: PackedBatch, index: torch.Tensor | None, max_p: int, max_r: int,
@@ -189,14 +190,14 @@ def _logits_on_prompt_cache(model, batch: PackedBatch, rows: list[int], max_r: i
     """Logits ``[rows, max_r, V]`` predicting response tokens 0..max_r-1, the responses run on their prompts' caches."""
     index = torch.tensor(rows, device=batch.input_ids.device)
     owner = cache.shared.prompt_of[index]
-    past = DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v in cache.kv])
+    past = DynamicCache(ddp_cache_data=[(k.index_select(0, owner), v.index_select(0, owner)) for k, v in cache.kv])
     response = slice(batch.prompt_width, batch.prompt_width + max_r)
     mask = torch.cat([batch.attention_mask[index, cache.columns], batch.attention_mask[index, response]], dim=1)
     with settings.autocast(batch.input_ids.device):
         out = model(input_ids=batch.response_ids[index, :max_r], attention_mask=mask,
                     position_ids=batch.position_ids[index, response], past_key_values=past, use_cache=True)
     # The prompt's last position predicts response token 0; response position t predicts t + 1.
-    return torch.cat([cache.last_logits[owner].unsqueeze(1), out.logits[:, : max_r - 1]], dim=1)
+    return torch.cat([cache.last_logits.index_select(0, owner).unsqueeze(1), out.logits[:, : max_r - 1]], dim=1)
 
 
 def _flat(model, batch: PackedBatch, shared: DistinctPrompts, settings: ForwardSettings, with_entropy: bool):
@@ -213,7 +214,7 @@ def _flat(model, batch: PackedBatch, shared: DistinctPrompts, settings: ForwardS
         after = response_logits(model, cache.kv, cache.attention, shared.prompt_of, tokens, flat)  # [N, V]
     # Response token 0 is predicted by its prompt's last position, token t > 0 by token t - 1.
     source = torch.where(step_of == 0, n + shared.prompt_of[row_of], torch.arange(n, device=device) - 1)
-    logits = torch.cat([after, cache.last_logits])[source]  # [N, V]
+    logits = torch.cat([after, cache.last_logits]).index_select(0, source)  # [N, V]
     logp_flat = token_logprobs(logits, tokens, temperature=settings.temperature)
     logp = logp_flat.new_zeros((b, width)).index_put((row_of, step_of), logp_flat)
     if not with_entropy:
