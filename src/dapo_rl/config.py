@@ -200,6 +200,7 @@ class QuickstartConfig:
 class Config:
     output_dir: str = "runs/quickstart"
     seed: int = 0
+    reproducible: bool = True  # bit-identical reruns at a fixed thread count: deterministic torch kernels (see dapo_rl.reproducibility)
     steps: int = 60  # training steps (one rollout batch each)
     prompts_per_step: int = 16  # B: informative groups per step
     group_size: int = 8  # G: responses per prompt

@@ -27,6 +27,7 @@ from dapo_rl.config import (
 from dapo_rl.data import DatasetError, DatasetSpec, TemplateError
 from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts
 from dapo_rl.models.loading import ModelLoadError, first_line, load_policy, resolve_device
+from dapo_rl.reproducibility import reproducible_torch
 from dapo_rl.rewards import resolve_reward_fn
 from dapo_rl.rollout.engines import build_engine
 from dapo_rl.telemetry import build_sinks, read_metrics
@@ -323,7 +324,8 @@ def run_training(config: Config) -> RunResult:
     started = time.perf_counter()
     dist = init_distributed(config.model.device, config.distributed.strategy, config.distributed.reshard_after_forward)
     try:
-        return _run_training(config, dist, started)
+        with reproducible_torch(config.reproducible, run_device(config, dist.local_rank)[0], notice=tqdm.write):
+            return _run_training(config, dist, started)
     finally:
         # Only a group this run joined (torchrun): an in-process vLLM engine creates a
         # single-process group of its own and destroys it, with its subgroups, when it shuts down.
@@ -344,6 +346,9 @@ def _run_training(config: Config, dist: DistContext, started: float) -> RunResul
     train_prompts = run_prompts(config, "train", tokenizer)
     eval_prompts = run_prompts(config, "eval", tokenizer) if config.data.eval else None
     engine = run_engine(config, model, tokenizer)
+    if config.reproducible and config.rollout.engine == "vllm" and dist.is_main:
+        tqdm.write("reproducible=true: rollout.engine=vllm is not checked for bit-identical samples (vLLM promises "
+                   "them only in-process, on the same hardware and version); the update itself stays deterministic")
     run_dir = Path(config.output_dir)
     # Only the main rank writes (checkpoints, metrics, the final policy); the others take part in
     # gathering the state to write.
