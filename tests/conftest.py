@@ -102,3 +102,39 @@ def scored_groups():
 def trainer_factory():
     """:func:`make_trainer`."""
     return make_trainer
+
+
+class AccumulatingIndexPuts:
+    """Context manager recording every ``index_put`` with ``accumulate=True`` that runs inside it
+    (forward or backward), as ``(op name, shape)``. On a CPU that operation adds with atomics from
+    several threads once it has ≥ 32768 elements, so its result depends on thread timing; it is
+    the backward of an advanced-indexing gather ``x[idx]``, and ``x.index_select(0, idx)`` is the
+    deterministic way to write the same gather."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls = self.calls
+
+        class _Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if "index_put" in str(func) and kwargs.get("accumulate", len(args) > 3 and args[3]):
+                    calls.append((str(func), tuple(args[0].shape)))
+                return func(*args, **kwargs)
+
+        self._mode = _Record()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+@pytest.fixture
+def accumulating_index_puts():
+    """:class:`AccumulatingIndexPuts` (a fresh recorder per call)."""
+    return AccumulatingIndexPuts

@@ -242,6 +242,29 @@ def _check_flat_forward(name: str, complex_rotary: bool | None) -> None:
         model.float()
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_training_backward_never_accumulates_through_index_put(name, accumulating_index_puts):
+    # Each prompt's keys, values and last logits are gathered once per response: written as
+    # x[idx], their backward would add with thread-timed atomics (issue 16).
+    from dapo_rl.rollout import Sample
+    from dapo_rl.training.batching import pack
+    from dapo_rl.training.logprobs import logprobs
+
+    model = family(name)
+    gen = torch.Generator().manual_seed(5)
+    samples = [Sample(list(p), torch.randint(3, len(TOK), (k,), generator=gen).tolist(), "stop")
+               for p in PROMPTS for k in (6, 2, 9)]
+    batch = pack(samples, TOK.pad_token_id, torch.device("cpu"))
+    try:
+        with accumulating_index_puts() as recorded:
+            logp, _ = logprobs(model, batch, with_entropy=True)
+            logp.sum().backward()
+        assert recorded.calls == []
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
 def test_an_unsupported_architecture_falls_back_announced_once_in_one_line(caplog, monkeypatch):
     monkeypatch.setattr(spec_module, "announced", set())
     config = tf.GPT2Config(vocab_size=len(TOK), n_embd=32, n_layer=2, n_head=2, n_positions=64,

@@ -73,10 +73,10 @@ class Train:
     def __init__(self, cache: str, run_dir: Path, *extra: str, leg: int = 0, new_session: bool = False):
         self.run_dir = run_dir
         self.log_path = run_dir.parent / f"{run_dir.name}.{leg}.log"
-        env = {**os.environ, "DAPO_RL_CACHE": cache, "PYTHONUNBUFFERED": "1",
-               # One thread per process: scenarios run side by side on two cores. Every run of a
-               # comparison uses the same setting, so the thread count cannot explain a difference.
-               "OMP_NUM_THREADS": "1"}
+        # The machine's default thread count, as a user runs it: resume must be exact there too
+        # (issue 16; a thread-timed reduction would show up as a differing step or final hash).
+        env = {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+               "DAPO_RL_CACHE": cache, "PYTHONUNBUFFERED": "1"}
         args = [sys.executable, "-m", "dapo_rl.cli", "train", *SMALL, f"quickstart.cache_dir={cache}",
                 f"output_dir={run_dir}", *extra]
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in finish(), after the process ends
