@@ -17,7 +17,8 @@ Options: ``--sizes`` (comma list of hidden×layers from ``SIZES``: 64x2 (smoke t
 512x8), ``--arch`` (comma list of model families from ``ARCHS``, default llama; see
 :func:`build_model` for what each family's model is), ``--rounds`` (ours/TRL pairs per family and
 size), ``--steps`` / ``--warmup`` (measured / unmeasured steps per run), ``--seed``,
-``--same-seed``, ``--threads``, ``--engine`` (our rollout engine), ``--frameworks`` (ours, trl or
+``--same-seed``, ``--threads``, ``--engine`` (our rollout engine), ``--reproducible`` (our
+``reproducible=`` setting, default true as in ``dapo train``), ``--frameworks`` (ours, trl or
 both), ``--trl-keep-freed-memory``, ``--json`` (write every run's results, keyed by family then
 size).
 
@@ -168,7 +169,7 @@ def prepare(workdir: Path, size: str, steps: int, seed: int, arch: str = "llama"
 
 # ----------------------------------------------------------------------------- workers (subprocesses)
 
-def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, engine: str) -> dict:
+def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, engine: str, reproducible: bool = True) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -177,6 +178,7 @@ def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, eng
     from dapo_rl.data.encoding import encode_prompts
     from dapo_rl.rewards import resolve_reward_fn
     from dapo_rl.training.host_memory import keep_freed_host_memory
+    from dapo_rl.reproducibility import reproducible_torch
     from dapo_rl.training.run import run_engine
     from dapo_rl.training.trainer import Trainer
 
@@ -201,17 +203,18 @@ def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, eng
     trainer = Trainer(config, model, tokenizer, prompts, None, reward, engine_obj, device=torch.device("cpu"))
     setup_rss = rss_kib()[0]
     rows = []
-    for step in range(steps + warmup):
-        t0 = time.perf_counter()
-        metrics = trainer.train_step()
-        dt = time.perf_counter() - t0
-        tokens = metrics["train/response_length_mean"] * PROMPTS_PER_STEP * GROUP_SIZE
-        if step >= warmup:
-            rows.append({"s": dt, "tokens": tokens, "gen_s": metrics["time/generation_s"],
-                         "score_s": metrics["time/scoring_s"], "update_s": metrics["time/update_s"],
-                         "truncated": metrics["train/truncated_frac"],
-                         "gen_tok_s": metrics["perf/generation_tokens_per_s"],
-                         "train_tok_s": metrics["perf/train_tokens_per_s"]})
+    with reproducible_torch(reproducible, torch.device("cpu")):  # as `dapo train` runs it (default true)
+        for step in range(steps + warmup):
+            t0 = time.perf_counter()
+            metrics = trainer.train_step()
+            dt = time.perf_counter() - t0
+            tokens = metrics["train/response_length_mean"] * PROMPTS_PER_STEP * GROUP_SIZE
+            if step >= warmup:
+                rows.append({"s": dt, "tokens": tokens, "gen_s": metrics["time/generation_s"],
+                             "score_s": metrics["time/scoring_s"], "update_s": metrics["time/update_s"],
+                             "truncated": metrics["train/truncated_frac"],
+                             "gen_tok_s": metrics["perf/generation_tokens_per_s"],
+                             "train_tok_s": metrics["perf/train_tokens_per_s"]})
     return {"rows": rows, "setup_rss_kib": setup_rss, "peak_rss_kib": rss_kib()[1]}
 
 
@@ -285,7 +288,8 @@ def _load() -> str:
 
 def _spawn(framework: str, folder: Path, a, seed: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", framework, "--folder", str(folder), "--steps", str(a.steps),
-           "--warmup", str(a.warmup), "--seed", str(seed), "--threads", str(a.threads), "--engine", a.engine]
+           "--warmup", str(a.warmup), "--seed", str(seed), "--threads", str(a.threads), "--engine", a.engine,
+           "--reproducible", a.reproducible]
     if a.trl_keep_freed_memory:
         cmd.append("--trl-keep-freed-memory")
     load_before = _load()
@@ -321,6 +325,8 @@ def main() -> None:
                         help="every round uses --seed (repeats the same draw); default: round r uses seed + r")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in both frameworks")
     parser.add_argument("--engine", default="fast", help="our rollout.engine (fast | hf)")
+    parser.add_argument("--reproducible", default="true", choices=["true", "false"],
+                        help="our reproducible= setting (deterministic torch kernels; `dapo train` default true)")
     parser.add_argument("--frameworks", default="ours,trl", help="which to run (e.g. 'ours' to time another "
                         "checkout of the library against an earlier TRL run)")
     parser.add_argument("--trl-keep-freed-memory", action="store_true",
@@ -333,7 +339,7 @@ def main() -> None:
     if a.worker:
         folder = Path(a.folder)
         if a.worker == "ours":
-            result = run_ours(folder, a.steps, a.warmup, a.seed, a.threads, a.engine)
+            result = run_ours(folder, a.steps, a.warmup, a.seed, a.threads, a.engine, a.reproducible == "true")
         else:
             result = run_trl(folder, a.steps, a.warmup, a.seed, a.threads, a.trl_keep_freed_memory)
         print(json.dumps(result))
@@ -349,7 +355,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-vs-trl-"))
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  torch {torch.__version__}  threads={a.threads}  "
-          f"engine={a.engine}  trl_keep_freed_memory={a.trl_keep_freed_memory}  cpus={os.cpu_count()}  loadavg at start {_load()}")
+          f"engine={a.engine}  reproducible={a.reproducible}  trl_keep_freed_memory={a.trl_keep_freed_memory}  cpus={os.cpu_count()}  loadavg at start {_load()}")
     everything: dict[str, dict] = {}
     for arch in archs:
         for size in sizes:
