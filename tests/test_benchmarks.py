@@ -235,3 +235,13 @@ def test_bench_distributed_smoke():
         assert float(params) > 0 and float(s_step) > 0 and float(state) > 0 and float(peak) > 0
     assert found["ddp"][0] == found["fsdp2"][0]  # the same model
     assert float(found["fsdp2"][2]) < 0.75 * float(found["ddp"][2])  # sharded over 2 ranks
+
+
+def test_determinism_smoke():
+    # One thread: every case must give one result (the threaded race of the x[idx] control needs ≥ 2).
+    out = run_script("determinism.py", "--repeats", "3", "--scale", "0.1", "--threads", "1")
+    rows = re.findall(rf"^(.+?)\s+(\d+)\s+({NUMBER})$", out, flags=re.M)
+    names = [name.strip() for name, _, _ in rows]
+    assert "gather index_select (repeats)" in names and "fast engine decode (oneDNN + C kernels)" in names
+    assert len(rows) == 11
+    assert all(int(distinct) == 1 and float(ms) > 0 for _, distinct, ms in rows)
