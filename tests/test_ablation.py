@@ -55,6 +55,16 @@ def test_rung_config_sets_exactly_the_rung(rung, tmp_path):
     assert config.rollout.max_response_length == ABLATION_DEFAULTS["rollout.max_response_length"]
 
 
+def test_a_base_config_file_replaces_the_built_in_task_settings(tmp_path):
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-arithmetic.yaml"
+    config = rung_config(RUNGS[0], seed=1, steps=9, out=tmp_path, overrides=["optim.lr=3e-5"], base_config=recipe)
+    # The recipe's own settings, not ABLATION_DEFAULTS (the built-in task's).
+    assert (config.rollout.max_response_length, config.prompts_per_step, config.reward.function) == (48, 4, "last_number")
+    assert config.optim.lr == 3e-5  # overrides on top of the file
+    assert (config.clip.eps_high, config.dynamic_sampling.enabled) == (0.2, False)  # the rung on top of both
+    assert (config.seed, config.steps, Path(config.output_dir)) == (1, 9, tmp_path / "grpo" / "seed1")
+
+
 @pytest.mark.parametrize("override", ["clip.eps_high=0.3", "dynamic_sampling.enabled=true", "seed=3", "steps=5"])
 def test_overrides_of_rung_switches_and_run_keys_are_refused(override, tmp_path):
     with pytest.raises(ConfigError, match=override.split("=")[0]):

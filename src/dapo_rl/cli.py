@@ -3,8 +3,8 @@
     dapo train [CONFIG.yaml] [key=value ...]    train (no arguments: the built-in quickstart)
     dapo eval MODEL DATA [key=value ...]        avg@k / pass@k of a model folder on a dataset
     dapo plot RUN_DIR [RUN_DIR ...] [-o OUT]    PNG figures overlaying runs
-    dapo ablate [--rungs 1,6] [--seeds N] [--steps S] [--out DIR] [key=value ...]
-                                                the DAPO ablation ladder on the built-in task
+    dapo ablate [--rungs 1,6] [--seeds N] [--steps S] [--out DIR] [CONFIG.yaml] [key=value ...]
+                                                the DAPO ablation ladder (built-in task, or CONFIG's)
 
 Bad input ends with one line on stderr naming the key (or file and row) and the fix, exit code 2.
 ``dapo train`` stopped by Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and exits with 130 / 143;
@@ -90,8 +90,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from dapo_rl.experiments.ablation import run_ablation, select_rungs
 
-    report = run_ablation(select_rungs(args.rungs), args.seeds, args.steps, args.out, args.overrides,
-                          target=args.target, jobs=args.jobs)
+    config_path, overrides = _split_config_args(args.overrides)
+    report = run_ablation(select_rungs(args.rungs), args.seeds, args.steps, args.out, overrides,
+                          target=args.target, jobs=args.jobs, base_config=config_path)
     return 1 if report.failures else 0
 
 
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ablate", help="train the six-rung DAPO ablation ladder and report a table and a plot",
         description="Rungs (cumulative): " + "; ".join(f"{i + 1}={r.name} ({r.label})" for i, r in enumerate(RUNGS))
         + ". Finished runs in --out are skipped, so an interrupted ablation continues.")
-    ablate.add_argument("overrides", nargs="*", help="key=value settings for every run (not the rung switches)")
+    ablate.add_argument("overrides", nargs="*", help="optional CONFIG.yaml (instead of the built-in task), then "
+                                                     "key=value settings for every run (not the rung switches)")
     ablate.add_argument("--rungs", help="comma-separated rung numbers or names (default: all six)")
     ablate.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help=f"seeds 0..N-1 per rung (default {DEFAULT_SEEDS})")
     ablate.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps per run (default {DEFAULT_STEPS})")

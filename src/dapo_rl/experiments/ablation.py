@@ -169,17 +169,20 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def rung_config(rung: Rung, seed: int, steps: int, out: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """The training config of one run: defaults ← :data:`ABLATION_DEFAULTS` ← overrides ← rung ← run.
+def rung_config(rung: Rung, seed: int, steps: int, out: str | Path, overrides: Sequence[str] = (),
+                base_config: str | Path | None = None) -> Config:
+    """The training config of one run: defaults ← :data:`ABLATION_DEFAULTS` ← overrides ← rung ← run,
+    or, with ``base_config`` (a YAML file such as a recipe), defaults ← that file ← overrides ← rung
+    ← run: :data:`ABLATION_DEFAULTS` fit the built-in task only.
 
     The rung's switches and the run's seed, steps and folder come last, so they always hold.
     """
     check_overrides(overrides)
-    layers = [f"{k}={_format_value(v)}" for k, v in ABLATION_DEFAULTS.items()]
+    layers = [] if base_config else [f"{k}={_format_value(v)}" for k, v in ABLATION_DEFAULTS.items()]
     layers += list(overrides)
     layers += [f"{k}={_format_value(v)}" for k, v in rung.settings.items()]
     layers += [f"seed={seed}", f"steps={steps}", f"output_dir={Path(out) / rung.name / f'seed{seed}'}"]
-    return load_config(None, layers)
+    return load_config(str(base_config) if base_config else None, layers)
 
 
 # ----------------------------------------------------------------------------- running
@@ -254,9 +257,9 @@ def _train_one(config: Config) -> float:
     return time.perf_counter() - started
 
 
-def _resolve_base_model(overrides: Sequence[str]) -> list[str]:
+def _resolve_base_model(overrides: Sequence[str], base_config: str | Path | None) -> list[str]:
     """Pin ``model.path`` of the built-in policy to its warm-up folder (built once, seed BASE_MODEL_SEED)."""
-    probe = rung_config(RUNGS[0], BASE_MODEL_SEED, 1, "unused", overrides)
+    probe = rung_config(RUNGS[0], BASE_MODEL_SEED, 1, "unused", overrides, base_config)
     if probe.model.path != BUILTIN_MODEL:
         return list(overrides)
     from dapo_rl.models.quickstart import prepare_quickstart_model
@@ -274,9 +277,10 @@ class AblationPlan:
     overrides: list[str]
     target: float = DEFAULT_TARGET
     pinned: list[str] = field(default_factory=list)  # overrides the command added itself (the base model)
+    base_config: str | None = None  # YAML file under the overrides (None: the built-in task's defaults)
 
     def config(self, rung: Rung, seed: int) -> Config:
-        return rung_config(rung, seed, self.steps, self.out, self.overrides)
+        return rung_config(rung, seed, self.steps, self.out, self.overrides, self.base_config)
 
 
 def run_ablation(
@@ -288,6 +292,7 @@ def run_ablation(
     *,
     target: float = DEFAULT_TARGET,
     jobs: int = 1,
+    base_config: str | Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> "AblationReport":
     """Train every (rung, seed) not already finished in ``out``, then write and return the report.
@@ -297,9 +302,12 @@ def run_ablation(
         seeds: a count (seeds 0..N-1) or explicit seeds.
         steps: training steps per run (equal for every rung, hence equal policy updates).
         out: ablation folder; each run goes to ``out/<rung>/seed<k>``.
-        overrides: ``key=value`` settings for every run, on top of :data:`ABLATION_DEFAULTS`.
+        overrides: ``key=value`` settings for every run, on top of :data:`ABLATION_DEFAULTS`
+            (or of ``base_config``).
         target: held-out accuracy for the steps-to-target column.
         jobs: runs trained at once, in separate processes sharing the CPU threads.
+        base_config: a training YAML (e.g. ``recipes/smollm2-135m-arithmetic.yaml``) to run the
+            ladder on instead of the built-in task.
         echo: where progress lines go.
     """
     if steps < 1:
@@ -311,8 +319,9 @@ def run_ablation(
         raise ConfigError("--seeds: need at least one seed")
     check_overrides(overrides)
     out = Path(out)
-    resolved = _resolve_base_model(overrides)
-    plan = AblationPlan(list(rungs), seed_list, steps, out, resolved, target, pinned=resolved[len(overrides):])
+    resolved = _resolve_base_model(overrides, base_config)
+    plan = AblationPlan(list(rungs), seed_list, steps, out, resolved, target, pinned=resolved[len(overrides):],
+                        base_config=str(base_config) if base_config else None)
     todo: list[tuple[Rung, int, Config]] = []
     # Seed-major order: an ablation stopped early still has every rung for its first seeds.
     for seed in plan.seeds:
@@ -524,6 +533,8 @@ class AblationReport:
             f"the fraction of generated groups that were informative; samples generated counts every sampled response.",
         ]
         user = [o for o in p.overrides if o not in p.pinned]
+        if p.base_config:
+            notes.append(f"Every run's settings come from `{p.base_config}`, under the overrides and the rung's switches.")
         if p.pinned:
             notes.append(f"Every run starts from the same policy: `{' '.join(p.pinned)}` (the built-in warm-up, seed {BASE_MODEL_SEED}).")
         if user:
@@ -535,7 +546,8 @@ class AblationReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "steps": self.plan.steps, "seeds": self.plan.seeds, "target": self.plan.target,
-            "overrides": self.plan.overrides, "rungs": [asdict(r) for r in self.plan.rungs],
+            "base_config": self.plan.base_config, "overrides": self.plan.overrides,
+            "rungs": [asdict(r) for r in self.plan.rungs],
             "runs": {name: [asdict(s) for s in runs] for name, runs in self.runs.items()},
             "failures": self.failures,
         }
