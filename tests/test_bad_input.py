@@ -256,3 +256,14 @@ def test_real_command_line_exit_code_and_single_line(tmp_path, cache, files, exi
         assert stdout == "", f"{name}: nothing is printed on stdout when the input is bad"
     assert not (tmp_path / "unknown-key").exists() and not (tmp_path / "bad-dataset").exists()
     assert _snapshot(existing_run) == before
+
+
+def test_micro_batch_size_left_unset_fits_any_mini_batch():
+    # Unset, it is never the reason a valid mini-batch is refused: the largest divisor up to 128.
+    from dapo_rl.config import default_micro_batch_size, load_config
+
+    assert load_config().micro_batch_size == 128  # 16 prompts × 8 samples: the whole mini-batch
+    assert load_config(overrides=["mini_batch_size=4"]).micro_batch_size == 32
+    assert load_config(overrides=["group_size=25", "prompts_per_step=8", "mini_batch_size=8"]).micro_batch_size == 100
+    assert [default_micro_batch_size(n) for n in (1, 7, 128, 256, 200, 131)] == [1, 7, 128, 128, 100, 1]
+    assert load_config(overrides=["micro_batch_size=16"]).micro_batch_size == 16  # set: kept as given

@@ -205,7 +205,7 @@ class Config:
     prompts_per_step: int = 16  # B: informative groups per step
     group_size: int = 8  # G: responses per prompt
     mini_batch_size: int = 16  # prompts per optimiser update (B / this = updates per step)
-    micro_batch_size: int = 128  # samples per forward/backward (gradient accumulation)
+    micro_batch_size: Optional[int] = None  # samples per forward/backward (gradient accumulation); null = the largest divisor of mini_batch_size × group_size up to 128
     ppo_epochs: int = 1  # passes over each rollout batch
     resume: bool = False  # continue the latest checkpoint in output_dir
     overwrite: bool = False  # replace a different run in output_dir
@@ -366,8 +366,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_one_line(exc)) from None
     except Exception as exc:  # noqa: BLE001 - e.g. a YAML syntax error inside an override value
         raise ConfigError(f"cannot read the overrides: {' '.join(str(exc).split())}") from None
+    if config.micro_batch_size is None and config.mini_batch_size >= 1 and config.group_size >= 1:
+        config.micro_batch_size = default_micro_batch_size(config.mini_batch_size * config.group_size)
     validate(config)
     return config
+
+
+def default_micro_batch_size(samples_per_mini_batch: int, cap: int = 128) -> int:
+    """``micro_batch_size: null``: the largest divisor of a mini-batch's samples that is at most
+    ``cap`` (the whole mini-batch when it fits; e.g. 32 → 32, 256 → 128, 200 → 100)."""
+    return max(d for d in range(1, min(samples_per_mini_batch, cap) + 1) if samples_per_mini_batch % d == 0)
 
 
 def to_yaml(config: Config) -> str:
@@ -415,7 +423,7 @@ def validate(c: Config) -> None:
     _require(c.mini_batch_size >= 1 and c.prompts_per_step % c.mini_batch_size == 0, "mini_batch_size",
              f"{c.mini_batch_size} does not divide prompts_per_step={c.prompts_per_step}", "choose a divisor of prompts_per_step")
     samples_per_mini = c.mini_batch_size * c.group_size
-    _require(c.micro_batch_size >= 1 and samples_per_mini % c.micro_batch_size == 0, "micro_batch_size",
+    _require(c.micro_batch_size is not None and c.micro_batch_size >= 1 and samples_per_mini % c.micro_batch_size == 0, "micro_batch_size",
              f"{c.micro_batch_size} does not divide the mini-batch of {samples_per_mini} samples (mini_batch_size × group_size)",
              "choose a divisor of mini_batch_size × group_size")
     _require(c.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {c.ppo_epochs}", "set ppo_epochs=1 or more")
