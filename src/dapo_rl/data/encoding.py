@@ -61,6 +61,12 @@ class PromptSource:
     builtin_eval_size: int = 256
 
 
+def skipped_rows_note(skipped: list[RowProblem], shown: int = 3) -> str:
+    """One line for rows :func:`load_prompts` skipped: how many, and why for the first ``shown``."""
+    reasons = "; ".join(str(p) for p in skipped[:shown])
+    return f"skipped {len(skipped)} unusable rows ({reasons}{'; ...' if len(skipped) > shown else ''})"
+
+
 def load_prompts(source: PromptSource, tokenizer) -> tuple[list[EncodedPrompt], list[RowProblem]]:
     """The encoded prompts of ``source`` and the rows skipped (unusable, or prompts too long).
 

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dapo_rl.config import ConfigError, QuickstartConfig
 from dapo_rl.data import TEMPLATES, DatasetError, DatasetSpec, TemplateError
-from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts
+from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts, skipped_rows_note
 from dapo_rl.evaluation.evaluate import EvalResult, evaluate
 from dapo_rl.models.loading import ModelLoadError, load_policy, resolve_device
 from dapo_rl.rewards import resolve_reward_fn
@@ -149,8 +149,7 @@ def load_eval_prompts(data: str, tokenizer, o: EvalOptions) -> list[EncodedPromp
     except TemplateError as exc:
         raise ConfigError(f"template / use_chat_template: {exc}") from None
     if skipped:
-        shown = "; ".join(str(p) for p in skipped[:3])
-        print(f"dapo eval: skipped {len(skipped)} unusable rows ({shown}{'; ...' if len(skipped) > 3 else ''})")
+        print(f"dapo eval: {skipped_rows_note(skipped)}")
     return prompts
 
 

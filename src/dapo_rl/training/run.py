@@ -25,7 +25,7 @@ from dapo_rl.config import (
     to_yaml,
 )
 from dapo_rl.data import DatasetError, DatasetSpec, TemplateError
-from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts
+from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts, skipped_rows_note
 from dapo_rl.models.loading import ModelLoadError, first_line, load_policy, resolve_device
 from dapo_rl.reproducibility import reproducible_torch
 from dapo_rl.rewards import resolve_reward_fn
@@ -82,8 +82,7 @@ def run_prompts(config: Config, which: str, tokenizer) -> list[EncodedPrompt]:
         raise RunError(f"data.template: {first_line(exc)} (while encoding data.{which}); choose another data.template "
                        f"or data.use_chat_template=false") from None
     if skipped:
-        shown = "; ".join(str(p) for p in skipped[:3])
-        tqdm.write(f"data.{which}: skipped {len(skipped)} unusable rows ({shown}{'; ...' if len(skipped) > 3 else ''})")
+        tqdm.write(f"data.{which}: {skipped_rows_note(skipped)}")
     return prompts
 
 
