@@ -460,3 +460,19 @@ def test_server_death_checkpoints_then_exits_1_with_one_line(quickstart_cache, q
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 4
     finally:
         second.close()
+
+
+def test_launch_without_vllm_is_one_line_naming_the_python(policy, monkeypatch):
+    """``launch=true`` from a Python without vLLM (this one, in the default suite)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("this Python has vLLM")
+    model, tokenizer = policy
+    model = copy.deepcopy(model)
+    model.config.hidden_size, model.config.head_dim = 128, 32  # pass the CPU head-size check; the server never starts
+    config = load_config(None, ["rollout.engine=vllm-server", "rollout.server.launch=true", "rollout.server.start_timeout_s=60"])
+    with pytest.raises(ConfigError) as info:
+        VLLMServerEngine.from_config(config, model, tokenizer)
+    message = str(info.value)
+    assert "\n" not in message and "needs vLLM" in message and "rollout.server.python" in message

@@ -28,6 +28,7 @@ and OpenRLHF's rollout workers, verl/AReaL/prime-rl/SkyRL asynchronous rollouts.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import tempfile
@@ -154,16 +155,14 @@ class VLLMServerEngine:
     def from_config(cls, config: "Config", model: torch.nn.Module, tokenizer: Any) -> "VLLMServerEngine":
         """The engine ``rollout.server`` describes; launches the server when ``launch=true``."""
         sc = config.rollout.server
-        api_key = sc.api_key or None
-        import os
-
-        api_key = api_key or os.environ.get(SECRET_ENV) or None
+        api_key = sc.api_key or os.environ.get(SECRET_ENV) or None
         if not sc.launch:
             return cls(sc.url, model, tokenizer, api_key=api_key, timeout_s=sc.timeout_s, trainer_host=sc.trainer_host)
         rank, world = _rank_world()
+        api_key = api_key or secrets.token_urlsafe(24)  # a launched server always has a secret
         launched, workdir, url = None, None, None
         if rank == 0:
-            launched, workdir = launch_for(config, model, api_key := api_key or secrets.token_urlsafe(24))
+            launched, workdir = launch_for(config, model, api_key)
             url = launched.url
         if world > 1:  # the other ranks learn where the server is, and its secret
             shared = [url, api_key]
@@ -175,6 +174,8 @@ class VLLMServerEngine:
         except BaseException:
             if launched is not None:
                 launched.stop()
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
             raise
 
     def _check_server(self, model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -252,15 +253,24 @@ class VLLMServerEngine:
     def alive(self) -> bool:
         return self.launched is None or self.launched.alive()
 
+    @property
+    def server_log(self) -> Path | None:
+        """The launched server's log (kept by :meth:`close` when the server died)."""
+        return None if self.workdir is None else Path(self.workdir, "server.log")
+
     def close(self) -> None:
-        """Stop talking to the server; stop it if this engine launched it."""
+        """Stop talking to the server; stop it if this engine launched it. The temporary folder
+        of a launched server goes, except the log of one that died (for the post-mortem)."""
         self.client.close()
+        died = self.launched is not None and not self.launched.alive()
         if self.launched is not None:
             self.launched.stop()
             self.launched = None
         if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+            shutil.rmtree(Path(self.workdir, "model"), ignore_errors=True)
+            if not died:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                self.workdir = None
 
 
 def launch_for(config: "Config", model: torch.nn.Module, secret: str) -> tuple[LaunchedServer, str]:
@@ -284,7 +294,8 @@ def launch_for(config: "Config", model: torch.nn.Module, secret: str) -> tuple[L
             server.wait_ready(sc.start_timeout_s)
         except ServerLaunchError as exc:
             server.stop()
-            raise ConfigError(f"rollout.server.launch: {exc}") from None
+            raise ConfigError(f"rollout.server.launch: {exc}; rollout.server.python must name a Python with vLLM "
+                              f"installed (now {sc.python or _default_python()})") from None
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise

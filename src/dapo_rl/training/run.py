@@ -353,13 +353,17 @@ def _run_training(config: Config, dist: DistContext, started: float) -> RunResul
             engine.close()  # stops a server this run launched
 
 
-def _server_lost(config: Config, exc: RolloutServerError, run_dir: Path) -> RunFailed:
+def _server_lost(config: Config, exc: RolloutServerError, run_dir: Path, engine) -> RunFailed:
     """The one line for a rollout server that stopped answering (the progress is checkpointed)."""
     where = latest_checkpoint(run_dir)
-    how = ("resume=true launches a new server" if config.rollout.server.launch else
-           f"restart it (dapo rollout-server MODEL ...) and continue with resume=true")
-    return RunFailed(f"rollout.server: the rollout server at {exc.url or config.rollout.server.url} stopped answering "
-                     f"({' '.join(str(exc).split())[:300]}); progress is checkpointed in {where}; {how}")
+    if config.rollout.server.launch:
+        how = "continue with resume=true (a new server is launched)"
+        log = getattr(engine, "server_log", None)
+        how += f"; the server's log: {log}" if log is not None else ""
+    else:
+        how = "restart it (dapo rollout-server MODEL ...) and continue with resume=true"
+    return RunFailed(f"rollout.server: the rollout server at {getattr(engine, 'url', config.rollout.server.url)} stopped "
+                     f"answering ({' '.join(str(exc).split())[:300]}); progress is checkpointed in {where}; {how}")
 
 
 def _train_with(config: Config, dist: DistContext, started: float, model, tokenizer, reward_fn, train_prompts,
@@ -409,7 +413,7 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
                 bar.set_postfix(_postfix(metrics, last_eval), refresh=False)
                 bar.update(1)
     except RolloutServerError as exc:
-        raise _server_lost(config, exc, run_dir) from None
+        raise _server_lost(config, exc, run_dir, engine) from None
     except DynamicSamplingExhausted:
         raise RunError(
             f"dynamic_sampling.max_rounds: step {trainer.state.step + 1} found only {trainer.sampler.pooled} of "
