@@ -211,7 +211,7 @@ def test_wrong_or_missing_secret_is_refused(server, policy):
     model, tokenizer = policy
     with pytest.raises(RolloutServerRefused, match="rollout.server.api_key"):
         ServerClient(server.url, None, 5).call("/inference/v1/generate", {"token_ids": [1]})
-    with pytest.raises(ConfigError, match="api_key"):
+    with pytest.raises(ConfigError, match=r"rollout.server.api_key: the server at .* refused the trainer's secret \(401\)"):
         VLLMServerEngine(server.url, model, tokenizer, api_key="wrong", timeout_s=5)
     assert not server.requests("/collective_rpc"), "nothing may reach the server's RPC without the secret"
 

@@ -42,7 +42,7 @@ import torch.distributed as tdist
 
 from dapo_rl.config import ConfigError
 from dapo_rl.rollout.base import Sample, SamplingParams
-from dapo_rl.rollout.server_client import GenerateRequest, RolloutServerError, ServerClient
+from dapo_rl.rollout.server_client import GenerateRequest, RolloutServerError, RolloutServerRefused, ServerClient
 from dapo_rl.rollout.server_hooks import SECRET_ENV
 from dapo_rl.rollout.server_launch import LaunchedServer, ServerLaunchError, ServerSpec
 from dapo_rl.rollout.vllm_engine import CPU_ATTENTION_HEAD_SIZES, _head_size, _named_tensors, _unwrap
@@ -187,6 +187,9 @@ class VLLMServerEngine:
                               f"rollout.server.launch=true") from None
         try:
             answer = self.client.call("/collective_rpc", {"method": "dapo_model_info"}, retries=0)
+        except RolloutServerRefused:
+            raise ConfigError(f"rollout.server.api_key: the server at {self.url} refused the trainer's secret (401); set "
+                              f"rollout.server.api_key (or {SECRET_ENV}) to the value the server was started with") from None
         except RolloutServerError as exc:
             raise ConfigError(f"rollout.server.url: {self.url} is not a dapo rollout server ({exc}); start it with "
                               f"`dapo rollout-server MODEL` (vLLM with dapo-rl's worker extension and "
