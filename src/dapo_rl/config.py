@@ -21,7 +21,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 BUILTIN_MODEL = "builtin:chain-tiny"
 BUILTIN_DATA = "builtin:chain"
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
-ROLLOUT_ENGINES = ("hf", "fast", "vllm")
+ROLLOUT_ENGINES = ("hf", "fast", "vllm", "vllm-server")
 
 # Keys that were renamed or replaced: an old key gets a one-line "did you mean".
 REPLACED_KEYS = {
@@ -60,8 +60,22 @@ class DataConfig:
 
 
 @dataclass
+class RolloutServerConfig:
+    """rollout.engine=vllm-server: a separate vLLM server (``dapo rollout-server``); TRL vllm_mode="server"."""
+
+    url: str = "http://127.0.0.1:8765"  # where the server listens (TRL vllm_server_host/port)
+    launch: bool = False  # start a local server on a copy of the policy (free loopback port, random secret)
+    api_key: Optional[str] = None  # the server's shared secret; null = $DAPO_RL_SERVER_API_KEY (kept out of config.yaml)
+    timeout_s: float = 300.0  # per request and per weight push; a timeout is retried twice, then the server counts as dead
+    trainer_host: str = "127.0.0.1"  # this trainer's address as the server's workers reach it (weight push)
+    python: Optional[str] = None  # launch=true: the Python with vLLM installed; null = this one
+    launch_args: List[str] = field(default_factory=list)  # launch=true: extra vLLM server flags, e.g. [--tensor-parallel-size, "2"]
+    start_timeout_s: float = 600.0  # launch=true: how long the server may take to become ready
+
+
+@dataclass
 class RolloutConfig:
-    engine: str = "fast"  # hf (Hugging Face generate on the training model) | fast (same sampling; one prefill per prompt, finished rows dropped) | vllm
+    engine: str = "fast"  # hf (Hugging Face generate on the training model) | fast (same sampling; one prefill per prompt, finished rows dropped) | vllm | vllm-server
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -75,6 +89,8 @@ class RolloutConfig:
     vllm_kv_cache_gb: Optional[float] = None  # KV cache GiB; null = 1 on CPU, from vllm_gpu_memory_utilization on GPU
     vllm_enforce_eager: Optional[bool] = None  # no CUDA graphs / compilation; null = true on CPU, false on GPU
     vllm_sleep: bool = False  # GPU: free vLLM's memory (sleep level 1) while training; ignored on CPU
+    server: RolloutServerConfig = field(default_factory=RolloutServerConfig)
+    async_steps: int = 0  # 1 = one-step-off: the server samples step k+1's first round while step k trains (vllm-server only)
 
 
 @dataclass
@@ -378,12 +394,22 @@ def default_micro_batch_size(samples_per_mini_batch: int, cap: int = 128) -> int
     return max(d for d in range(1, min(samples_per_mini_batch, cap) + 1) if samples_per_mini_batch % d == 0)
 
 
+def _redacted(config: Config) -> Config:
+    """The config without secrets: what gets written to files and metric backends."""
+    if config.rollout.server.api_key is None:
+        return config
+    return dataclasses.replace(config, rollout=dataclasses.replace(
+        config.rollout, server=dataclasses.replace(config.rollout.server, api_key="<redacted>")))
+
+
 def to_yaml(config: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+    """The config as YAML (secrets redacted)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(_redacted(config)))
 
 
 def to_dict(config: Config) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(config))  # type: ignore[return-value]
+    """The config as plain dicts (secrets redacted)."""
+    return OmegaConf.to_container(OmegaConf.structured(_redacted(config)))  # type: ignore[return-value]
 
 
 def _require(ok: bool, key: str, problem: str, fix: str) -> None:
@@ -402,7 +428,7 @@ def correction_mode(c: Config) -> str:
     correction would only cost a log-prob pass."""
     if c.rollout_correction.mode != "auto":
         return c.rollout_correction.mode
-    return "token_truncate" if c.rollout.engine == "vllm" else "none"
+    return "token_truncate" if c.rollout.engine in ("vllm", "vllm-server") else "none"
 
 
 def _registered(value: str, key: str, registry: Any) -> None:
@@ -451,6 +477,7 @@ def validate(c: Config) -> None:
              f"{correction_mode(c)} needs the sampler's log-probs, which the hf engine does not return",
              "use rollout.engine=fast (or vllm), or rollout_correction.mode=none")
     _choice(c.rollout.vllm_dtype, "rollout.vllm_dtype", ("auto", "float32", "bfloat16", "float16"))
+    _validate_server(c)
     _require(0 < c.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization",
              f"must be in (0, 1], got {c.rollout.vllm_gpu_memory_utilization}", "e.g. 0.4, leaving the rest for training")
     if c.overlong.soft_punishment:
@@ -496,6 +523,29 @@ def validate(c: Config) -> None:
     _require(q.warmup_lr > 0, "quickstart.warmup_lr", f"must be > 0, got {q.warmup_lr}", "default 3e-3")
     for key, value in (("step_error", q.step_error), ("recheck", q.recheck)):
         _require(0 <= value <= 1, f"quickstart.{key}", f"is a probability, got {value}", "choose a value in [0, 1]")
+
+
+def _validate_server(c: Config) -> None:
+    from urllib.parse import urlsplit
+
+    r, sc = c.rollout, c.rollout.server
+    _require(r.async_steps in (0, 1), "rollout.async_steps", f"must be 0 or 1, got {r.async_steps}",
+             "0 = sample and train in turn, 1 = one-step-off overlap")
+    _require(r.async_steps == 0 or r.engine == "vllm-server", "rollout.async_steps",
+             f"one-step-off overlap needs a separate rollout server, not rollout.engine={r.engine}", "set rollout.engine=vllm-server")
+    _require(sc.timeout_s > 0, "rollout.server.timeout_s", f"must be > 0, got {sc.timeout_s}", "e.g. 300")
+    _require(sc.start_timeout_s > 0, "rollout.server.start_timeout_s", f"must be > 0, got {sc.start_timeout_s}", "e.g. 600")
+    if r.engine != "vllm-server" or sc.launch:
+        return
+    parts = urlsplit(sc.url)
+    _require(parts.scheme == "http" and bool(parts.hostname) and parts.port is not None, "rollout.server.url",
+             f"{sc.url!r} is not http://HOST:PORT", "e.g. rollout.server.url=http://127.0.0.1:8765 (or rollout.server.launch=true)")
+    loopback = parts.hostname in ("localhost", "::1") or str(parts.hostname).startswith("127.")
+    import os
+
+    _require(loopback or bool(sc.api_key or os.environ.get("DAPO_RL_SERVER_API_KEY")), "rollout.server.api_key",
+             f"a server on another address ({parts.hostname}) must be protected by a shared secret",
+             "set DAPO_RL_SERVER_API_KEY (or rollout.server.api_key) to the secret the server was started with")
 
 
 def _validate_dynamic_sampling(c: Config) -> None:

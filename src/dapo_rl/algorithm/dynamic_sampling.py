@@ -275,13 +275,16 @@ class DynamicSampler(Generic[T]):
             return self.max_prompts_per_round
         return min(self.max_prompts_per_round, max(need, math.ceil(self.oversample_margin * need / p - _CEIL_SLACK)))
 
-    def add(self, groups: Sequence[T], correct: torch.Tensor, rewards: torch.Tensor | None = None) -> int:
+    def add(self, groups: Sequence[T], correct: torch.Tensor, rewards: torch.Tensor | None = None,
+            policy_version: int | None = None) -> int:
         """Add one generation round.
 
         Args:
             groups: the round's groups, any payload.
             correct: ``[len(groups), group_size]`` correctness of each sample.
             rewards: ``[len(groups), group_size]`` rewards (for ``reward_std``); default ``correct`` as 0/1.
+            policy_version: the version that sampled the round, when older than the step's (a
+                round sampled ahead, one step off); default the step's.
         Returns:
             The number of groups accepted into the pool.
         """
@@ -299,7 +302,8 @@ class DynamicSampler(Generic[T]):
                 newly = rejected.to(torch.bool) & keep
                 self._rejected[reason] = self._rejected.get(reason, 0) + int(newly.sum())
                 keep &= ~newly
-        accepted = [(group, self._version) for group, k in zip(groups, keep.tolist()) if k]
+        version = self._version if policy_version is None else policy_version
+        accepted = [(group, version) for group, k in zip(groups, keep.tolist()) if k]
         self._accepted += len(accepted)
         self._pool.extend(accepted)
         decay = RATE_DECAY

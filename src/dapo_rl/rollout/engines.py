@@ -8,7 +8,8 @@ from dapo_rl.rollout.base import RolloutEngine
 
 
 def build_engine(name: str, model, tokenizer, *, max_batch_prompts: int = 64, config: Config | None = None) -> RolloutEngine:
-    """``fast`` (our sampler), ``hf`` (Hugging Face ``generate``) or ``vllm`` (needs the vllm extra and ``config``).
+    """``fast`` (our sampler), ``hf`` (Hugging Face ``generate``), ``vllm`` (in-process; needs the vllm extra
+    and ``config``) or ``vllm-server`` (a separate vLLM server; needs ``config``, not vLLM in this process).
 
     Raises:
         ValueError: an unknown name, or vLLM that is not installed (the message says what to install).
@@ -32,6 +33,12 @@ def build_engine(name: str, model, tokenizer, *, max_batch_prompts: int = 64, co
         if config is None:
             raise ValueError("the vllm engine needs the run's configuration")
         return VLLMEngine.from_config(config, model, tokenizer)
-    raise ValueError(f"unknown rollout engine {name!r}; use fast, hf or vllm")
+    if name == "vllm-server":
+        from dapo_rl.rollout.server_engine import VLLMServerEngine  # standard library + torch only
+
+        if config is None:
+            raise ValueError("the vllm-server engine needs the run's configuration")
+        return VLLMServerEngine.from_config(config, model, tokenizer)
+    raise ValueError(f"unknown rollout engine {name!r}; use fast, hf, vllm or vllm-server")
 
 

@@ -4,7 +4,7 @@ A checkpoint folder ``checkpoints/step_000042/`` holds the policy as a Hugging F
 (``policy/``) and ``trainer.pt`` with the optimiser, scheduler, every RNG state, the prompt
 stream (position, current pass order, difficulty memory: retired and never-solved prompts), the
 dynamic sampler (surplus groups with the policy version that sampled each, the p̂ estimate, the
-exhausted-step count) and the step. A folder is valid only when its
+exhausted-step count), each rank's round sent ahead under ``rollout.async_steps=1`` and the step. A folder is valid only when its
 ``COMPLETE`` marker exists; the marker is written last, inside the temporary folder, before the
 rename, so a kill at any moment leaves either the previous checkpoints or a complete new one.
 """
@@ -93,6 +93,7 @@ def save_checkpoint(trainer: Trainer, run_dir: Path, keep_last: int = 2) -> Path
     model_state = trainer.dist.full_model_state(trainer.model)
     optimizer_state = trainer.dist.full_optimizer_state(trainer.model, trainer.optimizer)
     rng_states = trainer.dist.all_gather_objects(_rng_state())
+    rounds_ahead = trainer.dist.all_gather_objects(trainer.rollouts.state_dict())
     trainer.checkpointed_step = trainer.state.step
     if not trainer.dist.is_main:
         return None
@@ -112,6 +113,7 @@ def save_checkpoint(trainer: Trainer, run_dir: Path, keep_last: int = 2) -> Path
             "stream": trainer.stream.state_dict(),
             "sampler": trainer.sampler.state_dict(),
             "rng": rng_states,  # one per rank
+            "rollouts": rounds_ahead,  # one per rank
         },
         staging / "trainer.pt",
     )
@@ -172,6 +174,12 @@ def load_checkpoint(trainer: Trainer, folder: Path) -> None:
     trainer.scheduler.load_state_dict(blob["scheduler"])
     trainer.stream.load_state_dict(blob["stream"])
     trainer.sampler.load_state_dict(blob["sampler"])
+    rounds_ahead = blob.get("rollouts") or []
+    same_ranks = len(rounds_ahead) == trainer.dist.world_size
+    state = rounds_ahead[trainer.dist.rank] if same_ranks else (rounds_ahead[0] if rounds_ahead else None)
+    if state and state.get("pending") and not same_ranks:
+        state["pending"]["samples"] = None  # another rank layout: each rank samples its share again
+    trainer.rollouts.load_state_dict(state)
     rng_states = blob["rng"]
     if trainer.dist.rank < len(rng_states):
         _set_rng_state(rng_states[trainer.dist.rank])

@@ -13,6 +13,13 @@ class RunError(RuntimeError):
     """A problem with the run's inputs or output folder; the message says what to do (exit 2)."""
 
 
+class RunFailed(RuntimeError):
+    """The run stopped on a fault outside its inputs (a rollout server died) after saving its
+    progress; the message names the fault and how to resume (exit 1)."""
+
+    exit_code = 1
+
+
 class RunInterrupted(BaseException):
     """The run stopped because of SIGINT or SIGTERM (exit 128 + signal number: 130 or 143).
 

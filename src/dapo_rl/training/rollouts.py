@@ -4,11 +4,24 @@ holds B informative groups (or the sampler's rounds run out); and the rollout me
 Every rank sees the same prompts; rank r samples prompts r, r + W, ... and the scored groups are
 all-gathered in prompt order, so the dynamic sampler (its round sizes, its p̂) and the prompt
 stream's difficulty memory decide identically on every rank.
+
+One-step-off overlap (``rollout.async_steps=1``, an engine with ``submit``, i.e. ``vllm-server``;
+verl's one-step-off async trainer, AReaL/prime-rl with staleness 1): when a step's batch is
+taken, the next step's first round is sent at once (:class:`PendingRound`), so the server samples
+it from this step's weights while the trainer updates. The next step uses it as its first round;
+its groups carry this step's policy version, so the age bound and the rollout correction see them
+as off-policy by one step (``updates_per_step`` optimiser updates). Its round size is the
+sampler's round size right after ``take`` (aged surplus is dropped only when the next step
+starts; a shortfall is made up by a normal round). The engine waits for it before the next
+weight push, so no sample mixes two policies. A checkpoint holds it with its samples when they
+have arrived (resume is then exact); a round still in flight when a checkpoint is forced (server
+death) is regenerated on resume from the same prompts and seed, with the restored weights.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dapo_rl.algorithm import DynamicSampler, informative_groups, soft_overlong_penalty
-from dapo_rl.config import Config
+from dapo_rl.config import Config, ConfigError
 from dapo_rl.data.encoding import EncodedPrompt
 from dapo_rl.data.stream import PromptStream
 from dapo_rl.rewards import score_responses
@@ -37,7 +50,27 @@ class ScoredGroup:
     policy_version: int = 0
 
 
-__all__ = ["PromptStream", "RolloutCollector", "ScoredGroup"]
+@dataclass
+class PendingRound:
+    """A round sent ahead (``rollout.async_steps=1``): the prompt indices of the whole round (the
+    same on every rank), this rank's base seed, the policy version that samples it, and this
+    rank's results (a future while in flight)."""
+
+    indices: list[int]
+    seed: int | None
+    policy_version: int
+    future: Future | None = None
+    samples: list[list[Sample]] | None = None
+
+    def state_dict(self) -> dict:
+        """Indices, seed, version, and the samples if they arrived (not waited for)."""
+        samples = self.samples
+        if samples is None and self.future is not None and self.future.done() and self.future.exception() is None:
+            samples = self.future.result()
+        return {"indices": list(self.indices), "seed": self.seed, "policy_version": self.policy_version, "samples": samples}
+
+
+__all__ = ["PendingRound", "PromptStream", "RolloutCollector", "ScoredGroup"]
 
 
 class RolloutCollector:
@@ -62,6 +95,11 @@ class RolloutCollector:
             oversample_margin=ds.oversample_margin,
         )
         self._warned_exhausted = False  # the round-limit warning is printed once per run
+        self.async_steps = config.rollout.async_steps
+        if self.async_steps and not hasattr(engine, "submit"):
+            raise ConfigError(f"rollout.async_steps=1 needs an engine that samples in the background (rollout.engine=vllm-server), "
+                              f"not {type(engine).__name__}")
+        self.pending: PendingRound | None = None
         self.sampling = SamplingParams(
             temperature=config.rollout.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
             max_new_tokens=config.rollout.max_response_length, stop_token_ids=tuple(config.rollout.stop_token_ids),
@@ -95,12 +133,20 @@ class RolloutCollector:
         generated: list[ScoredGroup] = []
         gen_time = score_time = 0.0
         failures = 0
+        ahead = 0.0  # groups of this step sampled ahead, by the previous step's weights
         while self.sampler.needs_more():
-            indices = self.stream.take_indices(self.sampler.round_size())  # the same on every rank
-            prompts = [self.stream.prompts[i] for i in indices]
-            mine = prompts[dist.rank :: dist.world_size]
             t0 = time.perf_counter()
-            groups = self.engine.generate([list(p.ids) for p in mine], cfg.group_size, self.sampling) if mine else []
+            if self.pending is not None:
+                indices, groups, version = self._take_pending(policy_version)
+                prompts = [self.stream.prompts[i] for i in indices]
+                mine = prompts[dist.rank :: dist.world_size]
+                ahead = float(len(indices))
+            else:
+                indices = self.stream.take_indices(self.sampler.round_size())  # the same on every rank
+                prompts = [self.stream.prompts[i] for i in indices]
+                mine = prompts[dist.rank :: dist.world_size]
+                groups = self.engine.generate([list(p.ids) for p in mine], cfg.group_size, self.sampling) if mine else []
+                version = policy_version
             t1 = time.perf_counter()
             scored, failed = self.score(mine, groups)
             score_time += time.perf_counter() - t1
@@ -111,12 +157,14 @@ class RolloutCollector:
                 failed = sum(share[1] for share in shares)
             failures += failed
             for index, group in zip(indices, scored):
-                group.policy_version = policy_version
+                group.policy_version = version
                 self.stream.record(index, group.correct)
             generated.extend(scored)
             self.sampler.add(scored, torch.tensor([s.correct for s in scored], dtype=torch.bool),
-                             torch.tensor([s.scores for s in scored], dtype=torch.float64))
+                             torch.tensor([s.scores for s in scored], dtype=torch.float64), policy_version=version)
         batch = self.sampler.take()
+        if self.async_steps and step + 1 < cfg.steps:
+            self._send_ahead(policy_version)
         # Policy statistics come from everything generated this step (the trained batch is
         # biased toward 50% accuracy by dynamic sampling); a step fed only by carried surplus
         # reports its batch instead.
@@ -141,6 +189,7 @@ class RolloutCollector:
             "train/sampling_exhausted": float(batch.exhausted),
             "train/sampling_exhausted_total": float(self.sampler.exhausted_total),
             **self._sampling_metrics(batch),
+            "rollout/groups_sampled_ahead": ahead,
             "time/generation_s": gen_time,
             "time/scoring_s": score_time,
             "perf/generation_tokens_per_s": new_tokens / gen_time if gen_time > 0 else 0.0,
@@ -152,6 +201,40 @@ class RolloutCollector:
                        f"groups in {batch.rounds} rounds; {outcome} (dynamic_sampling.max_rounds={cfg.dynamic_sampling.max_rounds}; "
                        f"said once per run, every such step is counted in train/sampling_exhausted)")
         return batch.groups, metrics
+
+    def _send_ahead(self, policy_version: int) -> None:
+        """Send the next step's first round now, to be sampled by the current weights."""
+        size = self.sampler.round_size()
+        if size <= 0:
+            return  # the carried surplus already fills the next step
+        indices = self.stream.take_indices(size)
+        mine = [list(self.stream.prompts[i].ids) for i in indices[self.dist.rank :: self.dist.world_size]]
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if self.sampling.temperature > 0 else None
+        future = self.engine.submit(mine, self.cfg.group_size, self.sampling, seed=seed) if mine else None  # type: ignore[attr-defined]
+        self.pending = PendingRound(indices, seed, policy_version, future, None if mine else [])
+
+    def _take_pending(self, policy_version: int) -> tuple[list[int], list[list[Sample]], int]:
+        """The round sent ahead: its indices, this rank's groups and the version that sampled
+        them. One restored from a checkpoint without samples is sampled again now, from the same
+        prompts and seed, by the current weights (and tagged with their version)."""
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        if pending.samples is not None:
+            return pending.indices, pending.samples, pending.policy_version
+        if pending.future is not None:
+            return pending.indices, pending.future.result(), pending.policy_version
+        mine = [list(self.stream.prompts[i].ids) for i in pending.indices[self.dist.rank :: self.dist.world_size]]
+        groups = self.engine.submit(mine, self.cfg.group_size, self.sampling, seed=pending.seed).result()  # type: ignore[attr-defined]
+        return pending.indices, groups, policy_version
+
+    def state_dict(self) -> dict:
+        """This rank's round sent ahead (see :class:`PendingRound`), for checkpoints."""
+        return {"pending": None if self.pending is None else self.pending.state_dict()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        pending = (state or {}).get("pending")
+        self.pending = None if pending is None else PendingRound(pending["indices"], pending["seed"], pending["policy_version"],
+                                                                 None, pending["samples"])
 
     def _sampling_metrics(self, batch: Any) -> dict[str, float]:
         """The sampler's and the prompt stream's per-step numbers (``sampling/*``)."""

@@ -37,14 +37,15 @@ from dapo_rl.training.checkpoint import (
     save_checkpoint,
     valid_checkpoints,
 )
-from dapo_rl.training.errors import RunError, RunInterrupted, signal_name
+from dapo_rl.rollout.server_client import RolloutServerError
+from dapo_rl.training.errors import RunError, RunFailed, RunInterrupted, signal_name
 from dapo_rl.training.host_memory import keep_freed_host_memory
 from dapo_rl.training.distributed import DistContext, init_distributed, shutdown_distributed
 from dapo_rl.training.trainer import Trainer
 
 RUN_MARKER = "config.yaml"
 
-__all__ = ["RunError", "RunInterrupted", "RunResult", "prepare_output_dir", "run_device", "run_engine", "run_prompts",
+__all__ = ["RunError", "RunFailed", "RunInterrupted", "RunResult", "prepare_output_dir", "run_device", "run_engine", "run_prompts",
            "run_reward", "run_training"]
 
 
@@ -117,7 +118,7 @@ def _check_sinks_available(config: Config) -> None:
 RESUMABLE_CHANGES = ("steps", "resume", "overwrite", "output_dir", "logging.", "checkpoint.", "eval.interval",
                      "reward.timeout_s", "dynamic_sampling.max_rounds", "dynamic_sampling.on_exhausted",
                      "dynamic_sampling.max_prompts_per_round",
-                     "quickstart.cache_dir", "model.device", "rollout.engine", "distributed.")
+                     "quickstart.cache_dir", "model.device", "rollout.engine", "rollout.server.", "distributed.")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -345,9 +346,32 @@ def _run_training(config: Config, dist: DistContext, started: float) -> RunResul
     train_prompts = run_prompts(config, "train", tokenizer)
     eval_prompts = run_prompts(config, "eval", tokenizer) if config.data.eval else None
     engine = run_engine(config, model, tokenizer)
-    if config.reproducible and config.rollout.engine == "vllm" and dist.is_main:
-        tqdm.write("reproducible=true: rollout.engine=vllm is not checked for bit-identical samples (vLLM promises "
-                   "them only in-process, on the same hardware and version); the update itself stays deterministic")
+    if config.reproducible and config.rollout.engine in ("vllm", "vllm-server") and dist.is_main:
+        tqdm.write(f"reproducible=true: rollout.engine={config.rollout.engine} samples with vLLM, which does not promise "
+                   f"bit-identical samples between runs; the update itself stays deterministic")
+    try:
+        return _train_with(config, dist, started, model, tokenizer, reward_fn, train_prompts, eval_prompts, engine,
+                           device, autocast_dtype, progress)
+    finally:
+        if config.rollout.engine == "vllm-server":
+            engine.close()  # stops a server this run launched
+
+
+def _server_lost(config: Config, exc: RolloutServerError, run_dir: Path, engine) -> RunFailed:
+    """The one line for a rollout server that stopped answering (the progress is checkpointed)."""
+    where = latest_checkpoint(run_dir)
+    if config.rollout.server.launch:
+        how = "continue with resume=true (a new server is launched)"
+        log = getattr(engine, "server_log", None)
+        how += f"; the server's log: {log}" if log is not None else ""
+    else:
+        how = "restart it (dapo rollout-server MODEL ...) and continue with resume=true"
+    return RunFailed(f"rollout.server: the rollout server at {getattr(engine, 'url', config.rollout.server.url)} stopped "
+                     f"answering ({' '.join(str(exc).split())[:300]}); progress is checkpointed in {where}; {how}")
+
+
+def _train_with(config: Config, dist: DistContext, started: float, model, tokenizer, reward_fn, train_prompts,
+                eval_prompts, engine, device, autocast_dtype, progress: bool) -> RunResult:
     run_dir = Path(config.output_dir)
     # Only the main rank writes (checkpoints, metrics, the final policy); the others take part in
     # gathering the state to write.
@@ -392,6 +416,8 @@ def _run_training(config: Config, dist: DistContext, started: float) -> RunResul
                 last_eval = metrics.get("eval/accuracy", last_eval)
                 bar.set_postfix(_postfix(metrics, last_eval), refresh=False)
                 bar.update(1)
+    except RolloutServerError as exc:
+        raise _server_lost(config, exc, run_dir, engine) from None
     except DynamicSamplingExhausted:
         raise RunError(
             f"dynamic_sampling.max_rounds: step {trainer.state.step + 1} found only {trainer.sampler.pooled} of "

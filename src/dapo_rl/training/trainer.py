@@ -61,6 +61,7 @@ from dapo_rl.config import Config, correction_mode
 from dapo_rl.data.encoding import EncodedPrompt
 from dapo_rl.evaluation import EvalResult, evaluate
 from dapo_rl.rollout.base import RolloutEngine, Sample, SamplingParams
+from dapo_rl.rollout.server_client import RolloutServerError
 from dapo_rl.training.batching import pack, pad_rows, response_mask
 from dapo_rl.training.distributed import DistContext
 from dapo_rl.training.logprobs import ForwardSettings, logprobs
@@ -152,10 +153,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.sync_check = None
         if config.rollout.verify_sync:
-            # An fp32 in-process engine agrees with the trainer to ~1e-6; bf16 (autocast, vLLM) does not.
-            fp32_in_process = autocast_dtype is None and config.rollout.engine != "vllm"
+            # An fp32 in-process engine agrees with the trainer to ~1e-6, and so does an fp32
+            # rollout server; bf16 (autocast, vLLM) does not.
+            fp32 = autocast_dtype is None and (config.rollout.engine not in ("vllm", "vllm-server")
+                                               or getattr(engine, "dtype", None) == "float32")
             self.sync_check = SyncCheck(engine, list(train_prompts[0].ids), self._probe_logprobs,
-                                        tolerance=1e-3 if fp32_in_process else None)
+                                        tolerance=1e-3 if fp32 else None)
 
     @property
     def stream(self):
@@ -385,9 +388,10 @@ class Trainer:
         metrics["train/samples_generated_total"] = float(self.state.samples_generated_total)
         metrics.update(self.update(groups))
         with self.dist.gathered(self.model):
-            self.engine.sync_weights(self.model)
+            # The step is complete before the push: a failed push or check still checkpoints it.
             self.state.step += 1
-            if self.sync_check is not None:  # the step is complete: a failed check still checkpoints it
+            self.engine.sync_weights(self.model)
+            if self.sync_check is not None:
                 metrics.update(self.sync_check.after())
         metrics["time/step_s"] = time.perf_counter() - t0
         return metrics
@@ -406,6 +410,8 @@ class Trainer:
                 with more rounds loses none of the generation work.
             WeightSyncError: the engine did not take a weight push (``rollout.verify_sync``);
                 the finished step is checkpointed first.
+            RolloutServerError: the rollout server stopped answering (``vllm-server``); the
+                finished steps are checkpointed first.
         """
         cfg = self.cfg
         while self.state.step < cfg.steps:
@@ -415,7 +421,7 @@ class Trainer:
                 return
             try:
                 metrics = self.train_step()
-            except (DynamicSamplingExhausted, WeightSyncError):
+            except (DynamicSamplingExhausted, WeightSyncError, RolloutServerError):
                 if self.checkpoint_fn is not None:
                     self.checkpoint_fn(self)
                 raise
