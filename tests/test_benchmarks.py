@@ -235,3 +235,17 @@ def test_bench_distributed_smoke():
         assert float(params) > 0 and float(s_step) > 0 and float(state) > 0 and float(peak) > 0
     assert found["ddp"][0] == found["fsdp2"][0]  # the same model
     assert float(found["fsdp2"][2]) < 0.75 * float(found["ddp"][2])  # sharded over 2 ranks
+
+
+def test_bench_lora_smoke(tmp_path):
+    """Full and LoRA runs of 1 step on the built-in task, then the table and the ratio line."""
+    out = run_script("bench_lora.py", "--steps", "1", "--set", "prompts_per_step=4", "group_size=4", "mini_batch_size=4",
+                     "micro_batch_size=16", "data.eval=null", "data.builtin_train_size=128", "--lora", "model.lora.r=2",
+                     "model.lora.alpha=4", "--eval-data", "builtin:chain", "--eval-args", "k=1", "greedy=false",
+                     "builtin_eval_size=4", "max_response_length=16", "--out", str(tmp_path))
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["kind"] for r in rows] == ["full", "lora"]
+    full, lora = rows
+    assert all(r["peak_rss_bytes"] > 0 and r["step_s"] and 0 <= r["eval_avg_at_k"] <= 1 for r in rows)
+    assert 0 < lora["optimizer_state_bytes"] < full["optimizer_state_bytes"] / 5  # adapters only
+    assert re.search(rf"lora/full peak_rss_bytes={NUMBER} optimizer_state_bytes={NUMBER}", out)
