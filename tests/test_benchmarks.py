@@ -237,6 +237,7 @@ def test_bench_distributed_smoke():
     assert float(found["fsdp2"][2]) < 0.75 * float(found["ddp"][2])  # sharded over 2 ranks
 
 
+@pytest.mark.slow
 def test_bench_lora_smoke(tmp_path):
     """Full and LoRA runs of 1 step on the built-in task, then the table and the ratio line."""
     out = run_script("bench_lora.py", "--steps", "1", "--set", "prompts_per_step=4", "group_size=4", "mini_batch_size=4",
