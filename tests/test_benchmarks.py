@@ -250,3 +250,11 @@ def test_bench_lora_smoke(tmp_path):
     assert all(r["peak_rss_bytes"] > 0 and r["step_s"] and 0 <= r["eval_avg_at_k"] <= 1 for r in rows)
     assert 0 < lora["optimizer_state_bytes"] < full["optimizer_state_bytes"] / 5  # adapters only
     assert re.search(rf"lora/full peak_rss_bytes={NUMBER} optimizer_state_bytes={NUMBER}", out)
+
+
+def test_lora_sampling_smoke():
+    """Every way of sampling with adapters is timed, and merging in place is seen to move the base weights."""
+    out = run_script("lora_sampling.py", "--prompts", "2", "--samples", "2", "--tokens", "4", "--repeats", "1")
+    for way in ("fast", "fast-hf-decode", "hf", "hf-merge-in-place"):
+        assert re.search(rf"\n{way}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\n", out), way
+    assert re.search(r"base weights changed, max \|dW\| = ", out)

@@ -131,6 +131,8 @@ def default_output(model: str, data: str) -> Path:
 
 
 def _load_model(model: str, o: EvalOptions):
+    if o.base and not is_adapter_folder(model):
+        raise ConfigError(f"base: only an adapter folder (with adapter_config.json) takes a base model, and {model} is not one; drop base=")
     try:
         model_obj, tokenizer = load_policy(model, quickstart=o.quickstart, seed=o.seed, progress=o.progress, base=o.base)
     except ModelLoadError as exc:
