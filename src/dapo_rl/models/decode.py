@@ -5,10 +5,12 @@ Same arithmetic as the Hugging Face modules, minus the per-call overhead that do
 model's decode step (mask building, cache bookkeeping, ~10 module calls per layer):
 
 - Q/K/V and gate/up projections are fused into one matrix each (built per ``generate`` call,
-  since training changes the weights), biases included; LoRA adapters are merged into these
-  per-call matrices (``W + (alpha / r)·B·A``), never into the model's own weights; RMSNorm is ``F.rms_norm`` with the
+  since training changes the weights), biases included; RMSNorm is ``F.rms_norm`` with the
   family's effective scale (Gemma's ``1 + w``); pre-norm residual additions are folded into the
   output products.
+- LoRA adapters are merged into these per-call matrices (``W + (alpha / r)·B·A``,
+  :func:`~dapo_rl.models.lora.effective_weight`), never into the model's own weights: decode
+  steps then cost what they cost without adapters, and the base stays bit-exact.
 - On a CPU, float32 weights are reordered once per call into oneDNN's blocked layout and the
   products run on oneDNN: a decode step has few rows, and MKL's ``sgemm`` re-packs the whole
   weight matrix on every call. Same float32 arithmetic up to summation order.

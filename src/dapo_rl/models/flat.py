@@ -5,7 +5,10 @@
 Norms, MLPs, the output projection and the LM head are the model's own modules (so dtype handling
 matches its ``forward`` exactly, float32 norms under float64 included); the fused query/key/value
 product, per-head q/k norms, rotary, sliding windows and soft-capped attention are written from
-the spec (:mod:`dapo_rl.models.layers`, :mod:`dapo_rl.models.rotary`).
+the spec (:mod:`dapo_rl.models.layers`, :mod:`dapo_rl.models.rotary`). LoRA adapters: the module
+calls include them (PEFT's layers), and the fused query/key/value product adds their term
+(:func:`~dapo_rl.models.layers.qkv_lora_output`), on the fly, so no gradient of a frozen base
+weight is ever formed.
 """
 
 from __future__ import annotations
