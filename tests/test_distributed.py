@@ -31,10 +31,9 @@ CASES = {  # name -> trainer overrides; small micro-batches give ranks unequal m
     # gradients agree to ~1e-8 only; Adam's normalisation magnifies that for near-zero gradients
     # (a few elements move by ~1e-6, against updates of ~lr = 1e-2).
     "shared-prompts": ["ppo_epochs=1", "+share_prompts"],
-    # LoRA adapters (B ≠ 0), replicated on every rank under DDP (not supported with FSDP2).
+    # LoRA adapters (B ≠ 0): replicated under DDP; sharded with the frozen base under FSDP2.
     "lora": ["ppo_epochs=2", "micro_batch_size=2", "+lora"],
 }
-DDP_ONLY = {"lora"}
 TOLERANCE = {"shared-prompts": dict(rtol=1e-5, atol=5e-6)}
 
 
@@ -82,8 +81,7 @@ def _worker(rank: int, world_size: int, port: int, workdir: str, strategy: str) 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     ctx = DistContext(rank=rank, world_size=world_size, strategy=strategy)
-    results = {name: _run_case(overrides, ctx, Path(workdir), f"{strategy}-{name}", f"single-{name}") for name, overrides in CASES.items()
-               if strategy == "ddp" or name not in DDP_ONLY}
+    results = {name: _run_case(overrides, ctx, Path(workdir), f"{strategy}-{name}", f"single-{name}") for name, overrides in CASES.items()}
     if rank == 0:
         torch.save(results, Path(workdir) / f"{strategy}.pt")
     shutdown_distributed()
@@ -120,8 +118,6 @@ def _load_into_single(folder: Path, overrides: list[str]):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_process_update_equals_single_process(single_results, strategy, case):
-    if strategy != "ddp" and case in DDP_ONLY:
-        pytest.skip(f"{case} runs under ddp only")
     workdir, single = single_results
     double = _two_process_results(workdir, strategy)[case]
     ref = single[case]

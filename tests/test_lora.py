@@ -331,7 +331,7 @@ def other_base_adapter(tmp_path_factory) -> Path:
 BAD = [
     ("negative-rank", ["model.lora.r=-1"], ["model.lora.r", ">= 0"]),
     ("dropout-1", ["model.lora.dropout=1.0"], ["model.lora.dropout", "[0, 1)"]),
-    ("with-fsdp2", ["distributed.strategy=fsdp2"], ["model.lora.r", "fsdp2", "ddp"]),
+    ("adapter-folder-as-model", ["model.path={other}"], ["model.path", "is an adapter folder", "model.lora.init_from={other}"]),
     ("init-from-without-rank", ["model.lora.r=0", "model.lora.init_from=somewhere"], ["model.lora.init_from", "r=0"]),
     ("unknown-target", ["model.lora.target_modules=[q_proj,query_key_value]"],
      ["model.lora.target_modules", "'query_key_value'", "matches no module", "q_proj", "down_proj"]),

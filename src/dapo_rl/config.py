@@ -555,6 +555,3 @@ def _validate_lora(c: Config) -> None:
     _require(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}", "e.g. 2 × r")
     _require(0 <= lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lora.dropout}", "0 disables it")
     _require(len(lora.target_modules) > 0, "model.lora.target_modules", "is empty", f"use [{LORA_ALL_LINEAR}] or names such as [q_proj,v_proj]")
-    _require(c.distributed.strategy != "fsdp2", "model.lora.r",
-             "LoRA with distributed.strategy=fsdp2 is not supported (adapters are replicated, under ddp)",
-             "use distributed.strategy=ddp (adapters replicated), or model.lora.r=0")
