@@ -13,6 +13,11 @@ policy (the LoRA adapter folder is evaluated as it is, base + adapter).
         use_chat_template=true reward=last_number
 
 Prints one JSON line per run, then a table of medians and the LoRA/full ratios.
+
+On a machine whose load changes over minutes, separate runs time the load as much as the
+method: ``--interleaved`` builds both trainers in one process and alternates their steps (which
+goes first alternates too; each pair from the same seed), printing per-step seconds of the
+step, its generation and its update, and their medians.
 """
 
 from __future__ import annotations
@@ -44,6 +49,40 @@ def child(out_dir: str, config: str | None, overrides: list[str]) -> None:
     steps = [row["time/step_s"] for row in read_metrics(Path(out_dir) / "metrics.jsonl") if "time/step_s" in row]
     print(json.dumps({"peak_rss_bytes": peak_rss, "optimizer_state_bytes": state_bytes, "step_s": steps,
                       "steps": result.steps, "seconds": result.seconds}))
+
+
+def interleaved(config: str | None, overrides: list[str], lora: list[str], steps: int) -> None:
+    """Both trainers in this process, their steps alternating (which goes first alternates too),
+    each pair from the same seed: a machine whose load changes over minutes slows both alike.
+    Prints per-step seconds of the whole step, its generation and its update, then medians."""
+    import torch
+
+    from dapo_rl.config import load_config
+    from dapo_rl.models.loading import load_policy, resolve_device
+    from dapo_rl.training.run import run_engine, run_prompts, run_reward
+    from dapo_rl.training.trainer import Trainer
+
+    trainers = {}
+    for kind in ("full", "lora"):
+        cfg = load_config(config, [*overrides, *(lora if kind == "lora" else []), f"steps={steps}", "logging.progress=false"])
+        device, autocast = resolve_device(cfg.model.device, cfg.model.dtype)
+        model, tok = load_policy(cfg.model.path, quickstart=cfg.quickstart, seed=cfg.seed, progress=False, lora=cfg.model.lora)
+        model.to(device)
+        trainers[kind] = Trainer(cfg, model, tok, run_prompts(cfg, "train", tok), None, run_reward(cfg), run_engine(cfg, model, tok),
+                                 device=device, autocast_dtype=autocast)
+    rows = {"full": [], "lora": []}
+    for step in range(steps):
+        for kind in (("full", "lora") if step % 2 == 0 else ("lora", "full")):
+            torch.manual_seed(1000 + step)
+            m = trainers[kind].train_step()
+            row = {"kind": kind, "step": step + 1, "step_s": m["time/step_s"], "generation_s": m["time/generation_s"],
+                   "update_s": m["time/update_s"], "response_length_mean": m["train/response_length_mean"],
+                   "samples": m["train/samples_generated"]}
+            rows[kind].append(row)
+            print(json.dumps(row), flush=True)
+    for key in ("step_s", "generation_s", "update_s"):
+        full, lora_ = (statistics.median(r[key] for r in rows[k]) for k in ("full", "lora"))
+        print(f"median {key}: full {full:.2f} s, lora {lora_:.2f} s, lora/full {lora_ / full:.3f}")
 
 
 def run(kind: str, index: int, args: argparse.Namespace) -> dict:
@@ -79,10 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-data", help="held-out dataset for `dapo eval` of each final policy (none: skip)")
     parser.add_argument("--eval-args", nargs="*", default=[], help="key=value options of that `dapo eval`")
     parser.add_argument("--out", default="runs/bench-lora")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="time only: both trainers in one process, steps alternating (no RSS, no evaluation)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args.child, args.config, args.set)
+        return 0
+    if args.interleaved:
+        interleaved(args.config, args.set, args.lora, args.steps)
         return 0
     rows = [run(kind, i, args) for i in range(args.rounds) for kind in ("full", "lora")]
     keys = ["peak_rss_bytes", "optimizer_state_bytes", "step_s_mean_after_first"] + (["eval_avg_at_k"] if args.eval_data else [])
