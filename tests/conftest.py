@@ -72,21 +72,39 @@ def make_scored_groups(tok, num_groups: int, group_size: int, seed: int, truncat
     return groups
 
 
-def make_trainer(tiny_model, tok, overrides: list[str], dist=None, share_prompts: bool = False, autocast_dtype=None):
+def with_adapters(model, r: int = 4, seed: int = 0, b_scale: float = 0.1, target_modules=("all-linear",)):
+    """A copy of ``model`` with LoRA adapters (PEFT; alpha = 2r) on ``target_modules``, B drawn
+    at random with std ``b_scale`` (PEFT starts B at 0, where A gets no gradient and the adapters
+    change nothing: a law would hold trivially); ``b_scale=0`` keeps PEFT's initialisation."""
+    from dapo_rl.models.lora import add_adapters
+
+    model = copy.deepcopy(model)
+    add_adapters(model, r=r, alpha=2.0 * r, dropout=0.0, target_modules=list(target_modules), base_path="test-base", seed=seed)
+    if b_scale:
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".lora_B." in name:
+                    param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * b_scale)
+    return model
+
+
+def make_trainer(tiny_model, tok, overrides: list[str], dist=None, share_prompts: bool = False, autocast_dtype=None,
+                 engine: str = "hf"):
     """A trainer on a copy of ``tiny_model`` (4 prompts × 4 samples, one mini-batch, lr 1e-2, no
-    warm-up or clipping). The exact (1e-9) law tests run the full forward of every row
+    warm-up or clipping), sampling with the ``engine`` rollout engine. The exact (1e-9) law tests run the full forward of every row
     (``share_prompts=False``): the shared-prompt forward changes tensor shapes, and Hugging Face's
     RMSNorm computes in float32 even for float64 models, so the two differ by ~1e-8."""
     from dapo_rl.config import load_config
     from dapo_rl.data.encoding import encode_prompts
     from dapo_rl.data.synthetic import builtin_splits
-    from dapo_rl.rollout import HFGenerateEngine
+    from dapo_rl.rollout.engines import build_engine
     from dapo_rl.training.trainer import Trainer
 
     config = load_config(overrides=["prompts_per_step=4", "group_size=4", "mini_batch_size=4", "micro_batch_size=16",
                                     "optim.warmup_updates=0", "optim.lr=1e-2", "optim.grad_clip=0", *overrides])
     model = copy.deepcopy(tiny_model).train()
-    engine = HFGenerateEngine(model, tok.pad_token_id, tok.eos_token_id)
+    engine = build_engine(engine, model, tok, config=config)
     prompts, _ = encode_prompts(builtin_splits(16, 4)[0], tok)
     return Trainer(config, model, tok, prompts, None, lambda *a: True, engine, device=torch.device("cpu"), dist=dist,
                    share_prompts=share_prompts, autocast_dtype=autocast_dtype)
@@ -96,6 +114,12 @@ def make_trainer(tiny_model, tok, overrides: list[str], dist=None, share_prompts
 def scored_groups():
     """:func:`make_scored_groups`."""
     return make_scored_groups
+
+
+@pytest.fixture(scope="session")
+def adapters():
+    """:func:`with_adapters`."""
+    return with_adapters
 
 
 @pytest.fixture(scope="session")

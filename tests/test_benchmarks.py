@@ -245,3 +245,26 @@ def test_determinism_smoke():
     assert "gather index_select (repeats)" in names and "fast engine decode (oneDNN + C kernels)" in names
     assert len(rows) == 11
     assert all(int(distinct) == 1 and float(ms) > 0 for _, distinct, ms in rows)
+
+
+@pytest.mark.slow
+def test_bench_lora_smoke(tmp_path):
+    """Full and LoRA runs of 1 step on the built-in task, then the table and the ratio line."""
+    out = run_script("bench_lora.py", "--steps", "1", "--set", "prompts_per_step=4", "group_size=4", "mini_batch_size=4",
+                     "micro_batch_size=16", "data.eval=null", "data.builtin_train_size=128", "--lora", "model.lora.r=2",
+                     "model.lora.alpha=4", "--eval-data", "builtin:chain", "--eval-args", "k=1", "greedy=false",
+                     "builtin_eval_size=4", "max_response_length=16", "--out", str(tmp_path))
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["kind"] for r in rows] == ["full", "lora"]
+    full, lora = rows
+    assert all(r["peak_rss_bytes"] > 0 and r["step_s"] and 0 <= r["eval_avg_at_k"] <= 1 for r in rows)
+    assert 0 < lora["optimizer_state_bytes"] < full["optimizer_state_bytes"] / 5  # adapters only
+    assert re.search(rf"lora/full peak_rss_bytes={NUMBER} optimizer_state_bytes={NUMBER}", out)
+
+
+def test_lora_sampling_smoke():
+    """Every way of sampling with adapters is timed, and merging in place is seen to move the base weights."""
+    out = run_script("lora_sampling.py", "--prompts", "2", "--samples", "2", "--tokens", "4", "--repeats", "1")
+    for way in ("fast", "fast-hf-decode", "hf", "hf-merge-in-place"):
+        assert re.search(rf"\n{way}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\n", out), way
+    assert re.search(r"base weights changed, max \|dW\| = ", out)

@@ -31,6 +31,8 @@ CASES = {  # name -> trainer overrides; small micro-batches give ranks unequal m
     # gradients agree to ~1e-8 only; Adam's normalisation magnifies that for near-zero gradients
     # (a few elements move by ~1e-6, against updates of ~lr = 1e-2).
     "shared-prompts": ["ppo_epochs=1", "+share_prompts"],
+    # LoRA adapters (B ≠ 0): replicated under DDP; sharded with the frozen base under FSDP2.
+    "lora": ["ppo_epochs=2", "micro_batch_size=2", "+lora"],
 }
 TOLERANCE = {"shared-prompts": dict(rtol=1e-5, atol=5e-6)}
 
@@ -43,7 +45,11 @@ def _build(overrides: list[str], dist_ctx: DistContext):
     tok = build_char_tokenizer(VOCAB)
     model = build_tiny_llama(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=3).double()
     share = "+share_prompts" in overrides
-    return make_trainer(model, tok, [o for o in overrides if o != "+share_prompts"], dist=dist_ctx, share_prompts=share), tok
+    if "+lora" in overrides:
+        from tests.conftest import with_adapters
+
+        model = with_adapters(model)
+    return make_trainer(model, tok, [o for o in overrides if not o.startswith("+")], dist=dist_ctx, share_prompts=share), tok
 
 
 def _run_case(overrides: list[str], dist_ctx: DistContext, workdir: Path, tag: str, resume_from: str) -> dict:

@@ -79,20 +79,27 @@ def test_pack_aligns_responses_and_positions():
 # ----------------------------------------------------------------------------- trainer update laws
 
 
-def _params_after_update(tiny, trainer_factory, scored_groups, overrides: list[str]) -> torch.Tensor:
-    model, tok = tiny
+def _params_after_update(model, tok, trainer_factory, scored_groups, overrides: list[str]) -> torch.Tensor:
     trainer = trainer_factory(model.double(), tok, overrides)
     trainer.update(scored_groups(tok, 4, 4, seed=5))
     return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 
 
+def _policy(tiny, adapters, lora: bool):
+    """The tiny model, or (``lora``) a copy with LoRA adapters whose B is not zero."""
+    model, tok = tiny
+    return (adapters(model.double()) if lora else model), tok
+
+
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("loss", POLICY_LOSSES.names())
-def test_update_is_invariant_to_micro_batch_size(tiny, trainer_factory, scored_groups, mode, loss):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_update_is_invariant_to_micro_batch_size(tiny, adapters, trainer_factory, scored_groups, mode, loss, lora):
+    model, tok = _policy(tiny, adapters, lora)
     base = [f"loss.agg_mode={mode}", f"loss.policy_loss={loss}", "optim.lr=1e-3", "ppo_epochs=2"]
-    whole = _params_after_update(tiny, trainer_factory, scored_groups, [*base, "micro_batch_size=16"])
+    whole = _params_after_update(model, tok, trainer_factory, scored_groups, [*base, "micro_batch_size=16"])
     for micro in (1, 2, 8):
-        split = _params_after_update(tiny, trainer_factory, scored_groups, [*base, f"micro_batch_size={micro}"])
+        split = _params_after_update(model, tok, trainer_factory, scored_groups, [*base, f"micro_batch_size={micro}"])
         torch.testing.assert_close(split, whole, rtol=1e-9, atol=1e-10)
 
 
@@ -111,7 +118,7 @@ def _reference_gradient(model, tok, groups, overrides: list[str]) -> torch.Tenso
     loss = aggregate_loss(-advantages.reshape(-1, 1) * logp, mask, config.loss.agg_mode, norm_constant=config.rollout.max_response_length)
     model.zero_grad()
     loss.backward()
-    return torch.cat([q.grad.flatten() for q in model.parameters()])
+    return torch.cat([q.grad.flatten() for q in model.parameters() if q.requires_grad])
 
 
 @pytest.mark.parametrize("overrides", [[], ["overlong.filter=false"], ["loss.agg_mode=seq-mean-token-mean"], ["loss.kl_coef=0.1"],
@@ -119,18 +126,28 @@ def _reference_gradient(model, tok, groups, overrides: list[str]) -> torch.Tenso
                                        ["loss.policy_loss=dapo_rl.algorithm.policy_loss:cispo_loss"]],
                          ids=lambda o: ",".join(o) or "default")
 @pytest.mark.parametrize("share_prompts", [False, True])
-def test_update_follows_the_reference_gradient(tiny, trainer_factory, scored_groups, overrides, share_prompts):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_update_follows_the_reference_gradient(tiny, adapters, trainer_factory, scored_groups, overrides, share_prompts, lora):
     """One optimiser update equals AdamW's first step on the reference gradient of the whole
     mini-batch: ``Δθ = -lr·g / (|g| + eps)``. The trainer never runs the zero-advantage group nor
     (under overlong filtering) the truncated samples, yet counts their tokens in the normaliser:
-    the reference runs everything, so skipping is proven to change nothing."""
-    model, tok = tiny
+    the reference runs everything, so skipping is proven to change nothing. With LoRA adapters
+    (B ≠ 0) θ is the adapters alone, and the base stays bit-identical; the KL case is left out
+    there, since its reference is the base without adapters, not the initial policy, so its
+    gradient is not zero at the first step."""
+    if lora and any(o.startswith("loss.kl_coef") for o in overrides):
+        pytest.skip("the LoRA KL reference is the base (tested in test_lora.py)")
+    model, tok = _policy(tiny, adapters, lora)
     model = copy.deepcopy(model).double()
     groups = scored_groups(tok, 4, 4, seed=5)
     trainer = trainer_factory(model, tok, [*overrides, "optim.eps=1.0"], share_prompts=share_prompts)
-    start = torch.cat([q.detach().flatten() for q in trainer.model.parameters()])
+    trained = [q for q in trainer.model.parameters() if q.requires_grad]
+    frozen = [q.detach().clone() for q in trainer.model.parameters() if not q.requires_grad]
+    assert bool(frozen) == lora
+    start = torch.cat([q.detach().flatten() for q in trained])
     trainer.update(groups)
-    delta = torch.cat([q.detach().flatten() for q in trainer.model.parameters()]) - start
+    delta = torch.cat([q.detach().flatten() for q in trained]) - start
+    assert all(torch.equal(a, b) for a, b in zip(frozen, [q for q in trainer.model.parameters() if not q.requires_grad]))
     g = _reference_gradient(model, tok, groups, overrides)
     assert g.abs().max() > 0
     # Hugging Face's RMSNorm rounds to float32 inside a float64 model: forwards of other shapes

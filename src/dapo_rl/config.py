@@ -22,6 +22,7 @@ BUILTIN_MODEL = "builtin:chain-tiny"
 BUILTIN_DATA = "builtin:chain"
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
 ROLLOUT_ENGINES = ("hf", "fast", "vllm", "vllm-server")
+LORA_ALL_LINEAR = "all-linear"
 
 # Keys that were renamed or replaced: an old key gets a one-line "did you mean".
 REPLACED_KEYS = {
@@ -34,11 +35,23 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT) on the policy: only they train; the base weights stay frozen."""
+
+    r: int = 0  # adapter rank; 0 = off (full fine-tuning)
+    alpha: float = 16.0  # the update is B·A·(alpha / r)
+    dropout: float = 0.0  # dropout on the adapters' input while training
+    target_modules: List[str] = field(default_factory=lambda: [LORA_ALL_LINEAR])  # projection names (q_proj, ...) or all-linear (every linear projection of attention and MLP)
+    init_from: Optional[str] = None  # continue from an adapter folder (adapter_config.json + adapter_model.safetensors)
+
+
+@dataclass
 class ModelConfig:
     path: str = BUILTIN_MODEL  # local Hugging Face folder, or builtin:chain-tiny (built and warmed up locally)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | float32 | bf16-autocast
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -501,6 +514,7 @@ def validate(c: Config) -> None:
     _require(not (c.resume and c.overwrite), "resume", "resume=true and overwrite=true contradict each other", "choose one")
     _require(bool(c.output_dir.strip()), "output_dir", "is empty", "give a folder path, e.g. output_dir=runs/my-run")
     _validate_data(c)
+    _validate_lora(c)
     _require(c.optim.warmup_updates >= 0, "optim.warmup_updates", f"must be >= 0, got {c.optim.warmup_updates}", "0 disables warm-up")
     _require(0 <= c.optim.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {c.optim.beta1}", "default 0.9")
     _require(0 <= c.optim.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {c.optim.beta2}", "default 0.99")
@@ -586,3 +600,17 @@ def _validate_data(c: Config) -> None:
     _require(d.builtin_eval_size >= 1, "data.builtin_eval_size", f"must be >= 1, got {d.builtin_eval_size}", "or data.eval=null for no evaluation")
     _require(d.retire_solved_after >= 0, "data.retire_solved_after", f"must be >= 0, got {d.retire_solved_after}", "0 never retires a prompt")
     _require(0 <= d.unsolved_weight <= 1, "data.unsolved_weight", f"must be in [0, 1], got {d.unsolved_weight}", "1 samples unsolved prompts as often as any")
+
+
+def _validate_lora(c: Config) -> None:
+    """What can be checked without the model (target module names and ``init_from``'s base are
+    checked when the model is loaded, :func:`dapo_rl.models.lora.add_adapters`)."""
+    lora = c.model.lora
+    _require(lora.r >= 0, "model.lora.r", f"must be >= 0, got {lora.r}", "0 turns LoRA off; e.g. 16")
+    if lora.r == 0:
+        _require(lora.init_from is None, "model.lora.init_from", "is set but model.lora.r=0 (LoRA off)",
+                 "set model.lora.r to the adapter's rank, or init_from=null")
+        return
+    _require(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}", "e.g. 2 × r")
+    _require(0 <= lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lora.dropout}", "0 disables it")
+    _require(len(lora.target_modules) > 0, "model.lora.target_modules", "is empty", f"use [{LORA_ALL_LINEAR}] or names such as [q_proj,v_proj]")

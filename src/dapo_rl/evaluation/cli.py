@@ -27,6 +27,7 @@ from dapo_rl.data import TEMPLATES, DatasetError, DatasetSpec, TemplateError
 from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts, skipped_rows_note
 from dapo_rl.evaluation.evaluate import EvalResult, evaluate
 from dapo_rl.models.loading import ModelLoadError, load_policy, resolve_device
+from dapo_rl.models.lora import AdapterError, is_adapter_folder
 from dapo_rl.rewards import resolve_reward_fn
 from dapo_rl.rollout.base import SamplingParams
 from dapo_rl.rollout.engines import build_engine
@@ -65,6 +66,7 @@ class EvalOptions:
     builtin_eval_size: int = 256  # problems in builtin:chain's held-out split
     progress: bool = True
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)  # how builtin:chain-tiny is built
+    base: str | None = None  # MODEL is a LoRA adapter folder: its base model (default: the adapter's base_model_name_or_path)
 
 
 def parse_options(overrides: list[str]) -> EvalOptions:
@@ -129,9 +131,13 @@ def default_output(model: str, data: str) -> Path:
 
 
 def _load_model(model: str, o: EvalOptions):
+    if o.base and not is_adapter_folder(model):
+        raise ConfigError(f"base: only an adapter folder (with adapter_config.json) takes a base model, and {model} is not one; drop base=")
     try:
-        model_obj, tokenizer = load_policy(model, quickstart=o.quickstart, seed=o.seed, progress=o.progress)
+        model_obj, tokenizer = load_policy(model, quickstart=o.quickstart, seed=o.seed, progress=o.progress, base=o.base)
     except ModelLoadError as exc:
+        raise ConfigError(f"{'base' if o.base or is_adapter_folder(model) else 'MODEL'}: {exc}") from None
+    except AdapterError as exc:
         raise ConfigError(f"MODEL: {exc}") from None
     return model_obj.eval(), tokenizer
 

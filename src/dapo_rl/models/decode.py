@@ -8,6 +8,9 @@ model's decode step (mask building, cache bookkeeping, ~10 module calls per laye
   since training changes the weights), biases included; RMSNorm is ``F.rms_norm`` with the
   family's effective scale (Gemma's ``1 + w``); pre-norm residual additions are folded into the
   output products.
+- LoRA adapters are merged into these per-call matrices (``W + (alpha / r)·B·A``,
+  :func:`~dapo_rl.models.lora.effective_weight`), never into the model's own weights: decode
+  steps then cost what they cost without adapters, and the base stays bit-exact.
 - On a CPU, float32 weights are reordered once per call into oneDNN's blocked layout and the
   products run on oneDNN: a decode step has few rows, and MKL's ``sgemm`` re-packs the whole
   weight matrix on every call. Same float32 arithmetic up to summation order.
@@ -34,6 +37,7 @@ from transformers.cache_utils import Cache
 
 from dapo_rl.models import rotary as rope
 from dapo_rl.models.layers import activation, gate_up_params, norm_scale, qkv_params, softcap
+from dapo_rl.models.lora import effective_weight
 from dapo_rl.models.spec import ModelSpec
 
 F = torch.nn.functional
@@ -125,18 +129,18 @@ class SpecDecoder:
             self.layers = []
             for i, layer in enumerate(inner.layers):
                 a, m = layer.self_attn, layer.mlp
-                qkv_w, qkv_b = qkv_params(spec, a, qk_rows)
-                gate_up_w, gate_up_b = gate_up_params(spec, m)
+                qkv_w, qkv_b = qkv_params(spec, a, qk_rows, merged=True)
+                gate_up_w, gate_up_b = gate_up_params(spec, m, merged=True)
                 sandwich = spec.sandwich_norms
                 self.layers.append(DecodeLayer(
                     attn_norm=scale(layer.input_layernorm), qkv=prepare(qkv_w), qkv_bias=detach(qkv_b),
                     q_norm=scale(a.q_norm, order) if spec.qk_norm else None,
                     k_norm=scale(a.k_norm, order) if spec.qk_norm else None,
-                    o=prepare(a.o_proj.weight), o_bias=detach(a.o_proj.bias),
+                    o=prepare(effective_weight(a.o_proj)), o_bias=detach(a.o_proj.bias),
                     post_attn_norm=scale(layer.post_attention_layernorm) if sandwich else None,
                     mlp_norm=scale(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
                     gate_up=prepare(gate_up_w), gate_up_bias=detach(gate_up_b),
-                    down=prepare(m.down_proj.weight), down_bias=detach(m.down_proj.bias),
+                    down=prepare(effective_weight(m.down_proj)), down_bias=detach(m.down_proj.bias),
                     post_mlp_norm=scale(layer.post_feedforward_layernorm) if sandwich else None,
                     window=spec.windows[i], kind=kind_index[spec.rotary_kinds[i]],
                 ))

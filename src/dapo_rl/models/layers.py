@@ -9,35 +9,56 @@ import functools
 
 import torch
 
+from dapo_rl.models.lora import effective_weight, lora_output
 from dapo_rl.models.spec import ModelSpec
 
 F = torch.nn.functional
 
 
-def qkv_params(spec: ModelSpec, attn, qk_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def qkv_params(spec: ModelSpec, attn, qk_rows: torch.Tensor | None, merged: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[W_q; W_k; W_v]`` ``[(heads + 2·kv_heads)·d, hidden]`` and its bias (or None), the
     query/key rows reordered by ``qk_rows`` (:func:`~dapo_rl.models.rotary.qk_weight_rows`) when
-    given. Phi-3's ``qkv_proj`` already stacks them in this order."""
+    given. Phi-3's ``qkv_proj`` already stacks them in this order. LoRA-adapted projections give
+    their base weight, or with ``merged`` the base plus the adapters (:func:`~dapo_rl.models.lora.effective_weight`)."""
+    weight_of = effective_weight if merged else (lambda m: m.weight)
     if spec.fused_qkv:
-        weight, bias = attn.qkv_proj.weight, attn.qkv_proj.bias
+        weight, bias = weight_of(attn.qkv_proj), attn.qkv_proj.bias
         if qk_rows is None:
             return weight, bias
         qk = (spec.heads + spec.kv_heads) * spec.head_dim
         return (torch.cat([weight.index_select(0, qk_rows), weight[qk:]]),
                 None if bias is None else torch.cat([bias.index_select(0, qk_rows), bias[qk:]]))
-    qk = torch.cat([attn.q_proj.weight, attn.k_proj.weight])
-    weight = torch.cat([qk if qk_rows is None else qk.index_select(0, qk_rows), attn.v_proj.weight])
+    qk = torch.cat([weight_of(attn.q_proj), weight_of(attn.k_proj)])
+    weight = torch.cat([qk if qk_rows is None else qk.index_select(0, qk_rows), weight_of(attn.v_proj)])
     if not spec.qkv_bias:
         return weight, None
     qk_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias])
     return weight, torch.cat([qk_b if qk_rows is None else qk_b.index_select(0, qk_rows), attn.v_proj.bias])
 
 
-def gate_up_params(spec: ModelSpec, mlp) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``[W_gate; W_up]`` ``[2·intermediate, hidden]`` and its bias (or None)."""
+def qkv_lora_output(spec: ModelSpec, attn, qk_rows: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The LoRA adapters' term of the fused query/key/value product of ``x [N, hidden]`` (columns
+    in :func:`qkv_params`'s order), or None when no projection has an active adapter."""
+    if spec.fused_qkv:
+        parts = [(attn.qkv_proj, spec.heads + 2 * spec.kv_heads)]
+    else:
+        parts = [(attn.q_proj, spec.heads), (attn.k_proj, spec.kv_heads), (attn.v_proj, spec.kv_heads)]
+    outs = [lora_output(module, x) for module, _ in parts]
+    if all(o is None for o in outs):
+        return None
+    out = torch.cat([x.new_zeros((x.shape[0], heads * spec.head_dim)) if o is None else o for o, (_, heads) in zip(outs, parts)], dim=-1)
+    if qk_rows is None:
+        return out
+    qk = (spec.heads + spec.kv_heads) * spec.head_dim
+    return torch.cat([out[:, :qk].index_select(1, qk_rows), out[:, qk:]], dim=-1)
+
+
+def gate_up_params(spec: ModelSpec, mlp, merged: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[W_gate; W_up]`` ``[2·intermediate, hidden]`` and its bias (or None); ``merged`` as for :func:`qkv_params`."""
+    weight_of = effective_weight if merged else (lambda m: m.weight)
     if spec.fused_gate_up:
-        return mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
-    weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        return weight_of(mlp.gate_up_proj), mlp.gate_up_proj.bias
+    weight = torch.cat([weight_of(mlp.gate_proj), weight_of(mlp.up_proj)])
     return weight, (torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]) if spec.mlp_bias else None)
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from dapo_rl.config import BUILTIN_MODEL, QuickstartConfig
+from dapo_rl.config import BUILTIN_MODEL, LoraConfig, QuickstartConfig
+from dapo_rl.models import lora as adapters
 from dapo_rl.models.spec import SpecMismatchError, check_checkpoint
 
 
@@ -39,12 +40,30 @@ def resolve_device(device: str = "auto", dtype: str = "auto", local_rank: int = 
 
 
 def load_policy(path: str, *, quickstart: QuickstartConfig | None = None, seed: int = 0, progress: bool = True,
-                gradient_checkpointing: bool = False):
+                gradient_checkpointing: bool = False, lora: LoraConfig | None = None, base: str | None = None):
     """The causal LM and tokenizer in the Hugging Face folder ``path``, in float32, or the built-in
     policy (``builtin:chain-tiny``, built and warmed up locally with ``quickstart`` and ``seed``).
 
     A tokenizer without a pad token pads with its EOS token.
+
+    LoRA: with ``lora.r > 0``, trainable adapters are added (:func:`dapo_rl.models.lora.add_adapters`;
+    ``lora.init_from`` continues an adapter folder) and the base is frozen. ``path`` may also be an
+    adapter folder (a LoRA run's ``final/``): its base (``base``, else the folder's
+    ``adapter_config.json``) is loaded and the adapter added to it.
+
+    Raises:
+        ModelLoadError: an unusable folder (callers prefix the key the user set).
+        AdapterError: a LoRA setting or adapter folder that cannot work (the message names the key).
     """
+    if adapters.is_adapter_folder(path):
+        if lora is not None and lora.r > 0:
+            raise adapters.AdapterError(f"model.path: {path} is an adapter folder; set model.path to its base model and "
+                                        f"model.lora.init_from={path} to continue training it")
+        base_path = adapters.base_of(path, base)
+        model, tokenizer = load_policy(base_path, quickstart=quickstart, seed=seed, progress=progress,
+                                       gradient_checkpointing=gradient_checkpointing)
+        adapters.adapter_from_folder(model, path, base_path)
+        return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dapo_rl.models.quickstart import prepare_quickstart_model
@@ -80,8 +99,13 @@ def load_policy(path: str, *, quickstart: QuickstartConfig | None = None, seed: 
         check_checkpoint(model, path)
     except SpecMismatchError as exc:
         raise ModelLoadError(f"{exc} (in {path}); the weights do not match config.json's model_type") from None
+    if lora is not None and lora.r > 0:
+        adapters.add_adapters(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules),
+                              base_path=path, init_from=lora.init_from, seed=seed)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        if lora is not None and lora.r > 0:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input that requires grad
     return model, tokenizer
 
 

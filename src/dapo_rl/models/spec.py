@@ -230,7 +230,12 @@ def _check_weights(spec: ModelSpec, model) -> None:
             raise SpecMismatchError(f"{spec.name} config, but the model has no tensor {name}")
         if tuple(tensor.shape) != shape:
             raise SpecMismatchError(f"{spec.name} config, but {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    from dapo_rl.models.lora import base_parameter_name, is_adapter_parameter
+
     for name, _ in model.named_parameters():  # (a tied head's weight is listed once, as the embedding)
+        if is_adapter_parameter(name):  # LoRA: the adapters' A and B; the base weight under its own name
+            continue
+        name = base_parameter_name(name)
         if name not in expected:
             raise SpecMismatchError(f"{spec.name} config, but the model has a tensor the family does not use: {name}")
 

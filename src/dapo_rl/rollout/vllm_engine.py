@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from dapo_rl.config import ConfigError
+from dapo_rl.models.lora import has_adapters, merged_parameters, save_merged
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, Sample, SamplingParams
 
 if TYPE_CHECKING:
@@ -84,6 +85,9 @@ def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     Llama loader ties it to the embedding itself. Tensors are passed as they are (device and
     dtype): vLLM's weight loaders copy them into its own parameters, casting as needed.
     """
+    if has_adapters(model):  # LoRA: vLLM serves the merged weights under the base model's names
+        yield from merged_parameters(model).items()
+        return
     for name, param in model.named_parameters():
         yield name, param.detach()
 
@@ -232,7 +236,10 @@ class VLLMEngine:
         started = time.perf_counter()
         folder = tempfile.mkdtemp(prefix="dapo-vllm-")
         try:
-            model.save_pretrained(folder)
+            if has_adapters(model):
+                save_merged(model, folder)  # save_pretrained would write the adapter alone
+            else:
+                model.save_pretrained(folder)
             quiet = _DropChatTemplateWarmup()
             logging.getLogger("vllm.renderers.base").addFilter(quiet)
             try:

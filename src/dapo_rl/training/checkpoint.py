@@ -1,7 +1,7 @@
 """Atomic checkpoints: written to a temporary folder, then renamed into place.
 
 A checkpoint folder ``checkpoints/step_000042/`` holds the policy as a Hugging Face folder
-(``policy/``) and ``trainer.pt`` with the optimiser, scheduler, every RNG state, the prompt
+(``policy/``; a LoRA run's adapters alone, in PEFT's format, the base being ``model.path``) and ``trainer.pt`` with the optimiser, scheduler, every RNG state, the prompt
 stream (position, current pass order, difficulty memory: retired and never-solved prompts), the
 dynamic sampler (surplus groups with the policy version that sampled each, the p̂ estimate, the
 exhausted-step count), each rank's round sent ahead under ``rollout.async_steps=1`` and the step. A folder is valid only when its
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from dapo_rl.models.lora import has_adapters, is_adapter_parameter, to_model_names
 
 if TYPE_CHECKING:
     from dapo_rl.training.trainer import Trainer
@@ -91,6 +93,8 @@ def save_checkpoint(trainer: Trainer, run_dir: Path, keep_last: int = 2) -> Path
     checkpoint resumes on any number of processes and either distributed strategy.
     """
     model_state = trainer.dist.full_model_state(trainer.model)
+    if has_adapters(trainer.model):  # LoRA: the frozen base is the run's model.path; only adapters change
+        model_state = {k: v for k, v in model_state.items() if is_adapter_parameter(k)}
     optimizer_state = trainer.dist.full_optimizer_state(trainer.model, trainer.optimizer)
     rng_states = trainer.dist.all_gather_objects(_rng_state())
     rounds_ahead = trainer.dist.all_gather_objects(trainer.rollouts.state_dict())
@@ -163,9 +167,13 @@ def load_checkpoint(trainer: Trainer, folder: Path) -> None:
     weights = {}
     for shard in sorted((folder / "policy").glob("*.safetensors")):
         weights.update(load_file(str(shard), device=str(trainer.device)))
+    adapted = has_adapters(trainer.model)
+    if adapted:  # adapter-file names → the model's
+        weights = to_model_names(weights)
     missing, unexpected = trainer.dist.load_full_model_state(trainer.model, weights)
-    # Tied weights (lm_head = embeddings) are stored once; anything else missing is corruption.
-    missing = [m for m in missing if "lm_head" not in m]
+    # Tied weights (lm_head = embeddings) are stored once; a LoRA checkpoint holds the adapters
+    # alone (the base is model.path); anything else missing is corruption.
+    missing = [m for m in missing if "lm_head" not in m and (is_adapter_parameter(m) or not adapted)]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     blob = torch.load(folder / "trainer.pt", weights_only=False, map_location=trainer.device)

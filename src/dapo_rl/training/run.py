@@ -27,6 +27,7 @@ from dapo_rl.config import (
 from dapo_rl.data import DatasetError, DatasetSpec, TemplateError
 from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts, skipped_rows_note
 from dapo_rl.models.loading import ModelLoadError, first_line, load_policy, resolve_device
+from dapo_rl.models.lora import AdapterError
 from dapo_rl.reproducibility import reproducible_torch
 from dapo_rl.rewards import resolve_reward_fn
 from dapo_rl.rollout.engines import build_engine
@@ -60,9 +61,11 @@ def run_device(config: Config, local_rank: int = 0) -> tuple[torch.device, torch
 def _load_policy(config: Config, progress: bool):
     try:
         return load_policy(config.model.path, quickstart=config.quickstart, seed=config.seed, progress=progress,
-                           gradient_checkpointing=config.model.gradient_checkpointing)
+                           gradient_checkpointing=config.model.gradient_checkpointing, lora=config.model.lora)
     except ModelLoadError as exc:
         raise ConfigError(f"model.path: {exc}") from None
+    except AdapterError as exc:  # the message names the model.lora key
+        raise ConfigError(str(exc)) from None
 
 
 def run_prompts(config: Config, which: str, tokenizer) -> list[EncodedPrompt]:
@@ -190,6 +193,9 @@ def _trim_metrics(run_dir: Path, last_step: int) -> None:
 
 def save_final_policy(model, tokenizer, run_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """``run_dir/final``: safetensors + tokenizer that ``from_pretrained`` loads; replaced atomically.
+    A LoRA policy saves its adapter alone, in PEFT's format (``adapter_config.json`` naming the
+    base + ``adapter_model.safetensors``; ``PeftModel.from_pretrained(base, final)`` loads it,
+    ``dapo export-merged`` writes the merged model).
 
     ``state_dict``: the full weights when ``model`` is sharded (see ``DistContext.full_model_state``).
     """

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager, nullcontext
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,7 @@ from dapo_rl.algorithm import (
 from dapo_rl.config import Config, correction_mode
 from dapo_rl.data.encoding import EncodedPrompt
 from dapo_rl.evaluation import EvalResult, evaluate
+from dapo_rl.models.lora import adapters_disabled, has_adapters
 from dapo_rl.rollout.base import RolloutEngine, Sample, SamplingParams
 from dapo_rl.rollout.server_client import RolloutServerError
 from dapo_rl.training.batching import pack, pad_rows, response_mask
@@ -75,6 +77,17 @@ def _per_sample(values: dict[int, torch.Tensor], idx: list[int], samples: list[S
     as ``[len(idx), width]`` with the dtype, device and width of ``like`` (0 past each response)."""
     rows = [values.get(i, torch.ones(len(samples[i].response_ids))).to(like.dtype) for i in idx]
     return pad_rows(rows, like.shape[1], like.device)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (dropout off) inside the block, its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @dataclass
@@ -135,11 +148,16 @@ class Trainer:
         # FSDP2 wrapper must see each forward through its own `forward` (no flat path).
         self.forward = ForwardSettings(temperature=config.rollout.temperature, autocast_dtype=autocast_dtype,
                                        share_prompts=share_prompts, flat=not self.dist.enabled, one_forward=self.dist.sharded)
+        # The KL reference: a frozen copy of the initial policy; with LoRA adapters, the policy
+        # itself with its adapters switched off (the frozen base, no copy).
         self.reference = None
         if config.loss.kl_coef > 0:
-            self.reference = copy.deepcopy(model).eval()
-            self.reference.requires_grad_(False)
-            self.dist.wrap_frozen(self.reference)
+            if has_adapters(model):
+                self.reference = model
+            else:
+                self.reference = copy.deepcopy(model).eval()
+                self.reference.requires_grad_(False)
+                self.dist.wrap_frozen(self.reference)
         # Training forwards go through the DDP wrapper (or the FSDP2-sharded model); `model`
         # itself is what the rollout engine samples from and what gets saved.
         self.train_model = self.dist.wrap_policy(model)
@@ -215,7 +233,10 @@ class Trainer:
         corrected = rollout_logp is not None and (self.corrects_rollouts or bool(carried.any()))
         scored = ~filtered if corrected else trainable
         old_logp = self._score(self.model, samples, scored) if self.updates_per_step > 1 or corrected else None
-        ref_logp = self._score(self.reference, samples, trainable) if self.reference is not None else None
+        ref_logp = None
+        if self.reference is not None:
+            with adapters_disabled(self.reference) if self.reference is self.model else nullcontext():
+                ref_logp = self._score(self.reference, samples, trainable)
         old_time = time.perf_counter() - t_old
         weights, kept = self._correct(samples, old_logp, rollout_logp, carried) if corrected else ({}, {})
         mismatch = [old_logp[i].cpu() - rollout_logp[i] for i in sorted(old_logp)] if old_logp and rollout_logp else []
@@ -334,7 +355,8 @@ class Trainer:
     def _probe_logprobs(self, sample: Sample) -> torch.Tensor:
         """The policy's ``[len]`` log-probs of a greedy probe's tokens, at temperature 1 (see :class:`SyncCheck`)."""
         batch = pack([sample], self.tokenizer.pad_token_id, self.device)
-        return logprobs(self.model, batch, replace(self.forward, temperature=1.0))[0][0, : len(sample.response_ids)]
+        with _eval_mode(self.model):  # as the engine samples: no dropout (LoRA's included)
+            return logprobs(self.model, batch, replace(self.forward, temperature=1.0))[0][0, : len(sample.response_ids)]
 
     def _placeholder(self, sample: Sample) -> Callable[[], None]:
         """A zero-weight forward/backward through the training model (see ``DistContext.balanced_micro_batches``)."""
@@ -354,9 +376,10 @@ class Trainer:
         def placeholder() -> None:  # FSDP2: this rank's forward is part of a collective
             logprobs(model, pack([samples[0]], self.tokenizer.pad_token_id, self.device), self.forward)
 
-        for idx in self.dist.balanced_micro_batches(work, self.cfg.micro_batch_size, placeholder):
-            logp, _ = logprobs(model, pack([samples[i] for i in idx], self.tokenizer.pad_token_id, self.device), self.forward)
-            out.update((i, logp[row, : len(samples[i].response_ids)]) for row, i in enumerate(idx))
+        with _eval_mode(model):  # π_old and the reference are the policies that sample: no dropout
+            for idx in self.dist.balanced_micro_batches(work, self.cfg.micro_batch_size, placeholder):
+                logp, _ = logprobs(model, pack([samples[i] for i in idx], self.tokenizer.pad_token_id, self.device), self.forward)
+                out.update((i, logp[row, : len(samples[i].response_ids)]) for row, i in enumerate(idx))
         return out
 
     # ------------------------------------------------------------------ evaluation and loop
