@@ -68,13 +68,16 @@ def cases(scale: float) -> dict[str, Callable[[], str]]:
         return torch.randn(*shape, generator=g).requires_grad_(grad)
 
     prompts, group, kv_heads, plen, d = n(16), 8, 4, n(16), 16
-    idx = torch.arange(prompts).repeat_interleave(group)  # each prompt gathered once per response
+    # Each prompt gathered once per response, its copies spread over the batch (rows are ordered
+    # by response length in the trainer), so the threads' halves of the index share destinations.
+    idx = torch.arange(prompts).repeat(group)
     tokens, hidden, vocab = n(2000), 256, n(4096)
     token_ids = torch.randint(0, vocab, (tokens,), generator=g)
     out: dict[str, Callable[[], str]] = {
         # The control: repeated indices, ≥ 32768 elements → threaded atomic adds in the backward.
-        "gather x[idx] (repeats)": _grad_case(lambda: ([randn(prompts, kv_heads, plen, d)], lambda x: x[idx])),
-        "gather index_select (repeats)": _grad_case(lambda: ([randn(prompts, kv_heads, plen, d)],
+        # Each prompt's keys/values flattened to a row [kv_heads · P · d], as the trainer gathers them.
+        "gather x[idx] (repeats)": _grad_case(lambda: ([randn(prompts, kv_heads * plen * d)], lambda x: x[idx])),
+        "gather index_select (repeats)": _grad_case(lambda: ([randn(prompts, kv_heads * plen * d)],
                                                             lambda x: x.index_select(0, idx))),
         "embedding": _grad_case(lambda: ([randn(vocab, hidden)], lambda w: F.embedding(token_ids, w))),
         "scatter_add": _grad_case(lambda: ([randn(tokens, hidden)], lambda x: torch.zeros(vocab, hidden).scatter_add(
