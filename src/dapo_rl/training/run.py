@@ -1,11 +1,11 @@
 """Compose a training run from a :class:`~dapo_rl.config.Config`: model, data, reward, engine,
-sinks, the trainer loop, checkpoints, evaluation before and after, and the final policy folder."""
+sinks, the trainer loop, checkpoints, evaluation before and after, and the final policy folder
+(the run folder's own rules live in :mod:`dapo_rl.training.run_folder`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -22,7 +22,6 @@ from dapo_rl.config import (
     Config,
     ConfigError,
     to_dict,
-    to_yaml,
 )
 from dapo_rl.data import DatasetError, DatasetSpec, TemplateError
 from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts, skipped_rows_note
@@ -31,7 +30,7 @@ from dapo_rl.models.lora import AdapterError
 from dapo_rl.reproducibility import reproducible_torch
 from dapo_rl.rewards import resolve_reward_fn
 from dapo_rl.rollout.engines import build_engine
-from dapo_rl.telemetry import build_sinks, read_metrics
+from dapo_rl.telemetry import build_sinks
 from dapo_rl.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -42,12 +41,11 @@ from dapo_rl.rollout.server_client import RolloutServerError
 from dapo_rl.training.errors import RunError, RunFailed, RunInterrupted, signal_name
 from dapo_rl.training.host_memory import keep_freed_host_memory
 from dapo_rl.training.distributed import DistContext, init_distributed, shutdown_distributed
+from dapo_rl.training.run_folder import check_output_dir, prepare_output_dir, save_final_policy, trim_metrics, write_json
 from dapo_rl.training.trainer import Trainer
 
-RUN_MARKER = "config.yaml"
-
-__all__ = ["RunError", "RunFailed", "RunInterrupted", "RunResult", "prepare_output_dir", "run_device", "run_engine", "run_prompts",
-           "run_reward", "run_training"]
+__all__ = ["RunError", "RunFailed", "RunInterrupted", "RunResult", "run_device", "run_engine", "run_prompts", "run_reward",
+           "run_training"]
 
 
 def run_device(config: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
@@ -114,100 +112,6 @@ def _check_sinks_available(config: Config) -> None:
     for sink, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
         if sink in config.logging.sinks and importlib.util.find_spec(package) is None:
             raise ConfigError(f"logging.sinks: {sink} is not installed; pip install 'dapo-rl[{sink}]' or remove it from logging.sinks")
-
-
-# Settings a resumed run may change: how long it runs, how it logs and checkpoints, and the knobs
-# that get a stuck run going again. Anything else would silently continue a different experiment.
-RESUMABLE_CHANGES = ("steps", "resume", "overwrite", "output_dir", "logging.", "checkpoint.", "eval.interval",
-                     "reward.timeout_s", "dynamic_sampling.max_rounds", "dynamic_sampling.on_exhausted",
-                     "dynamic_sampling.max_prompts_per_round",
-                     "quickstart.cache_dir", "model.device", "rollout.engine", "rollout.server.", "distributed.")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-
-
-def check_output_dir(config: Config) -> Path:
-    """Refuse an output folder we must not write into; writes nothing.
-
-    A folder that holds a run (it has ``config.yaml``) is used only with ``overwrite=true`` or with
-    ``resume=true`` and the same settings, apart from :data:`RESUMABLE_CHANGES`.
-    """
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"output_dir: {out} is a file; choose a folder path")
-    marker = out / RUN_MARKER
-    if not marker.is_file():
-        return out
-    if not (config.resume or config.overwrite):
-        raise RunError(f"output_dir: {out} already holds a run; pass resume=true to continue it, overwrite=true to replace it, "
-                       f"or choose another output_dir")
-    if config.resume:
-        import yaml
-
-        try:
-            saved = yaml.safe_load(marker.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise RunError(f"resume: cannot read {marker} ({first_line(exc)}); use overwrite=true to start the run over") from None
-        saved_flat, now_flat = _flatten(saved if isinstance(saved, dict) else {}), _flatten(to_dict(config))
-        for key in sorted(set(saved_flat) | set(now_flat)):
-            if key.startswith(RESUMABLE_CHANGES) or key not in saved_flat:
-                continue  # a key added to the schema after the run started keeps its default
-            if saved_flat.get(key) != now_flat.get(key):
-                raise RunError(f"resume: {key} was {saved_flat.get(key)!r} in the run in {out} but is now {now_flat.get(key)!r}; "
-                               f"resume with the run's settings (see {marker}), or use overwrite=true or another output_dir")
-    return out
-
-
-def prepare_output_dir(config: Config) -> Path:
-    """Create the run folder (after :func:`check_output_dir`) and record the config in it."""
-    out = check_output_dir(config)
-    try:
-        if (out / RUN_MARKER).is_file() and config.overwrite:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{RUN_MARKER}.tmp"
-        tmp.write_text(to_yaml(config))
-        os.replace(tmp, out / RUN_MARKER)
-    except OSError as exc:
-        raise RunError(f"output_dir: cannot write to {out} ({exc.strerror or exc}); choose a writable folder") from None
-    return out
-
-
-def _trim_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = [row for row in read_metrics(path) if row.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    os.replace(tmp, path)
-
-
-def save_final_policy(model, tokenizer, run_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """``run_dir/final``: safetensors + tokenizer that ``from_pretrained`` loads; replaced atomically.
-    A LoRA policy saves its adapter alone, in PEFT's format (``adapter_config.json`` naming the
-    base + ``adapter_model.safetensors``; ``PeftModel.from_pretrained(base, final)`` loads it,
-    ``dapo export-merged`` writes the merged model).
-
-    ``state_dict``: the full weights when ``model`` is sharded (see ``DistContext.full_model_state``).
-    """
-    final = run_dir / "final"
-    staging = run_dir / ".final.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, state_dict=state_dict)
-    tokenizer.save_pretrained(staging)
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
-    return final
 
 
 @dataclass
@@ -397,7 +301,7 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
         tqdm.write(f"resumed from {checkpoint} (step {trainer.state.step})")
     # Metric lines after the checkpoint (or all of them, when starting over) will be logged
     # again. Trimmed before the JSONL sink opens the file for appending.
-    _trim_metrics(run_dir, trainer.state.step if checkpoint is not None else -1)
+    trim_metrics(run_dir, trainer.state.step if checkpoint is not None else -1)
     sinks = build_sinks(run_dir, config.logging.sinks, config.logging.run_name or run_dir.name, to_dict(config),
                         wandb_project=config.logging.wandb_project, wandb_mode=config.logging.wandb_mode)
     trainer.log = sinks.log
@@ -415,7 +319,7 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
                 summary["accuracy_before"] = before
                 summary["eval_before"] = result.metrics()
                 sinks.log(result.metrics(), 0)
-                _write_json(summary_path, summary)
+                write_json(summary_path, summary)
             last_eval = before
             bar = tqdm(total=config.steps, initial=trainer.state.step, desc="dapo train", disable=not progress, dynamic_ncols=True)
             for metrics in trainer.steps(should_stop=_agreed(stop, dist, device)):
@@ -437,22 +341,17 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
         sinks.close()
     if stop.signum is not None and trainer.state.step < config.steps:
         summary["seconds"] = summary.get("seconds", 0.0) + time.perf_counter() - started
-        _write_json(summary_path, summary)
+        write_json(summary_path, summary)
         raise RunInterrupted(stop.signum, f"stopped by {signal_name(stop.signum)} after step {trainer.state.step} of {config.steps}; "
                                           f"checkpoint saved in {latest_checkpoint(run_dir)}; continue with resume=true")
     after = trainer.state.history[-1].get("eval/accuracy") if trainer.state.history and eval_prompts else None
     final = save_final_policy(model, tokenizer, run_dir, state_dict=dist.full_model_state(model) if dist.sharded else None)
     summary.update({"accuracy_after": after, "steps": trainer.state.step, "final_policy": str(final),
                     "seconds": summary.get("seconds", 0.0) + time.perf_counter() - started})
-    _write_json(summary_path, summary)
+    write_json(summary_path, summary)
     if after is not None and before is not None:
         tqdm.write(f"held-out accuracy: {before:.3f} -> {after:.3f} ({(after - before) * 100:+.1f} points)")
     tqdm.write(f"final policy saved to {final}")
     return RunResult(run_dir=run_dir, accuracy_before=before, accuracy_after=after, steps=trainer.state.step,
                      seconds=time.perf_counter() - started, history=trainer.state.history)
 
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
