@@ -147,3 +147,10 @@ def test_ablate_smoke_writes_table_and_plot_and_skips_finished_runs(tmp_path, ti
     changed = [a if a != "eval.interval=0" else "eval.interval=1" for a in _smoke_args(out, tiny_quickstart_cache)]
     assert main(changed) == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+def test_overrides_after_options_reach_the_runs(tmp_path, capsys):
+    # `dapo ablate CONFIG.yaml --seeds 3 key=value`: argparse alone would refuse the trailing override.
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-arithmetic.yaml"
+    assert main(["ablate", str(recipe), "--rungs", "6", "--steps", "1", "--out", str(tmp_path), "stepz=3"]) == 2
+    assert "unknown config key 'stepz'" in capsys.readouterr().err

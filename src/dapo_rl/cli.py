@@ -233,7 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["rollout-server"] and "--" in argv:  # everything after -- goes to vLLM unchanged
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides after an option (`dapo ablate CONFIG.yaml --seeds 3 steps=...`): argparse
+    # stops collecting a positional list at the first option, so gather the rest here.
+    listed = next((name for name in ("overrides", "args") if isinstance(getattr(args, name, None), list)), None)
+    if extra and listed and all("=" in e and not e.startswith("-") for e in extra):
+        getattr(args, listed).extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.vllm_args = passthrough
     _quiet_libraries()
     try:
