@@ -234,8 +234,9 @@ def run_training(config: Config) -> RunResult:
     started = time.perf_counter()
     dist = init_distributed(config.model.device, config.distributed.strategy, config.distributed.reshard_after_forward)
     try:
-        with reproducible_torch(config.reproducible, run_device(config, dist.local_rank)[0], notice=tqdm.write):
-            return _run_training(config, dist, started)
+        device, autocast_dtype = run_device(config, dist.local_rank)
+        with reproducible_torch(config.reproducible, device, notice=tqdm.write):
+            return _run_training(config, dist, started, device, autocast_dtype)
     finally:
         # Only a group this run joined (torchrun): an in-process vLLM engine creates a
         # single-process group of its own and destroys it, with its subgroups, when it shuts down.
@@ -243,11 +244,11 @@ def run_training(config: Config) -> RunResult:
             shutdown_distributed()
 
 
-def _run_training(config: Config, dist: DistContext, started: float) -> RunResult:
+def _run_training(config: Config, dist: DistContext, started: float, device: torch.device,
+                  autocast_dtype: torch.dtype | None) -> RunResult:
     progress = config.logging.progress and dist.is_main
     keep_freed_host_memory()  # every step frees and re-allocates the same buffers
     torch.manual_seed(config.seed + dist.rank)  # ranks sample different responses
-    device, autocast_dtype = run_device(config, dist.local_rank)
     _check_sinks_available(config)
     check_output_dir(config)
     model, tokenizer = _load_policy(config, progress)
