@@ -18,6 +18,9 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+# Built-in tasks (dapo_rl.data.synthetic.CHAIN_TASKS): builtin:<task> is the data,
+# builtin:<task>-tiny its warmed-up model; these are the quickstart's.
+BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODEL = "builtin:chain-tiny"
 BUILTIN_DATA = "builtin:chain"
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
@@ -215,7 +218,7 @@ class DistributedConfig:
 class QuickstartConfig:
     """The built-in model's supervised warm-up (cached by these settings)."""
 
-    warmup_steps: int = 300
+    warmup_steps: Optional[int] = None  # None = the task's own (chain 300, chain-long 800: a wider prompt takes longer to learn)
     warmup_batch: int = 64
     warmup_lr: float = 3e-3
     step_error: float = 0.3  # probability of a wrong running sum in the warm-up data
@@ -532,7 +535,7 @@ def validate(c: Config) -> None:
     _choice(c.logging.wandb_mode, "logging.wandb_mode", WANDB_MODES)
     q = c.quickstart
     for key, value in (("warmup_steps", q.warmup_steps), ("warmup_batch", q.warmup_batch), ("num_layers", q.num_layers)):
-        _require(value >= 1, f"quickstart.{key}", f"must be >= 1, got {value}", "see the defaults in config.py")
+        _require(value is None or value >= 1, f"quickstart.{key}", f"must be >= 1, got {value}", "see the defaults in config.py")
     _require(q.hidden_size >= 4 and q.hidden_size % 4 == 0, "quickstart.hidden_size", f"must be a positive multiple of 4 (4 heads), got {q.hidden_size}", "default 64")
     _require(q.warmup_lr > 0, "quickstart.warmup_lr", f"must be > 0, got {q.warmup_lr}", "default 3e-3")
     for key, value in (("step_error", q.step_error), ("recheck", q.recheck)):

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dapo_rl.config import BUILTIN_DATA
 from dapo_rl.data.datasets import DatasetError, DatasetSpec, Example, RowProblem, load_examples
-from dapo_rl.data.synthetic import builtin_splits
+from dapo_rl.data.synthetic import builtin_splits, chain_task
 from dapo_rl.data.templates import render_prompt
 
 
@@ -76,13 +75,16 @@ def load_prompts(source: PromptSource, tokenizer) -> tuple[list[EncodedPrompt], 
         TemplateError: the template cannot render a prompt.
     """
     path = source.dataset.path
-    if path == BUILTIN_DATA:
+    if path.startswith("builtin:"):
+        try:
+            task = chain_task(path)
+        except KeyError as exc:
+            raise DatasetError(f"data.path: {exc.args[0]}, or a dataset path") from None
         # The held-out set is drawn first and does not depend on the train size, so it does not
         # build the (large) train split.
-        train, held_out = builtin_splits(1 if source.held_out else source.builtin_train_size, source.builtin_eval_size, seed=0)
+        train, held_out = builtin_splits(1 if source.held_out else source.builtin_train_size, source.builtin_eval_size,
+                                         seed=0, task=task)
         examples, skipped = (held_out if source.held_out else train), []
-    elif path.startswith("builtin:"):
-        raise DatasetError(f"data.path: unknown built-in dataset {path!r}; use {BUILTIN_DATA} or a dataset path")
     else:
         try:
             loaded = load_examples(source.dataset)

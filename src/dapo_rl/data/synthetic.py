@@ -1,9 +1,17 @@
-"""The built-in task: the sum of 2–6 digits modulo 10, written out as a chain of running sums.
+"""The built-in tasks: the sum of a few digits modulo 10, written out as a chain of running sums.
 
 A correct response writes the running sum after each digit, then the answer after ``#``::
 
     prompt:   3527..=        (digits right-padded with "." to six slots)
     response: 3807#7
+
+Two variants (:data:`CHAIN_TASKS`), each a dataset name and a built-in model warmed up on it:
+
+- ``builtin:chain`` (2–6 digits; model ``builtin:chain-tiny``): the quickstart's task.
+- ``builtin:chain-long`` (2–10 digits; model ``builtin:chain-long-tiny``): the ablation's task.
+  Responses run from 4 to 13 tokens before any re-check, and a warm-up policy that errs on each
+  running sum solves short problems often and long ones rarely, so one batch mixes groups that are
+  all correct, mixed and all wrong (see docs/ablation.md for the measured properties).
 
 Why this task: the answer is verifiable exactly; the reasoning part grows with the number of
 terms, so response lengths vary; and the supervised warm-up data (see :func:`warmup_response`)
@@ -23,27 +31,51 @@ from dapo_rl.data.datasets import Example
 from dapo_rl.rewards import register_reward
 
 VOCAB = list("0123456789.=#")
-MIN_TERMS = 2
-MAX_TERMS = 6
+
+
+@dataclass(frozen=True)
+class ChainTask:
+    """One variant of the chain task: how many digits a problem has (uniform in the range).
+
+    The prompt is always ``max_terms`` slots wide, so the digit a step reads lies a fixed number
+    of tokens back.
+    """
+
+    name: str  # the dataset is builtin:<name>, its warmed-up model builtin:<name>-tiny
+    min_terms: int
+    max_terms: int
+    warmup_steps: int  # supervised warm-up steps of its built-in model (quickstart.warmup_steps=null)
+
+
+CHAIN = ChainTask("chain", 2, 6, warmup_steps=300)
+# A 10-slot prompt: with 300 warm-up steps the model stays at chance (10%) on every length; by
+# 800 it has learned the running sums (66% right at 2 digits).
+CHAIN_LONG = ChainTask("chain-long", 2, 10, warmup_steps=800)
+CHAIN_TASKS: dict[str, ChainTask] = {task.name: task for task in (CHAIN, CHAIN_LONG)}
+# The quickstart task's bounds, under their historical names.
+MIN_TERMS = CHAIN.min_terms
+MAX_TERMS = CHAIN.max_terms
 
 
 @dataclass(frozen=True)
 class ChainProblem:
     digits: tuple[int, ...]
+    width: int = MAX_TERMS  # prompt slots (the task's max_terms)
 
     @property
     def prompt(self) -> str:
-        """The digits, right-padded with ``.`` to ``MAX_TERMS`` slots, then ``=``."""
-        return "".join(map(str, self.digits)).ljust(MAX_TERMS, ".") + "="
+        """The digits, right-padded with ``.`` to ``width`` slots, then ``=``."""
+        return "".join(map(str, self.digits)).ljust(self.width, ".") + "="
 
     @property
     def answer(self) -> str:
         return str(sum(self.digits) % 10)
 
 
-def sample_problem(rng: random.Random, min_terms: int = MIN_TERMS, max_terms: int = MAX_TERMS) -> ChainProblem:
-    """A problem with a uniformly chosen number of digits."""
-    return ChainProblem(tuple(rng.randrange(10) for _ in range(rng.randint(min_terms, max_terms))))
+def sample_problem(rng: random.Random, task: ChainTask = CHAIN) -> ChainProblem:
+    """A problem of ``task`` with a uniformly chosen number of digits."""
+    terms = rng.randint(task.min_terms, task.max_terms)
+    return ChainProblem(tuple(rng.randrange(10) for _ in range(terms)), width=task.max_terms)
 
 
 def solution(problem: ChainProblem) -> str:
@@ -88,8 +120,9 @@ def chain_reward(response: str, ground_truth: str, metadata: dict) -> bool:
     return extract_chain_answer(response) == ground_truth.strip()
 
 
-def make_examples(num: int, seed: int, exclude: set[str] | frozenset[str] = frozenset(), distinct: bool = False) -> list[Example]:
-    """``num`` problems as dataset examples, none of whose prompts is in ``exclude``.
+def make_examples(num: int, seed: int, exclude: set[str] | frozenset[str] = frozenset(), distinct: bool = False,
+                  task: ChainTask = CHAIN) -> list[Example]:
+    """``num`` problems of ``task`` as dataset examples, none of whose prompts is in ``exclude``.
 
     With ``distinct`` no prompt repeats; otherwise problems are i.i.d., which keeps the number of
     terms uniform (there are only 100 two-digit problems).
@@ -98,7 +131,7 @@ def make_examples(num: int, seed: int, exclude: set[str] | frozenset[str] = froz
     examples: list[Example] = []
     seen = set(exclude)
     while len(examples) < num:
-        problem = sample_problem(rng)
+        problem = sample_problem(rng, task)
         if problem.prompt in seen:
             continue
         if distinct:
@@ -107,8 +140,20 @@ def make_examples(num: int, seed: int, exclude: set[str] | frozenset[str] = froz
     return examples
 
 
-def builtin_splits(train_size: int, eval_size: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """Disjoint train and held-out sets (the held-out set is drawn first so it does not depend on train_size)."""
-    held_out = make_examples(eval_size, seed=seed + 1_000_003, distinct=True)
-    train = make_examples(train_size, seed=seed, exclude={e.prompt for e in held_out})
+def builtin_splits(train_size: int, eval_size: int, seed: int = 0, task: ChainTask = CHAIN) -> tuple[list[Example], list[Example]]:
+    """Disjoint train and held-out sets of ``task`` (the held-out set is drawn first so it does not depend on train_size)."""
+    held_out = make_examples(eval_size, seed=seed + 1_000_003, distinct=True, task=task)
+    train = make_examples(train_size, seed=seed, exclude={e.prompt for e in held_out}, task=task)
     return train, held_out
+
+
+def chain_task(name: str) -> ChainTask:
+    """The task named by a built-in dataset (``builtin:chain-long``) or model (``builtin:chain-long-tiny``) name.
+
+    Raises:
+        KeyError: no such task (the message lists the known names).
+    """
+    key = name.removeprefix("builtin:").removesuffix("-tiny")
+    if key not in CHAIN_TASKS:
+        raise KeyError(f"unknown built-in task {name!r}; known: {', '.join('builtin:' + t for t in CHAIN_TASKS)}")
+    return CHAIN_TASKS[key]

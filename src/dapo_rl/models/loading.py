@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dapo_rl.config import BUILTIN_MODEL, LoraConfig, QuickstartConfig
+from dapo_rl.config import BUILTIN_PREFIX, LoraConfig, QuickstartConfig
 from dapo_rl.models import lora as adapters
 from dapo_rl.models.spec import SpecMismatchError, check_checkpoint
 
@@ -42,7 +42,8 @@ def resolve_device(device: str = "auto", dtype: str = "auto", local_rank: int = 
 def load_policy(path: str, *, quickstart: QuickstartConfig | None = None, seed: int = 0, progress: bool = True,
                 gradient_checkpointing: bool = False, lora: LoraConfig | None = None, base: str | None = None):
     """The causal LM and tokenizer in the Hugging Face folder ``path``, in float32, or the built-in
-    policy (``builtin:chain-tiny``, built and warmed up locally with ``quickstart`` and ``seed``).
+    policy (``builtin:chain-tiny``, or ``builtin:<task>-tiny`` for another task of
+    :data:`dapo_rl.data.synthetic.CHAIN_TASKS`), built and warmed up locally with ``quickstart`` and ``seed``.
 
     A tokenizer without a pad token pads with its EOS token.
 
@@ -66,12 +67,14 @@ def load_policy(path: str, *, quickstart: QuickstartConfig | None = None, seed: 
         return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dapo_rl.models.quickstart import prepare_quickstart_model
+    from dapo_rl.models.quickstart import builtin_model_task, prepare_quickstart_model
 
-    if path == BUILTIN_MODEL:
-        path = str(prepare_quickstart_model(quickstart or QuickstartConfig(), seed=seed, progress=progress))
-    elif path.startswith("builtin:"):
-        raise ModelLoadError(f"unknown built-in model {path!r}; use {BUILTIN_MODEL} or a local model folder")
+    if path.startswith(BUILTIN_PREFIX):
+        try:
+            task = builtin_model_task(path)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        path = str(prepare_quickstart_model(quickstart or QuickstartConfig(), seed=seed, progress=progress, task=task))
     elif not Path(path).is_dir():
         raise ModelLoadError(f"{path} is not a folder; give a local Hugging Face model folder (see `dapo convert-gguf` for SmolLM2)")
     elif not (Path(path) / "config.json").is_file():

@@ -13,7 +13,7 @@ import json
 import random
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -21,23 +21,44 @@ from tqdm.auto import tqdm
 
 from dapo_rl.cache import default_cache_dir
 from dapo_rl.config import QuickstartConfig
-from dapo_rl.data.synthetic import VOCAB, sample_problem, warmup_response
+from dapo_rl.data.synthetic import CHAIN, CHAIN_TASKS, VOCAB, ChainTask, sample_problem, warmup_response
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 
 _FORMAT_VERSION = 1  # bump when the warm-up procedure changes, to invalidate old caches
 
 
-def quickstart_key(config: QuickstartConfig, seed: int) -> str:
+def builtin_model_task(path: str) -> ChainTask:
+    """The task whose warm-up the built-in model ``builtin:<task>-tiny`` is.
+
+    Raises:
+        ValueError: not a built-in model name (the message lists the known ones).
+    """
+    known = ", ".join(f"builtin:{name}-tiny" for name in CHAIN_TASKS)
+    name = path.removeprefix("builtin:")
+    if not path.startswith("builtin:") or not name.endswith("-tiny") or name.removesuffix("-tiny") not in CHAIN_TASKS:
+        raise ValueError(f"unknown built-in model {path!r}; use one of {known}, or a local model folder")
+    return CHAIN_TASKS[name.removesuffix("-tiny")]
+
+
+def resolved_warmup(config: QuickstartConfig, task: ChainTask = CHAIN) -> QuickstartConfig:
+    """``config`` with ``warmup_steps=None`` replaced by the task's own (so one model has one key)."""
+    return config if config.warmup_steps is not None else replace(config, warmup_steps=task.warmup_steps)
+
+
+def quickstart_key(config: QuickstartConfig, seed: int, task: ChainTask = CHAIN) -> str:
+    config = resolved_warmup(config, task)
     settings = {k: v for k, v in asdict(config).items() if k != "cache_dir"}
-    blob = json.dumps({"settings": settings, "seed": seed, "version": _FORMAT_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    identity = {"settings": settings, "seed": seed, "version": _FORMAT_VERSION}
+    if task != CHAIN:  # the quickstart task's key predates the other tasks: existing caches stay valid
+        identity["task"] = asdict(task)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _warmup_batch(tokenizer, rng: random.Random, config: QuickstartConfig) -> tuple[torch.Tensor, ...]:
+def _warmup_batch(tokenizer, rng: random.Random, config: QuickstartConfig, task: ChainTask) -> tuple[torch.Tensor, ...]:
     """Right-padded ``[batch, len]`` ids, attention mask and response-token mask."""
     rows, masks = [], []
     for _ in range(config.warmup_batch):
-        problem = sample_problem(rng)
+        problem = sample_problem(rng, task)
         response = warmup_response(problem, rng, step_error=config.step_error, recheck=config.recheck)
         prompt_ids = tokenizer(problem.prompt)["input_ids"]
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -50,8 +71,9 @@ def _warmup_batch(tokenizer, rng: random.Random, config: QuickstartConfig) -> tu
     return ids, attention, loss_mask
 
 
-def build_quickstart_model(config: QuickstartConfig, seed: int, folder: Path, progress: bool = True) -> None:
-    """Build the tokenizer and model, run the supervised warm-up, save both to ``folder``."""
+def build_quickstart_model(config: QuickstartConfig, seed: int, folder: Path, progress: bool = True, task: ChainTask = CHAIN) -> None:
+    """Build the tokenizer and model, run the supervised warm-up on ``task``, save both to ``folder``."""
+    config = resolved_warmup(config, task)
     tokenizer = build_char_tokenizer(VOCAB)
     model = build_tiny_llama(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
                              num_heads=4, intermediate_size=4 * config.hidden_size, seed=seed)
@@ -67,7 +89,7 @@ def build_quickstart_model(config: QuickstartConfig, seed: int, folder: Path, pr
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in bar:
-            ids, attention, loss_mask = _warmup_batch(tokenizer, rng, config)
+            ids, attention, loss_mask = _warmup_batch(tokenizer, rng, config, task)
             logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
             logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             weights = loss_mask[:, 1:]
@@ -81,19 +103,20 @@ def build_quickstart_model(config: QuickstartConfig, seed: int, folder: Path, pr
     model.eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "quickstart.json").write_text(json.dumps({"seed": seed, **asdict(config)}, indent=2))
+    (folder / "quickstart.json").write_text(json.dumps({"seed": seed, "task": asdict(task), **asdict(config)}, indent=2))
 
 
-def prepare_quickstart_model(config: QuickstartConfig, seed: int = 0, progress: bool = True) -> Path:
-    """The cached warm-up folder for these settings, built first if absent (atomically)."""
+def prepare_quickstart_model(config: QuickstartConfig, seed: int = 0, progress: bool = True, task: ChainTask = CHAIN) -> Path:
+    """The cached warm-up folder of ``task`` for these settings, built first if absent (atomically)."""
+    config = resolved_warmup(config, task)
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    folder = cache / f"chain-tiny-{quickstart_key(config, seed)}"
+    folder = cache / f"{task.name}-tiny-{quickstart_key(config, seed, task)}"
     if (folder / "quickstart.json").is_file():
         return folder
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
     try:
-        build_quickstart_model(config, seed, staging, progress=progress)
+        build_quickstart_model(config, seed, staging, progress=progress, task=task)
         try:
             staging.rename(folder)
         except OSError:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .functions import MathReward, NamedReward, RewardFn
-from dapo_rl.config import BUILTIN_DATA
+from dapo_rl.config import BUILTIN_PREFIX
 
 __all__ = [
     "RewardFactory",
@@ -130,8 +130,8 @@ def resolve_reward_fn(
     Args:
         spec: a registered name (see :func:`available_rewards`), an import path
             ``package.module:function`` (or ``package.module:Class.method``), a callable, or
-            ``auto``: the chain task's reward for the built-in data (``data == builtin:chain``),
-            the math verifier otherwise.
+            ``auto``: the chain task's reward for the built-in data (``builtin:chain``,
+            ``builtin:chain-long``), the math verifier otherwise.
         correct_reward: score of a correct answer (built-ins; also used for ``True`` returns).
         incorrect_reward: score of a wrong answer and of any failed call.
 
@@ -152,7 +152,7 @@ def resolve_reward_fn(
         )
     key = spec.strip()
     if key == "auto":
-        key = "chain" if data == BUILTIN_DATA else "math"
+        key = "chain" if data is not None and data.startswith(BUILTIN_PREFIX) else "math"
     with _registry_lock:
         factory = _registry.get(key)
     if factory is not None:
