@@ -14,11 +14,13 @@ from dapo_rl.config import to_yaml
 from dapo_rl.experiments.ablation import (
     ABLATION_DEFAULTS,
     RUNG_KEYS,
+    AblationPlan,
     RUNGS,
     run_status,
     rung_config,
     select_rungs,
 )
+from dapo_rl.experiments.ablation_report import AblationReport, RunSummary, paired_effect, steps_to_target_or_budget
 from dapo_rl.models.quickstart import prepare_quickstart_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -113,7 +115,7 @@ def _smoke_args(out: Path, cache: str) -> list[str]:
         f"quickstart.cache_dir={cache}", *(f"quickstart.{k}={v}" for k, v in TINY_WARMUP.items()),
         "prompts_per_step=2", "mini_batch_size=1", "group_size=4", "micro_batch_size=4",
         "rollout.max_response_length=8", "overlong.cache_length=3", "dynamic_sampling.max_rounds=2",
-        "data.builtin_train_size=64", "data.builtin_eval_size=8", "eval.interval=0",
+        "data.builtin_train_size=64", "data.builtin_eval_size=8", "eval.interval=0", "--pass-at-k", "4",
     ]
 
 
@@ -136,6 +138,17 @@ def test_ablate_smoke_writes_table_and_plot_and_skips_finished_runs(tmp_path, ti
         assert (out / rung / "seed0" / "metrics.jsonl").is_file()
     # Naive GRPO generates exactly one batch per step: 2 steps × 2 prompts × 4 samples.
     assert data["runs"]["grpo"][0]["samples_generated"] == 16
+    # pass@1..4 of the start policy and of both final policies, in the table and the JSON.
+    for rung in ("grpo", "dapo"):
+        passed = data["runs"][rung][0]["pass_at_k"]
+        assert set(passed) == {"1", "2", "4"} and 0 <= passed["1"] <= passed["2"] <= passed["4"] <= 1
+        assert json.loads((out / rung / "seed0" / "pass_at_k.json").read_text())["k"] == 4
+    assert set(data["start_pass_at_k"]) == {"1", "2", "4"}
+    assert "| start (before RL) |" in table and "pass@4" in table
+    # One paired effect: DAPO against naive GRPO (adjacent here), with a single seed (no interval).
+    (effect,) = data["effects"]
+    assert (effect["treatment"], effect["control"], effect["seeds"]) == ("+ dynamic sampling (DAPO)", "naive GRPO", [0])
+    assert effect["low"] == effect["high"] == pytest.approx(effect["mean"])
 
     # A second call finds both runs finished and trains nothing.
     mtime = (out / "grpo" / "seed0" / "metrics.jsonl").stat().st_mtime_ns
@@ -154,3 +167,42 @@ def test_overrides_after_options_reach_the_runs(tmp_path, capsys):
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-arithmetic.yaml"
     assert main(["ablate", str(recipe), "--rungs", "6", "--steps", "1", "--out", str(tmp_path), "stepz=3"]) == 2
     assert "unknown config key 'stepz'" in capsys.readouterr().err
+
+
+def test_paired_effect_is_the_mean_difference_with_a_student_t_interval():
+    # Differences 0.1, 0.2, 0.3: mean 0.2, sample std 0.1; t(0.975, 2 df) = 4.302653 (tables), so the
+    # half-width is 4.302653 * 0.1 / sqrt(3) = 0.248414.
+    effect = paired_effect("b", "a", {0: 0.6, 1: 0.7, 2: 0.9, 7: 0.5}, {0: 0.5, 1: 0.5, 2: 0.6})
+    assert effect.seeds == [0, 1, 2]  # seed 7 has no control run
+    assert effect.differences == pytest.approx([0.1, 0.2, 0.3])
+    assert effect.mean == pytest.approx(0.2)
+    assert (effect.low, effect.high) == pytest.approx((0.2 - 0.248414, 0.2 + 0.248414), abs=1e-6)
+    assert not effect.excludes_zero
+    tight = paired_effect("b", "a", {0: 0.3, 1: 0.31, 2: 0.29}, {0: 0.1, 1: 0.1, 2: 0.1})
+    assert tight.excludes_zero and tight.low > 0
+    assert paired_effect("b", "a", {0: 1.0}, {1: 1.0}) is None
+
+
+def test_steps_to_target_counts_a_seed_that_never_got_there_as_its_whole_run():
+    def run(seed, steps_to_target):
+        return RunSummary(run_dir="x", seed=seed, steps=60, accuracy_start=0.3, accuracy_final=0.9,
+                          steps_to_target=steps_to_target, entropy_final=None, length_final=None, truncated_final=None,
+                          informative_frac=None, samples_generated=0.0, updates=0.0, seconds=None)
+    assert steps_to_target_or_budget(run(0, 12)) == 12
+    assert steps_to_target_or_budget(run(0, None)) == 60
+    plan = AblationPlan(select_rungs("grpo,dapo"), [0, 1], 60, Path("unused"), [])
+    report = AblationReport(plan, {"grpo": [run(0, 30), run(1, None)], "dapo": [run(0, 10), run(1, 20)]}, {})
+    assert report.steps_ratio() == (15.0, 45.0)
+
+
+def test_steps_to_match_finds_the_first_evaluation_at_the_controls_final_accuracy():
+    def run(seed, curve):
+        return RunSummary(run_dir="x", seed=seed, steps=curve[-1][0], accuracy_start=curve[0][1], accuracy_final=curve[-1][1],
+                          steps_to_target=None, entropy_final=None, length_final=None, truncated_final=None,
+                          informative_frac=None, samples_generated=0.0, updates=0.0, seconds=None, eval_curve=curve)
+    plan = AblationPlan(select_rungs("grpo,dapo"), [0, 1, 2], 20, Path("unused"), [])
+    grpo = [run(0, [(0, 0.3), (10, 0.7), (20, 0.9)]), run(1, [(0, 0.3), (10, 0.8), (20, 0.95)])]
+    dapo = [run(0, [(0, 0.3), (10, 0.9), (20, 0.97)]), run(1, [(0, 0.3), (10, 0.9), (20, 0.94)]), run(2, [(0, 0.3), (20, 1.0)])]
+    report = AblationReport(plan, {"grpo": grpo, "dapo": dapo}, {})
+    assert report.steps_to_match() == [(0, 10, 20), (1, None, 20)]  # seed 2 has no naive run
+    assert "10 of 20, never of 20; mean **75%**" in report.markdown()

@@ -107,7 +107,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     config_path, overrides = _split_config_args(args.overrides)
     report = run_ablation(select_rungs(args.rungs), args.seeds, args.steps, args.out, overrides,
-                          target=args.target, jobs=args.jobs, base_config=config_path)
+                          target=args.target, jobs=args.jobs, base_config=config_path, pass_at_k=args.pass_at_k)
     return 1 if report.failures else 0
 
 
@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--smooth", type=float, default=0.0, help="EMA smoothing in [0, 1)")
     plot.set_defaults(func=cmd_plot)
     from dapo_rl.experiments.ablation import (
+        DEFAULT_PASS_AT_K,
         DEFAULT_SEEDS,
         DEFAULT_STEPS,
         DEFAULT_TARGET,
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--out", default="runs/ablation", help="ablation folder (default runs/ablation)")
     ablate.add_argument("--target", type=float, default=DEFAULT_TARGET, help=f"accuracy for steps-to-target (default {DEFAULT_TARGET})")
     ablate.add_argument("--jobs", type=int, default=1, help="runs trained at once in separate processes (default 1)")
+    ablate.add_argument("--pass-at-k", type=int, default=DEFAULT_PASS_AT_K,
+                        help=f"after training, pass@1..K of the start and every final policy on the held-out set "
+                             f"(default {DEFAULT_PASS_AT_K}; 0 = skip)")
     ablate.set_defaults(func=cmd_ablate)
     serve = sub.add_parser("rollout-server", help="serve rollouts with vLLM for rollout.engine=vllm-server",
                            description="vLLM's API server with dapo-rl's weight receiver and secret check. The shared "

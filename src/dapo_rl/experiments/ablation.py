@@ -23,15 +23,23 @@ continues where it stopped. The report is a markdown table (``OUT/ablation.md``)
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dapo_rl.config import BUILTIN_MODEL, Config, ConfigError, load_config, to_dict
+from dapo_rl.config import BUILTIN_PREFIX, Config, ConfigError, load_config, to_dict
+from dapo_rl.experiments.ablation_report import (
+    BASE_PASS_AT_K_FILE,
+    DEFAULT_TARGET,
+    PASS_AT_K_FILE,
+    format_number,
+    AblationReport,
+    RunSummary,
+    read_pass_at_k,
+    summarize_run,
+)
 
 # The five switches the ladder turns; a rung fixes all of them, so pass-through overrides may not.
 RUNG_KEYS: tuple[str, ...] = (
@@ -81,43 +89,44 @@ def _build_ladder() -> tuple[Rung, ...]:
 
 RUNGS: tuple[Rung, ...] = _build_ladder()
 
-# Shared by every rung: the task and budget of the ablation (see docs/ablation.md for why).
+# Shared by every rung: the task and budget of the ablation (see docs/ablation.md for why and for
+# the measured properties of the task).
+# - The task is builtin:chain-long (2-10 digits) from its own warmed-up policy: short problems
+#   are often solved and long ones rarely, so a batch mixes all-correct, mixed and all-wrong
+#   groups, and responses run from 5 to 13 tokens before any re-check (builtin:chain spans 5-9).
 # - Four optimiser updates per step (mini_batch_size = prompts_per_step / 4): with a single
 #   on-policy update the importance ratio is exactly 1, nothing is ever clipped and clip-higher
-#   could not matter at all; with two, the one off-policy update clips ~0.1% of tokens.
-# - rollout.max_response_length 12 (default 16): the warm-up's "=S" re-checks then truncate
-#   ~10-15% of responses at the start instead of ~4%, so overlong filtering and the soft
-#   punishment have responses to act on. cache_length 3 starts the penalty above 9 tokens, the
-#   length of the longest re-check-free answer (6 running sums + "#d" + EOS), so a clean answer
-#   is never punished.
+#   could not matter at all.
+# - rollout.max_response_length 16: the warm-up's "=S" re-checks push long answers over it.
+#   cache_length 3 starts the soft penalty above 13 tokens, the longest re-check-free answer
+#   (10 running sums + "#d" + EOS), so a clean answer is never punished.
 # - Dynamic sampling trains on what it found rather than failing a whole run when a late,
-#   accurate policy leaves few informative groups; the "updates" column shows whether that
-#   ever cost an update.
-# - A smaller held-out set evaluated more often: steps-to-target needs the resolution, and the
-#   evaluation must not dominate the run time on a shared 2-core CPU.
+#   accurate policy leaves few informative groups (the "updates" column shows whether that ever
+#   cost an update); with four updates per step a group carried one step is 4 updates old, and
+#   the default age bound of 1 would drop every carried group.
+# - Evaluation every 2 steps on 256 held-out problems x 4 samples: steps-to-target needs the
+#   resolution, and the tiny model evaluates in a fraction of a second.
 ABLATION_DEFAULTS: dict[str, Any] = {
+    "model.path": "builtin:chain-long-tiny",
+    "data.train": "builtin:chain-long",
+    "data.eval": "builtin:chain-long",
     "prompts_per_step": 8,
     "mini_batch_size": 2,
     "micro_batch_size": 16,
-    "rollout.max_response_length": 12,
+    "rollout.max_response_length": 16,
     "overlong.cache_length": 3,
     "dynamic_sampling.max_rounds": 8,
     "dynamic_sampling.on_exhausted": "train",
-    # Four optimiser updates per step (8 groups / mini-batches of 2): a group carried one step is
-    # 4 updates old, and the default bound of 1 update would drop every carried group.
     "dynamic_sampling.max_surplus_age": 4,
-    "eval.interval": 5,
+    "eval.interval": 2,
     "eval.samples_per_prompt": 4,
-    "data.builtin_eval_size": 128,
+    "data.builtin_eval_size": 256,
     "checkpoint.interval": 0,
     "logging.progress": False,
 }
-DEFAULT_STEPS = 40
-DEFAULT_SEEDS = 3
-DEFAULT_TARGET = 0.8
-# Final entropy / length / truncation are means over this many last steps: one step's value is
-# a single noisy batch.
-FINAL_WINDOW = 5
+DEFAULT_STEPS = 60
+DEFAULT_SEEDS = 5
+DEFAULT_PASS_AT_K = 16
 # The built-in policy is warmed up once, with this seed, and every rung and seed starts from
 # it: the seeds then vary the RL run (sampling, prompt order), not the starting model, whose
 # accuracy differs a lot between warm-up seeds.
@@ -257,14 +266,104 @@ def _train_one(config: Config) -> float:
     return time.perf_counter() - started
 
 
+def _execute(jobs_list: list[tuple[str, Callable[..., Any], tuple]], jobs: int,
+             done: Callable[[str, float | None, BaseException | None], str], echo: Callable[[str], None], what: str) -> None:
+    """Run each ``(name, function, args)``: in this process, or ``jobs`` at a time in worker processes
+    that share the CPU threads. ``function`` returns its wall seconds; ``done`` turns a result or an
+    error into the progress line. One failed job never stops the others."""
+    total = len(jobs_list)
+    if not total:
+        return
+    if jobs == 1 or total == 1:
+        for i, (name, function, args) in enumerate(jobs_list, start=1):
+            echo(f"[{i}/{total}] {name}: {what} ...")
+            try:
+                line = done(name, function(*args), None)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one failed run must not cost the others
+                line = done(name, None, exc)
+            echo(f"[{i}/{total}] {name}: {line}")
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")  # fork after torch threads exist can deadlock
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_prepare_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(function, *args): name for name, function, args in jobs_list}
+        echo(f"{what}: {total} jobs, {jobs} at a time ({threads} torch thread(s) each) ...")
+        for i, future in enumerate(as_completed(futures), start=1):
+            name = futures[future]
+            try:
+                line = done(name, future.result(), None)
+            except Exception as exc:
+                line = done(name, None, exc)
+            echo(f"[{i}/{total}] {name}: {line}")
+
+
+def _pass_at_k_one(model: str, config: Config, k: int, output: str) -> float:
+    """`dapo eval` of ``model`` on the run's held-out set, ``k`` samples per problem at the run's
+    evaluation temperature and response cap, written to ``output``; returns the wall seconds."""
+    import contextlib
+    import io
+
+    from dapo_rl.evaluation.cli import run_eval
+
+    started = time.perf_counter()
+    d = config.data
+    options = [f"k={k}", f"temperature={config.eval.temperature}", f"top_p={config.eval.top_p}",
+               f"max_response_length={config.rollout.max_response_length}", f"max_prompt_length={d.max_prompt_length}",
+               f"builtin_eval_size={d.builtin_eval_size}", f"template={d.template}",
+               f"use_chat_template={_format_value(d.use_chat_template)}", f"format={d.format}", f"preset={d.preset}",
+               f"reward={config.reward.function}", f"seed={config.seed}", "greedy=false", "progress=false",
+               f"output={output}", "overwrite=true"]
+    options += [f"{key}={value}" for key, value in (("prompt_field", d.prompt_field), ("answer_field", d.answer_field))
+                if value is not None]
+    with contextlib.redirect_stdout(io.StringIO()):  # its table: the ablation prints its own
+        run_eval(model, d.eval, options)
+    return time.perf_counter() - started
+
+
+def _pass_at_k_jobs(plan: AblationPlan, k: int) -> list[tuple[str, Callable[..., Any], tuple]]:
+    """The pass@k evaluations not yet written: the start policy's (with the first rung's seed-0
+    settings) and each finished run's final policy."""
+    first = plan.config(plan.rungs[0], plan.seeds[0])
+    if first.data.eval is None:
+        return []
+    out: list[tuple[str, Callable[..., Any], tuple]] = []
+    start_file = plan.out / BASE_PASS_AT_K_FILE
+    if _evaluated_k(start_file) != k:
+        out.append(("start policy", _pass_at_k_one, (first.model.path, first, k, str(start_file))))
+    for seed in plan.seeds:
+        for rung in plan.rungs:
+            config = plan.config(rung, seed)
+            run_dir = Path(config.output_dir)
+            result = run_dir / PASS_AT_K_FILE
+            if run_status(config) == "done" and _evaluated_k(result) != k:
+                out.append((f"{rung.name}/seed{seed}", _pass_at_k_one, (str(run_dir / "final"), config, k, str(result))))
+    return out
+
+
+def _evaluated_k(path: Path) -> int | None:
+    try:
+        return int(json.loads(path.read_text())["k"])
+    except (OSError, json.JSONDecodeError, KeyError, ValueError):
+        return None
+
+
 def _resolve_base_model(overrides: Sequence[str], base_config: str | Path | None) -> list[str]:
     """Pin ``model.path`` of the built-in policy to its warm-up folder (built once, seed BASE_MODEL_SEED)."""
     probe = rung_config(RUNGS[0], BASE_MODEL_SEED, 1, "unused", overrides, base_config)
-    if probe.model.path != BUILTIN_MODEL:
+    if not probe.model.path.startswith(BUILTIN_PREFIX):
         return list(overrides)
-    from dapo_rl.models.quickstart import prepare_quickstart_model
+    from dapo_rl.models.quickstart import builtin_model_task, prepare_quickstart_model
 
-    folder = prepare_quickstart_model(probe.quickstart, seed=BASE_MODEL_SEED, progress=probe.logging.progress)
+    try:
+        task = builtin_model_task(probe.model.path)
+    except ValueError as exc:
+        raise ConfigError(f"model.path: {exc}") from None
+    folder = prepare_quickstart_model(probe.quickstart, seed=BASE_MODEL_SEED, progress=probe.logging.progress, task=task)
     return [*overrides, f"model.path={folder}"]
 
 
@@ -293,6 +392,7 @@ def run_ablation(
     target: float = DEFAULT_TARGET,
     jobs: int = 1,
     base_config: str | Path | None = None,
+    pass_at_k: int = 0,
     echo: Callable[[str], None] = print,
 ) -> "AblationReport":
     """Train every (rung, seed) not already finished in ``out``, then write and return the report.
@@ -308,12 +408,17 @@ def run_ablation(
         jobs: runs trained at once, in separate processes sharing the CPU threads.
         base_config: a training YAML (e.g. ``recipes/smollm2-135m-arithmetic.yaml``) to run the
             ladder on instead of the built-in task.
+        pass_at_k: after training, evaluate the start policy and every final policy with this many
+            samples per held-out problem (pass@1, 2, 4, ... up to it; 0 = skip). Results already
+            written are kept.
         echo: where progress lines go.
     """
     if steps < 1:
         raise ConfigError(f"--steps: must be >= 1, got {steps}")
     if jobs < 1:
         raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
+    if pass_at_k < 0:
+        raise ConfigError(f"--pass-at-k: must be >= 0 (0 skips it), got {pass_at_k}")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise ConfigError("--seeds: need at least one seed")
@@ -338,45 +443,24 @@ def run_ablation(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     failures: dict[str, str] = {}
-    total = len(todo)
 
-    def finished(i: int, rung: Rung, seed: int, seconds: float | None, error: BaseException | None) -> None:
-        name = f"{rung.name}/seed{seed}"
+    def trained(name: str, seconds: float | None, error: BaseException | None) -> str:
         if error is not None:
             failures[name] = f"{type(error).__name__}: {error}"
-            echo(f"[{i}/{total}] {name}: FAILED ({failures[name]})")
-            return
-        summary = summarize_run(out / rung.name / f"seed{seed}", target)
-        echo(f"[{i}/{total}] {name}: held-out accuracy {_num(summary.accuracy_start)} -> {_num(summary.accuracy_final)} "
-             f"in {seconds:.0f} s ({time.perf_counter() - started:.0f} s elapsed)")
+            return f"FAILED ({failures[name]})"
+        rung_name, seed = name.split("/seed")
+        summary = summarize_run(out / rung_name / f"seed{seed}", int(seed), target)
+        return (f"held-out accuracy {format_number(summary.accuracy_start)} -> {format_number(summary.accuracy_final)} "
+                f"in {seconds:.0f} s ({time.perf_counter() - started:.0f} s elapsed)")
 
-    if jobs == 1 or total <= 1:
-        for i, (rung, seed, config) in enumerate(todo, start=1):
-            echo(f"[{i}/{total}] {rung.name}/seed{seed}: training {steps} steps ...")
-            try:
-                seconds = _train_one(config)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # one failed run must not cost the others
-                finished(i, rung, seed, None, exc)
-                continue
-            finished(i, rung, seed, seconds, None)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        context = multiprocessing.get_context("spawn")  # fork after torch threads exist can deadlock
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_prepare_worker,
-                                 initargs=(threads,)) as pool:
-            futures = {pool.submit(_train_one, config): (rung, seed) for rung, seed, config in todo}
-            echo(f"training {total} runs, {jobs} at a time ({threads} torch thread(s) each) ...")
-            for i, future in enumerate(as_completed(futures), start=1):
-                rung, seed = futures[future]
-                try:
-                    finished(i, rung, seed, future.result(), None)
-                except Exception as exc:
-                    finished(i, rung, seed, None, exc)
+    _execute([(f"{rung.name}/seed{seed}", _train_one, (config,)) for rung, seed, config in todo], jobs, trained, echo,
+             what=f"training {steps} steps")
+    if pass_at_k:
+        evaluations = _pass_at_k_jobs(plan, pass_at_k)
+        if evaluations:
+            _execute(evaluations, jobs, lambda name, seconds, error: (f"FAILED ({type(error).__name__}: {error})"
+                                                                     if error else f"{seconds:.0f} s"),
+                     echo, what=f"pass@{pass_at_k} on the held-out set")
     report = build_report(plan, failures)
     written = report.write(out)
     echo(report.markdown())
@@ -385,182 +469,7 @@ def run_ablation(
     return report
 
 
-# ----------------------------------------------------------------------------- results
-
-
-@dataclass
-class RunSummary:
-    """The numbers the report needs from one finished run's metrics.jsonl."""
-
-    run_dir: str
-    steps: int
-    accuracy_start: float | None
-    accuracy_final: float | None
-    steps_to_target: int | None  # first evaluated step at or above the target; None = not reached
-    entropy_final: float | None
-    length_final: float | None
-    truncated_final: float | None
-    informative_frac: float | None  # mean over all steps
-    samples_generated: float
-    updates: float
-    seconds: float | None
-    eval_curve: list[tuple[int, float]] = field(default_factory=list)
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-
-
-_CURVES = ("train/entropy", "train/response_length_mean", "train/truncated_frac", "train/samples_generated_total",
-           "train/informative_group_frac")
-
-
-def summarize_run(run_dir: str | Path, target: float = DEFAULT_TARGET, window: int = FINAL_WINDOW) -> RunSummary:
-    """Read one run folder's metrics into a :class:`RunSummary`."""
-    from dapo_rl.telemetry.plots import load_series
-
-    run_dir = Path(run_dir)
-    series = load_series(run_dir)
-
-    def tail_mean(key: str) -> float | None:
-        if key not in series:
-            return None
-        values = series[key][1][-window:]
-        return float(values.mean()) if len(values) else None
-
-    def curve(key: str) -> list[tuple[int, float]]:
-        if key not in series:
-            return []
-        steps, values = series[key]
-        return [(int(s), float(v)) for s, v in zip(steps, values)]
-
-    evals = curve("eval/accuracy")
-    start = next((v for s, v in evals if s == 0), None)
-    # Every training step logs some train/ metric (which ones depends on whether it trained at all).
-    final_step = max((int(steps[-1]) for key, (steps, _) in series.items() if key.startswith("train/") and len(steps)), default=0)
-    final = next((v for s, v in reversed(evals) if s == final_step), None) if final_step else None
-    reached = next((s for s, v in evals if v >= target), None)
-    summary_file = run_dir / "summary.json"
-    seconds = None
-    if summary_file.is_file():
-        try:
-            seconds = json.loads(summary_file.read_text()).get("seconds")
-        except json.JSONDecodeError:
-            pass
-    samples = series.get("train/samples_generated")
-    updates = series.get("train/updates")
-    informative = series.get("train/informative_group_frac")
-    return RunSummary(
-        run_dir=str(run_dir),
-        steps=final_step,
-        accuracy_start=start,
-        accuracy_final=final,
-        steps_to_target=reached,
-        entropy_final=tail_mean("train/entropy"),
-        length_final=tail_mean("train/response_length_mean"),
-        truncated_final=tail_mean("train/truncated_frac"),
-        informative_frac=float(informative[1].mean()) if informative is not None else None,
-        samples_generated=float(samples[1].sum()) if samples is not None else 0.0,
-        updates=float(updates[1].sum()) if updates is not None else 0.0,
-        seconds=seconds,
-        eval_curve=evals,
-        curves={key: curve(key) for key in _CURVES},
-    )
-
-
-def _mean_std(values: Sequence[float | None]) -> tuple[float, float] | None:
-    present = [v for v in values if v is not None]
-    if not present:
-        return None
-    return statistics.fmean(present), (statistics.stdev(present) if len(present) > 1 else 0.0)
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _pm(values: Sequence[float | None], digits: int = 3) -> str:
-    stats = _mean_std(values)
-    if stats is None:
-        return "-"
-    return f"{stats[0]:.{digits}f} ± {stats[1]:.{digits}f}"
-
-
-@dataclass
-class AblationReport:
-    plan: AblationPlan
-    runs: dict[str, list[RunSummary]]  # rung name -> one summary per finished seed, in seed order
-    failures: dict[str, str]
-
-    def rows(self) -> list[dict[str, str]]:
-        """One table row per rung (cells already formatted)."""
-        rows = []
-        for rung in self.plan.rungs:
-            runs = self.runs.get(rung.name, [])
-            reached = [r.steps_to_target for r in runs]
-            hit = [s for s in reached if s is not None]
-            to_target = ", ".join("n.r." if s is None else str(s) for s in reached) if runs else "-"
-            if hit:
-                to_target += f" (reached {len(hit)}/{len(runs)})"
-            seconds = [r.seconds for r in runs if r.seconds is not None]
-            rows.append({
-                "rung": rung.label,
-                "seeds": str(len(runs)),
-                "start acc": _pm([r.accuracy_start for r in runs]),
-                "final held-out acc": _pm([r.accuracy_final for r in runs]),
-                f"steps to ≥{self.plan.target:g}": to_target,
-                "final entropy": _pm([r.entropy_final for r in runs]),
-                "final resp. length": _pm([r.length_final for r in runs], 2),
-                "final truncated": _pm([r.truncated_final for r in runs]),
-                "informative groups": _pm([r.informative_frac for r in runs], 2),
-                "samples generated": _pm([r.samples_generated for r in runs], 0),
-                "policy updates": "/".join(sorted({f"{r.updates:.0f}" for r in runs})) or "-",
-                "s / run": f"{statistics.fmean(seconds):.0f}" if seconds else "-",
-            })
-        return rows
-
-    def markdown(self) -> str:
-        rows = self.rows()
-        if not rows:
-            return "(no rungs)"
-        headers = list(rows[0])
-        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-        lines += ["| " + " | ".join(row[h] for h in headers) + " |" for row in rows]
-        p = self.plan
-        notes = [
-            "",
-            f"{len(p.seeds)} seed(s) ({', '.join(map(str, p.seeds))}), {p.steps} steps per run; mean ± std over seeds. "
-            f"Held-out accuracy is avg@k on the held-out set; steps to target lists each seed's first evaluation at "
-            f"or above {p.target:g} (n.r. = not reached). Entropy, response length and truncated fraction are means "
-            f"over the last {FINAL_WINDOW} steps; informative groups (0 < correct < G) is the mean over all steps of "
-            f"the fraction of generated groups that were informative; samples generated counts every sampled response.",
-        ]
-        user = [o for o in p.overrides if o not in p.pinned]
-        if p.base_config:
-            notes.append(f"Every run's settings come from `{p.base_config}`, under the overrides and the rung's switches.")
-        if p.pinned:
-            notes.append(f"Every run starts from the same policy: `{' '.join(p.pinned)}` (the built-in warm-up, seed {BASE_MODEL_SEED}).")
-        if user:
-            notes.append(f"Overrides: `{' '.join(user)}`.")
-        if self.failures:
-            notes.append("Failed runs: " + "; ".join(f"{k}: {v}" for k, v in self.failures.items()))
-        return "\n".join(lines + notes)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "steps": self.plan.steps, "seeds": self.plan.seeds, "target": self.plan.target,
-            "base_config": self.plan.base_config, "overrides": self.plan.overrides,
-            "rungs": [asdict(r) for r in self.plan.rungs],
-            "runs": {name: [asdict(s) for s in runs] for name, runs in self.runs.items()},
-            "failures": self.failures,
-        }
-
-    def write(self, out: str | Path) -> list[Path]:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        table = out / "ablation.md"
-        table.write_text(f"# Ablation ladder\n\n{self.markdown()}\n")
-        data = out / "ablation.json"
-        data.write_text(json.dumps(self.to_json(), indent=1))
-        figure = plot_ablation(self, out / "ablation.png")
-        return [table, figure, data]
+# ----------------------------------------------------------------------------- report
 
 
 def build_report(plan: AblationPlan, failures: dict[str, str] | None = None) -> AblationReport:
@@ -574,91 +483,5 @@ def build_report(plan: AblationPlan, failures: dict[str, str] | None = None) -> 
             if run_status(plan.config(rung, seed)) != "done":
                 failures.setdefault(name, "not finished")
                 continue
-            runs.setdefault(rung.name, []).append(summarize_run(run_dir, plan.target))
-    return AblationReport(plan, runs, failures)
-
-
-# ----------------------------------------------------------------------------- figure
-
-
-def _band(curves: list[list[tuple[int, float]]]):
-    """Mean and std over seeds at the steps every seed logged."""
-    import numpy as np
-
-    if not curves or any(not c for c in curves):
-        return None
-    common = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
-    if not common:
-        return None
-    table = np.array([[dict(c)[s] for s in common] for c in curves])
-    return np.array(common), table.mean(axis=0), table.std(axis=0)
-
-
-def plot_ablation(report: AblationReport, path: str | Path) -> Path:
-    """One PNG: held-out accuracy, entropy, response length, truncation and samples generated per rung
-    (mean over seeds, shaded ± std), and the final accuracy per rung as bars."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(16, 9), layout="constrained")
-    axes = fig.subplots(2, 3).ravel()
-    panels = (
-        ("eval", "Held-out accuracy", "accuracy (avg@k)"),
-        ("train/entropy", "Policy entropy", "nats / token"),
-        ("train/response_length_mean", "Mean response length", "tokens"),
-        ("train/truncated_frac", "Truncated responses", "fraction"),
-        ("train/samples_generated_total", "Samples generated (cumulative)", "samples"),
-    )
-    for ax, (key, title, ylabel) in zip(axes, panels):
-        for i, rung in enumerate(report.plan.rungs):
-            runs = report.runs.get(rung.name, [])
-            curves = [r.eval_curve if key == "eval" else r.curves.get(key, []) for r in runs]
-            band = _band(curves)
-            if band is None:
-                continue
-            steps, mean, std = band
-            color = f"C{i}"
-            # Alternating dashes: a rung whose switch changed nothing retraces the rung below it
-            # exactly; drawn dashed on top of a solid line, both stay visible.
-            ax.plot(steps, mean, color=color, linewidth=1.6, linestyle=("--", "-")[i % 2],
-                    marker="o" if key == "eval" else None, markersize=3, label=f"{i + 1}. {rung.label}")
-            if len(curves) > 1:
-                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
-        if key == "eval":
-            ax.axhline(report.plan.target, color="grey", linestyle=":", linewidth=1)
-            ax.set_ylim(0, 1)
-        ax.set_title(title, fontsize=11)
-        ax.set_xlabel("training step (equal policy updates per step in every rung)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
-    bars = axes[5]
-    labels, means, stds, colors = [], [], [], []
-    for i, rung in enumerate(report.plan.rungs):
-        stats = _mean_std([r.accuracy_final for r in report.runs.get(rung.name, [])])
-        labels.append(f"{i + 1}")
-        means.append(stats[0] if stats else 0.0)
-        stds.append(stats[1] if stats else 0.0)
-        colors.append(f"C{i}")
-    x = np.arange(len(labels))
-    bars.bar(x, means, yerr=stds, color=colors, capsize=4)
-    for i, rung in enumerate(report.plan.rungs):
-        for r in report.runs.get(rung.name, []):
-            if r.accuracy_final is not None:
-                bars.plot(i, r.accuracy_final, "k.", markersize=5)
-    bars.set_xticks(x, [f"{i + 1}. {r.name}" for i, r in enumerate(report.plan.rungs)], rotation=30, ha="right", fontsize=8)
-    for i, (mean, std) in enumerate(zip(means, stds)):
-        bars.annotate(f"{mean:.3f}", (i, mean + std), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
-    # Zoomed in: the rungs differ by a few points, invisible on a 0-1 axis. The bottom is printed
-    # on the axis, so the zoom cannot mislead.
-    finals = [r.accuracy_final for runs in report.runs.values() for r in runs if r.accuracy_final is not None]
-    bottom = max(0.0, math.floor((min(finals) - 0.05) * 20) / 20) if finals else 0.0
-    bars.set_ylim(bottom, 1)
-    bars.set_ylabel("accuracy (avg@k; axis does not start at 0)")
-    bars.set_title("Final held-out accuracy (mean ± std, dots = seeds)", fontsize=11)
-    bars.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"DAPO ablation ladder on the built-in task: {len(report.plan.seeds)} seed(s), {report.plan.steps} steps",
-                 fontsize=13)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+            runs.setdefault(rung.name, []).append(summarize_run(run_dir, seed, plan.target))
+    return AblationReport(plan, runs, failures, start_pass_at_k=read_pass_at_k(plan.out / BASE_PASS_AT_K_FILE))
