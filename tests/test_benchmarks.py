@@ -268,3 +268,15 @@ def test_lora_sampling_smoke():
     for way in ("fast", "fast-hf-decode", "hf", "hf-merge-in-place"):
         assert re.search(rf"\n{way}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\n", out), way
     assert re.search(r"base weights changed, max \|dW\| = ", out)
+
+
+def test_chain_task_properties_smoke(tmp_path):
+    """A barely warmed-up long-task model: one row per digit count 2-10, groups that add up to 1."""
+    out = run_script("chain_task_properties.py", "--prompts", "24", "--group", "4", "--warmup-steps", "5",
+                     "--threads", "1", "--cache", str(tmp_path))
+    rows = re.findall(rf"^\s+(\d+|all)\s+(\d+)\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})$", out, flags=re.M)
+    assert [r[0] for r in rows][-1] == "all" and all(2 <= int(r[0]) <= 10 for r in rows[:-1])
+    assert int(rows[-1][1]) == 24 * 4
+    assert all(0 <= float(r[2]) <= 1 and 0 <= float(r[3]) <= 1 and float(r[4]) >= 1 for r in rows)
+    groups = re.search(rf"all correct ({NUMBER}), mixed ({NUMBER}), all wrong ({NUMBER})", out)
+    assert groups and sum(map(float, groups.groups())) == pytest.approx(1.0, abs=2e-3)
