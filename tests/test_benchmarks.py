@@ -280,3 +280,32 @@ def test_chain_task_properties_smoke(tmp_path):
     assert all(0 <= float(r[2]) <= 1 and 0 <= float(r[3]) <= 1 and float(r[4]) >= 1 for r in rows)
     groups = re.search(rf"all correct ({NUMBER}), mixed ({NUMBER}), all wrong ({NUMBER})", out)
     assert groups and sum(map(float, groups.groups())) == pytest.approx(1.0, abs=2e-3)
+
+
+def test_seed_series_smoke(tmp_path):
+    """Hand-made eval results on 4 problems: the paired gain and its standard error are computed by hand."""
+    def write_eval(name, k, counts, greedy):
+        per = [c / k for c in counts]
+        payload = {"model": str(tmp_path / name / "final"), "num_problems": len(counts), "k": k, "greedy_accuracy": greedy,
+                   "avg_at_k": sum(per) / len(per), "response_length_mean": 10.0,
+                   "pass_at_k": {"1": sum(per) / len(per), "2": sum(c > 0 for c in counts) / len(counts)},
+                   "truncated_frac": 0.1, "correct_counts": counts}
+        (tmp_path / f"{name}.json").write_text(json.dumps(payload))
+        return str(tmp_path / f"{name}.json")
+
+    base = write_eval("base", 2, [0, 1, 0, 1], 0.25)  # per problem 0, .5, 0, .5
+    seed = write_eval("seed0", 2, [2, 2, 1, 2], 0.75)  # per problem 1, 1, .5, 1: gains 1, .5, .5, .5
+    run = tmp_path / "seed0"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0, "eval/accuracy": 0.25}, {"step": 1, "train/response_length_mean": 12.0, "train/truncated_frac": 0.2, "time/step_s": 3.0},
+        {"step": 2, "train/response_length_mean": 9.0, "train/truncated_frac": 0.0, "time/step_s": 4.0, "eval/accuracy": 0.8}]))
+    (run / "summary.json").write_text(json.dumps({"seconds": 9.0}))
+    figure = tmp_path / "series.png"
+    out = run_script("seed_series.py", "--name", "smoke", "--base", base, "--evals", seed, "--runs", str(run),
+                     "--figure", str(figure))
+    # Gains 1, .5, .5, .5: mean 0.625, sample std 0.25, SE 0.125 -> +62.5 points ± 12.5, 5.0 SEs.
+    line = next(l for l in out.splitlines() if l.startswith("seed0"))
+    assert re.search(r"\+62\.5\s+12\.5\s+5\.0\s+9\s+7$", line), line
+    assert "every seed above base by > 2 SE: yes" in out
+    assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
