@@ -487,3 +487,17 @@ def test_plots_do_not_touch_pyplot_state(two_runs: list[Path], tmp_path: Path) -
         [sys.executable, "-c", code], capture_output=True, env=env, timeout=120, check=False
     )
     assert proc.returncode == 0, proc.stderr.decode()
+
+
+def test_trim_metrics_keeps_the_lines_up_to_the_checkpoint_and_returns_them(tmp_path: Path) -> None:
+    from dapo_rl.training.run_folder import trim_metrics
+
+    rows = [{"step": 0, "eval/accuracy": 0.2}, {"step": 1, "train/loss": 1.0}, {"step": 2, "eval/accuracy": 0.5},
+            {"step": 3, "train/loss": 0.5}, {"step": 4, "eval/accuracy": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = trim_metrics(tmp_path, 3)
+    assert kept == rows[:4]
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:4]
+    # What a resumed run's progress bar shows: the last evaluation logged before the checkpoint.
+    assert next(r["eval/accuracy"] for r in reversed(kept) if "eval/accuracy" in r) == 0.5
+    assert trim_metrics(tmp_path / "missing", 3) == []

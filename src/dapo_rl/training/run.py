@@ -302,7 +302,7 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
         tqdm.write(f"resumed from {checkpoint} (step {trainer.state.step})")
     # Metric lines after the checkpoint (or all of them, when starting over) will be logged
     # again. Trimmed before the JSONL sink opens the file for appending.
-    trim_metrics(run_dir, trainer.state.step if checkpoint is not None else -1)
+    kept = trim_metrics(run_dir, trainer.state.step if checkpoint is not None else -1)
     sinks = build_sinks(run_dir, config.logging.sinks, config.logging.run_name or run_dir.name, to_dict(config),
                         wandb_project=config.logging.wandb_project, wandb_mode=config.logging.wandb_mode)
     trainer.log = sinks.log
@@ -321,7 +321,8 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
                 summary["eval_before"] = result.metrics()
                 sinks.log(result.metrics(), 0)
                 write_json(summary_path, summary)
-            last_eval = before
+            # The progress bar shows the latest held-out accuracy: after a resume, the last one logged.
+            last_eval = next((row["eval/accuracy"] for row in reversed(kept) if "eval/accuracy" in row), before)
             bar = tqdm(total=config.steps, initial=trainer.state.step, desc="dapo train", disable=not progress, dynamic_ncols=True)
             for metrics in trainer.steps(should_stop=_agreed(stop, dist, device)):
                 last_eval = metrics.get("eval/accuracy", last_eval)

@@ -83,15 +83,17 @@ def prepare_output_dir(config: Config) -> Path:
     return out
 
 
-def trim_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+def trim_metrics(run_dir: Path, last_step: int) -> list[dict[str, Any]]:
+    """Drop metric lines logged after the checkpoint we resume from (they will be logged again);
+    returns the lines kept."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return
+        return []
     kept = [row for row in read_metrics(path) if row.get("step", 0) <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
     os.replace(tmp, path)
+    return kept
 
 
 def save_final_policy(model, tokenizer, run_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
