@@ -215,3 +215,28 @@ def test_training_with_vllm_rollouts_learns(tmp_path, policy):
     assert len(steps) == 25 and all(r["rollout/sync_logp_abs_diff"] < 1e-5 for r in steps), [r.get("rollout/sync_logp_abs_diff") for r in steps]
     assert all("rollout/logp_abs_diff" in r and r["rollout/ess_frac"] > 0.9 for r in steps)
     assert "Failed to load weights" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_lora_training_pushes_merged_adapters_that_reach_the_engine(tmp_path, policy):
+    """LoRA with vLLM rollouts (issue 19): after every update the engine is sent base + B·A·alpha/r
+    under the base model's names, and its probe log-probs equal the trainer's adapted model's. A
+    sync that never lands (verl #7495: rollouts kept the initial policy) fails the probe, because
+    the adapters do move: the final adapter's B matrices are far from their zero start."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "result.json"
+    overrides = [
+        "rollout.engine=vllm", "steps=4", "quickstart.hidden_size=128", "quickstart.warmup_lr=1e-3", f"quickstart.cache_dir={CACHE}",
+        f"output_dir={tmp_path / 'run'}", "eval.interval=0", "data.builtin_eval_size=32", "logging.progress=false",
+        "model.lora.r=8", "model.lora.alpha=16", "optim.lr=1e-2", "prompts_per_step=8", "mini_batch_size=4",
+    ]
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, str(out), *overrides], capture_output=True, text=True,
+                          timeout=1800, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["step"] > 0]
+    assert len(steps) == 4 and all(r["rollout/sync_logp_abs_diff"] < 1e-5 for r in steps), [r.get("rollout/sync_logp_abs_diff") for r in steps]
+    adapter = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
+    b_norms = [t.abs().max().item() for name, t in adapter.items() if "lora_B" in name]
+    assert b_norms and min(b_norms) > 1e-3, b_norms
+    assert "Failed to load weights" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
