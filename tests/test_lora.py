@@ -24,6 +24,7 @@ from dapo_rl.models.lora import (
     effective_weight,
     merged_parameters,
     save_merged,
+    save_servable,
 )
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 from dapo_rl.rollout import SamplingParams
@@ -221,18 +222,22 @@ def test_a_sync_that_never_lands_is_caught(adapters, trainer_factory, scored_gro
 
 
 def test_merged_parameters_carry_the_base_names_and_save_as_an_ordinary_model(adapters, tmp_path):
-    """What the vLLM engine is given (it cannot run here): the merged weights under exactly the
-    base model's parameter names, and a folder ``from_pretrained`` loads with the adapted model's logits."""
+    """What the vLLM engines are given (the in-process one's weight pushes, the launched server's
+    model folder): the merged weights under exactly the base model's parameter names, and a folder
+    ``from_pretrained`` loads with the adapted model's logits; a plain model saves as itself."""
     base = _llama()
     model = adapters(base, b_scale=0.3)
     merged = merged_parameters(model)
     assert list(merged) == [n for n, _ in base.named_parameters()]
     save_merged(model, tmp_path / "merged")
-    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    save_servable(model, tmp_path / "servable")
+    save_servable(base, tmp_path / "plain")
     ids = torch.tensor([TOK("3527..=38")["input_ids"]])
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
-        assert (loaded(ids).logits - base(ids).logits).abs().max() > 1e-3
+        for folder, reference in (("merged", model), ("servable", model), ("plain", base)):
+            loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / folder, dtype=torch.float32).eval()
+            torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
+        assert (model(ids).logits - base(ids).logits).abs().max() > 1e-3
 
 
 # ----------------------------------------------------------------------------- outputs

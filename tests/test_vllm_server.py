@@ -180,3 +180,12 @@ def test_training_one_step_off_learns(tmp_path):
 def test_torchrun_two_trainers_one_server_learn(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     _check_learned(_train(tmp_path, "server-torchrun", [], launcher=launcher))
+
+
+def test_lora_training_with_a_launched_server_syncs_the_adapters(tmp_path):
+    """LoRA (issue 19): the launched server starts from the merged weights (an adapter folder is
+    not a model vLLM can serve), and every push of base + B·A·alpha/r lands (probe < 1e-5)."""
+    result = _train(tmp_path, "server-lora", ["model.lora.r=8", "model.lora.alpha=16", "optim.lr=1e-2", "prompts_per_step=8",
+                                              "mini_batch_size=4"], steps=4)
+    assert result["steps"] == 4 and all(r["rollout/sync_logp_abs_diff"] < 1e-5 for r in result["rows"])
+    assert (tmp_path / "server-lora" / "final" / "adapter_config.json").is_file()

@@ -136,6 +136,15 @@ def save_merged(model: torch.nn.Module, folder: str | Path) -> None:
               metadata={"format": "pt"})
 
 
+def save_servable(model: torch.nn.Module, folder: str | Path) -> None:
+    """A model folder an inference server (vLLM) can load: ``save_pretrained`` of a plain model,
+    the merged weights of an adapted one (its ``save_pretrained`` would write the adapter alone)."""
+    if has_adapters(model):
+        save_merged(model, folder)
+    else:
+        model.save_pretrained(folder)
+
+
 # ---------------------------------------------------------------- adding adapters
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as tdist
 
 from dapo_rl.config import ConfigError
+from dapo_rl.models.lora import save_servable
 from dapo_rl.rollout.base import Sample, SamplingParams
 from dapo_rl.rollout.server_client import GenerateRequest, RolloutServerError, RolloutServerRefused, ServerClient
 from dapo_rl.rollout.server_hooks import SECRET_ENV
@@ -288,7 +289,7 @@ def launch_for(config: "Config", model: torch.nn.Module, secret: str) -> tuple[L
                           f"built-in model set quickstart.hidden_size=128 quickstart.warmup_lr=1e-3 (head size 32)")
     workdir = tempfile.mkdtemp(prefix="dapo-rollout-server-")
     try:
-        model.save_pretrained(Path(workdir, "model"))
+        save_servable(model, Path(workdir, "model"))  # a LoRA policy: its merged weights
         spec = ServerSpec(model=str(Path(workdir, "model")), port=free_port(), seed=config.seed,
                           dtype=config.rollout.vllm_dtype, max_model_len=config.rollout.vllm_max_model_len,
                           kv_cache_gb=config.rollout.vllm_kv_cache_gb, extra_args=list(sc.launch_args))

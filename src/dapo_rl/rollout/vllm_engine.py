@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from dapo_rl.config import ConfigError
-from dapo_rl.models.lora import has_adapters, merged_parameters, save_merged
+from dapo_rl.models.lora import has_adapters, merged_parameters, save_servable
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, Sample, SamplingParams
 
 if TYPE_CHECKING:
@@ -236,10 +236,7 @@ class VLLMEngine:
         started = time.perf_counter()
         folder = tempfile.mkdtemp(prefix="dapo-vllm-")
         try:
-            if has_adapters(model):
-                save_merged(model, folder)  # save_pretrained would write the adapter alone
-            else:
-                model.save_pretrained(folder)
+            save_servable(model, folder)
             quiet = _DropChatTemplateWarmup()
             logging.getLogger("vllm.renderers.base").addFilter(quiet)
             try:
