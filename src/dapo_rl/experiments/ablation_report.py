@@ -312,8 +312,8 @@ class AblationReport:
         if matched:
             fractions = [(step if step is not None else total) / total for _, step, total in matched]
             never = sum(step is None for _, step, _ in matched)
-            lines += ["", f"Steps for DAPO to reach naive GRPO's final held-out accuracy (same seed; the paper's "
-                          f"'50% of the training steps' measure): "
+            lines += ["", "Steps for DAPO to reach naive GRPO's final held-out accuracy (same seed; the paper's "
+                          "'50% of the training steps' measure): "
                           + ", ".join(f"{'never' if step is None else step} of {total}" for _, step, total in matched)
                           + f"; mean **{100 * statistics.fmean(fractions):.0f}%** of naive GRPO's steps"
                           + (f" ({never} seed(s) never got there, counted as 100%)" if never else "") + "."]
