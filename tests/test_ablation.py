@@ -206,3 +206,14 @@ def test_steps_to_match_finds_the_first_evaluation_at_the_controls_final_accurac
     report = AblationReport(plan, {"grpo": grpo, "dapo": dapo}, {})
     assert report.steps_to_match() == [(0, 10, 20), (1, None, 20)]  # seed 2 has no naive run
     assert "10 of 20, never of 20; mean **75%**" in report.markdown()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--pass-at-k", "-1"], "--pass-at-k: must be >= 0"),
+    (["--jobs", "0"], "--jobs: must be >= 1"),
+    (["model.path=builtin:chain-long"], "model.path: unknown built-in model 'builtin:chain-long'"),
+])
+def test_bad_ablate_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
+    assert main(["ablate", "--rungs", "1", "--steps", "1", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
