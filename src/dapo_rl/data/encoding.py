@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dapo_rl.config import BUILTIN_PREFIX
 from dapo_rl.data.datasets import DatasetError, DatasetSpec, Example, RowProblem, load_examples
 from dapo_rl.data.synthetic import builtin_splits, chain_task
 from dapo_rl.data.templates import render_prompt
@@ -75,7 +76,7 @@ def load_prompts(source: PromptSource, tokenizer) -> tuple[list[EncodedPrompt], 
         TemplateError: the template cannot render a prompt.
     """
     path = source.dataset.path
-    if path.startswith("builtin:"):
+    if path.startswith(BUILTIN_PREFIX):
         try:
             task = chain_task(path)
         except KeyError as exc:

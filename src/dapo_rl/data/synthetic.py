@@ -148,12 +148,12 @@ def builtin_splits(train_size: int, eval_size: int, seed: int = 0, task: ChainTa
 
 
 def chain_task(name: str) -> ChainTask:
-    """The task named by a built-in dataset (``builtin:chain-long``) or model (``builtin:chain-long-tiny``) name.
+    """The task of a built-in dataset name (``builtin:chain-long``).
 
     Raises:
         KeyError: no such task (the message lists the known names).
     """
-    key = name.removeprefix("builtin:").removesuffix("-tiny")
-    if key not in CHAIN_TASKS:
+    key = name.removeprefix("builtin:")
+    if not name.startswith("builtin:") or key not in CHAIN_TASKS:
         raise KeyError(f"unknown built-in task {name!r}; known: {', '.join('builtin:' + t for t in CHAIN_TASKS)}")
     return CHAIN_TASKS[key]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dapo_rl.cache import default_cache_dir
 from dapo_rl.config import QuickstartConfig
-from dapo_rl.data.synthetic import CHAIN, CHAIN_TASKS, VOCAB, ChainTask, sample_problem, warmup_response
+from dapo_rl.data.synthetic import CHAIN, CHAIN_TASKS, VOCAB, ChainTask, chain_task, sample_problem, warmup_response
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 
 _FORMAT_VERSION = 1  # bump when the warm-up procedure changes, to invalidate old caches
@@ -33,11 +33,13 @@ def builtin_model_task(path: str) -> ChainTask:
     Raises:
         ValueError: not a built-in model name (the message lists the known ones).
     """
+    try:
+        if path.endswith("-tiny"):
+            return chain_task(path.removesuffix("-tiny"))
+    except KeyError:
+        pass
     known = ", ".join(f"builtin:{name}-tiny" for name in CHAIN_TASKS)
-    name = path.removeprefix("builtin:")
-    if not path.startswith("builtin:") or not name.endswith("-tiny") or name.removesuffix("-tiny") not in CHAIN_TASKS:
-        raise ValueError(f"unknown built-in model {path!r}; use one of {known}, or a local model folder")
-    return CHAIN_TASKS[name.removesuffix("-tiny")]
+    raise ValueError(f"unknown built-in model {path!r}; use one of {known}, or a local model folder")
 
 
 def resolved_warmup(config: QuickstartConfig, task: ChainTask = CHAIN) -> QuickstartConfig:
