@@ -119,7 +119,7 @@ def _smoke_args(out: Path, cache: str) -> list[str]:
     ]
 
 
-def test_ablate_smoke_writes_table_and_plot_and_skips_finished_runs(tmp_path, tiny_quickstart_cache, capsys):
+def test_ablate_smoke_writes_table_and_plot_and_skips_finished_runs(tmp_path, tiny_quickstart_cache, capsys, monkeypatch):
     out = tmp_path / "ablation"
     assert main(_smoke_args(out, tiny_quickstart_cache)) == 0
     printed = capsys.readouterr().out
@@ -160,6 +160,18 @@ def test_ablate_smoke_writes_table_and_plot_and_skips_finished_runs(tmp_path, ti
     changed = [a if a != "eval.interval=0" else "eval.interval=1" for a in _smoke_args(out, tiny_quickstart_cache)]
     assert main(changed) == 2
     assert "another configuration" in capsys.readouterr().err
+
+    # A pass@k evaluation that fails is reported and fails the command; the trained runs are kept.
+    def broken(*args):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr("dapo_rl.experiments.ablation._pass_at_k_one", broken)
+    again = [a if a != "4" else "2" for a in _smoke_args(out, tiny_quickstart_cache)]  # --pass-at-k 2: not yet evaluated
+    assert main(again) == 1
+    printed = capsys.readouterr().out
+    assert printed.count("FAILED (RuntimeError: evaluation broke)") == 3  # the start policy and both runs
+    assert "grpo/seed0 pass@2: RuntimeError: evaluation broke" in (out / "ablation.md").read_text()
+    assert (out / "grpo" / "seed0" / "metrics.jsonl").stat().st_mtime_ns == mtime
 
 
 def test_overrides_after_options_reach_the_runs(tmp_path, capsys):

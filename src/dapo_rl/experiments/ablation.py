@@ -34,9 +34,9 @@ from dapo_rl.experiments.ablation_report import (
     BASE_PASS_AT_K_FILE,
     DEFAULT_TARGET,
     PASS_AT_K_FILE,
-    format_number,
     AblationReport,
     RunSummary,
+    format_number,
     read_pass_at_k,
     summarize_run,
 )
@@ -346,10 +346,9 @@ def _pass_at_k_jobs(plan: AblationPlan, k: int) -> list[tuple[str, Callable[...,
 
 
 def _evaluated_k(path: Path) -> int | None:
-    try:
-        return int(json.loads(path.read_text())["k"])
-    except (OSError, json.JSONDecodeError, KeyError, ValueError):
-        return None
+    """The k a pass@k file was evaluated with (its largest pass@j is pass@k), None without one."""
+    passed = read_pass_at_k(path)
+    return max(passed) if passed else None
 
 
 def _resolve_base_model(overrides: Sequence[str], base_config: str | Path | None) -> list[str]:
@@ -444,23 +443,26 @@ def run_ablation(
     started = time.perf_counter()
     failures: dict[str, str] = {}
 
+    training = [(f"{rung.name}/seed{seed}", seed, config) for rung, seed, config in todo]  # name = run folder under out
+    seed_of = {name: seed for name, seed, _ in training}
+
     def trained(name: str, seconds: float | None, error: BaseException | None) -> str:
         if error is not None:
             failures[name] = f"{type(error).__name__}: {error}"
             return f"FAILED ({failures[name]})"
-        rung_name, seed = name.split("/seed")
-        summary = summarize_run(out / rung_name / f"seed{seed}", int(seed), target)
+        summary = summarize_run(out / name, seed_of[name], target)
         return (f"held-out accuracy {format_number(summary.accuracy_start)} -> {format_number(summary.accuracy_final)} "
                 f"in {seconds:.0f} s ({time.perf_counter() - started:.0f} s elapsed)")
 
-    _execute([(f"{rung.name}/seed{seed}", _train_one, (config,)) for rung, seed, config in todo], jobs, trained, echo,
-             what=f"training {steps} steps")
+    def evaluated(name: str, seconds: float | None, error: BaseException | None) -> str:
+        if error is not None:  # the report lists it; the command exits 1 as for a failed run
+            failures[f"{name} pass@{pass_at_k}"] = message = f"{type(error).__name__}: {error}"
+            return f"FAILED ({message})"
+        return f"{seconds:.0f} s"
+
+    _execute([(name, _train_one, (config,)) for name, _, config in training], jobs, trained, echo, what=f"training {steps} steps")
     if pass_at_k:
-        evaluations = _pass_at_k_jobs(plan, pass_at_k)
-        if evaluations:
-            _execute(evaluations, jobs, lambda name, seconds, error: (f"FAILED ({type(error).__name__}: {error})"
-                                                                     if error else f"{seconds:.0f} s"),
-                     echo, what=f"pass@{pass_at_k} on the held-out set")
+        _execute(_pass_at_k_jobs(plan, pass_at_k), jobs, evaluated, echo, what=f"pass@{pass_at_k} on the held-out set")
     report = build_report(plan, failures)
     written = report.write(out)
     echo(report.markdown())
