@@ -16,6 +16,7 @@ import logging
 import random
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -161,11 +162,22 @@ def test_connect_pushes_the_weights_over_the_weight_group(server, policy):
         engine.close()
 
 
-def test_generate_sends_one_request_per_prompt_all_at_once(policy):
+@contextmanager
+def _engine_on_fake_server(policy, **fake_options):
+    """A :class:`VLLMServerEngine` connected to a :class:`FakeServer` of ``policy``; both closed after."""
     model, tokenizer = policy
-    fake = FakeServer(_info(model), generate_delay_s=0.2)
+    fake = FakeServer(_info(model), **fake_options)
     engine = VLLMServerEngine(fake.url, model, tokenizer, timeout_s=30)
     try:
+        yield fake, engine
+    finally:
+        engine.close()
+        fake.close()
+
+
+def test_generate_sends_one_request_per_prompt_all_at_once(policy):
+    tokenizer = policy[1]
+    with _engine_on_fake_server(policy, generate_delay_s=0.2) as (fake, engine):
         prompts = [[5, 6, 7], [8, 9], [10], [11, 12, 13, 14]]
         torch.manual_seed(0)
         groups = engine.generate(prompts, 3, SamplingParams(temperature=1.0, max_new_tokens=6, stop_token_ids=(4,)))
@@ -185,26 +197,18 @@ def test_generate_sends_one_request_per_prompt_all_at_once(policy):
         torch.manual_seed(0)
         again = engine.generate(prompts, 3, SamplingParams(temperature=1.0, max_new_tokens=6, stop_token_ids=(4,)))
         assert [[s.response_ids for s in g] for g in again] == [[s.response_ids for s in g] for g in groups]
-    finally:
-        engine.close()
-        fake.close()
 
 
 def test_push_waits_for_requests_in_flight(policy):
     """A push between two tokens of a sample would mix two policies in it."""
-    model, tokenizer = policy
-    fake = FakeServer(_info(model), generate_delay_s=0.5)
-    engine = VLLMServerEngine(fake.url, model, tokenizer, timeout_s=30)
-    try:
+    model = policy[0]
+    with _engine_on_fake_server(policy, generate_delay_s=0.5) as (fake, engine):
         future = engine.submit([[5, 6], [7]], 2, SamplingParams(temperature=1.0, max_new_tokens=4))
         engine.sync_weights(model)
         assert future.done()
         last_generate_end = max(end for _, _, _, end in fake.requests("/inference/v1/generate"))
         push_start = max(start for path, body, start, _ in fake.log if body.get("method") == "dapo_receive_weights")
         assert push_start >= last_generate_end
-    finally:
-        engine.close()
-        fake.close()
 
 
 def test_wrong_or_missing_secret_is_refused(server, policy):
