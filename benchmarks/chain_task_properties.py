@@ -28,10 +28,12 @@ from collections import Counter, defaultdict
 
 import torch
 
+from dapo_rl.data.synthetic import CHAIN_TASKS
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="chain-long")
+    parser.add_argument("--task", default="chain-long", choices=list(CHAIN_TASKS))
     parser.add_argument("--cap", type=int, default=16, help="max response tokens (the ablation's 16)")
     parser.add_argument("--prompts", type=int, default=512)
     parser.add_argument("--group", type=int, default=8)
@@ -45,12 +47,12 @@ def main() -> None:
 
     from dapo_rl.config import QuickstartConfig
     from dapo_rl.data.encoding import encode_prompts
-    from dapo_rl.data.synthetic import builtin_splits, chain_reward, chain_task
+    from dapo_rl.data.synthetic import builtin_splits, chain_reward
     from dapo_rl.models.loading import load_policy
     from dapo_rl.rollout.base import SamplingParams
     from dapo_rl.rollout.engines import build_engine
 
-    task = chain_task(a.task)
+    task = CHAIN_TASKS[a.task]
     quickstart = QuickstartConfig(warmup_steps=a.warmup_steps, cache_dir=a.cache)
     model, tokenizer = load_policy(f"builtin:{task.name}-tiny", quickstart=quickstart, seed=0, progress=False)
     train, _ = builtin_splits(a.prompts, 8, task=task)
