@@ -97,15 +97,17 @@ def _engine(model, **options):
     return FastRolloutEngine(model, pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id, **options)
 
 
+# Products on oneDNN with packed weights, and plain (what a small model gets on an Intel CPU).
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("name", CASES)
-def test_spec_is_read_and_the_engine_log_probs_equal_a_full_forward(name):
+def test_spec_is_read_and_the_engine_log_probs_equal_a_full_forward(name, pack):
     model = family(name)
     spec = fast_spec(model, 32)
     assert spec is not None and spec.head_dim == 16 and spec.kv_heads == 2
     assert has_sliding_layers(model.config) == (name in WINDOWED) == any(w is not None for w in spec.windows)
     torch.manual_seed(0)
     params = SamplingParams(temperature=1.0, max_new_tokens=12)
-    groups = _engine(model).generate(PROMPTS, 3, params)
+    groups = _engine(model, pack_weights=pack).generate(PROMPTS, 3, params)
     assert max(len(p) + len(s.response_ids) for p, g in zip(PROMPTS, groups) for s in g) > 8  # past every window
     for prompt, group in zip(PROMPTS, groups):
         for sample in group:
@@ -132,7 +134,7 @@ def test_pytorch_ops_decode_like_the_fused_kernels(name, monkeypatch):
     model = family(name)
     params = SamplingParams(temperature=1.0, max_new_tokens=12)
     runs = []
-    for options in ({}, {"native_kernels": False, "pack_weights": False}, {"native_kernels": False}):
+    for options in ({"pack_weights": True}, {"native_kernels": False, "pack_weights": False}, {"native_kernels": False}):
         if len(runs) == 2:
             monkeypatch.setattr(rope, "complex_rotary_applies", lambda *args: False)
         torch.manual_seed(4)

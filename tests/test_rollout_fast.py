@@ -9,11 +9,11 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from dapo_rl.data.synthetic import VOCAB
-from dapo_rl.models.decode import SpecDecoder
+from dapo_rl.models.decode import PLAIN_PRODUCTS_MAX_HIDDEN, SpecDecoder, can_pack, packs_by_default
 from dapo_rl.models.spec import read_spec
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 from dapo_rl.rollout import HFGenerateEngine, SamplingParams
-from dapo_rl.rollout.fast import FastRolloutEngine, filter_logits, sample_tokens
+from dapo_rl.rollout.fast import FastRolloutEngine, filter_logits, ladder_rows, sample_tokens
 
 
 def _decoder(model, **options) -> SpecDecoder:
@@ -40,12 +40,13 @@ def _full_forward_logprobs(model, prompt, response, temperature):
     return torch.log_softmax(logits / temperature, dim=-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
 
 
-# Finished rows dropped at once, in bulk, never; decode steps on the weights directly or through HF modules.
-@pytest.mark.parametrize("compact,direct", [(0.0, True), (0.5, True), (1.1, True), (0.5, False)])
+# Finished rows dropped through the row ladder, at once, in bulk, never; decode steps on the
+# weights directly or through HF modules.
+@pytest.mark.parametrize("compact,direct", [(None, True), (0.0, True), (0.5, True), (1.1, True), (0.5, False)])
 def test_sampler_logprobs_match_a_full_forward_pass(tiny, compact, direct):
     model, tok = tiny
     engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                               compact_min_fraction=compact, direct_decode=direct)
+                               compact_min_fraction=compact or 0.0, row_ladder=compact is None, direct_decode=direct)
     torch.manual_seed(0)
     params = SamplingParams(temperature=0.7, max_new_tokens=12)
     groups = engine.generate(_prompts(tok), 6, params)
@@ -155,7 +156,7 @@ def test_greedy_sample_tokens_is_argmax():
     assert math.isclose(logprobs[0].item(), torch.log_softmax(logits[0], -1)[1].item(), abs_tol=1e-6)
 
 
-@pytest.mark.parametrize("compact", [0.0, 0.3])
+@pytest.mark.parametrize("compact", [None, 0.0, 0.3])
 def test_direct_decode_with_grouped_query_attention_and_equal_length_prompts(tiny, gqa_llama, compact):
     # Equal-length prompts take the mask-free path; GQA takes enable_gqa; both must stay exact.
     _, tok = tiny
@@ -163,7 +164,7 @@ def test_direct_decode_with_grouped_query_attention_and_equal_length_prompts(tin
     prompts = [tok(text)["input_ids"] for text in ("12=", "34=", "56=")]
     assert len({len(p) for p in prompts}) == 1
     engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                               compact_min_fraction=compact)
+                               compact_min_fraction=compact or 0.0, row_ladder=compact is None)
     torch.manual_seed(2)
     groups = engine.generate(prompts, 5, SamplingParams(temperature=1.3, max_new_tokens=10))
     assert {s.finish_reason for g in groups for s in g} == {"stop", "length"}
@@ -194,13 +195,55 @@ def test_packed_weight_products_match_plain_float32_products(tiny):
     # On a CPU the direct decode runs its products on oneDNN with pre-packed weights; the plain
     # path (torch's own float32 products) must give the same greedy tokens and log-probs.
     model, tok = tiny
-    assert _decoder(model).packed and not _decoder(model, pack_weights=False).packed
-    assert not _decoder(model.double()).packed  # oneDNN has no float64 products
+    assert _decoder(model, pack_weights=True).packed and not _decoder(model, pack_weights=False).packed
+    assert not _decoder(model.double(), pack_weights=True).packed  # oneDNN has no float64 products
     model.float()
     greedy = SamplingParams(temperature=0.0, max_new_tokens=14)
     runs = [FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                               pack_weights=pack).generate(_prompts(tok), 3, greedy) for pack in (True, False)]
     _assert_same_samples(*runs)
+
+
+def test_products_are_packed_by_default_except_small_models_on_intel(tiny, monkeypatch):
+    # A function of the model and the machine, never of a timing: the same run picks the same products.
+    import dapo_rl.models.decode as decode
+
+    cpu = torch.device("cpu")
+    for vendor, small_packed in (("GenuineIntel", False), ("AuthenticAMD", True), ("", True)):
+        monkeypatch.setattr(decode, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert packs_by_default(PLAIN_PRODUCTS_MAX_HIDDEN, cpu) is (small_packed and can_pack(torch.ones(1)))
+        assert packs_by_default(PLAIN_PRODUCTS_MAX_HIDDEN + 1, cpu) is can_pack(torch.ones(1))
+        assert packs_by_default(4096, torch.device("meta")) is False  # not a CPU
+        model, _ = tiny
+        assert _decoder(model).packed is (small_packed and can_pack(torch.ones(1)))  # hidden 64
+
+
+def test_ladder_rows_is_the_smallest_ladder_value_that_fits():
+    assert [ladder_rows(n) for n in (1, 7, 8, 9, 10, 11, 16, 17, 21, 33, 64, 65, 100, 257)] == \
+        [1, 7, 8, 10, 10, 12, 16, 20, 24, 40, 64, 80, 112, 320]
+    values = {ladder_rows(n) for n in range(1, 1025)}
+    assert len({v for v in values if v <= 64}) == 20
+    for n in range(1, 1025):  # fits, at most a quarter of the rows dead, and a fixed point
+        assert n <= ladder_rows(n) <= max(n, 1.25 * n) and ladder_rows(ladder_rows(n)) == ladder_rows(n)
+
+
+def test_decode_batch_shrinks_through_ladder_row_counts_only(tiny, monkeypatch):
+    # The products see only ladder row counts (plus the starting count), whatever the draws.
+    model, tok = tiny
+    seen = set()
+    linear = SpecDecoder.linear
+
+    def recording(self, x, *args):
+        seen.add(x.shape[0])
+        return linear(self, x, *args)
+
+    monkeypatch.setattr(SpecDecoder, "linear", recording)
+    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(3)
+    groups = engine.generate(_prompts(tok), 15, SamplingParams(temperature=1.2, max_new_tokens=24))
+    lengths = sorted(len(s.response_ids) for g in groups for s in g)
+    assert len(set(lengths)) > 8 and lengths[0] < lengths[-1]  # rows finished at many different steps
+    assert seen - {60} <= {ladder_rows(n) for n in range(1, 61)} and len(seen) > 4
 
 
 def test_rotary_table_equals_the_models_rotary_module(tiny):

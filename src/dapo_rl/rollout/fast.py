@@ -5,9 +5,10 @@ Compared with :class:`~dapo_rl.rollout.hf.HFGenerateEngine` (``generate`` with
 
 - **One prefill per prompt.** The B prompts are prefilled once (``[B, P]``), then their KV cache
   and last logits are repeated G times; ``generate`` prefills ``[B·G, P]``.
-- **Finished rows leave the batch.** When a row emits a stop token its KV cache rows are dropped
-  and the next decode step runs on the rows still going; ``generate`` keeps decoding them as
-  padding until the longest row ends.
+- **Finished rows leave the batch.** When rows emit a stop token their KV cache rows are dropped
+  and the next decode steps run on the rows still going (the batch shrinks through a fixed ladder
+  of row counts, :func:`ladder_rows`); ``generate`` keeps decoding them as padding until the
+  longest row ends.
 - **A pre-allocated KV cache.** Each layer's keys/values live in one ``[rows, heads, P + T, d]``
   buffer written in place, instead of ``torch.cat``-ing a new tensor every step (quadratic copying).
 - **Sampler log-probs.** Each token comes with ``log softmax(logits / T)`` of the token
@@ -113,6 +114,17 @@ class _PreallocatedLayer(DynamicLayer):
         self._views()
 
 
+def ladder_rows(running: int) -> int:
+    """The decode batch's row count while ``running`` rows are unfinished: the smallest ladder
+    value ≥ ``running``. The ladder is 1…8, then four values per doubling (10, 12, 14, 16, 20, 24,
+    28, 32, 40, 48, …), so a batch carries at most a quarter of dead rows, and up to 64 rows
+    there are 20 distinct counts."""
+    if running <= 8:
+        return running
+    step = 1 << ((running - 1).bit_length() - 3)
+    return -(-running // step) * step
+
+
 def has_sliding_layers(config) -> bool:
     """Whether the model has sliding-window attention layers, as its family builds its masks
     (:func:`~dapo_rl.models.spec.layer_windows`; Mistral and Phi-3 through ``sliding_window``
@@ -177,26 +189,33 @@ class FastRolloutEngine(InProcessEngine):
         pad_token_id: id used to left-pad prompts (never attended to).
         eos_token_id: the tokenizer's EOS; generation also stops at ``params.stop_token_ids``.
         max_batch_prompts: prompts prefilled together; their ``n`` samples decode together.
-        compact_min_fraction: finished rows are dropped from the decode batch once they are at least
-            this fraction of it (copying the cache for every single finished row costs more than
-            decoding a few dead rows); 0 drops them immediately.
+        row_ladder: the decode batch shrinks only to row counts of :func:`ladder_rows` (finished
+            rows wait as dead rows until the rows still running fit a smaller ladder value). The
+            products then see a bounded set of shapes: oneDNN builds and caches a kernel per input
+            shape (on a 2-core Xeon ~0.6 ms and ~0.6 MB each), so free-running row counts cost
+            time in every step that meets a new count and memory that grows for the whole run.
+        compact_min_fraction: without ``row_ladder``, finished rows are dropped from the decode
+            batch once they are at least this fraction of it (copying the cache for every single
+            finished row costs more than decoding a few dead rows); 0 drops them immediately.
         direct_decode: decode steps computed straight from the model's weights (see
             :class:`~dapo_rl.models.decode.SpecDecoder`) instead of through its Hugging Face
             modules, for every model :func:`~dapo_rl.models.spec.fast_spec` accepts.
         pack_weights: on a CPU, run the direct decode's products on oneDNN with weights packed
-            once per call (float32 only; ignored elsewhere).
+            once per call (float32 only; ignored elsewhere); None (default): where
+            :func:`~dapo_rl.models.decode.packs_by_default` says it is faster.
         native_kernels: on a CPU in float32, run the direct decode's norms, rotary and attention
             as fused C kernels (:mod:`dapo_rl.rollout.native`; PyTorch ops where they cannot be built).
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_id: int, max_batch_prompts: int = 64,
-                 compact_min_fraction: float = 0.125, direct_decode: bool = True, pack_weights: bool = True,
-                 native_kernels: bool = True):
+                 compact_min_fraction: float = 0.125, direct_decode: bool = True, pack_weights: bool | None = None,
+                 native_kernels: bool = True, row_ladder: bool = True):
         super().__init__(model, pad_token_id, eos_token_id, max_batch_prompts)
         self.direct_decode = direct_decode
         self.pack_weights = pack_weights
         self.native_kernels = native_kernels
         self.compact_min_fraction = compact_min_fraction
+        self.row_ladder = row_ladder
 
     def _generate_chunk(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
         model = self.model
@@ -283,16 +302,24 @@ class FastRolloutEngine(InProcessEngine):
                 lengths[ended] = t + 1
                 stopped[ended] = True
                 waiting += finished.numel()
-                if waiting == live.numel():
+                rows = live.numel()
+                if waiting == rows:
                     break
-                if waiting >= self.compact_min_fraction * live.numel():
-                    if done is not None:
-                        finished = (done | hit).nonzero().squeeze(-1)
-                    # (live and token are also held by step_rows/step_tokens: move copies)
-                    live, token, next_pos = decoder.drop_rows(finished, [live.clone(), token.clone(), next_pos])
-                    done, waiting = None, 0
+                done = hit if done is None else done | hit
+                if self.row_ladder:
+                    keep = ladder_rows(rows - waiting)
                 else:
-                    done = hit if done is None else done | hit
+                    keep = rows - waiting if waiting >= self.compact_min_fraction * rows else rows
+                if keep < rows:
+                    dead = keep - (rows - waiting)  # finished rows that stay, as dead rows
+                    # Drop the highest finished rows: the fewest survivors move.
+                    drop = done.nonzero().squeeze(-1)[dead:]
+                    done[drop] = False
+                    # (live and token are also held by step_rows/step_tokens: move copies)
+                    live, token, next_pos, done = decoder.drop_rows(drop, [live.clone(), token.clone(), next_pos, done])
+                    waiting = dead
+                    if not waiting:
+                        done = None
             if t == max_new - 1:
                 break
             logits = decoder(token, decoder.rotary_at(tables, next_pos)).float()  # no copy for float32 models
