@@ -474,6 +474,34 @@ def test_token_logprobs_match_log_softmax_at_temperature():
     torch.testing.assert_close(token_logprobs(logits, tokens, temperature=1.5, chunk_size=5), expected)
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 4, 100])
+def test_token_logprobs_gradient_equals_autograd_of_the_log_softmax(chunk):
+    # One autograd node that keeps only the logits: its gradient must be autograd's own.
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 5, 13, generator=gen, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 13, (3, 5), generator=gen)
+    weights = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    (token_logprobs(logits, tokens, temperature=0.7, chunk_size=chunk) * weights).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    (torch.log_softmax(logits / 0.7, -1).gather(-1, tokens[..., None]).squeeze(-1) * weights).sum().backward()
+    torch.testing.assert_close(ours, logits.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, tokens[0], temperature=1.3, chunk_size=chunk), (logits[0].detach().requires_grad_(),))
+
+
+def test_token_logprobs_of_bfloat16_logits_are_float32_and_the_gradient_bfloat16():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 11, generator=gen).to(torch.bfloat16).requires_grad_()
+    tokens = torch.randint(0, 11, (6,), generator=gen)
+    out = token_logprobs(logits, tokens, chunk_size=4)
+    assert out.dtype == torch.float32
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(out, expected.detach())
+    out.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    assert token_logprobs(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)).shape == (0,)
+
+
 def test_kl_estimators_hand_values():
     logp, ref = torch.tensor([0.0]), torch.tensor([math.log(0.5)])
     assert KL_ESTIMATORS.get("k1")(logp, ref).item() == pytest.approx(math.log(2))

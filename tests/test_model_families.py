@@ -23,7 +23,10 @@ from dapo_rl.models.spec import (SpecMismatchError, check_checkpoint, check_chec
 from dapo_rl.models.tiny import build_char_tokenizer
 from dapo_rl.rollout import HFGenerateEngine, SamplingParams
 from dapo_rl.rollout.fast import FastRolloutEngine, has_sliding_layers
+from dapo_rl.rollout.base import Sample
 from dapo_rl.rollout.hf import left_pad
+from dapo_rl.training.batching import pack
+from dapo_rl.training.logprobs import forward_path, logprobs
 
 TOK = build_char_tokenizer(VOCAB)
 # head_dim 16 ≠ hidden / heads = 12; grouped-query attention (4 query heads on 2 key/value heads).
@@ -242,6 +245,39 @@ def _check_flat_forward(name: str, complex_rotary: bool | None) -> None:
         torch.testing.assert_close(flat_grad, full_grad, rtol=1e-6, atol=1e-6 * full_grad.abs().max().item())
     finally:
         model.float()
+
+
+@pytest.mark.parametrize("name", ["llama", *SPREAD])
+def test_gradient_checkpointing_recomputes_the_flat_forward_exactly_and_keeps_less(name):
+    # model.gradient_checkpointing: the trainer's flat forward recomputes each layer in the backward
+    # pass (Hugging Face's checkpointed layers would drop the prompt's KV cache: run plainly there).
+    model = family(name, fresh=True).double().train()
+    gen = torch.Generator().manual_seed(3)
+    # (equal-length prompts: eager attention's float32 softmax turns float64 left padding into NaN)
+    prompts = [TOK(text)["input_ids"] for text in ("3456..=", "98.765=")]
+    samples = [Sample(prompts[p], torch.randint(3, len(TOK), (k,), generator=gen).tolist(), "stop")
+               for p, k in ((0, 9), (0, 4), (1, 12), (1, 5))]
+    batch = pack(samples, TOK.pad_token_id, torch.device("cpu"))
+    results = []
+    for recompute in (False, True):
+        if recompute:
+            model.gradient_checkpointing_enable()
+        assert forward_path(model, batch) == "flat"
+        model.zero_grad()
+        saved = []
+
+        def keep(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            logp, _ = logprobs(model, batch)
+        logp.sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], sum(saved)))
+    (logp, grads, kept), (logp_re, grads_re, kept_re) = results
+    assert torch.equal(logp, logp_re)
+    assert len(grads) == len(grads_re) and all(torch.equal(a, b) for a, b in zip(grads, grads_re))
+    assert kept_re < 0.6 * kept
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from dapo_rl.models import rotary as rope
 from dapo_rl.models.layers import qkv_lora_output, qkv_params, softcap, window_blocked
@@ -170,7 +171,9 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
         return out.view(rows.numel(), width, *t.shape[1:]).transpose(1, 2)
 
     dropout = getattr(model.config, "attention_dropout", 0.0) if model.training else 0.0
-    for i, (layer, (prompt_keys, prompt_values)) in enumerate(zip(inner.layers, prompt_kv)):
+
+    def decoder_layer(x: torch.Tensor, i: int, prompt_keys: torch.Tensor, prompt_values: torch.Tensor) -> torch.Tensor:
+        layer = inner.layers[i]
         attn = layer.self_attn
         weight, bias = qkv_params(spec, attn, qk_rows)
         h = layer.input_layernorm(x)
@@ -202,10 +205,18 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
         o = attn.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
         if spec.sandwich_norms:
             x = x + layer.post_attention_layernorm(o)
-            x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+            return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+        x = x + _resid_dropout(layer, "resid_attn_dropout", o)
+        return x + _resid_dropout(layer, "resid_mlp_dropout", layer.mlp(layer.post_attention_layernorm(x)))
+
+    # model.gradient_checkpointing (Hugging Face's gradient_checkpointing_enable): each layer's
+    # activations are recomputed in the backward pass instead of kept (dropout replays its draws).
+    recompute = model.training and torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False)
+    for i, (prompt_keys, prompt_values) in enumerate(prompt_kv):
+        if recompute:
+            x = checkpoint(decoder_layer, x, i, prompt_keys, prompt_values, use_reentrant=False)
         else:
-            x = x + _resid_dropout(layer, "resid_attn_dropout", o)
-            x = x + _resid_dropout(layer, "resid_mlp_dropout", layer.mlp(layer.post_attention_layernorm(x)))
+            x = decoder_layer(x, i, prompt_keys, prompt_values)
     return softcap(model.lm_head(inner.norm(x)), spec.final_softcap)
 
 

@@ -23,8 +23,9 @@ Only the logits of response positions are materialised.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from transformers import DynamicCache
@@ -95,7 +96,31 @@ def _plan(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettings)
     # position; Hugging Face's own cache evicts them, so the "shared" path cannot serve such models.
     if settings.flat and model is plain and supports_fast_path(plain, max_length=batch.input_ids.shape[1]):
         return "flat", shared
-    return ("buckets", None) if has_sliding_layers(config) else ("shared", shared)
+    # Under gradient checkpointing Hugging Face drops the cache the "shared" path runs on.
+    return ("buckets", None) if has_sliding_layers(config) or _checkpointing(model) else ("shared", shared)
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether a forward of ``model`` now recomputes its layers in backward (gradient checkpointing on, training)."""
+    return model.training and torch.is_grad_enabled() and bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+@contextmanager
+def _layers_not_checkpointed(model: torch.nn.Module) -> Iterator[None]:
+    """Hugging Face's checkpointed layers refuse a KV cache (they run with ``past_key_values=None``
+    and leave the cache empty); the prompt forward needs it, so its layers run plainly. The flat
+    response forward checkpoints its layers itself (:func:`~dapo_rl.models.flat.response_logits`)."""
+    if not _checkpointing(model):
+        yield
+        return
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
 
 
 def forward_path(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettings = ForwardSettings()) -> str:
@@ -175,7 +200,7 @@ def _prompt_cache(model, batch: PackedBatch, shared: DistinctPrompts, settings: 
     """One forward over the distinct prompts: their keys, values and last logits."""
     columns = slice(batch.prompt_width - max(batch.prompt_lengths), batch.prompt_width)
     first = shared.first
-    with settings.autocast(batch.input_ids.device):
+    with settings.autocast(batch.input_ids.device), _layers_not_checkpointed(model):
         # A cache built without the model's config keeps every position, windowed layers too.
         out = model(input_ids=batch.input_ids[first, columns], attention_mask=batch.attention_mask[first, columns],
                     position_ids=batch.position_ids[first, columns], logits_to_keep=1, use_cache=True,
@@ -212,13 +237,23 @@ def _flat(model, batch: PackedBatch, shared: DistinctPrompts, settings: ForwardS
     tokens = batch.response_ids[row_of, step_of]
     with settings.autocast(device):
         after = response_logits(model, cache.kv, cache.attention, shared.prompt_of, tokens, flat)  # [N, V]
-    # Response token 0 is predicted by its prompt's last position, token t > 0 by token t - 1.
-    source = torch.where(step_of == 0, n + shared.prompt_of[row_of], torch.arange(n, device=device) - 1)
-    logits = torch.cat([after, cache.last_logits]).index_select(0, source)  # [N, V]
-    logp_flat = token_logprobs(logits, tokens, temperature=settings.temperature)
+    # Response token 0 is predicted by its prompt's last position, token t > 0 by flat position
+    # j − 1. Each position is scored against the token after it (a row's last position against a
+    # dummy 0, never read), so no shifted [N, V] copy of the logits is made; only [N] vectors move.
+    position = torch.arange(n, device=device)
+    after_next = (position + 1).clamp_max(n - 1)
+    target = torch.where(row_of[after_next] == row_of, tokens[after_next], 0)
+    starts = step_of == 0
+    first = starts.nonzero().squeeze(-1)  # flat position of each row's token 0
+    head = cache.last_logits.index_select(0, shared.prompt_of[row_of[first]])  # [rows, V]
+    source = torch.where(starts, n + starts.long().cumsum(0) - 1, position - 1)
+    temperature = settings.temperature
+    logp_flat = torch.cat([token_logprobs(after, target, temperature=temperature),
+                           token_logprobs(head, tokens[first], temperature=temperature)]).index_select(0, source)
     logp = logp_flat.new_zeros((b, width)).index_put((row_of, step_of), logp_flat)
     if not with_entropy:
         return logp, None
     with torch.no_grad():
-        entropy_flat = token_entropy(logits.detach(), temperature=settings.temperature)
+        entropy_flat = torch.cat([token_entropy(after.detach(), temperature=temperature),
+                                  token_entropy(head.detach(), temperature=temperature)]).index_select(0, source)
     return logp, entropy_flat.new_zeros((b, width)).index_put((row_of, step_of), entropy_flat)
