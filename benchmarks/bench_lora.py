@@ -58,15 +58,15 @@ def interleaved(config: str | None, overrides: list[str], lora: list[str], steps
     import torch
 
     from dapo_rl.config import load_config
-    from dapo_rl.models.loading import load_policy, resolve_device
-    from dapo_rl.training.run import run_engine, run_prompts, run_reward
+    from dapo_rl.models.loading import resolve_device
+    from dapo_rl.training.run import run_engine, run_policy, run_prompts, run_reward
     from dapo_rl.training.trainer import Trainer
 
     trainers = {}
     for kind in ("full", "lora"):
         cfg = load_config(config, [*overrides, *(lora if kind == "lora" else []), f"steps={steps}", "logging.progress=false"])
         device, autocast = resolve_device(cfg.model.device, cfg.model.dtype)
-        model, tok = load_policy(cfg.model.path, quickstart=cfg.quickstart, seed=cfg.seed, progress=False, lora=cfg.model.lora)
+        model, tok = run_policy(cfg)  # as `dapo train` loads it (adapters, gradient checkpointing)
         model.to(device)
         trainers[kind] = Trainer(cfg, model, tok, run_prompts(cfg, "train", tok), None, run_reward(cfg), run_engine(cfg, model, tok),
                                  device=device, autocast_dtype=autocast)

@@ -56,7 +56,9 @@ def run_device(config: Config, local_rank: int = 0) -> tuple[torch.device, torch
         raise ConfigError(f"model.device: {exc}") from None
 
 
-def _load_policy(config: Config, progress: bool):
+def run_policy(config: Config, progress: bool = False):
+    """The policy and tokenizer ``model.*`` describes (adapters, gradient checkpointing included);
+    a model that cannot be loaded is a :class:`ConfigError` naming the key."""
     try:
         return load_policy(config.model.path, quickstart=config.quickstart, seed=config.seed, progress=progress,
                            gradient_checkpointing=config.model.gradient_checkpointing, lora=config.model.lora)
@@ -251,7 +253,7 @@ def _run_training(config: Config, dist: DistContext, started: float, device: tor
     torch.manual_seed(config.seed + dist.rank)  # ranks sample different responses
     _check_sinks_available(config)
     check_output_dir(config)
-    model, tokenizer = _load_policy(config, progress)
+    model, tokenizer = run_policy(config, progress)
     model.to(device)
     reward_fn = run_reward(config)
     train_prompts = run_prompts(config, "train", tokenizer)
