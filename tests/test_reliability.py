@@ -40,12 +40,13 @@ from dapo_rl.training.trainer import Trainer
 # several updates, dynamic sampling with carried surplus and its rate estimate, periodic
 # evaluation, LR warm-up, and the prompt stream's difficulty memory (16 prompts: revisited every
 # few steps, so prompts get retired and unsolved ones skipped). No over-sampling margin, so that
-# some steps need a second generation round.
+# some steps need a second generation round. Temperature 0.7, so that whole groups solve the easy
+# prompts and several get retired (at 1.0 whether any was retired in 6 steps was up to the draws).
 SMALL = [
     "steps=6", "prompts_per_step=4", "group_size=4", "mini_batch_size=4", "micro_batch_size=16",
     "eval.interval=3", "data.builtin_eval_size=32", "data.builtin_train_size=16", "checkpoint.interval=1",
     "logging.progress=false", "data.retire_solved_after=1", "data.unsolved_weight=0.5",
-    "dynamic_sampling.oversample_margin=1",
+    "dynamic_sampling.oversample_margin=1", "rollout.temperature=0.7",
 ]
 TIMEOUT_S = 300  # per subprocess; generous, the machine may be shared
 _LIVE: list[subprocess.Popen] = []  # every process started here, killed if a scenario fails
