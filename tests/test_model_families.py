@@ -280,6 +280,24 @@ def test_gradient_checkpointing_recomputes_the_flat_forward_exactly_and_keeps_le
     assert kept_re < 0.6 * kept
 
 
+def test_under_a_wrapper_gradient_checkpointing_avoids_the_prompt_cache_path():
+    # A DDP-style wrapper (``.module``) cannot take the flat path; the "shared" path runs on a
+    # prompt cache that checkpointed Hugging Face layers leave empty, so it must not be chosen.
+    model = family("llama", fresh=True).train()
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    samples = [Sample(PROMPTS[1], [5, 6, 7], "stop"), Sample(PROMPTS[1], [8, 9], "stop")]
+    batch = pack(samples, TOK.pad_token_id, torch.device("cpu"))
+    assert forward_path(wrapper, batch) == "shared"
+    model.gradient_checkpointing_enable()
+    assert forward_path(wrapper, batch) == "buckets"
+    assert forward_path(model, batch) == "flat"
+    # The flat forward itself refuses a prompt cache without every layer's keys/values.
+    flat = FlatResponses.build([[0, 1]], [len(PROMPTS[1])] * 2, [3, 2], torch.device("cpu"))
+    with pytest.raises(ValueError, match="prompt_kv holds 0 layers"):
+        response_logits(model, [], torch.ones(1, len(PROMPTS[1])), torch.tensor([0, 0]), torch.tensor([5, 6, 7, 8, 9]), flat)
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_training_backward_never_accumulates_through_index_put(name, accumulating_index_puts):
     # Each prompt's keys, values and last logits are gathered once per response: written as

@@ -209,15 +209,23 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
         x = x + _resid_dropout(layer, "resid_attn_dropout", o)
         return x + _resid_dropout(layer, "resid_mlp_dropout", layer.mlp(layer.post_attention_layernorm(x)))
 
-    # model.gradient_checkpointing (Hugging Face's gradient_checkpointing_enable): each layer's
-    # activations are recomputed in the backward pass instead of kept (dropout replays its draws).
-    recompute = model.training and torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False)
+    if len(prompt_kv) != len(inner.layers):  # e.g. a prompt cache that Hugging Face left empty
+        raise ValueError(f"prompt_kv holds {len(prompt_kv)} layers' keys/values; the model has {len(inner.layers)}")
+    # Each layer's activations recomputed in the backward pass instead of kept (dropout replays its draws).
+    recompute = recomputes_layers(model)
     for i, (prompt_keys, prompt_values) in enumerate(prompt_kv):
         if recompute:
             x = checkpoint(decoder_layer, x, i, prompt_keys, prompt_values, use_reentrant=False)
         else:
             x = decoder_layer(x, i, prompt_keys, prompt_values)
     return softcap(model.lm_head(inner.norm(x)), spec.final_softcap)
+
+
+def recomputes_layers(model: torch.nn.Module) -> bool:
+    """Whether a forward of ``model`` now recomputes each layer in the backward pass: gradient
+    checkpointing on (``model.gradient_checkpointing``, Hugging Face's
+    ``gradient_checkpointing_enable``), training mode, gradients enabled."""
+    return model.training and torch.is_grad_enabled() and bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def _resid_dropout(layer, name: str, x: torch.Tensor) -> torch.Tensor:

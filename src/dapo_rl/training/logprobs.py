@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from dapo_rl.algorithm import token_entropy, token_logprobs
-from dapo_rl.models.flat import FlatResponses, response_logits
+from dapo_rl.models.flat import FlatResponses, recomputes_layers, response_logits
 from dapo_rl.models.spec import supports_fast_path
 from dapo_rl.rollout.fast import has_sliding_layers
 from dapo_rl.training.batching import PackedBatch, length_buckets
@@ -97,12 +97,7 @@ def _plan(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettings)
     if settings.flat and model is plain and supports_fast_path(plain, max_length=batch.input_ids.shape[1]):
         return "flat", shared
     # Under gradient checkpointing Hugging Face drops the cache the "shared" path runs on.
-    return ("buckets", None) if has_sliding_layers(config) or _checkpointing(model) else ("shared", shared)
-
-
-def _checkpointing(model: torch.nn.Module) -> bool:
-    """Whether a forward of ``model`` now recomputes its layers in backward (gradient checkpointing on, training)."""
-    return model.training and torch.is_grad_enabled() and bool(getattr(model, "is_gradient_checkpointing", False))
+    return ("buckets", None) if has_sliding_layers(config) or recomputes_layers(plain) else ("shared", shared)
 
 
 @contextmanager
@@ -110,7 +105,7 @@ def _layers_not_checkpointed(model: torch.nn.Module) -> Iterator[None]:
     """Hugging Face's checkpointed layers refuse a KV cache (they run with ``past_key_values=None``
     and leave the cache empty); the prompt forward needs it, so its layers run plainly. The flat
     response forward checkpoints its layers itself (:func:`~dapo_rl.models.flat.response_logits`)."""
-    if not _checkpointing(model):
+    if not recomputes_layers(model):
         yield
         return
     flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
