@@ -13,7 +13,7 @@ from dapo_rl.models.decode import PLAIN_PRODUCTS_MAX_HIDDEN, SpecDecoder, can_pa
 from dapo_rl.models.spec import read_spec
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 from dapo_rl.rollout import HFGenerateEngine, SamplingParams
-from dapo_rl.rollout.fast import FastRolloutEngine, filter_logits, ladder_rows, sample_tokens
+from dapo_rl.rollout.fast import FastRolloutEngine, draw, filter_logits, ladder_rows, sample_tokens
 
 
 def _decoder(model, **options) -> SpecDecoder:
@@ -147,6 +147,26 @@ def test_sampling_frequencies_match_the_filtered_softmax(top_k, top_p):
     assert observed[expected == 0].sum() == 0  # masked tokens are never drawn
     # Reported log-probs are the unfiltered tempered ones.
     torch.testing.assert_close(logprobs, torch.log_softmax(logits / 0.8, -1).gather(-1, tokens[:, None]).squeeze(-1))
+
+
+def test_draw_has_multinomials_distribution_and_never_draws_a_zero(monkeypatch):
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3, 0.0], [0.0, 3.0, 0.0, 0.0, 1.0]])  # the second row unnormalised
+    torch.manual_seed(0)
+    tokens = draw(probs.repeat(20000, 1)).view(20000, 2)
+    for row in range(2):
+        expected = (probs[row] / probs[row].sum()).double()
+        observed = torch.bincount(tokens[:, row], minlength=5).double() / 20000
+        assert torch.all((observed - expected).abs() <= 5 * torch.sqrt(expected * (1 - expected) / 20000) + 1e-12)
+        assert observed[expected == 0].sum() == 0
+    # The ends of the uniform's range: the first and the last token of positive probability.
+    for u, expected in ((0.0, [0, 1]), (1 - 2**-53, [3, 4])):
+        monkeypatch.setattr(torch, "rand", lambda shape, u=u, **kw: torch.full(shape, u, **kw))
+        assert draw(probs).tolist() == expected
+    # Float64 sums: one likely token at the end of a 150k vocabulary of tiny ones.
+    tail = torch.full((1, 150_000), 1e-9)
+    tail[0, -1] = 1.0
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, 0.5, **kw))
+    assert draw(tail).item() == 149_999
 
 
 def test_greedy_sample_tokens_is_argmax():

@@ -17,8 +17,9 @@ Compared with :class:`~dapo_rl.rollout.hf.HFGenerateEngine` (``generate`` with
 
 Sampling draws from the same distribution as Hugging Face ``generate``: ``softmax(logits / T)``
 after top-k (keep tokens whose logit ties or beats the k-th largest) and then top-p (keep the
-smallest set of most likely tokens whose probability reaches p, at least one), by
-``torch.multinomial`` on the global torch RNG, so ``torch.manual_seed`` makes runs reproducible.
+smallest set of most likely tokens whose probability reaches p, at least one), by inverse
+transform sampling (:func:`draw`: ``torch.multinomial``'s distribution from one uniform per row)
+on the global torch RNG, so ``torch.manual_seed`` makes runs reproducible.
 ``temperature == 0`` is greedy (argmax).
 
 Decode steps run on :class:`~dapo_rl.models.decode.SpecDecoder` for every model a
@@ -177,8 +178,28 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.T
         probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
     else:
         probs = logprobs_all.exp()  # softmax(scaled), reusing the log-softmax
-    tokens = torch.multinomial(probs, num_samples=1).squeeze(-1)
+    tokens = draw(probs)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs [rows, vocab]`` (non-negative, rows need not sum to 1), drawn
+    with probability proportional to its entry: ``torch.multinomial(probs, 1)``'s distribution, by
+    inverse transform sampling.
+
+    ``torch.multinomial`` draws an exponential variate for every vocabulary entry of every row;
+    over a 50k–150k vocabulary that is a large share of a small model's sampling step. Here each row takes
+    one uniform ``u`` from the global torch RNG (so ``torch.manual_seed`` reproduces the draws),
+    scaled to the row's total, and picks the first token whose cumulative sum (float64, so a
+    150k-entry sum loses nothing that matters) exceeds it. A zero-probability token is never
+    drawn: its cumulative sum equals its predecessor's. Returns ``[rows]`` long.
+    """
+    cumulative = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # [rows, vocab]
+    total = cumulative[:, -1:]
+    # u < total always (a product that rounds up to the total would pick past the last positive token).
+    u = torch.minimum(torch.rand(total.shape, dtype=torch.float64, device=probs.device) * total,
+                      torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, u, right=True).squeeze(-1)
 
 
 class FastRolloutEngine(InProcessEngine):
