@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from dapo_rl.data.synthetic import VOCAB
 from dapo_rl.models import rotary as rope
 from dapo_rl.models import spec as spec_module
+from dapo_rl.models.decode import SpecDecoder
 from dapo_rl.models.flat import FlatResponses, response_logits
 from dapo_rl.models.spec import (SpecMismatchError, check_checkpoint, check_checkpoint_keys, fast_spec, read_spec,
                                  supports_fast_path)
@@ -112,6 +113,25 @@ def test_spec_is_read_and_the_engine_log_probs_equal_a_full_forward(name, pack):
     params = SamplingParams(temperature=1.0, max_new_tokens=12)
     groups = _engine(model, pack_weights=pack).generate(PROMPTS, 3, params)
     assert max(len(p) + len(s.response_ids) for p, g in zip(PROMPTS, groups) for s in g) > 8  # past every window
+    for prompt, group in zip(PROMPTS, groups):
+        for sample in group:
+            expected = _full_logprobs(model, prompt, sample.response_ids)
+            torch.testing.assert_close(torch.tensor(sample.logprobs, dtype=torch.float64), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_an_adapted_model_decodes_in_place_exactly(name, adapters):
+    # LoRA: the decoder's products read the model's own matrices (no weight-sized copy of a base
+    # that never changes) and add every projection's adapter term on the fly.
+    model = adapters(family(name), b_scale=0.2).eval()
+    decoder = SpecDecoder(model, read_spec(model))
+    products = [product for layer in decoder.layers for product in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    own = {param.data_ptr() for param in model.parameters()}
+    assert decoder.in_place and not decoder.packed
+    assert all(weight.data_ptr() in own for product in [decoder.lm_head, *products] for weight in product.weights)
+    assert all(product.low_rank is not None for product in products)
+    torch.manual_seed(0)
+    groups = _engine(model).generate(PROMPTS, 3, SamplingParams(temperature=1.0, max_new_tokens=12))
     for prompt, group in zip(PROMPTS, groups):
         for sample in group:
             expected = _full_logprobs(model, prompt, sample.response_ids)

@@ -9,7 +9,7 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from dapo_rl.data.synthetic import VOCAB
-from dapo_rl.models.decode import PLAIN_PRODUCTS_MAX_HIDDEN, SpecDecoder, can_pack, packs_by_default
+from dapo_rl.models.decode import PLAIN_PRODUCTS_MAX_HIDDEN, Projection, SpecDecoder, can_pack, packs_by_default
 from dapo_rl.models.spec import read_spec
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 from dapo_rl.rollout import HFGenerateEngine, SamplingParams
@@ -251,13 +251,13 @@ def test_decode_batch_shrinks_through_ladder_row_counts_only(tiny, monkeypatch):
     # The products see only ladder row counts (plus the starting count), whatever the draws.
     model, tok = tiny
     seen = set()
-    linear = SpecDecoder.linear
+    product = Projection.__call__
 
-    def recording(self, x, *args):
+    def recording(self, x, *args, **kwargs):
         seen.add(x.shape[0])
-        return linear(self, x, *args)
+        return product(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(SpecDecoder, "linear", recording)
+    monkeypatch.setattr(Projection, "__call__", recording)
     engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(3)
     groups = engine.generate(_prompts(tok), 15, SamplingParams(temperature=1.2, max_new_tokens=24))

@@ -8,9 +8,11 @@ model's decode step (mask building, cache bookkeeping, ~10 module calls per laye
   since training changes the weights), biases included; RMSNorm is ``F.rms_norm`` with the
   family's effective scale (Gemma's ``1 + w``); pre-norm residual additions are folded into the
   output products.
-- LoRA adapters are merged into these per-call matrices (``W + (alpha / r)·B·A``,
-  :func:`~dapo_rl.models.lora.effective_weight`), never into the model's own weights: decode
-  steps then cost what they cost without adapters, and the base stays bit-exact.
+- A model with LoRA adapters is read in place instead (:class:`Projection`): its base never
+  changes, so a fused or packed copy would only double the weights' memory, which is what LoRA
+  is for. Each projection's own matrix gives one product, and the adapters' low-rank terms
+  ``(x·Aᵀ)·((alpha / r)·B)ᵀ`` are added on the fly (one extra pair of thin products per fused
+  projection); the base stays bit-exact.
 - On a CPU, float32 weights are reordered once per call into oneDNN's blocked layout and the
   products run on oneDNN: a decode step has few rows, and MKL's ``sgemm`` re-packs the whole
   weight matrix on every call. Same float32 arithmetic up to summation order.
@@ -37,7 +39,7 @@ from transformers.cache_utils import Cache
 
 from dapo_rl.models import rotary as rope
 from dapo_rl.models.layers import activation, gate_up_params, norm_scale, qkv_params, softcap
-from dapo_rl.models.lora import effective_weight
+from dapo_rl.models.lora import adapters_active, effective_weight, low_rank_factors
 from dapo_rl.models.spec import ModelSpec
 
 F = torch.nn.functional
@@ -98,24 +100,84 @@ def _onednn_linear_works() -> bool:
         return False
 
 
+class Projection:
+    """One decode product ``x [rows, in]`` → ``x·Wᵀ + b [rows, out]`` (``+ residual`` when given).
+
+    Either one matrix the decoder owns (:meth:`copied`: parts fused, packed for oneDNN when
+    ``packed``), one product per call; or the model's own matrices read where they lie
+    (:meth:`in_place`): one product per part, the parts' outputs side by side, plus the LoRA
+    adapters' term ``(x·Aᵀ)·Bᵀ`` of all parts in two thin products (``A`` of every adapter
+    stacked ``[R, in]``, ``B`` block-diagonal ``[out, R]``, scale folded in), then ``columns``
+    reorders the output (the queries'/keys' rotary order).
+    """
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], packed: bool = False,
+                 low_rank: tuple[torch.Tensor, torch.Tensor] | None = None, columns: torch.Tensor | None = None):
+        self.weights, self.biases, self.packed = weights, biases, packed
+        self.low_rank, self.columns = low_rank, columns
+        self.single = len(weights) == 1 and low_rank is None and columns is None
+
+    @classmethod
+    def copied(cls, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool) -> "Projection":
+        """A product on the decoder's own ``weight [out, in]`` (packed for oneDNN when ``packed``)."""
+        return cls([pack(weight) if packed else weight.detach()], [None if bias is None else bias.detach()], packed)
+
+    @classmethod
+    def in_place(cls, modules: list, columns: torch.Tensor | None = None) -> "Projection":
+        """The products of ``modules`` (``nn.Linear`` or PEFT's ``lora.Linear``), outputs stacked in
+        order, read in place; their active adapters computed on the fly."""
+        weights = [m.weight.detach() for m in modules]
+        biases = [None if m.bias is None else m.bias.detach() for m in modules]
+        blocks, offset = [], 0  # (first output row, A, scaled B) of every adapter
+        for module, weight in zip(modules, weights):
+            blocks += [(offset, a, b) for a, b in low_rank_factors(module)]
+            offset += weight.shape[0]
+        low_rank = None
+        if blocks:
+            a = torch.cat([a for _, a, _ in blocks])  # [R, in]
+            b = a.new_zeros((offset, a.shape[0]))  # [out, R]
+            rank = 0
+            for first, a_i, b_i in blocks:
+                b[first : first + b_i.shape[0], rank : rank + a_i.shape[0]] = b_i
+                rank += a_i.shape[0]
+            low_rank = (a, b)
+        return cls(weights, biases, low_rank=low_rank, columns=columns)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.single:
+            weight, bias = self.weights[0], self.biases[0]
+            if self.packed:
+                if residual is None:
+                    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+            if residual is None:
+                return F.linear(x, weight, bias)
+            out = torch.addmm(residual, x, weight.t())
+            return out if bias is None else out.add_(bias)
+        outs = [F.linear(x, weight, bias) for weight, bias in zip(self.weights, self.biases)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        if self.low_rank is not None:
+            a, b = self.low_rank
+            out.addmm_(F.linear(x, a), b.t())
+        if self.columns is not None:
+            out = out.index_select(-1, self.columns)
+        return out if residual is None else out.add_(residual)
+
+
 @dataclass
 class DecodeLayer:
-    """One layer's weights as the decode step uses them (matrices packed or detached; norm
-    scales effective, ``(scale, eps)``)."""
+    """One layer's weights as the decode step uses them (its four products; norm scales
+    effective, ``(scale, eps)``)."""
 
     attn_norm: tuple[torch.Tensor, float]
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    qkv: Projection  # output columns: queries and keys in the rotary (cached) order, then values
     q_norm: tuple[torch.Tensor, float] | None  # per head, in the cached (permuted) order
     k_norm: tuple[torch.Tensor, float] | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    o: Projection
     post_attn_norm: tuple[torch.Tensor, float] | None  # Gemma: on the attention output
     mlp_norm: tuple[torch.Tensor, float]
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    gate_up: Projection
+    down: Projection
     post_mlp_norm: tuple[torch.Tensor, float] | None  # Gemma: on the MLP output
     window: int | None
     kind: int  # index of its rotary table
@@ -128,11 +190,14 @@ class SpecDecoder:
         model: the Hugging Face causal LM (weights read, never copied except when fused/packed).
         spec: its spec (:func:`~dapo_rl.models.spec.fast_spec`).
         pack_weights: products on oneDNN with packed weights (CPU float32 only); None: as
-            :func:`packs_by_default` decides for this model and machine.
+            :func:`packs_by_default` decides for this model and machine. Not for weights read in place.
         native_kernels: fused C loops for norms, rotary and attention (CPU float32, complex rotary).
+        in_place: read the model's matrices where they lie, adapters on the fly (no fused, packed
+            or merged copy; see :class:`Projection`); None: when the model has active LoRA adapters.
     """
 
-    def __init__(self, model, spec: ModelSpec, pack_weights: bool | None = None, native_kernels: bool = True):
+    def __init__(self, model, spec: ModelSpec, pack_weights: bool | None = None, native_kernels: bool = True,
+                 in_place: bool | None = None):
         from dapo_rl.rollout.native import decode_kernels
 
         inner = model.model
@@ -143,9 +208,10 @@ class SpecDecoder:
         self.heads, self.kv_heads, self.head_dim, self.rotary_dim = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
         self.scaling, self.hidden = spec.scaling, spec.hidden
         self.act = activation(spec)
+        self.in_place = adapters_active(model) if in_place is None else in_place
         if pack_weights is None:
             pack_weights = packs_by_default(spec.hidden, self.embed.device)
-        self.packed = pack_weights and can_pack(self.embed)
+        self.packed = pack_weights and can_pack(self.embed) and not self.in_place
         device, dtype = self.embed.device, self.embed.dtype
         self.complex_rotary = all(rope.complex_rotary_applies(self.rotary, dtype, device, kind) for kind in spec.kinds)
         native = native_kernels and self.complex_rotary and device.type == "cpu" and dtype == torch.float32
@@ -153,29 +219,26 @@ class SpecDecoder:
         order = rope.rotary_order(self.head_dim, self.rotary_dim).to(device) if self.complex_rotary else None
         self.key_order = order
         qk_rows = rope.qk_weight_rows(self.heads + self.kv_heads, self.head_dim, device, self.rotary_dim) if self.complex_rotary else None
-        prepare = pack if self.packed else (lambda w: w.detach())
-        detach = lambda t: None if t is None else t.detach()  # noqa: E731
         upcast = dtype not in (torch.float32, torch.float64)
         scale = lambda norm, o=None: tuple(t.detach() if torch.is_tensor(t) else t for t in norm_scale(spec, norm, o, upcast))  # noqa: E731
         kind_index = {kind: i for i, kind in enumerate(spec.kinds)}
         with torch.no_grad():
-            self.lm_head = prepare(model.lm_head.weight)
+            self.lm_head = self._products(model.lm_head)
             self.norm = scale(inner.norm)
             self.layers = []
             for i, layer in enumerate(inner.layers):
                 a, m = layer.self_attn, layer.mlp
-                qkv_w, qkv_b = qkv_params(spec, a, qk_rows, merged=True)
-                gate_up_w, gate_up_b = gate_up_params(spec, m, merged=True)
                 sandwich = spec.sandwich_norms
                 self.layers.append(DecodeLayer(
-                    attn_norm=scale(layer.input_layernorm), qkv=prepare(qkv_w), qkv_bias=detach(qkv_b),
+                    attn_norm=scale(layer.input_layernorm), qkv=self._qkv_products(a, qk_rows),
                     q_norm=scale(a.q_norm, order) if spec.qk_norm else None,
                     k_norm=scale(a.k_norm, order) if spec.qk_norm else None,
-                    o=prepare(effective_weight(a.o_proj)), o_bias=detach(a.o_proj.bias),
+                    o=self._products(a.o_proj),
                     post_attn_norm=scale(layer.post_attention_layernorm) if sandwich else None,
                     mlp_norm=scale(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
-                    gate_up=prepare(gate_up_w), gate_up_bias=detach(gate_up_b),
-                    down=prepare(effective_weight(m.down_proj)), down_bias=detach(m.down_proj.bias),
+                    gate_up=self._products([m.gate_up_proj] if spec.fused_gate_up else [m.gate_proj, m.up_proj],
+                                           gate_up_params(spec, m, merged=True) if not self.in_place else None),
+                    down=self._products(m.down_proj),
                     post_mlp_norm=scale(layer.post_feedforward_layernorm) if sandwich else None,
                     window=spec.windows[i], kind=kind_index[spec.rotary_kinds[i]],
                 ))
@@ -184,18 +247,30 @@ class SpecDecoder:
         self.length = 0
         self.mask: torch.Tensor | None = None
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [rows, in]`` → ``x · Wᵀ + b [rows, out]``."""
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return F.linear(x, weight, bias)
+    def _products(self, modules, fused: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                  columns: torch.Tensor | None = None) -> Projection:
+        """The :class:`Projection` of one module (or of ``modules`` stacked): read in place, or the
+        decoder's own copy (``fused``: the stacked ``(weight, bias)`` when there are several; a
+        module's weight with its adapters merged in, :func:`effective_weight`, when there is one)."""
+        modules = modules if isinstance(modules, list) else [modules]
+        if self.in_place:
+            return Projection.in_place(modules, columns)
+        if fused is None:
+            (module,) = modules
+            fused = effective_weight(module), module.bias
+        return Projection.copied(*fused, packed=self.packed)
 
-    def linear_add(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + x · Wᵀ + b`` (the residual addition fused into the product)."""
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
-        out = torch.addmm(residual, x, weight.t())
-        return out if bias is None else out.add_(bias)
+    def _qkv_products(self, attn, qk_rows: torch.Tensor | None) -> Projection:
+        """Queries, keys and values in one product, queries/keys rows in ``qk_rows``' order."""
+        spec = self.spec
+        if not self.in_place:
+            return Projection.copied(*qkv_params(spec, attn, qk_rows, merged=True), packed=self.packed)
+        modules = [attn.qkv_proj] if spec.fused_qkv else [attn.q_proj, attn.k_proj, attn.v_proj]
+        columns = None
+        if qk_rows is not None:
+            qk, total = (spec.heads + spec.kv_heads) * spec.head_dim, (spec.heads + 2 * spec.kv_heads) * spec.head_dim
+            columns = torch.cat([qk_rows, torch.arange(qk, total, device=qk_rows.device)])
+        return Projection.in_place(modules, columns)
 
     def rms_norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
         """RMSNorm of ``x [..., n]`` over its last dimension with ``norm = (scale [n], eps)``."""
@@ -281,7 +356,7 @@ class SpecDecoder:
         d, heads = self.head_dim, self.heads
         kernel_mask = self.mask[:, 0, 0] if self.kernels is not None and self.mask is not None else None  # [rows, capacity]
         for i, layer in enumerate(self.layers):
-            qkv = self.linear(self.rms_norm(x, layer.attn_norm), layer.qkv, layer.qkv_bias).view(rows, -1, d)
+            qkv = layer.qkv(self.rms_norm(x, layer.attn_norm)).view(rows, -1, d)
             first = 0 if layer.window is None else max(0, length - layer.window)  # oldest position in the window
             if self.kernels is not None:
                 self.kernels.rotary_append(qkv, rotations[layer.kind], self.kv[i], heads, pos, layer.q_norm, layer.k_norm)
@@ -290,16 +365,16 @@ class SpecDecoder:
                 self._rotate_append(qkv, rotations[layer.kind], i, pos, layer)
                 out = self._attention(qkv, i, rows, first, length)
             if layer.post_attn_norm is None:
-                x = self.linear_add(out, layer.o, layer.o_bias, x)
+                x = layer.o(out, residual=x)
             else:
-                x = x + self.rms_norm(self.linear(out, layer.o, layer.o_bias), layer.post_attn_norm)
-            gate, up = self.linear(self.rms_norm(x, layer.mlp_norm), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+                x = x + self.rms_norm(layer.o(out), layer.post_attn_norm)
+            gate, up = layer.gate_up(self.rms_norm(x, layer.mlp_norm)).chunk(2, dim=-1)
             if layer.post_mlp_norm is None:
-                x = self.linear_add(self.act(gate).mul_(up), layer.down, layer.down_bias, x)
+                x = layer.down(self.act(gate).mul_(up), residual=x)
             else:
-                x = x + self.rms_norm(self.linear(self.act(gate).mul_(up), layer.down, layer.down_bias), layer.post_mlp_norm)
+                x = x + self.rms_norm(layer.down(self.act(gate).mul_(up)), layer.post_mlp_norm)
         self.length = length
-        return softcap(self.linear(self.rms_norm(x, self.norm), self.lm_head), self.spec.final_softcap)
+        return softcap(self.lm_head(self.rms_norm(x, self.norm)), self.spec.final_softcap)
 
     def _rotate_append(self, qkv: torch.Tensor, rotation: torch.Tensor, i: int, pos: int, layer: DecodeLayer) -> None:
         """PyTorch ops: per-head q/k norms, rotary (in place) and the cache write of layer ``i``."""

@@ -10,8 +10,9 @@ base model. Base weights are never modified or copied per step:
 
 - the trainer's forward (the module calls, and :mod:`dapo_rl.models.flat`'s fused products via
   :func:`lora_output`) computes the adapter's term on the fly, so no gradient of ``W`` is formed;
-- the sampling engine's decoder builds ``W + (alpha / r)·B·A`` into its own per-call buffers
-  (:func:`effective_weight`), the buffers it fuses and packs the weights into anyway;
+- the sampling engine's decoder reads the frozen base where it lies and adds each adapter's
+  low-rank term on the fly (:func:`low_rank_factors`): a fused or packed copy of a base that never
+  changes would double the weights' memory, which is what LoRA saves;
 - vLLM receives those merged tensors under the base model's names (:func:`merged_parameters`).
 
 Only this module imports PEFT (an optional extra: ``pip install 'dapo-rl[lora]'``); the readers
@@ -67,6 +68,19 @@ def effective_weight(module) -> torch.Tensor:
     for name in _active(module):
         weight = weight + module.get_delta_weight(name).to(weight.dtype)
     return weight
+
+
+def low_rank_factors(module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per active adapter of ``module``, ``(A [r, in], (alpha / r)·B [out, r])`` (detached; the
+    scaled ``B`` a new small tensor): the adapter adds ``(x·Aᵀ)·((alpha / r)·B)ᵀ`` to the output
+    (dropout is a training-time term, left out)."""
+    return [(module.lora_A[name].weight.detach(), module.lora_B[name].weight.detach() * module.scaling[name])
+            for name in _active(module)]
+
+
+def adapters_active(model: torch.nn.Module) -> bool:
+    """Whether any projection of ``model`` has an adapter that changes its output now."""
+    return any(_active(module) for _, module in adapter_layers(model))
 
 
 def adapter_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
