@@ -96,8 +96,8 @@ def test_fresh_adapters_compute_exactly_the_base_model(adapters, scored_groups):
 @pytest.mark.parametrize("builder", [_llama, _phi3], ids=["llama", "phi3-fused"])
 @pytest.mark.parametrize("complex_rotary", [True, False])
 def test_every_forward_path_includes_the_adapters(adapters, scored_groups, builder, complex_rotary, monkeypatch):
-    """With B ≠ 0, in float64: the flat forward (its fused q/k/v product plus the adapters' term,
-    on permuted query/key rows when rotary is a complex product), the shared-prompt and bucketed
+    """With B ≠ 0, in float64: the flat forward (q/k/v products on the frozen base plus the
+    adapters' terms, query/key columns permuted when rotary is a complex product), the shared-prompt and bucketed
     forwards give the log-probs and adapter gradients of the whole padded forward, and that
     forward equals the merged model (W + α/r·B·A as plain weights, loaded into the base)."""
     import dapo_rl.models.rotary as rotary
@@ -126,6 +126,22 @@ def test_every_forward_path_includes_the_adapters(adapters, scored_groups, build
         plain = logprobs(merged, packed, PATHS["whole"])[0] * packed.response_mask
         assert (plain - logprobs(base, packed, PATHS["whole"])[0] * packed.response_mask).abs().max() > 1e-3  # the adapters matter
     torch.testing.assert_close(results["whole"][0].detach(), plain, rtol=0, atol=1e-10)
+
+
+def test_the_flat_forward_keeps_no_fused_copy_of_the_frozen_base(adapters, scored_groups):
+    # A fused [W_q; W_k; W_v] would be a copy of the base per forward, kept for the backward pass.
+    model = adapters(_llama())
+    packed = _packed(scored_groups)
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    attn = model.model.layers[0].self_attn
+    fused_shape = (sum(m.weight.shape[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj)), attn.q_proj.weight.shape[1])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logp, _ = logprobs(model, packed, PATHS["flat"])
+    assert forward_path(model, packed, PATHS["flat"]) == "flat" and int(packed.response_mask.sum()) != fused_shape[0]
+    weights = [t for t in saved if t.ndim == 2 and t.untyped_storage().data_ptr() in own]
+    assert {tuple(t.shape) for t in weights} >= {tuple(attn.q_proj.weight.shape[::-1]), tuple(attn.k_proj.weight.shape[::-1])}  # read in place
+    assert not [t for t in saved if tuple(t.shape) in (fused_shape, fused_shape[::-1]) and t.untyped_storage().data_ptr() not in own]
 
 
 def test_only_adapters_train_and_the_base_stays_bit_identical(adapters, trainer_factory, scored_groups):

@@ -6,9 +6,9 @@ Norms, MLPs, the output projection and the LM head are the model's own modules (
 matches its ``forward`` exactly, float32 norms under float64 included); the fused query/key/value
 product, per-head q/k norms, rotary, sliding windows and soft-capped attention are written from
 the spec (:mod:`dapo_rl.models.layers`, :mod:`dapo_rl.models.rotary`). LoRA adapters: the module
-calls include them (PEFT's layers), and the fused query/key/value product adds their term
-(:func:`~dapo_rl.models.layers.qkv_lora_output`), on the fly, so no gradient of a frozen base
-weight is ever formed.
+calls include them (PEFT's layers), and the query/key/value products read each frozen base
+weight in place and add the adapters' terms on the fly (:func:`~dapo_rl.models.layers.qkv_output`):
+no copy of the base per forward, no gradient of it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dapo_rl.models import rotary as rope
-from dapo_rl.models.layers import qkv_lora_output, qkv_params, softcap, window_blocked
+from dapo_rl.models.layers import qkv_output, softcap, window_blocked
 from dapo_rl.models.spec import read_spec
 
 F = torch.nn.functional
@@ -175,13 +175,7 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
     def decoder_layer(x: torch.Tensor, i: int, prompt_keys: torch.Tensor, prompt_values: torch.Tensor) -> torch.Tensor:
         layer = inner.layers[i]
         attn = layer.self_attn
-        weight, bias = qkv_params(spec, attn, qk_rows)
-        h = layer.input_layernorm(x)
-        qkv = F.linear(h, weight, bias)
-        adapted = qkv_lora_output(spec, attn, qk_rows, h)  # LoRA: on the fly (no gradient of the frozen base)
-        if adapted is not None:
-            qkv = qkv + adapted
-        qkv = qkv.view(n, heads + 2 * kv_heads, d)
+        qkv = qkv_output(spec, attn, qk_rows, layer.input_layernorm(x)).view(n, heads + 2 * kv_heads, d)
         q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
         if spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)

@@ -36,17 +36,24 @@ def qkv_params(spec: ModelSpec, attn, qk_rows: torch.Tensor | None, merged: bool
     return weight, torch.cat([qk_b if qk_rows is None else qk_b.index_select(0, qk_rows), attn.v_proj.bias])
 
 
-def qkv_lora_output(spec: ModelSpec, attn, qk_rows: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """The LoRA adapters' term of the fused query/key/value product of ``x [N, hidden]`` (columns
-    in :func:`qkv_params`'s order), or None when no projection has an active adapter."""
-    if spec.fused_qkv:
-        parts = [(attn.qkv_proj, spec.heads + 2 * spec.kv_heads)]
-    else:
-        parts = [(attn.q_proj, spec.heads), (attn.k_proj, spec.kv_heads), (attn.v_proj, spec.kv_heads)]
-    outs = [lora_output(module, x) for module, _ in parts]
-    if all(o is None for o in outs):
-        return None
-    out = torch.cat([x.new_zeros((x.shape[0], heads * spec.head_dim)) if o is None else o for o, (_, heads) in zip(outs, parts)], dim=-1)
+def qkv_output(spec: ModelSpec, attn, qk_rows: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Queries, keys and values of ``x [N, hidden]`` → ``[N, (heads + 2·kv_heads)·d]``, the query/key
+    columns in ``qk_rows``' order when given (differentiable).
+
+    One product on the fused :func:`qkv_params` weight; for LoRA-adapted projections, one product
+    per projection on its frozen base weight read in place (a fused copy would be a per-forward
+    copy of the base, kept for the backward pass), plus each active adapter's term on the fly, so
+    no gradient of a frozen base is formed.
+    """
+    parts = [attn.qkv_proj] if spec.fused_qkv else [attn.q_proj, attn.k_proj, attn.v_proj]
+    if not any(hasattr(module, "base_layer") for module in parts):
+        weight, bias = qkv_params(spec, attn, qk_rows)
+        return F.linear(x, weight, bias)
+    outs = []
+    for module in parts:
+        out, adapted = F.linear(x, module.weight, module.bias), lora_output(module, x)
+        outs.append(out if adapted is None else out + adapted)
+    out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
     if qk_rows is None:
         return out
     qk = (spec.heads + spec.kv_heads) * spec.head_dim
