@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -264,6 +265,97 @@ def test_decode_batch_shrinks_through_ladder_row_counts_only(tiny, monkeypatch):
     lengths = sorted(len(s.response_ids) for g in groups for s in g)
     assert len(set(lengths)) > 8 and lengths[0] < lengths[-1]  # rows finished at many different steps
     assert seen - {60} <= {ladder_rows(n) for n in range(1, 61)} and len(seen) > 4
+
+
+def test_a_kept_decoder_is_reused_only_while_the_weights_are_unchanged(tiny, monkeypatch):
+    import dapo_rl.rollout.fast as fast
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    built = []
+
+    class Counting(SpecDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(fast, "SpecDecoder", Counting)
+    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, keep_decoder=True)
+    params = SamplingParams(temperature=1.0, max_new_tokens=10)
+
+    def sample_and_check():
+        torch.manual_seed(0)
+        for prompt, group in zip(_prompts(tok), engine.generate(_prompts(tok), 2, params)):
+            for sample in group:
+                expected = _full_forward_logprobs(model, prompt, sample.response_ids, 1.0)
+                torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-5, rtol=0)
+
+    sample_and_check()
+    sample_and_check()
+    assert len(built) == 1 and built[0].kv is None  # reused; no call's key/value buffer kept
+
+    def optimizer_step(fused: bool):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=None if fused else True)
+        model(input_ids=torch.tensor([_prompts(tok)[1]])).logits.sum().backward()
+        optimizer.step()
+        model.zero_grad()
+
+    optimizer_step(fused=False)  # in place, through ops that move every parameter's version
+    sample_and_check()
+    model.load_state_dict({k: v + 0.01 for k, v in model.state_dict().items()})
+    sample_and_check()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)  # one matrix changed in place
+    sample_and_check()
+    assert len(built) == 4
+    optimizer_step(fused=True)  # the fused kernel moves no version: the push says the weights changed
+    engine.sync_weights(model)
+    sample_and_check()
+    engine.release_memory()
+    sample_and_check()
+    assert len(built) == 6
+    plain = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # the default keeps nothing
+    plain.generate(_prompts(tok), 2, params)
+    plain.generate(_prompts(tok), 2, params)
+    assert len(built) == 8
+
+
+def test_in_training_the_decoder_is_built_once_per_step_and_never_held_through_an_update(tiny, trainer_factory, scored_groups,
+                                                                                          monkeypatch):
+    # Per step: the weight-sync probe after the push builds it, the next step's sampling rounds
+    # reuse it, the update releases it (no copy of the weights alive during forward/backward).
+    import weakref
+
+    import dapo_rl.rollout.fast as fast
+    import dapo_rl.training.trainer as trainer_module
+
+    model, tok = tiny
+    built = []
+
+    class Counting(SpecDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(weakref.ref(self))
+
+    alive_in_update = []
+    forward = trainer_module.logprobs
+
+    def watched(*args, **kwargs):
+        if torch.is_grad_enabled():
+            alive_in_update.append(sum(ref() is not None for ref in built))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(fast, "SpecDecoder", Counting)
+    monkeypatch.setattr(trainer_module, "logprobs", watched)
+    trainer = trainer_factory(model, tok, ["dynamic_sampling.enabled=true", "dynamic_sampling.max_rounds=3",
+                                           "dynamic_sampling.on_exhausted=train", "rollout.max_response_length=8"], engine="fast")
+    rounds = 0
+    for _ in range(3):
+        rounds += trainer.train_step()["train/generation_rounds"]
+    assert rounds > 3 and len(built) == 4  # probe before step 1, then one probe per push; rounds reuse it
+    assert built[-1]() is not None  # the last probe's decoder, kept for the next step's sampling
+    trainer.update(scored_groups(tok, 4, 4, seed=5))
+    assert alive_in_update and set(alive_in_update) == {0}
 
 
 def test_rotary_table_equals_the_models_rotary_module(tiny):

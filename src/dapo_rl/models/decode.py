@@ -301,6 +301,10 @@ class SpecDecoder:
             mask[:, 0, 0, :width].masked_fill_(attention.repeat_interleave(repeats, dim=0) == 0, float("-inf"))
             self.mask = mask
 
+    def finish(self) -> None:
+        """Free this call's key/value buffer and mask (the weights stay, for another :meth:`start`)."""
+        self.kv, self.mask, self.rows, self.length = None, None, 0, 0
+
     def rotary_tables(self, capacity: int, device) -> list[torch.Tensor]:
         """Per rotary kind, the rotation of every position ``0 … capacity−1`` (see :meth:`rotary_at`),
         from the model's rotary module in one call (dynamic/longrope: exact while ``capacity`` is

@@ -23,7 +23,7 @@ def build_engine(name: str, model, tokenizer, *, max_batch_prompts: int = 64, co
         from dapo_rl.rollout.fast import FastRolloutEngine
 
         return FastRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 max_batch_prompts=max_batch_prompts)
+                                 max_batch_prompts=max_batch_prompts, keep_decoder=True)
     if name == "vllm":
         try:
             from dapo_rl.rollout.vllm_engine import VLLMEngine  # optional extra

@@ -226,17 +226,48 @@ class FastRolloutEngine(InProcessEngine):
             :func:`~dapo_rl.models.decode.packs_by_default` says it is faster.
         native_kernels: on a CPU in float32, run the direct decode's norms, rotary and attention
             as fused C kernels (:mod:`dapo_rl.rollout.native`; PyTorch ops where they cannot be built).
+        keep_decoder: keep the direct decoder (its fused, packed copies of the weights) between
+            ``generate`` calls, until :meth:`sync_weights` (the engine contract: call it after
+            changing the weights, as for any engine that holds its own copy) or
+            :meth:`release_memory`. As a second guard it is rebuilt when a parameter's storage or
+            version counter moved (in-place ops and ``load_state_dict`` move it; fused optimiser
+            kernels such as ``AdamW(fused=True)`` do not). The trainer's weight-sync probe, its
+            next step's sampling rounds and an evaluation between them then build it once; the
+            trainer releases it before each update, so it is never held through one. Off by
+            default: a plain ``generate`` holds no copy after it returns.
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_id: int, max_batch_prompts: int = 64,
                  compact_min_fraction: float = 0.125, direct_decode: bool = True, pack_weights: bool | None = None,
-                 native_kernels: bool = True, row_ladder: bool = True):
+                 native_kernels: bool = True, row_ladder: bool = True, keep_decoder: bool = False):
         super().__init__(model, pad_token_id, eos_token_id, max_batch_prompts)
         self.direct_decode = direct_decode
         self.pack_weights = pack_weights
         self.native_kernels = native_kernels
         self.compact_min_fraction = compact_min_fraction
         self.row_ladder = row_ladder
+        self.keep_decoder = keep_decoder
+        self._kept: tuple[tuple, object, SpecDecoder] | None = None  # (weights' identity, spec, decoder)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        super().sync_weights(model)
+        self._kept = None
+
+    def release_memory(self) -> None:
+        """Drop the kept decoder (``keep_decoder``); the next ``generate`` builds a new one."""
+        self._kept = None
+
+    def _decoder(self, model, spec) -> SpecDecoder:
+        """A decoder of the model's current weights: the kept one while every parameter is the same
+        storage at the same version, else a new one (kept when ``keep_decoder``)."""
+        weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        if self._kept is not None and self._kept[0] == weights and self._kept[1] == spec:
+            return self._kept[2]
+        self._kept = None  # before building: never two copies at once
+        decoder = SpecDecoder(model, spec, pack_weights=self.pack_weights, native_kernels=self.native_kernels)
+        if self.keep_decoder:
+            self._kept = (weights, spec, decoder)
+        return decoder
 
     def _generate_chunk(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
         model = self.model
@@ -267,9 +298,12 @@ class FastRolloutEngine(InProcessEngine):
                 is_stop = torch.zeros(max(logits.shape[-1], *stop_ids) + 1, dtype=torch.bool, device=device)
                 is_stop[stop_ids] = True
                 if direct:
-                    decoder = SpecDecoder(model, spec, pack_weights=self.pack_weights, native_kernels=self.native_kernels)
+                    decoder = self._decoder(model, spec)
                     decoder.start(out.past_key_values, n, attention, capacity)
-                    result = self._decode_direct(decoder, logits, next_pos, is_stop, params, capacity)
+                    try:
+                        result = self._decode_direct(decoder, logits, next_pos, is_stop, params, capacity)
+                    finally:
+                        decoder.finish()
                 else:
                     result = self._decode_hf(out.past_key_values, logits, next_pos, attention, n, is_stop, params)
         finally:

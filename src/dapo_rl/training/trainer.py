@@ -210,6 +210,9 @@ class Trainer:
         """The policy update of one step on ``groups``: ``updates_per_step`` optimiser steps."""
         cfg = self.cfg
         t_start = time.perf_counter()
+        release = getattr(self.engine, "release_memory", None)
+        if release is not None:  # what the engine keeps between calls (the fast engine's decoder) is not held through the update
+            release()
         if not groups:
             return {"time/update_s": 0.0, "train/updates": 0.0}
         samples = [s for g in groups for s in g.samples]
