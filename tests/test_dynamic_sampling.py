@@ -4,8 +4,6 @@ stream's difficulty memory, and the never-abort path of a real training run."""
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -239,6 +239,24 @@ def test_products_are_packed_by_default_except_small_models_on_intel(tiny, monke
         assert _decoder(model).packed is (small_packed and can_pack(torch.ones(1)))  # hidden 64
 
 
+def test_cpu_info_reads_one_field_of_proc_cpuinfo(tmp_path, monkeypatch):
+    import builtins
+
+    import dapo_rl.models.decode as decode
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu avx2\n\n"
+                    "processor\t: 1\nvendor_id\t: GenuineIntel\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path, *a, **k))
+    decode.cpu_info.cache_clear()
+    try:
+        assert decode.cpu_vendor() == "GenuineIntel" and decode.cpu_info("model name") == "Some CPU @ 2.0GHz"
+        assert decode.cpu_info("flags") == "fpu avx2" and decode.cpu_info("no such key") == ""
+    finally:
+        decode.cpu_info.cache_clear()
+
+
 def test_ladder_rows_is_the_smallest_ladder_value_that_fits():
     assert [ladder_rows(n) for n in (1, 7, 8, 9, 10, 11, 16, 17, 21, 33, 64, 65, 100, 257)] == \
         [1, 7, 8, 10, 10, 12, 16, 20, 24, 40, 64, 80, 112, 320]

@@ -75,14 +75,21 @@ def packs_by_default(hidden: int, device: torch.device) -> bool:
     return not (hidden <= PLAIN_PRODUCTS_MAX_HIDDEN and cpu_vendor() == "GenuineIntel")
 
 
-@functools.cache
 def cpu_vendor() -> str:
     """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, …), or "" where unknown."""
+    return cpu_info("vendor_id")
+
+
+@functools.cache
+def cpu_info(key: str) -> str:
+    """The value of ``key`` (``vendor_id``, ``model name``, ``flags``, …) for the first CPU in
+    ``/proc/cpuinfo``, or "" where there is no such file or key."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
     return ""

@@ -102,12 +102,10 @@ class DecodeKernels:
 
 def _cpu_identity() -> str:
     """The CPU model and feature flags (what ``-march=native`` compiles for)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    wanted = ("model name", "flags")
-    return "|".join(next((line for line in lines if line.startswith(key)), "") for key in wanted)
+    from dapo_rl.models.decode import cpu_info
+
+    identity = "|".join(cpu_info(key) for key in ("model name", "flags"))
+    return identity if identity != "|" else platform.processor() or platform.machine()
 
 
 def _compiler_version(cc: str) -> str:
