@@ -3,8 +3,10 @@
 For one model, with adapters (random B, so they are not a no-op) and without, times a
 ``generate`` call of ``--prompts`` prompts × ``--samples`` samples × ``--tokens`` tokens:
 
-- ``fast``: the fast engine's direct decoder, adapters merged into its own per-call buffers
-  (what the library does);
+- ``fast``: the fast engine's direct decoder reading the frozen base in place, the adapters'
+  low-rank terms computed on the fly (what the library does);
+- ``fast-merged``: the same decoder on its own fused, packed per-call copies with the adapters
+  merged in (``W + (alpha / r)·B·A``: no extra products per step, a weight-sized copy per call);
 - ``fast-hf-decode``: the same engine decoding through the Hugging Face modules, where PEFT
   computes the adapters' term on the fly at every step;
 - ``hf``: Hugging Face ``generate``, adapters on the fly (what the library does);
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                for i in range(args.prompts)]
     rows = {}
     for name, make in (("fast", lambda m: FastRolloutEngine(m, tok.pad_token_id, tok.eos_token_id)),
+                       ("fast-merged", lambda m: FastRolloutEngine(m, tok.pad_token_id, tok.eos_token_id, read_in_place=False)),
                        ("fast-hf-decode", lambda m: FastRolloutEngine(m, tok.pad_token_id, tok.eos_token_id, direct_decode=False)),
                        ("hf", lambda m: HFGenerateEngine(m, tok.pad_token_id, tok.eos_token_id))):
         rows[name] = (timed(make(base), prompts, args.samples, args.tokens, args.repeats),

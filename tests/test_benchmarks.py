@@ -265,7 +265,7 @@ def test_bench_lora_smoke(tmp_path):
 def test_lora_sampling_smoke():
     """Every way of sampling with adapters is timed, and merging in place is seen to move the base weights."""
     out = run_script("lora_sampling.py", "--prompts", "2", "--samples", "2", "--tokens", "4", "--repeats", "1")
-    for way in ("fast", "fast-hf-decode", "hf", "hf-merge-in-place"):
+    for way in ("fast", "fast-merged", "fast-hf-decode", "hf", "hf-merge-in-place"):
         assert re.search(rf"\n{way}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\n", out), way
     assert re.search(r"base weights changed, max \|dW\| = ", out)
 

@@ -226,6 +226,9 @@ class FastRolloutEngine(InProcessEngine):
             :func:`~dapo_rl.models.decode.packs_by_default` says it is faster.
         native_kernels: on a CPU in float32, run the direct decode's norms, rotary and attention
             as fused C kernels (:mod:`dapo_rl.rollout.native`; PyTorch ops where they cannot be built).
+        read_in_place: the direct decoder's products read the model's own matrices, LoRA adapters
+            on the fly, instead of fused/packed/merged copies (see
+            :class:`~dapo_rl.models.decode.Projection`); None (default): for models with active adapters.
         keep_decoder: keep the direct decoder (its fused, packed copies of the weights) between
             ``generate`` calls, until :meth:`sync_weights` (the engine contract: call it after
             changing the weights, as for any engine that holds its own copy) or
@@ -239,13 +242,15 @@ class FastRolloutEngine(InProcessEngine):
 
     def __init__(self, model, pad_token_id: int, eos_token_id: int, max_batch_prompts: int = 64,
                  compact_min_fraction: float = 0.125, direct_decode: bool = True, pack_weights: bool | None = None,
-                 native_kernels: bool = True, row_ladder: bool = True, keep_decoder: bool = False):
+                 native_kernels: bool = True, row_ladder: bool = True, read_in_place: bool | None = None,
+                 keep_decoder: bool = False):
         super().__init__(model, pad_token_id, eos_token_id, max_batch_prompts)
         self.direct_decode = direct_decode
         self.pack_weights = pack_weights
         self.native_kernels = native_kernels
         self.compact_min_fraction = compact_min_fraction
         self.row_ladder = row_ladder
+        self.read_in_place = read_in_place
         self.keep_decoder = keep_decoder
         self._kept: tuple[tuple, object, SpecDecoder] | None = None  # (weights' identity, spec, decoder)
 
@@ -264,7 +269,8 @@ class FastRolloutEngine(InProcessEngine):
         if self._kept is not None and self._kept[0] == weights and self._kept[1] == spec:
             return self._kept[2]
         self._kept = None  # before building: never two copies at once
-        decoder = SpecDecoder(model, spec, pack_weights=self.pack_weights, native_kernels=self.native_kernels)
+        decoder = SpecDecoder(model, spec, pack_weights=self.pack_weights, native_kernels=self.native_kernels,
+                              in_place=self.read_in_place)
         if self.keep_decoder:
             self._kept = (weights, spec, decoder)
         return decoder
