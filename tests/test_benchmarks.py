@@ -262,6 +262,18 @@ def test_bench_lora_smoke(tmp_path):
     assert re.search(rf"lora/full peak_rss_bytes={NUMBER} optimizer_state_bytes={NUMBER}", out)
 
 
+def test_memory_phases_smoke():
+    """A 2-step run of the built-in task: a line per phase (rest, update, rest, update, rest), then ru_maxrss."""
+    out = run_script("memory_phases.py", "--set", "steps=2", "prompts_per_step=4", "group_size=4", "mini_batch_size=4",
+                     "micro_batch_size=16", "data.eval=null", "data.builtin_train_size=128")
+    phases = re.findall(rf"^(rest|update)((?:\s+{NUMBER}){{6}})$", out, flags=re.M)
+    assert [name for name, _ in phases] == ["rest", "update", "rest", "update", "rest"]
+    for _, numbers in phases:
+        seconds, peak, anon, file, _, _ = map(float, numbers.split())
+        assert seconds >= 0 and peak > 0 and peak + 2 >= anon + file  # RSS: anonymous + file-backed (+ shared) pages
+    assert re.search(rf"ru_maxrss {NUMBER} MiB", out)
+
+
 def test_lora_sampling_smoke():
     """Every way of sampling with adapters is timed, and merging in place is seen to move the base weights."""
     out = run_script("lora_sampling.py", "--prompts", "2", "--samples", "2", "--tokens", "4", "--repeats", "1")
