@@ -376,6 +376,30 @@ def test_in_training_the_decoder_is_built_once_per_step_and_never_held_through_a
     assert alive_in_update and set(alive_in_update) == {0}
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_under_fsdp2_the_kept_decoder_goes_with_the_gathered_parameters(tiny, trainer_factory, monkeypatch, sharded):
+    # FSDP2 frees the gathered storage at reshard, and a kept decoder reads it: released together.
+    import dapo_rl.rollout.fast as fast
+    from dapo_rl.training.distributed import DistContext
+
+    model, tok = tiny
+    built = []
+
+    class Counting(SpecDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(fast, "SpecDecoder", Counting)
+    trainer = trainer_factory(model, tok, [], engine="fast")
+    if sharded:  # a one-process model has no FSDP2 units to gather: only the release rule is exercised
+        trainer.dist = DistContext(world_size=2, strategy="fsdp2")
+    for _ in range(2):
+        with trainer.full_parameters():
+            trainer.engine.generate(_prompts(tok), 2, SamplingParams(temperature=1.0, max_new_tokens=6))
+    assert len(built) == (2 if sharded else 1)
+
+
 def test_rotary_table_equals_the_models_rotary_module(tiny):
     # float32/float64: e^{iθ} per pair (i, i + d/2); other dtypes: (cos, sin with its first half negated).
     model, _ = tiny

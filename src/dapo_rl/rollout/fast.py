@@ -236,8 +236,9 @@ class FastRolloutEngine(InProcessEngine):
             version counter moved (in-place ops and ``load_state_dict`` move it; fused optimiser
             kernels such as ``AdamW(fused=True)`` do not). The trainer's weight-sync probe, its
             next step's sampling rounds and an evaluation between them then build it once; the
-            trainer releases it before each update, so it is never held through one. Off by
-            default: a plain ``generate`` holds no copy after it returns.
+            trainer releases it before each update, so it is never held through one, and under
+            FSDP2 when the gathered parameters it reads are resharded. Off by default: a plain
+            ``generate`` holds no copy after it returns.
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_id: int, max_batch_prompts: int = 64,

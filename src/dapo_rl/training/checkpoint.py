@@ -193,6 +193,6 @@ def load_checkpoint(trainer: Trainer, folder: Path) -> None:
         _set_rng_state(rng_states[trainer.dist.rank])
     else:
         torch.manual_seed(trainer.cfg.seed * 1_000_003 + trainer.state.step * 1009 + trainer.dist.rank)
-    with trainer.dist.gathered(trainer.model):
+    with trainer.full_parameters():
         trainer.engine.sync_weights(trainer.model)
     trainer.checkpointed_step = trainer.state.step

@@ -210,9 +210,7 @@ class Trainer:
         """The policy update of one step on ``groups``: ``updates_per_step`` optimiser steps."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        release = getattr(self.engine, "release_memory", None)
-        if release is not None:  # what the engine keeps between calls (the fast engine's decoder) is not held through the update
-            release()
+        self.release_engine_memory()  # not held through the update
         if not groups:
             return {"time/update_s": 0.0, "train/updates": 0.0}
         samples = [s for g in groups for s in g.samples]
@@ -394,7 +392,7 @@ class Trainer:
         """
         if not self.eval_prompts:
             return None
-        with self.dist.gathered(self.model):
+        with self.full_parameters():
             if not self.dist.is_main:
                 return None
             ec = self.cfg.eval
@@ -403,17 +401,35 @@ class Trainer:
             return evaluate(self.engine, self.eval_prompts, self.tokenizer, self.reward_fn, params=params,
                             samples_per_problem=ec.samples_per_prompt, greedy=ec.greedy, reward_timeout_s=self.cfg.reward.timeout_s)
 
+    @contextmanager
+    def full_parameters(self) -> Iterator[None]:
+        """The model's full parameters for the rollout engine (:meth:`DistContext.gathered`). Under
+        FSDP2 resharding frees the gathered storage, which a decoder the engine keeps between calls
+        reads: it is released with them (no reuse across gathers, and no stale or freed weights)."""
+        with self.dist.gathered(self.model):
+            try:
+                yield
+            finally:
+                if self.dist.sharded:
+                    self.release_engine_memory()
+
+    def release_engine_memory(self) -> None:
+        """Drop what the engine keeps between calls (the fast engine's decoder), if it keeps anything."""
+        release = getattr(self.engine, "release_memory", None)
+        if release is not None:
+            release()
+
     def train_step(self) -> dict[str, float]:
         """Collect a batch of informative groups, update the policy on it, push the weights to the engine."""
         t0 = time.perf_counter()
-        with self.dist.gathered(self.model):  # FSDP2: full parameters for the engine, freed after
+        with self.full_parameters():  # FSDP2: full parameters for the engine, freed after
             if self.sync_check is not None:
                 self.sync_check.before()
             groups, metrics = self.rollouts.collect(self.state.step, policy_version=self.policy_version)
         self.state.samples_generated_total += int(metrics["train/samples_generated"])
         metrics["train/samples_generated_total"] = float(self.state.samples_generated_total)
         metrics.update(self.update(groups))
-        with self.dist.gathered(self.model):
+        with self.full_parameters():
             # The step is complete before the push: a failed push or check still checkpoints it.
             self.state.step += 1
             self.engine.sync_weights(self.model)
