@@ -285,19 +285,28 @@ def test_decode_batch_shrinks_through_ladder_row_counts_only(tiny, monkeypatch):
     assert seen - {60} <= {ladder_rows(n) for n in range(1, 61)} and len(seen) > 4
 
 
-def test_a_kept_decoder_is_reused_only_while_the_weights_are_unchanged(tiny, monkeypatch):
+@pytest.fixture
+def built_decoders(monkeypatch):
+    """Weak references to every :class:`SpecDecoder` the fast engine builds in the test, in order."""
+    import weakref
+
     import dapo_rl.rollout.fast as fast
 
-    model, tok = tiny
-    model = copy.deepcopy(model)
     built = []
 
-    class Counting(SpecDecoder):
+    class Recorded(SpecDecoder):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            built.append(self)
+            built.append(weakref.ref(self))
 
-    monkeypatch.setattr(fast, "SpecDecoder", Counting)
+    monkeypatch.setattr(fast, "SpecDecoder", Recorded)
+    return built
+
+
+def test_a_kept_decoder_is_reused_only_while_the_weights_are_unchanged(tiny, built_decoders):
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    built = built_decoders
     engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, keep_decoder=True)
     params = SamplingParams(temperature=1.0, max_new_tokens=10)
 
@@ -310,7 +319,7 @@ def test_a_kept_decoder_is_reused_only_while_the_weights_are_unchanged(tiny, mon
 
     sample_and_check()
     sample_and_check()
-    assert len(built) == 1 and built[0].kv is None  # reused; no call's key/value buffer kept
+    assert len(built) == 1 and built[0]().kv is None  # reused (kept alive by the engine); no call's key/value buffer kept
 
     def optimizer_step(fused: bool):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=None if fused else True)
@@ -339,22 +348,13 @@ def test_a_kept_decoder_is_reused_only_while_the_weights_are_unchanged(tiny, mon
 
 
 def test_in_training_the_decoder_is_built_once_per_step_and_never_held_through_an_update(tiny, trainer_factory, scored_groups,
-                                                                                          monkeypatch):
+                                                                                          built_decoders, monkeypatch):
     # Per step: the weight-sync probe after the push builds it, the next step's sampling rounds
     # reuse it, the update releases it (no copy of the weights alive during forward/backward).
-    import weakref
-
-    import dapo_rl.rollout.fast as fast
     import dapo_rl.training.trainer as trainer_module
 
     model, tok = tiny
-    built = []
-
-    class Counting(SpecDecoder):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(weakref.ref(self))
-
+    built = built_decoders
     alive_in_update = []
     forward = trainer_module.logprobs
 
@@ -363,7 +363,6 @@ def test_in_training_the_decoder_is_built_once_per_step_and_never_held_through_a
             alive_in_update.append(sum(ref() is not None for ref in built))
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(fast, "SpecDecoder", Counting)
     monkeypatch.setattr(trainer_module, "logprobs", watched)
     trainer = trainer_factory(model, tok, ["dynamic_sampling.enabled=true", "dynamic_sampling.max_rounds=3",
                                            "dynamic_sampling.on_exhausted=train", "rollout.max_response_length=8"], engine="fast")
@@ -377,20 +376,12 @@ def test_in_training_the_decoder_is_built_once_per_step_and_never_held_through_a
 
 
 @pytest.mark.parametrize("sharded", [False, True])
-def test_under_fsdp2_the_kept_decoder_goes_with_the_gathered_parameters(tiny, trainer_factory, monkeypatch, sharded):
+def test_under_fsdp2_the_kept_decoder_goes_with_the_gathered_parameters(tiny, trainer_factory, built_decoders, sharded):
     # FSDP2 frees the gathered storage at reshard, and a kept decoder reads it: released together.
-    import dapo_rl.rollout.fast as fast
     from dapo_rl.training.distributed import DistContext
 
     model, tok = tiny
-    built = []
-
-    class Counting(SpecDecoder):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self)
-
-    monkeypatch.setattr(fast, "SpecDecoder", Counting)
+    built = built_decoders
     trainer = trainer_factory(model, tok, [], engine="fast")
     if sharded:  # a one-process model has no FSDP2 units to gather: only the release rule is exercised
         trainer.dist = DistContext(world_size=2, strategy="fsdp2")
