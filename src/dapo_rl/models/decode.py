@@ -38,7 +38,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from dapo_rl.models import rotary as rope
-from dapo_rl.models.layers import activation, gate_up_params, norm_scale, qkv_params, softcap
+from dapo_rl.models.layers import activation, gate_up_params, norm_scale, qkv_columns, qkv_modules, qkv_params, softcap
 from dapo_rl.models.lora import adapters_active, effective_weight, low_rank_factors
 from dapo_rl.models.spec import ModelSpec
 
@@ -254,14 +254,13 @@ class SpecDecoder:
         self.length = 0
         self.mask: torch.Tensor | None = None
 
-    def _products(self, modules, fused: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                  columns: torch.Tensor | None = None) -> Projection:
+    def _products(self, modules, fused: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Projection:
         """The :class:`Projection` of one module (or of ``modules`` stacked): read in place, or the
         decoder's own copy (``fused``: the stacked ``(weight, bias)`` when there are several; a
         module's weight with its adapters merged in, :func:`effective_weight`, when there is one)."""
         modules = modules if isinstance(modules, list) else [modules]
         if self.in_place:
-            return Projection.in_place(modules, columns)
+            return Projection.in_place(modules)
         if fused is None:
             (module,) = modules
             fused = effective_weight(module), module.bias
@@ -272,12 +271,7 @@ class SpecDecoder:
         spec = self.spec
         if not self.in_place:
             return Projection.copied(*qkv_params(spec, attn, qk_rows, merged=True), packed=self.packed)
-        modules = [attn.qkv_proj] if spec.fused_qkv else [attn.q_proj, attn.k_proj, attn.v_proj]
-        columns = None
-        if qk_rows is not None:
-            qk, total = (spec.heads + spec.kv_heads) * spec.head_dim, (spec.heads + 2 * spec.kv_heads) * spec.head_dim
-            columns = torch.cat([qk_rows, torch.arange(qk, total, device=qk_rows.device)])
-        return Projection.in_place(modules, columns)
+        return Projection.in_place(qkv_modules(spec, attn), None if qk_rows is None else qkv_columns(spec, qk_rows))
 
     def rms_norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
         """RMSNorm of ``x [..., n]`` over its last dimension with ``norm = (scale [n], eps)``."""

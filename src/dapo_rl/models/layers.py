@@ -36,6 +36,19 @@ def qkv_params(spec: ModelSpec, attn, qk_rows: torch.Tensor | None, merged: bool
     return weight, torch.cat([qk_b if qk_rows is None else qk_b.index_select(0, qk_rows), attn.v_proj.bias])
 
 
+def qkv_modules(spec: ModelSpec, attn) -> list:
+    """The attention's query/key/value projection modules, in output order: Phi-3's one
+    ``qkv_proj``, else ``q_proj``, ``k_proj``, ``v_proj``."""
+    return [attn.qkv_proj] if spec.fused_qkv else [attn.q_proj, attn.k_proj, attn.v_proj]
+
+
+def qkv_columns(spec: ModelSpec, qk_rows: torch.Tensor) -> torch.Tensor:
+    """``[(heads + 2·kv_heads)·d]`` the column order that puts a stacked query/key/value output's
+    query/key columns in ``qk_rows``' order (values unchanged)."""
+    qk, total = (spec.heads + spec.kv_heads) * spec.head_dim, (spec.heads + 2 * spec.kv_heads) * spec.head_dim
+    return torch.cat([qk_rows, torch.arange(qk, total, device=qk_rows.device)])
+
+
 def qkv_output(spec: ModelSpec, attn, qk_rows: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """Queries, keys and values of ``x [N, hidden]`` → ``[N, (heads + 2·kv_heads)·d]``, the query/key
     columns in ``qk_rows``' order when given (differentiable).
@@ -45,7 +58,7 @@ def qkv_output(spec: ModelSpec, attn, qk_rows: torch.Tensor | None, x: torch.Ten
     copy of the base, kept for the backward pass), plus each active adapter's term on the fly, so
     no gradient of a frozen base is formed.
     """
-    parts = [attn.qkv_proj] if spec.fused_qkv else [attn.q_proj, attn.k_proj, attn.v_proj]
+    parts = qkv_modules(spec, attn)
     if not any(hasattr(module, "base_layer") for module in parts):
         weight, bias = qkv_params(spec, attn, qk_rows)
         return F.linear(x, weight, bias)
@@ -54,10 +67,7 @@ def qkv_output(spec: ModelSpec, attn, qk_rows: torch.Tensor | None, x: torch.Ten
         out, adapted = F.linear(x, module.weight, module.bias), lora_output(module, x)
         outs.append(out if adapted is None else out + adapted)
     out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-    if qk_rows is None:
-        return out
-    qk = (spec.heads + spec.kv_heads) * spec.head_dim
-    return torch.cat([out[:, :qk].index_select(1, qk_rows), out[:, qk:]], dim=-1)
+    return out if qk_rows is None else out.index_select(1, qkv_columns(spec, qk_rows))
 
 
 def gate_up_params(spec: ModelSpec, mlp, merged: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
