@@ -34,13 +34,11 @@ import sys
 import tempfile
 import time
 
+from bench_vs_trl import proc_status_kib
+
 
 def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status_kib("VmHWM").get("VmHWM", float("nan")) / 1024
 
 
 def worker(a) -> None:

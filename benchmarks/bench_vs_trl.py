@@ -82,14 +82,20 @@ def content_reward(text: str) -> float:
     return sum(c.isdigit() for c in text) / max(1, len(text)) - 0.5
 
 
-def rss_kib() -> tuple[int, int]:
-    """(current, peak) resident set size of this process in KiB."""
+def proc_status_kib(*keys: str) -> dict[str, int]:
+    """This process's ``/proc/self/status`` fields ``keys`` (``VmRSS``, ``VmHWM``, ``RssAnon``, …) in KiB."""
     fields = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(("VmRSS", "VmHWM")):
-                key, value = line.split(":")
+            key, _, value = line.partition(":")
+            if key in keys:
                 fields[key] = int(value.split()[0])
+    return fields
+
+
+def rss_kib() -> tuple[int, int]:
+    """(current, peak) resident set size of this process in KiB."""
+    fields = proc_status_kib("VmRSS", "VmHWM")
     return fields["VmRSS"], fields["VmHWM"]
 
 

@@ -27,6 +27,8 @@ import tempfile
 import threading
 import time
 
+from bench_vs_trl import proc_status_kib
+
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -51,13 +53,8 @@ def heap_reader():
 
 def rss() -> tuple[int, int, int]:
     """``(VmRSS, RssAnon, RssFile)`` of this process, bytes."""
-    fields = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile"):
-                fields[key] = int(value.split()[0]) * 1024
-    return fields.get("VmRSS", 0), fields.get("RssAnon", 0), fields.get("RssFile", 0)
+    fields = proc_status_kib("VmRSS", "RssAnon", "RssFile")
+    return tuple(fields.get(key, 0) * 1024 for key in ("VmRSS", "RssAnon", "RssFile"))
 
 
 def main(argv: list[str] | None = None) -> int:
