@@ -249,7 +249,7 @@ def test_every_forward_path_matches_the_full_forward(tiny, gqa_llama, scored_gro
 def test_attention_as_batched_products_equals_sdpa(kv_heads, masked):
     """The flat forward's attention (grouped-query heads, additive mask) against PyTorch's SDPA:
     outputs and gradients of queries, keys and values."""
-    from dapo_rl.models.flat import attention
+    from dapo_rl.models.flat import attention, score_mask
 
     g, heads, width, length, d = 3, 4, 5, 9, 8
     gen = torch.Generator().manual_seed(0)
@@ -265,7 +265,7 @@ def test_attention_as_batched_products_equals_sdpa(kv_heads, masked):
         mask = torch.zeros(blocked.shape, dtype=torch.float64).masked_fill(blocked, float("-inf"))
     upstream = torch.randn(g, heads, width, d, generator=gen, dtype=torch.float64)
     results = []
-    for fn in (lambda: attention(q, k, v, mask, 0.3),
+    for fn in (lambda: attention(q, k, v, None if mask is None else score_mask(mask, heads, kv_heads), 0.3),
                lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3,
                                                                         enable_gqa=kv_heads != heads)):
         out = fn()
@@ -284,6 +284,8 @@ def test_flat_response_layout_by_hand():
     (rows_a, width_a, slots_a), (rows_b, width_b, slots_b) = flat.groups
     assert rows_a.tolist() == [2, 0] and width_a == 3 and slots_a.tolist() == [0, 1, 2, 3, 4]  # row 0 pads slot 5
     assert rows_b.tolist() == [1] and width_b == 1 and slots_b.tolist() == []
+    # One padded layout for all groups: group a's 2 × 3 slots, then group b's 1 × 1.
+    assert flat.sizes == [6, 1] and flat.slots.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_update_with_shared_prompts_matches_micro_batch_of_one(tiny, trainer_factory, scored_groups):

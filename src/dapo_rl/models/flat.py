@@ -31,7 +31,8 @@ class FlatResponses:
 
     Rows are taken group by group (groups of similar length, see ``length_buckets`` in the
     trainer), each row's tokens contiguous and in order. Attention runs per group, padded only
-    to the group's widest response.
+    to the group's widest response: group ``i`` takes ``sizes[i] = g_i · W_i`` slots of one padded
+    layout that holds every group, one after the other.
     """
 
     row_of: torch.Tensor  # [N] row of each token
@@ -39,11 +40,13 @@ class FlatResponses:
     positions: torch.Tensor  # [N] position id (the row's real prompt length + step)
     # Per group: its rows [g], its width W, and each of its tokens' slot in the [g · W] padded layout.
     groups: list[tuple[torch.Tensor, int, torch.Tensor]]
+    slots: torch.Tensor  # [N] each token's slot in the padded layout of all groups (sum of sizes slots)
+    sizes: list[int]  # per group, g · W
 
     @classmethod
     def build(cls, groups: list[list[int]], prompt_lengths: list[int], response_lengths: list[int],
               device: torch.device) -> "FlatResponses":
-        row_of, step_of, layouts = [], [], []
+        row_of, step_of, layouts, all_slots, sizes = [], [], [], [], []
         for rows in groups:
             width = max(max(response_lengths[r] for r in rows), 1)
             slots = []
@@ -51,39 +54,59 @@ class FlatResponses:
                 row_of += [r] * response_lengths[r]
                 step_of += range(response_lengths[r])
                 slots += range(i * width, i * width + response_lengths[r])
+            offset = sum(sizes)
+            all_slots += [offset + slot for slot in slots]
+            sizes.append(len(rows) * width)
             layouts.append((torch.tensor(rows, device=device), width, torch.tensor(slots, dtype=torch.long, device=device)))
         row_t = torch.tensor(row_of, dtype=torch.long, device=device)
         step_t = torch.tensor(step_of, dtype=torch.long, device=device)
         return cls(row_of=row_t, step_of=step_t, positions=torch.tensor(prompt_lengths, device=device)[row_t] + step_t,
-                   groups=layouts)
+                   groups=layouts, slots=torch.tensor(all_slots, dtype=torch.long, device=device), sizes=sizes)
+
+
+def score_mask(mask: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """An additive mask ``[g, 1, W, L]`` laid out as :func:`attention`'s scores,
+    ``[g·kv_heads, rep·W, L]`` (``rep = heads / kv_heads``): built once, read by every layer."""
+    g, _, width, length = mask.shape
+    rep = heads // kv_heads
+    return mask[:, None].expand(g, kv_heads, rep, width, length).reshape(g * kv_heads, rep * width, length)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
               dropout: float = 0.0, cap: float | None = None) -> torch.Tensor:
     """Softmax attention written as two batched products, ``q [g, heads, W, d]`` over
-    ``k, v [g, kv_heads, L, d]`` with an additive ``mask [g, 1, W, L]`` (or None) → ``[g, heads, W, d]``;
-    scores soft-capped (``cap · tanh(s / cap)``, before the mask) when ``cap`` is given.
+    ``k, v [g, kv_heads, L, d]`` with an additive ``mask`` (:func:`score_mask`'s layout, or None)
+    → ``[g, heads, W, d]``; scores soft-capped (``cap · tanh(s / cap)``, before the mask) when
+    ``cap`` is given.
 
     Same result as ``F.scaled_dot_product_attention`` (grouped-query heads included: query head
     ``j`` reads key/value head ``j // (heads / kv_heads)``, as Hugging Face's ``repeat_kv``), but
     faster forward + backward on a CPU at the small per-group shapes of a response batch, where
-    the fused kernel's per-call set-up dominates.
+    the fused kernel's per-call set-up dominates. Scale and mask enter the first product
+    (``baddbmm``) unless soft-capping comes between them, or autocast would round the masked
+    scores to its lower precision.
     """
     g, heads, width, d = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     rep = heads // kv_heads
-    scores = torch.matmul(q.reshape(g, kv_heads, rep * width, d), k.transpose(-1, -2))  # [g, kv_heads, rep·W, L]
-    scores = softcap(scores.view(g, kv_heads, rep, width, length) * scale, cap)
-    if mask is not None:
-        scores = scores + mask[:, :, None]
+    queries = q.reshape(g * kv_heads, rep * width, d)
+    keys = k.reshape(g * kv_heads, length, d).transpose(1, 2)
+    if mask is not None and cap is None and mask.dtype == q.dtype and not torch.is_autocast_enabled(q.device.type):
+        scores = torch.baddbmm(mask, queries, keys, alpha=scale)
+    else:
+        scores = softcap(torch.bmm(queries, keys) * scale, cap)  # [g·kv_heads, rep·W, L]
+        if mask is not None:
+            scores = scores + mask  # (under autocast: promoted to the mask's float32)
     scores = scores.softmax(-1)
     if dropout:
         scores = F.dropout(scores, dropout)
-    return torch.matmul(scores.view(g, kv_heads, rep * width, length), v).view(g, heads, width, d)
+    return torch.bmm(scores, v.reshape(g * kv_heads, length, d)).view(g, heads, width, d)
 
 
-def _group_masks(flat: FlatResponses, prompt_attention: torch.Tensor, owner: torch.Tensor, windows, x: torch.Tensor):
-    """Per window value (None = full attention), per group, an additive mask ``[g, 1, W, P + W]``:
+def _group_masks(flat: FlatResponses, prompt_attention: torch.Tensor, owner: torch.Tensor, windows, x: torch.Tensor,
+                 heads: int, kv_heads: int):
+    """Per window value (None = full attention), per group, an additive mask over ``P + W`` keys
+    (in :func:`score_mask`'s layout):
     the prompt's real tokens, then the response causally, then keys more than a window behind.
     Padded query slots sit at the positions after their row's response and see at least
     themselves (no all-masked row, so no NaN reaches the backward pass)."""
@@ -103,7 +126,8 @@ def _group_masks(flat: FlatResponses, prompt_attention: torch.Tensor, owner: tor
             far = window_blocked(query_pos, torch.cat([prompt_pos[prompts], query_pos], dim=-1), window)
             if far is not None:
                 blocked = blocked | far
-            masks[window].append(x.new_zeros(blocked.shape).masked_fill_(blocked, float("-inf"))[:, None])
+            mask = x.new_zeros(blocked.shape).masked_fill_(blocked, float("-inf"))[:, None]
+            masks[window].append(score_mask(mask, heads, kv_heads))
     return masks
 
 
@@ -156,19 +180,17 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
     # Without q/k norms the permutation goes into the weight rows (no copy of activations);
     # per-head norms run on Hugging Face's order (the norm modules' own weights), then permute.
     qk_rows = rope.qk_weight_rows(heads + kv_heads, d, x.device, rd) if complex_rotary and not spec.qk_norm else None
-    masks = _group_masks(flat, prompt_attention, owner, spec.windows, x)
+    masks = _group_masks(flat, prompt_attention, owner, spec.windows, x, heads, kv_heads)
     kind_index = {kind: i for i, kind in enumerate(spec.kinds)}
-    bounds, start = [], 0
-    for _, _, slots in flat.groups:
-        bounds.append((start, start + slots.numel()))
-        start += slots.numel()
+    group_rows = [rows.numel() for rows, _, _ in flat.groups]
+    prompt_of_rows = owner[torch.cat([rows for rows, _, _ in flat.groups])]  # each group row's prompt, group by group
 
-    def padded(t: torch.Tensor, group: int) -> torch.Tensor:
-        """The group's tokens of ``t [N, heads, d]`` → ``[g, heads, W, d]``, zeros on padding."""
-        rows, width, slots = flat.groups[group]
-        lo, hi = bounds[group]
-        out = t.new_zeros((rows.numel() * width, *t.shape[1:])).index_copy(0, slots, t[lo:hi])
-        return out.view(rows.numel(), width, *t.shape[1:]).transpose(1, 2)
+    def by_group(t: torch.Tensor) -> list[torch.Tensor]:
+        """``t [N, heads, d]`` → per group ``[g, heads, W, d]``, zeros on padding: one copy into the
+        padded layout of all groups (so the backward pass is one gather, not one per group)."""
+        padded = t.new_zeros((sum(flat.sizes), *t.shape[1:])).index_copy(0, flat.slots, t)
+        return [part.view(rows.numel(), width, *t.shape[1:]).transpose(1, 2)
+                for (rows, width, _), part in zip(flat.groups, padded.split(flat.sizes))]
 
     dropout = getattr(model.config, "attention_dropout", 0.0) if model.training else 0.0
 
@@ -183,20 +205,23 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
                 q, k = q.index_select(-1, order), k.index_select(-1, order)
         turn = turns[kind_index[spec.rotary_kinds[i]]]
         if complex_rotary:
-            prompt_keys = prompt_keys.index_select(-1, order)
             q, k = rope.apply_rotary(q, turn), rope.apply_rotary(k, turn)
         else:
             q, k = rope.rotate_half_form(q, *turn), rope.rotate_half_form(k, *turn)
+        prompt_keys = prompt_keys.index_select(0, prompt_of_rows)  # [R, kv_heads, P, d]
+        if complex_rotary:
+            prompt_keys = prompt_keys.index_select(-1, order)
+        prompt_values = prompt_values.index_select(0, prompt_of_rows)
         outs = []
-        for g, (rows, width, slots) in enumerate(flat.groups):
-            prompt_rows = owner[rows]
-            out = attention(
-                padded(q, g), torch.cat([prompt_keys.index_select(0, prompt_rows), padded(k, g)], dim=2),
-                torch.cat([prompt_values.index_select(0, prompt_rows), padded(v, g)], dim=2), masks[spec.windows[i]][g], spec.scaling,
-                dropout=dropout, cap=spec.attn_softcap,
-            )  # [g, heads, W, d]
-            outs.append(out.transpose(1, 2).reshape(rows.numel() * width, -1).index_select(0, slots))
-        o = attn.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+        for (rows, width, _), q_g, k_g, v_g, keys_g, values_g, mask in zip(
+                flat.groups, by_group(q), by_group(k), by_group(v), prompt_keys.split(group_rows),
+                prompt_values.split(group_rows), masks[spec.windows[i]]):
+            out = attention(q_g, torch.cat([keys_g, k_g], dim=2), torch.cat([values_g, v_g], dim=2), mask, spec.scaling,
+                            dropout=dropout, cap=spec.attn_softcap)  # [g, heads, W, d]
+            outs.append(out.transpose(1, 2).reshape(rows.numel() * width, heads * d))
+        # Back from the padded layout to flat order: one gather.
+        out = (torch.cat(outs) if len(outs) > 1 else outs[0]).index_select(0, flat.slots)
+        o = attn.o_proj(out)
         if spec.sandwich_norms:
             x = x + layer.post_attention_layernorm(o)
             return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))

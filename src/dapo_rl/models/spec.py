@@ -218,25 +218,21 @@ def check_checkpoint(model, folder) -> None:
 
 def _check_weights(spec: ModelSpec, model) -> None:
     """The model's tensors against :func:`expected_tensors`: each present with its shape, and no
-    parameter the spec would ignore (a bias the family does not have, say)."""
+    parameter the spec would ignore (a bias the family does not have, say). One walk of the
+    parameters: LoRA adapters' A and B skipped, a base weight under its own name."""
+    from dapo_rl.models.lora import base_parameter_name, is_adapter_parameter
+
     expected = expected_tensors(spec, model.config)
+    present = {base_parameter_name(name): tensor for name, tensor in model.named_parameters(remove_duplicate=False)
+               if not is_adapter_parameter(name)}
     for name, shape in expected.items():
-        module_path, _, attr = name.rpartition(".")
-        try:
-            tensor = getattr(model.get_submodule(module_path), attr)
-        except AttributeError:
-            tensor = None
+        tensor = present.get(name)
         if tensor is None:
             raise SpecMismatchError(f"{spec.name} config, but the model has no tensor {name}")
         if tuple(tensor.shape) != shape:
             raise SpecMismatchError(f"{spec.name} config, but {name} has shape {tuple(tensor.shape)}, expected {shape}")
-    from dapo_rl.models.lora import base_parameter_name, is_adapter_parameter
-
-    for name, _ in model.named_parameters():  # (a tied head's weight is listed once, as the embedding)
-        if is_adapter_parameter(name):  # LoRA: the adapters' A and B; the base weight under its own name
-            continue
-        name = base_parameter_name(name)
-        if name not in expected:
+    for name in present:
+        if name not in expected and not (spec.tied_head and name == "lm_head.weight"):
             raise SpecMismatchError(f"{spec.name} config, but the model has a tensor the family does not use: {name}")
 
 
