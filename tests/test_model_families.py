@@ -12,13 +12,12 @@ import pytest
 import safetensors.torch
 import torch
 import transformers as tf
-from transformers import DynamicCache
 
 from dapo_rl.data.synthetic import VOCAB
 from dapo_rl.models import rotary as rope
 from dapo_rl.models import spec as spec_module
 from dapo_rl.models.decode import SpecDecoder
-from dapo_rl.models.flat import FlatResponses, response_logits
+from dapo_rl.models.flat import FlatPrompts, FlatResponses, flat_logits
 from dapo_rl.models.spec import (SpecMismatchError, check_checkpoint, check_checkpoint_keys, fast_spec, read_spec,
                                  supports_fast_path)
 from dapo_rl.models.tiny import build_char_tokenizer
@@ -211,21 +210,17 @@ def _padded_logprobs(model, prompts, owner, responses):
 
 
 def _flat_logprobs(model, prompts, owner, responses, complex_rotary=None):
-    """The same log-probs from one prompt forward (keys kept whole: ``DynamicCache()``) and
-    :func:`response_logits` on top, groups of two rows."""
+    """The same log-probs from :func:`flat_logits`: each prompt once, groups of two rows."""
     ids, attention = left_pad(prompts, TOK.pad_token_id)
-    out = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp_min(0),
-                past_key_values=DynamicCache(), use_cache=True)
-    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     rows = list(range(len(responses)))
     groups = [rows[i : i + 2] for i in range(0, len(rows), 2)]
     flat = FlatResponses.build(groups, [len(prompts[o]) for o in owner], [len(r) for r in responses], torch.device("cpu"))
     owner_t = torch.tensor(owner)
     tokens = torch.tensor([responses[r][s] for r, s in zip(flat.row_of.tolist(), flat.step_of.tolist())])
-    after = response_logits(model, kv, attention, owner_t, tokens, flat, complex_rotary=complex_rotary)
+    after, last = flat_logits(model, FlatPrompts.build(ids, attention), owner_t, tokens, flat, complex_rotary=complex_rotary)
     n = tokens.numel()
     source = torch.where(flat.step_of == 0, n + owner_t[flat.row_of], torch.arange(n) - 1)
-    logp = torch.log_softmax(torch.cat([after, out.logits[:, -1]])[source], -1).gather(-1, tokens[:, None]).squeeze(-1)
+    logp = torch.log_softmax(torch.cat([after, last])[source], -1).gather(-1, tokens[:, None]).squeeze(-1)
     # Back to row-by-row order, as _padded_logprobs.
     order = sorted(range(n), key=lambda j: (flat.row_of[j].item(), flat.step_of[j].item()))
     return logp[torch.tensor(order)]
@@ -243,7 +238,7 @@ def test_flat_training_forward_with_the_rotate_half_form(name):
 
 
 def _check_flat_forward(name: str, complex_rotary: bool | None) -> None:
-    """:func:`response_logits` log-probs and gradients against the padded full forward (float64)."""
+    """:func:`flat_logits` log-probs and gradients against the padded full forward (float64)."""
     model = family(name).double()
     try:
         gen = torch.Generator().manual_seed(1)
@@ -269,8 +264,8 @@ def _check_flat_forward(name: str, complex_rotary: bool | None) -> None:
 
 @pytest.mark.parametrize("name", ["llama", *SPREAD])
 def test_gradient_checkpointing_recomputes_the_flat_forward_exactly_and_keeps_less(name):
-    # model.gradient_checkpointing: the trainer's flat forward recomputes each layer in the backward
-    # pass (Hugging Face's checkpointed layers would drop the prompt's KV cache: run plainly there).
+    # model.gradient_checkpointing: the trainer's flat forward recomputes each layer (prompts and
+    # responses) in the backward pass.
     model = family(name, fresh=True).double().train()
     gen = torch.Generator().manual_seed(3)
     # (equal-length prompts: eager attention's float32 softmax turns float64 left padding into NaN)
@@ -312,10 +307,6 @@ def test_under_a_wrapper_gradient_checkpointing_avoids_the_prompt_cache_path():
     model.gradient_checkpointing_enable()
     assert forward_path(wrapper, batch) == "buckets"
     assert forward_path(model, batch) == "flat"
-    # The flat forward itself refuses a prompt cache without every layer's keys/values.
-    flat = FlatResponses.build([[0, 1]], [len(PROMPTS[1])] * 2, [3, 2], torch.device("cpu"))
-    with pytest.raises(ValueError, match="prompt_kv holds 0 layers"):
-        response_logits(model, [], torch.ones(1, len(PROMPTS[1])), torch.tensor([0, 0]), torch.tensor([5, 6, 7, 8, 9]), flat)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -201,13 +201,13 @@ def _mistral_with_a_small_window(tok):
 @pytest.mark.parametrize("complex_rotary", [True, False])
 @pytest.mark.parametrize("architecture", ["tiny", "gqa", "mistral-window-4"])
 def test_every_forward_path_matches_the_full_forward(tiny, gqa_llama, scored_groups, architecture, complex_rotary, monkeypatch):
-    """Each distinct prompt run once, responses on its cache (in one unpadded batch, ``flat``, or
-    in length groups on Hugging Face's cache, ``shared``): same log-probs, entropies and gradients
+    """Each distinct prompt run once (with its responses in one unpadded batch, ``flat``, or its
+    responses in length groups on Hugging Face's cache, ``shared``): same log-probs, entropies and gradients
     as the full padded forward of every row (rotary as a complex product on permuted query/key
     rows, and as Hugging Face's rotate-half form, the path under bfloat16 autocast). A model with
-    sliding windows (4 tokens, prompts of 6-8 and responses of 1-9) runs the flat path over a
-    prompt cache that keeps every position; Hugging Face's evicting cache cannot serve it, so
-    without the flat path it runs length groups."""
+    sliding windows (4 tokens, prompts of 6-8 and responses of 1-9) runs the flat path, which
+    keeps every prompt position; Hugging Face's evicting cache cannot serve it, so without the
+    flat path it runs length groups."""
     import dapo_rl.models.rotary as rotary
 
     if not complex_rotary:

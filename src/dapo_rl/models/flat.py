@@ -1,14 +1,17 @@
-"""The trainer's response forward: every response token of a micro-batch in one flat
-``[tokens, hidden]`` batch, on top of its prompt's cached keys/values, for every family a
+"""The trainer's forward: every real token of a micro-batch's distinct prompts and of its
+responses in one flat ``[tokens, hidden]`` batch, for every family a
 :class:`~dapo_rl.models.spec.ModelSpec` describes.
 
-Norms, MLPs, the output projection and the LM head are the model's own modules (so dtype handling
-matches its ``forward`` exactly, float32 norms under float64 included); the fused query/key/value
-product, per-head q/k norms, rotary, sliding windows and soft-capped attention are written from
-the spec (:mod:`dapo_rl.models.layers`, :mod:`dapo_rl.models.rotary`). LoRA adapters: the module
-calls include them (PEFT's layers), and the query/key/value products read each frozen base
-weight in place and add the adapters' terms on the fly (:func:`~dapo_rl.models.layers.qkv_output`):
-no copy of the base per forward, no gradient of it.
+Each distinct prompt runs once (its ``G`` responses share it); its keys and values serve its
+own causal attention and its responses' attention, in the same layer pass, so no prompt cache
+is built and the gradient reaches the prompt's tokens as in a full forward. Norms, MLPs, the
+output projection and the LM head are the model's own modules (so dtype handling matches its
+``forward`` exactly, float32 norms under float64 included); the fused query/key/value product,
+per-head q/k norms, rotary, sliding windows and soft-capped attention are written from the spec
+(:mod:`dapo_rl.models.layers`, :mod:`dapo_rl.models.rotary`). LoRA adapters: the module calls
+include them (PEFT's layers), and the query/key/value products read each frozen base weight in
+place and add the adapters' terms on the fly (:func:`~dapo_rl.models.layers.qkv_output`): no
+copy of the base per forward, no gradient of it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,30 @@ from dapo_rl.models.layers import qkv_output, softcap, window_blocked
 from dapo_rl.models.spec import read_spec
 
 F = torch.nn.functional
+
+
+@dataclass
+class FlatPrompts:
+    """The distinct prompts of a micro-batch: their real tokens in one flat order, prompt by prompt,
+    and each token's slot in a right-padded ``[u, P]`` layout (``P`` the longest prompt)."""
+
+    tokens: torch.Tensor  # [M] real prompt tokens
+    positions: torch.Tensor  # [M] position id of each (0 … its prompt's length − 1)
+    slots: torch.Tensor  # [M] slot in the [u · P] layout: prompt · P + position
+    lengths: torch.Tensor  # [u] real length of each prompt
+    last: torch.Tensor  # [u] flat index of each prompt's last token
+    width: int  # P
+
+    @classmethod
+    def build(cls, prompt_ids: torch.Tensor, attention: torch.Tensor) -> "FlatPrompts":
+        """From left-padded ``prompt_ids [u, P']`` and their ``attention [u, P']`` (1 on real tokens)."""
+        real = attention.bool()
+        lengths = real.sum(-1)
+        positions = (real.long().cumsum(-1) - 1)[real]  # row-major: prompt by prompt, in order
+        width = max(int(lengths.max()), 1)
+        prompt = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)[:, None].expand_as(real)[real]
+        return cls(tokens=prompt_ids[real], positions=positions, slots=prompt * width + positions, lengths=lengths,
+                   last=lengths.cumsum(0) - 1, width=width)
 
 
 @dataclass
@@ -103,101 +130,119 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.bmm(scores, v.reshape(g * kv_heads, length, d)).view(g, heads, width, d)
 
 
-def _group_masks(flat: FlatResponses, prompt_attention: torch.Tensor, owner: torch.Tensor, windows, x: torch.Tensor,
-                 heads: int, kv_heads: int):
-    """Per window value (None = full attention), per group, an additive mask over ``P + W`` keys
-    (in :func:`score_mask`'s layout):
-    the prompt's real tokens, then the response causally, then keys more than a window behind.
+def _blocked_to_mask(blocked: torch.Tensor, x: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """Bool ``[g, q, k]`` (True = not attended) → additive mask in :func:`score_mask`'s layout."""
+    return score_mask(x.new_zeros(blocked.shape).masked_fill_(blocked, float("-inf"))[:, None], heads, kv_heads)
+
+
+def _prompt_masks(prompts: FlatPrompts, windows, x: torch.Tensor, heads: int, kv_heads: int) -> dict:
+    """Per window value (None = full attention), the prompts' mask over their ``P`` slots: causal,
+    padding keys blocked, keys a window behind blocked. A padding query slot also sees itself (no
+    all-masked row, so no NaN reaches the backward pass; its output is never read)."""
+    slots = torch.arange(prompts.width, device=x.device)
+    padding = slots >= prompts.lengths[:, None]  # [u, P]
+    causal = (slots[None, :] > slots[:, None])[None] | padding[:, None, :]  # [u, P(query), P(key)]
+    itself = torch.eye(prompts.width, dtype=torch.bool, device=x.device) & padding[:, :, None]
+    masks = {}
+    for window in dict.fromkeys(windows):
+        far = window_blocked(slots, slots, window)
+        blocked = causal if far is None else causal | far
+        masks[window] = _blocked_to_mask(blocked & ~itself, x, heads, kv_heads)
+    return masks
+
+
+def _group_masks(flat: FlatResponses, prompts: FlatPrompts, owner: torch.Tensor, windows, x: torch.Tensor,
+                 heads: int, kv_heads: int) -> dict:
+    """Per window value (None = full attention), per group, the mask over ``P + W`` keys: the
+    prompt's real tokens, then the response causally, then keys more than a window behind.
     Padded query slots sit at the positions after their row's response and see at least
     themselves (no all-masked row, so no NaN reaches the backward pass)."""
-    prompt_blocked = prompt_attention == 0
-    prompt_pos = prompt_attention.long().cumsum(-1) - 1  # [u, P] (padding: masked anyway)
-    prompt_real = prompt_attention.long().sum(-1)  # [u]
+    prompt_slots = torch.arange(prompts.width, device=x.device)
+    prompt_blocked = prompt_slots >= prompts.lengths[:, None]  # [u, P]
     masks: dict[int | None, list[torch.Tensor]] = {}
     for window in dict.fromkeys(windows):
         masks[window] = []
         for rows, width, _ in flat.groups:
-            prompts = owner[rows]
+            own, g = owner[rows], rows.numel()
             steps = torch.arange(width, device=x.device)
-            blocked = torch.cat([prompt_blocked[prompts][:, None, :].expand(-1, width, -1),
-                                 torch.ones((width, width), dtype=torch.bool, device=x.device).triu(1).expand(rows.numel(), -1, -1)],
-                                dim=-1)  # [g, W, P + W]
-            query_pos = prompt_real[prompts][:, None] + steps  # [g, W]
-            far = window_blocked(query_pos, torch.cat([prompt_pos[prompts], query_pos], dim=-1), window)
-            if far is not None:
-                blocked = blocked | far
-            mask = x.new_zeros(blocked.shape).masked_fill_(blocked, float("-inf"))[:, None]
-            masks[window].append(score_mask(mask, heads, kv_heads))
+            blocked = torch.cat([prompt_blocked[own][:, None, :].expand(-1, width, -1),
+                                 (steps[None, :] > steps[:, None]).expand(g, -1, -1)], dim=-1)  # [g, W, P + W]
+            query_pos = prompts.lengths[own][:, None] + steps  # [g, W]
+            far = window_blocked(query_pos, torch.cat([prompt_slots.expand(g, -1), query_pos], dim=-1), window)
+            masks[window].append(_blocked_to_mask(blocked if far is None else blocked | far, x, heads, kv_heads))
     return masks
 
 
-def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], prompt_attention: torch.Tensor,
-                    owner: torch.Tensor, tokens: torch.Tensor, flat: FlatResponses,
-                    complex_rotary: bool | None = None) -> torch.Tensor:
-    """Logits after every real response token, responses attending to their prompts' cached keys/values.
+def flat_logits(model, prompts: FlatPrompts, owner: torch.Tensor, tokens: torch.Tensor, flat: FlatResponses,
+                complex_rotary: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits after every real response token, and after each prompt's last token: the same
+    computation as the model's ``forward`` over each prompt + response, up to summation order
+    (differentiable).
 
-    All ``N`` real response tokens go through the projections, MLPs, norms and LM head as one
-    ``[N, hidden]`` batch (no padding, one matrix product per weight); only attention, a small
-    share of the cost, runs per length group on a padded ``[g, heads, W, d]`` layout (with
-    :func:`attention`). The same computation as the model's ``forward`` with ``past_key_values``,
-    up to summation order (differentiable).
-
-    Sliding-window layers: ``prompt_kv`` must hold *every* prompt position (a cache that evicts,
-    like ``DynamicCache(config=…)`` for windowed models, does not: run the prompt forward with an
-    explicit ``past_key_values=DynamicCache()``); the window is applied here, by position.
-    Dynamic/longrope RoPE: exact while the longest sequence is within ``spec.exact_up_to``
-    (see :func:`~dapo_rl.models.spec.supports_fast_path` with ``max_length``).
+    All ``M`` prompt and ``N`` response tokens go through the projections, MLPs, norms and LM
+    head as one ``[M + N, hidden]`` batch (no padding, one matrix product per weight); only
+    attention, a small share of the cost, runs on padded layouts (:func:`attention`): the prompts
+    together on ``[u, heads, P, d]``, the responses per length group on ``[g, heads, W, d]``
+    over their prompt's keys/values and their own. Dynamic/longrope RoPE: exact while the longest
+    sequence is within ``spec.exact_up_to`` (see :func:`~dapo_rl.models.spec.supports_fast_path`
+    with ``max_length``).
 
     Args:
         model: a model :func:`~dapo_rl.models.spec.supports_fast_path` accepts.
-        prompt_kv: per layer ``(keys, values)`` of the distinct prompts, ``[u, kv_heads, P, d]``
-            each (rotary applied: what the model's cache holds after a prompt forward).
-        prompt_attention: ``[u, P]`` 1 on real prompt tokens, 0 on left padding.
+        prompts: the distinct prompts.
         owner: ``[rows]`` which distinct prompt each response continues.
         tokens: ``[N]`` the response tokens in ``flat`` order.
-        flat: where each token sits.
+        flat: where each response token sits.
         complex_rotary: force rotary as a complex product (True) or Hugging Face's rotate-half
             form (False); None picks the complex product where it applies (float32/float64, no autocast).
 
     Returns:
-        ``[N, vocab]`` logits (final soft-capping applied); entry j predicts the token after flat token j.
+        ``after [N, vocab]`` (entry j predicts the token after flat response token j) and
+        ``last [u, vocab]`` (each prompt's next token: its response's first); final soft-capping applied.
     """
     spec = read_spec(model)
     inner = model.model
-    n = tokens.numel()
+    m, n, u, width = prompts.tokens.numel(), tokens.numel(), prompts.lengths.numel(), prompts.width
     heads, kv_heads, d, rd = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
-    x = inner.embed_tokens(tokens)  # [N, hidden] (scaled, for Gemma)
+    x = inner.embed_tokens(torch.cat([prompts.tokens, tokens]))  # [M + N, hidden] (scaled, for Gemma)
     if complex_rotary is None:
         # Under autocast the products' outputs are bfloat16/float16, which have no complex type.
         complex_rotary = not torch.is_autocast_enabled(x.device.type) and all(
             rope.complex_rotary_applies(inner.rotary_emb, x.dtype, x.device, kind) for kind in spec.kinds)
-    turns = []  # per rotary kind: complex [N, 1, r/2], or (cos, sin) [N, 1, r]
+    positions = torch.cat([prompts.positions, flat.positions])
+    turns = []  # per rotary kind: complex [M + N, 1, r/2], or (cos, sin) [M + N, 1, r]
     for kind in spec.kinds:
-        cos, sin = rope.rotary_cos_sin(inner.rotary_emb, x, flat.positions, kind)
+        cos, sin = rope.rotary_cos_sin(inner.rotary_emb, x, positions, kind)
         cos, sin = cos[:, None], sin[:, None]
         turns.append(torch.complex(cos[..., : rd // 2], sin[..., : rd // 2]) if complex_rotary else (cos, sin))
     order = rope.rotary_order(d, rd).to(x.device) if complex_rotary else None
     # Without q/k norms the permutation goes into the weight rows (no copy of activations);
     # per-head norms run on Hugging Face's order (the norm modules' own weights), then permute.
     qk_rows = rope.qk_weight_rows(heads + kv_heads, d, x.device, rd) if complex_rotary and not spec.qk_norm else None
-    masks = _group_masks(flat, prompt_attention, owner, spec.windows, x, heads, kv_heads)
+    prompt_masks = _prompt_masks(prompts, spec.windows, x, heads, kv_heads)
+    masks = _group_masks(flat, prompts, owner, spec.windows, x, heads, kv_heads)
     kind_index = {kind: i for i, kind in enumerate(spec.kinds)}
     group_rows = [rows.numel() for rows, _, _ in flat.groups]
     prompt_of_rows = owner[torch.cat([rows for rows, _, _ in flat.groups])]  # each group row's prompt, group by group
+
+    def by_prompt(t: torch.Tensor) -> torch.Tensor:
+        """``t [M, heads, d]`` → ``[u, heads, P, d]``, zeros on padding."""
+        padded = t.new_zeros((u * width, *t.shape[1:])).index_copy(0, prompts.slots, t)
+        return padded.view(u, width, *t.shape[1:]).transpose(1, 2)
 
     def by_group(t: torch.Tensor) -> list[torch.Tensor]:
         """``t [N, heads, d]`` → per group ``[g, heads, W, d]``, zeros on padding: one copy into the
         padded layout of all groups (so the backward pass is one gather, not one per group)."""
         padded = t.new_zeros((sum(flat.sizes), *t.shape[1:])).index_copy(0, flat.slots, t)
-        return [part.view(rows.numel(), width, *t.shape[1:]).transpose(1, 2)
-                for (rows, width, _), part in zip(flat.groups, padded.split(flat.sizes))]
+        return [part.view(rows.numel(), w, *t.shape[1:]).transpose(1, 2)
+                for (rows, w, _), part in zip(flat.groups, padded.split(flat.sizes))]
 
     dropout = getattr(model.config, "attention_dropout", 0.0) if model.training else 0.0
 
-    def decoder_layer(x: torch.Tensor, i: int, prompt_keys: torch.Tensor, prompt_values: torch.Tensor) -> torch.Tensor:
+    def decoder_layer(x: torch.Tensor, i: int) -> torch.Tensor:
         layer = inner.layers[i]
         attn = layer.self_attn
-        qkv = qkv_output(spec, attn, qk_rows, layer.input_layernorm(x)).view(n, heads + 2 * kv_heads, d)
+        qkv = qkv_output(spec, attn, qk_rows, layer.input_layernorm(x)).view(m + n, heads + 2 * kv_heads, d)
         q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
         if spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
@@ -208,36 +253,35 @@ def response_logits(model, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], p
             q, k = rope.apply_rotary(q, turn), rope.apply_rotary(k, turn)
         else:
             q, k = rope.rotate_half_form(q, *turn), rope.rotate_half_form(k, *turn)
-        prompt_keys = prompt_keys.index_select(0, prompt_of_rows)  # [R, kv_heads, P, d]
-        if complex_rotary:
-            prompt_keys = prompt_keys.index_select(-1, order)
-        prompt_values = prompt_values.index_select(0, prompt_of_rows)
-        outs = []
-        for (rows, width, _), q_g, k_g, v_g, keys_g, values_g, mask in zip(
-                flat.groups, by_group(q), by_group(k), by_group(v), prompt_keys.split(group_rows),
-                prompt_values.split(group_rows), masks[spec.windows[i]]):
+        (q_p, q_r), (k_p, k_r), (v_p, v_r) = (t.split([m, n]) for t in (q, k, v))
+        window = spec.windows[i]
+        keys, values = by_prompt(k_p), by_prompt(v_p)  # [u, kv_heads, P, d]
+        out = attention(by_prompt(q_p), keys, values, prompt_masks[window], spec.scaling, dropout=dropout, cap=spec.attn_softcap)
+        outs = [out.transpose(1, 2).reshape(u * width, heads * d).index_select(0, prompts.slots)]  # [M, heads·d]
+        keys, values = keys.index_select(0, prompt_of_rows), values.index_select(0, prompt_of_rows)  # [R, kv_heads, P, d]
+        grouped = []
+        for (rows, w, _), q_g, k_g, v_g, keys_g, values_g, mask in zip(
+                flat.groups, by_group(q_r), by_group(k_r), by_group(v_r), keys.split(group_rows),
+                values.split(group_rows), masks[window]):
             out = attention(q_g, torch.cat([keys_g, k_g], dim=2), torch.cat([values_g, v_g], dim=2), mask, spec.scaling,
                             dropout=dropout, cap=spec.attn_softcap)  # [g, heads, W, d]
-            outs.append(out.transpose(1, 2).reshape(rows.numel() * width, heads * d))
+            grouped.append(out.transpose(1, 2).reshape(rows.numel() * w, heads * d))
         # Back from the padded layout to flat order: one gather.
-        out = (torch.cat(outs) if len(outs) > 1 else outs[0]).index_select(0, flat.slots)
-        o = attn.o_proj(out)
+        outs.append((torch.cat(grouped) if len(grouped) > 1 else grouped[0]).index_select(0, flat.slots))
+        o = attn.o_proj(torch.cat(outs))
         if spec.sandwich_norms:
             x = x + layer.post_attention_layernorm(o)
             return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
         x = x + _resid_dropout(layer, "resid_attn_dropout", o)
         return x + _resid_dropout(layer, "resid_mlp_dropout", layer.mlp(layer.post_attention_layernorm(x)))
 
-    if len(prompt_kv) != len(inner.layers):  # e.g. a prompt cache that Hugging Face left empty
-        raise ValueError(f"prompt_kv holds {len(prompt_kv)} layers' keys/values; the model has {len(inner.layers)}")
     # Each layer's activations recomputed in the backward pass instead of kept (dropout replays its draws).
     recompute = recomputes_layers(model)
-    for i, (prompt_keys, prompt_values) in enumerate(prompt_kv):
-        if recompute:
-            x = checkpoint(decoder_layer, x, i, prompt_keys, prompt_values, use_reentrant=False)
-        else:
-            x = decoder_layer(x, i, prompt_keys, prompt_values)
-    return softcap(model.lm_head(inner.norm(x)), spec.final_softcap)
+    for i in range(len(inner.layers)):
+        x = checkpoint(decoder_layer, x, i, use_reentrant=False) if recompute else decoder_layer(x, i)
+    # Only the prompts' last positions and the responses reach the head.
+    logits = softcap(model.lm_head(inner.norm(torch.cat([x.index_select(0, prompts.last), x[m:]]))), spec.final_softcap)
+    return logits[u:], logits[:u]
 
 
 def recomputes_layers(model: torch.nn.Module) -> bool:

@@ -5,9 +5,9 @@ entropy come from ``logits / temperature``: the distribution the rollout sampled
 importance ratio is exactly 1 on-policy. The paths all compute the same numbers (to rounding,
 tested); :func:`forward_path` says which one a batch takes:
 
-- ``flat``: each distinct prompt run once, then every real response token of the micro-batch in
-  one unpadded batch (:func:`dapo_rl.models.flat.response_logits`): no projection or MLP
-  computes padding. Models the architecture spec supports (:mod:`dapo_rl.models.spec`: Llama,
+- ``flat``: every real token of the distinct prompts (each run once) and of the responses in one
+  unpadded batch (:func:`dapo_rl.models.flat.flat_logits`): no projection or MLP computes
+  padding, and no Hugging Face forward or cache is involved. Models the architecture spec supports (:mod:`dapo_rl.models.spec`: Llama,
   Qwen2/3, Mistral, Phi-3, Gemma2/3), sliding windows included, in one process.
 - ``shared``: each distinct prompt run once, responses run on its cache in length groups
   (a group's G responses share their prompt, and causal attention makes the prompt's keys and
@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from dapo_rl.algorithm import token_entropy, token_logprobs
-from dapo_rl.models.flat import FlatResponses, recomputes_layers, response_logits
+from dapo_rl.models.flat import FlatPrompts, FlatResponses, flat_logits, recomputes_layers
 from dapo_rl.models.spec import supports_fast_path
 from dapo_rl.rollout.fast import has_sliding_layers
 from dapo_rl.training.batching import PackedBatch, length_buckets
@@ -92,8 +92,8 @@ def _plan(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettings)
     shared = distinct_prompts(batch) if settings.share_prompts and config is not None else None
     if shared is None:
         return "buckets", None
-    # The flat forward applies sliding windows itself, over a prompt cache that keeps every
-    # position; Hugging Face's own cache evicts them, so the "shared" path cannot serve such models.
+    # The flat forward applies sliding windows itself and keeps every prompt position; Hugging
+    # Face's own cache evicts them, so the "shared" path cannot serve such models.
     if settings.flat and model is plain and supports_fast_path(plain, max_length=batch.input_ids.shape[1]):
         return "flat", shared
     # Under gradient checkpointing Hugging Face drops the cache the "shared" path runs on.
@@ -103,8 +103,8 @@ def _plan(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettings)
 @contextmanager
 def _layers_not_checkpointed(model: torch.nn.Module) -> Iterator[None]:
     """Hugging Face's checkpointed layers refuse a KV cache (they run with ``past_key_values=None``
-    and leave the cache empty); the prompt forward needs it, so its layers run plainly. The flat
-    response forward checkpoints its layers itself (:func:`~dapo_rl.models.flat.response_logits`)."""
+    and leave the cache empty); the prompt forward of the ``shared`` path needs it, so its layers
+    run plainly. The flat forward checkpoints its layers itself (:func:`~dapo_rl.models.flat.flat_logits`)."""
     if not recomputes_layers(model):
         yield
         return
@@ -221,17 +221,19 @@ def _logits_on_prompt_cache(model, batch: PackedBatch, rows: list[int], max_r: i
 
 
 def _flat(model, batch: PackedBatch, shared: DistinctPrompts, settings: ForwardSettings, with_entropy: bool):
-    """Every response token of the micro-batch in one unpadded batch; attention per length group."""
-    cache = _prompt_cache(model, batch, shared, settings)
+    """Every real token of the distinct prompts and of the responses in one unpadded batch;
+    attention per prompt and per length group (:func:`~dapo_rl.models.flat.flat_logits`)."""
     b, width = batch.response_ids.shape
     device = batch.response_ids.device
+    columns = slice(batch.prompt_width - max(batch.prompt_lengths), batch.prompt_width)
+    prompts = FlatPrompts.build(batch.input_ids[shared.first, columns], batch.attention_mask[shared.first, columns])
     flat = FlatResponses.build(length_buckets([0] * b, batch.response_lengths), batch.prompt_lengths,
                                batch.response_lengths, device)
     row_of, step_of = flat.row_of, flat.step_of
     n = row_of.numel()
     tokens = batch.response_ids[row_of, step_of]
     with settings.autocast(device):
-        after = response_logits(model, cache.kv, cache.attention, shared.prompt_of, tokens, flat)  # [N, V]
+        after, last = flat_logits(model, prompts, shared.prompt_of, tokens, flat)  # [N, V], [U, V]
     # Response token 0 is predicted by its prompt's last position, token t > 0 by flat position
     # j − 1. Each position is scored against the token after it (a row's last position against a
     # dummy 0, never read), so no shifted [N, V] copy of the logits is made; only [N] vectors move.
@@ -240,7 +242,7 @@ def _flat(model, batch: PackedBatch, shared: DistinctPrompts, settings: ForwardS
     target = torch.where(row_of[after_next] == row_of, tokens[after_next], 0)
     starts = step_of == 0
     first = starts.nonzero().squeeze(-1)  # flat position of each row's token 0
-    head = cache.last_logits.index_select(0, shared.prompt_of[row_of[first]])  # [rows, V]
+    head = last.index_select(0, shared.prompt_of[row_of[first]])  # [rows, V]
     source = torch.where(starts, n + starts.long().cumsum(0) - 1, position - 1)
     temperature = settings.temperature
     logp_flat = torch.cat([token_logprobs(after, target, temperature=temperature),
