@@ -91,6 +91,40 @@ class FlatResponses:
                    groups=layouts, slots=torch.tensor(all_slots, dtype=torch.long, device=device), sizes=sizes)
 
 
+@dataclass
+class _AttentionLayout:
+    """Where the flat ``[M + N]`` tokens go for attention: the padded layout of each block (the
+    prompts' ``[u, P]``, then each length group's ``[g, W]``, whose keys and values are its
+    prompt's ``P`` and its own ``W``), as gathers from the flat order.
+
+    A padding slot gathers an arbitrary real token (flat index 0): as a key it is masked, and as a
+    query its output is never read, so it adds exactly zero to every gradient.
+    """
+
+    blocks: list[tuple[int, int, int]]  # per block: rows, query width, key width
+    query_map: torch.Tensor  # flat token of each query slot, block after block
+    query_sizes: list[int]  # per block, rows · query width
+    key_map: torch.Tensor  # flat token of each key/value slot, block after block
+    key_sizes: list[int]  # per block, rows · key width
+    token_slots: torch.Tensor  # [M + N] each flat token's query slot
+
+    @classmethod
+    def build(cls, prompts: FlatPrompts, flat: FlatResponses, owner: torch.Tensor) -> "_AttentionLayout":
+        u, width, m = prompts.lengths.numel(), prompts.width, prompts.tokens.numel()
+        device = prompts.tokens.device
+        prompt_grid = torch.zeros(u * width, dtype=torch.long, device=device)
+        prompt_grid[prompts.slots] = torch.arange(m, device=device)
+        response_grid = torch.zeros(sum(flat.sizes), dtype=torch.long, device=device)
+        response_grid[flat.slots] = m + torch.arange(flat.slots.numel(), device=device)
+        blocks, keys = [(u, width, width)], [prompt_grid]
+        for (rows, w, _), part in zip(flat.groups, response_grid.split(flat.sizes)):
+            blocks.append((rows.numel(), w, width + w))
+            keys.append(torch.cat([prompt_grid.view(u, width)[owner[rows]], part.view(-1, w)], dim=1).flatten())
+        return cls(blocks=blocks, query_map=torch.cat([prompt_grid, response_grid]), query_sizes=[u * width, *flat.sizes],
+                   key_map=torch.cat(keys), key_sizes=[k.numel() for k in keys],
+                   token_slots=torch.cat([prompts.slots, u * width + flat.slots]))
+
+
 def score_mask(mask: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
     """An additive mask ``[g, 1, W, L]`` laid out as :func:`attention`'s scores,
     ``[g·kv_heads, rep·W, L]`` (``rep = heads / kv_heads``): built once, read by every layer."""
@@ -152,24 +186,24 @@ def _prompt_masks(prompts: FlatPrompts, windows, x: torch.Tensor, heads: int, kv
 
 
 def _group_masks(flat: FlatResponses, prompts: FlatPrompts, owner: torch.Tensor, windows, x: torch.Tensor,
-                 heads: int, kv_heads: int) -> dict:
-    """Per window value (None = full attention), per group, the mask over ``P + W`` keys: the
+                 heads: int, kv_heads: int) -> list[dict]:
+    """Per group, per window value (None = full attention), the mask over ``P + W`` keys: the
     prompt's real tokens, then the response causally, then keys more than a window behind.
     Padded query slots sit at the positions after their row's response and see at least
     themselves (no all-masked row, so no NaN reaches the backward pass)."""
     prompt_slots = torch.arange(prompts.width, device=x.device)
     prompt_blocked = prompt_slots >= prompts.lengths[:, None]  # [u, P]
-    masks: dict[int | None, list[torch.Tensor]] = {}
-    for window in dict.fromkeys(windows):
-        masks[window] = []
-        for rows, width, _ in flat.groups:
-            own, g = owner[rows], rows.numel()
-            steps = torch.arange(width, device=x.device)
-            blocked = torch.cat([prompt_blocked[own][:, None, :].expand(-1, width, -1),
-                                 (steps[None, :] > steps[:, None]).expand(g, -1, -1)], dim=-1)  # [g, W, P + W]
-            query_pos = prompts.lengths[own][:, None] + steps  # [g, W]
+    masks: list[dict[int | None, torch.Tensor]] = []
+    for rows, width, _ in flat.groups:
+        own, g = owner[rows], rows.numel()
+        steps = torch.arange(width, device=x.device)
+        blocked = torch.cat([prompt_blocked[own][:, None, :].expand(-1, width, -1),
+                             (steps[None, :] > steps[:, None]).expand(g, -1, -1)], dim=-1)  # [g, W, P + W]
+        query_pos = prompts.lengths[own][:, None] + steps  # [g, W]
+        masks.append({})
+        for window in dict.fromkeys(windows):
             far = window_blocked(query_pos, torch.cat([prompt_slots.expand(g, -1), query_pos], dim=-1), window)
-            masks[window].append(_blocked_to_mask(blocked if far is None else blocked | far, x, heads, kv_heads))
+            masks[-1][window] = _blocked_to_mask(blocked if far is None else blocked | far, x, heads, kv_heads)
     return masks
 
 
@@ -202,7 +236,7 @@ def flat_logits(model, prompts: FlatPrompts, owner: torch.Tensor, tokens: torch.
     """
     spec = read_spec(model)
     inner = model.model
-    m, n, u, width = prompts.tokens.numel(), tokens.numel(), prompts.lengths.numel(), prompts.width
+    m, n, u = prompts.tokens.numel(), tokens.numel(), prompts.lengths.numel()
     heads, kv_heads, d, rd = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
     x = inner.embed_tokens(torch.cat([prompts.tokens, tokens]))  # [M + N, hidden] (scaled, for Gemma)
     if complex_rotary is None:
@@ -219,24 +253,9 @@ def flat_logits(model, prompts: FlatPrompts, owner: torch.Tensor, tokens: torch.
     # Without q/k norms the permutation goes into the weight rows (no copy of activations);
     # per-head norms run on Hugging Face's order (the norm modules' own weights), then permute.
     qk_rows = rope.qk_weight_rows(heads + kv_heads, d, x.device, rd) if complex_rotary and not spec.qk_norm else None
-    prompt_masks = _prompt_masks(prompts, spec.windows, x, heads, kv_heads)
-    masks = _group_masks(flat, prompts, owner, spec.windows, x, heads, kv_heads)
+    layout = _AttentionLayout.build(prompts, flat, owner)
+    masks = [_prompt_masks(prompts, spec.windows, x, heads, kv_heads), *_group_masks(flat, prompts, owner, spec.windows, x, heads, kv_heads)]
     kind_index = {kind: i for i, kind in enumerate(spec.kinds)}
-    group_rows = [rows.numel() for rows, _, _ in flat.groups]
-    prompt_of_rows = owner[torch.cat([rows for rows, _, _ in flat.groups])]  # each group row's prompt, group by group
-
-    def by_prompt(t: torch.Tensor) -> torch.Tensor:
-        """``t [M, heads, d]`` → ``[u, heads, P, d]``, zeros on padding."""
-        padded = t.new_zeros((u * width, *t.shape[1:])).index_copy(0, prompts.slots, t)
-        return padded.view(u, width, *t.shape[1:]).transpose(1, 2)
-
-    def by_group(t: torch.Tensor) -> list[torch.Tensor]:
-        """``t [N, heads, d]`` → per group ``[g, heads, W, d]``, zeros on padding: one copy into the
-        padded layout of all groups (so the backward pass is one gather, not one per group)."""
-        padded = t.new_zeros((sum(flat.sizes), *t.shape[1:])).index_copy(0, flat.slots, t)
-        return [part.view(rows.numel(), w, *t.shape[1:]).transpose(1, 2)
-                for (rows, w, _), part in zip(flat.groups, padded.split(flat.sizes))]
-
     dropout = getattr(model.config, "attention_dropout", 0.0) if model.training else 0.0
 
     def decoder_layer(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -253,22 +272,19 @@ def flat_logits(model, prompts: FlatPrompts, owner: torch.Tensor, tokens: torch.
             q, k = rope.apply_rotary(q, turn), rope.apply_rotary(k, turn)
         else:
             q, k = rope.rotate_half_form(q, *turn), rope.rotate_half_form(k, *turn)
-        (q_p, q_r), (k_p, k_r), (v_p, v_r) = (t.split([m, n]) for t in (q, k, v))
-        window = spec.windows[i]
-        keys, values = by_prompt(k_p), by_prompt(v_p)  # [u, kv_heads, P, d]
-        out = attention(by_prompt(q_p), keys, values, prompt_masks[window], spec.scaling, dropout=dropout, cap=spec.attn_softcap)
-        outs = [out.transpose(1, 2).reshape(u * width, heads * d).index_select(0, prompts.slots)]  # [M, heads·d]
-        keys, values = keys.index_select(0, prompt_of_rows), values.index_select(0, prompt_of_rows)  # [R, kv_heads, P, d]
-        grouped = []
-        for (rows, w, _), q_g, k_g, v_g, keys_g, values_g, mask in zip(
-                flat.groups, by_group(q_r), by_group(k_r), by_group(v_r), keys.split(group_rows),
-                values.split(group_rows), masks[window]):
-            out = attention(q_g, torch.cat([keys_g, k_g], dim=2), torch.cat([values_g, v_g], dim=2), mask, spec.scaling,
-                            dropout=dropout, cap=spec.attn_softcap)  # [g, heads, W, d]
-            grouped.append(out.transpose(1, 2).reshape(rows.numel() * w, heads * d))
-        # Back from the padded layout to flat order: one gather.
-        outs.append((torch.cat(grouped) if len(grouped) > 1 else grouped[0]).index_select(0, flat.slots))
-        o = attn.o_proj(torch.cat(outs))
+        # One gather per tensor into every block's padded layout (the prompts', then each length
+        # group's, whose keys/values start with its prompt's); the backward pass is one scatter each.
+        queries = q.index_select(0, layout.query_map).split(layout.query_sizes)
+        keys = k.index_select(0, layout.key_map).split(layout.key_sizes)
+        values = v.index_select(0, layout.key_map).split(layout.key_sizes)
+        outs = []
+        for (count, width_q, width_k), q_b, k_b, v_b, mask in zip(layout.blocks, queries, keys, values, masks):
+            out = attention(q_b.view(count, width_q, heads, d).transpose(1, 2), k_b.view(count, width_k, kv_heads, d).transpose(1, 2),
+                            v_b.view(count, width_k, kv_heads, d).transpose(1, 2), mask[spec.windows[i]], spec.scaling,
+                            dropout=dropout, cap=spec.attn_softcap)  # [count, heads, width_q, d]
+            outs.append(out.transpose(1, 2).reshape(count * width_q, heads * d))
+        # Back from the padded layouts to flat order: one gather.
+        o = attn.o_proj(torch.cat(outs).index_select(0, layout.token_slots))
         if spec.sandwich_norms:
             x = x + layer.post_attention_layernorm(o)
             return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
