@@ -274,18 +274,32 @@ def test_attention_as_batched_products_equals_sdpa(kv_heads, masked):
         torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
 
 
-def test_flat_response_layout_by_hand():
-    from dapo_rl.models.flat import FlatResponses
+def test_flat_layouts_by_hand():
+    from dapo_rl.models.flat import AttentionLayout, FlatPrompts, FlatResponses
 
     # rows 0..2 with responses of 2, 0 and 3 tokens, prompts of 4, 5 and 3; groups [2, 0] and [1]
     flat = FlatResponses.build([[2, 0], [1]], [4, 5, 3], [2, 0, 3], torch.device("cpu"))
     assert flat.row_of.tolist() == [2, 2, 2, 0, 0] and flat.step_of.tolist() == [0, 1, 2, 0, 1]
     assert flat.positions.tolist() == [3, 4, 5, 4, 5]
-    (rows_a, width_a, slots_a), (rows_b, width_b, slots_b) = flat.groups
-    assert rows_a.tolist() == [2, 0] and width_a == 3 and slots_a.tolist() == [0, 1, 2, 3, 4]  # row 0 pads slot 5
-    assert rows_b.tolist() == [1] and width_b == 1 and slots_b.tolist() == []
-    # One padded layout for all groups: group a's 2 × 3 slots, then group b's 1 × 1.
+    (rows_a, width_a), (rows_b, width_b) = flat.groups
+    assert rows_a.tolist() == [2, 0] and width_a == 3 and rows_b.tolist() == [1] and width_b == 1
+    # One padded layout for all groups: group a's 2 × 3 slots (row 0 pads slot 5), then group b's 1 × 1.
     assert flat.sizes == [6, 1] and flat.slots.tolist() == [0, 1, 2, 3, 4]
+
+    # Two distinct prompts, left-padded: [7, 8] and [5, 6, 9]; right-padded to width 3 inside.
+    prompts = FlatPrompts.build(torch.tensor([[0, 7, 8], [5, 6, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    assert prompts.tokens.tolist() == [7, 8, 5, 6, 9] and prompts.positions.tolist() == [0, 1, 0, 1, 2]
+    assert prompts.slots.tolist() == [0, 1, 3, 4, 5] and prompts.lengths.tolist() == [2, 3] and prompts.last.tolist() == [1, 4]
+    # Responses: row 0 (prompt 0) [a, b], row 1 (prompt 1) [c]; one group of width 2.
+    responses = FlatResponses.build([[0, 1]], [2, 3], [2, 1], torch.device("cpu"))
+    layout = AttentionLayout.build(prompts, responses, torch.tensor([0, 1]))
+    # Flat order: prompt tokens 0-4, then responses a=5, b=6, c=7; padding slots read token 0.
+    assert layout.blocks == [(2, 3, 3), (2, 2, 5)]
+    assert layout.query_map.tolist() == [0, 1, 0, 2, 3, 4] + [5, 6, 7, 0]
+    assert layout.key_map.tolist() == [0, 1, 0, 2, 3, 4] + [0, 1, 0, 5, 6] + [2, 3, 4, 7, 0]
+    assert layout.query_sizes == [6, 4] and layout.key_sizes == [6, 10]
+    assert layout.token_slots.tolist() == [0, 1, 3, 4, 5, 6, 7, 8]
+    assert torch.equal(layout.query_map[layout.token_slots], torch.arange(8))
 
 
 def test_update_with_shared_prompts_matches_micro_batch_of_one(tiny, trainer_factory, scored_groups):

@@ -65,34 +65,31 @@ class FlatResponses:
     row_of: torch.Tensor  # [N] row of each token
     step_of: torch.Tensor  # [N] position of each token within its response
     positions: torch.Tensor  # [N] position id (the row's real prompt length + step)
-    # Per group: its rows [g], its width W, and each of its tokens' slot in the [g · W] padded layout.
-    groups: list[tuple[torch.Tensor, int, torch.Tensor]]
-    slots: torch.Tensor  # [N] each token's slot in the padded layout of all groups (sum of sizes slots)
+    groups: list[tuple[torch.Tensor, int]]  # per group: its rows [g] and its width W
+    slots: torch.Tensor  # [N] each token's slot in the padded layout of all groups
     sizes: list[int]  # per group, g · W
 
     @classmethod
     def build(cls, groups: list[list[int]], prompt_lengths: list[int], response_lengths: list[int],
               device: torch.device) -> "FlatResponses":
-        row_of, step_of, layouts, all_slots, sizes = [], [], [], [], []
+        row_of, step_of, layouts, slots, sizes = [], [], [], [], []
         for rows in groups:
             width = max(max(response_lengths[r] for r in rows), 1)
-            slots = []
+            offset = sum(sizes)
             for i, r in enumerate(rows):
                 row_of += [r] * response_lengths[r]
                 step_of += range(response_lengths[r])
-                slots += range(i * width, i * width + response_lengths[r])
-            offset = sum(sizes)
-            all_slots += [offset + slot for slot in slots]
+                slots += range(offset + i * width, offset + i * width + response_lengths[r])
             sizes.append(len(rows) * width)
-            layouts.append((torch.tensor(rows, device=device), width, torch.tensor(slots, dtype=torch.long, device=device)))
+            layouts.append((torch.tensor(rows, device=device), width))
         row_t = torch.tensor(row_of, dtype=torch.long, device=device)
         step_t = torch.tensor(step_of, dtype=torch.long, device=device)
         return cls(row_of=row_t, step_of=step_t, positions=torch.tensor(prompt_lengths, device=device)[row_t] + step_t,
-                   groups=layouts, slots=torch.tensor(all_slots, dtype=torch.long, device=device), sizes=sizes)
+                   groups=layouts, slots=torch.tensor(slots, dtype=torch.long, device=device), sizes=sizes)
 
 
 @dataclass
-class _AttentionLayout:
+class AttentionLayout:
     """Where the flat ``[M + N]`` tokens go for attention: the padded layout of each block (the
     prompts' ``[u, P]``, then each length group's ``[g, W]``, whose keys and values are its
     prompt's ``P`` and its own ``W``), as gathers from the flat order.
@@ -109,7 +106,7 @@ class _AttentionLayout:
     token_slots: torch.Tensor  # [M + N] each flat token's query slot
 
     @classmethod
-    def build(cls, prompts: FlatPrompts, flat: FlatResponses, owner: torch.Tensor) -> "_AttentionLayout":
+    def build(cls, prompts: FlatPrompts, flat: FlatResponses, owner: torch.Tensor) -> "AttentionLayout":
         u, width, m = prompts.lengths.numel(), prompts.width, prompts.tokens.numel()
         device = prompts.tokens.device
         prompt_grid = torch.zeros(u * width, dtype=torch.long, device=device)
@@ -117,7 +114,7 @@ class _AttentionLayout:
         response_grid = torch.zeros(sum(flat.sizes), dtype=torch.long, device=device)
         response_grid[flat.slots] = m + torch.arange(flat.slots.numel(), device=device)
         blocks, keys = [(u, width, width)], [prompt_grid]
-        for (rows, w, _), part in zip(flat.groups, response_grid.split(flat.sizes)):
+        for (rows, w), part in zip(flat.groups, response_grid.split(flat.sizes)):
             blocks.append((rows.numel(), w, width + w))
             keys.append(torch.cat([prompt_grid.view(u, width)[owner[rows]], part.view(-1, w)], dim=1).flatten())
         return cls(blocks=blocks, query_map=torch.cat([prompt_grid, response_grid]), query_sizes=[u * width, *flat.sizes],
@@ -194,7 +191,7 @@ def _group_masks(flat: FlatResponses, prompts: FlatPrompts, owner: torch.Tensor,
     prompt_slots = torch.arange(prompts.width, device=x.device)
     prompt_blocked = prompt_slots >= prompts.lengths[:, None]  # [u, P]
     masks: list[dict[int | None, torch.Tensor]] = []
-    for rows, width, _ in flat.groups:
+    for rows, width in flat.groups:
         own, g = owner[rows], rows.numel()
         steps = torch.arange(width, device=x.device)
         blocked = torch.cat([prompt_blocked[own][:, None, :].expand(-1, width, -1),
@@ -253,7 +250,7 @@ def flat_logits(model, prompts: FlatPrompts, owner: torch.Tensor, tokens: torch.
     # Without q/k norms the permutation goes into the weight rows (no copy of activations);
     # per-head norms run on Hugging Face's order (the norm modules' own weights), then permute.
     qk_rows = rope.qk_weight_rows(heads + kv_heads, d, x.device, rd) if complex_rotary and not spec.qk_norm else None
-    layout = _AttentionLayout.build(prompts, flat, owner)
+    layout = AttentionLayout.build(prompts, flat, owner)
     masks = [_prompt_masks(prompts, spec.windows, x, heads, kv_heads), *_group_masks(flat, prompts, owner, spec.windows, x, heads, kv_heads)]
     kind_index = {kind: i for i, kind in enumerate(spec.kinds)}
     dropout = getattr(model.config, "attention_dropout", 0.0) if model.training else 0.0
