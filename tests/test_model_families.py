@@ -237,9 +237,16 @@ def test_flat_training_forward_with_the_rotate_half_form(name):
     _check_flat_forward(name, complex_rotary=False)
 
 
-def _check_flat_forward(name: str, complex_rotary: bool | None) -> None:
-    """:func:`flat_logits` log-probs and gradients against the padded full forward (float64)."""
-    model = family(name).double()
+@pytest.mark.parametrize("name", ["llama", *SPREAD])
+def test_flat_training_forward_in_float32(name):
+    # float32 takes the native kernels where they apply (the gated MLP activation: SiLU, GeLU-tanh).
+    _check_flat_forward(name, complex_rotary=None, dtype=torch.float32, tolerance=2e-5)
+
+
+def _check_flat_forward(name: str, complex_rotary: bool | None, dtype: torch.dtype = torch.float64,
+                        tolerance: float = 1e-6) -> None:
+    """:func:`flat_logits` log-probs and gradients against the padded full forward."""
+    model = family(name).to(dtype)
     try:
         gen = torch.Generator().manual_seed(1)
         prompts = [PROMPTS[1], PROMPTS[3], PROMPTS[0]]
@@ -252,12 +259,12 @@ def _check_flat_forward(name: str, complex_rotary: bool | None) -> None:
         for forward in (_padded_logprobs, functools.partial(_flat_logprobs, complex_rotary=complex_rotary)):
             model.zero_grad()
             logp = forward(model, prompts, owner, responses)
-            weights = torch.randn(logp.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+            weights = torch.randn(logp.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
             (logp * weights).sum().backward()
             results.append((logp.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
         (full_logp, full_grad), (flat_logp, flat_grad) = results
-        torch.testing.assert_close(flat_logp, full_logp, rtol=1e-6, atol=1e-6 * full_logp.abs().max().item())
-        torch.testing.assert_close(flat_grad, full_grad, rtol=1e-6, atol=1e-6 * full_grad.abs().max().item())
+        torch.testing.assert_close(flat_logp, full_logp, rtol=tolerance, atol=tolerance * full_logp.abs().max().item())
+        torch.testing.assert_close(flat_grad, full_grad, rtol=tolerance, atol=tolerance * full_grad.abs().max().item())
     finally:
         model.float()
 

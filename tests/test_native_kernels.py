@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 from dapo_rl.rollout import SamplingParams, native
 from dapo_rl.rollout.fast import FastRolloutEngine
 
-HAS_COMPILER = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))  # as native.decode_kernels looks
+HAS_COMPILER = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))  # as native.native_kernels looks
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 
 
@@ -25,7 +26,7 @@ needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on t
 def kernels():
     if not HAS_COMPILER:
         pytest.skip("no C compiler on this machine")
-    built = native.decode_kernels()
+    built = native.native_kernels()
     assert built is not None, "a C compiler is present, so the kernels must build"
     return built
 
@@ -40,6 +41,37 @@ def test_rms_norm_equals_torch(kernels):
     torch.testing.assert_close(kernels.rms_norm(wide[:, :96], weight, 1e-6), F.rms_norm(wide[:, :96], (96,), weight, 1e-6),
                                rtol=1e-6, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu_tanh"])
+def test_gated_activation_and_its_gradient_equal_torch(kernels, name):
+    gen = torch.Generator().manual_seed(3)
+    act = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[name]
+    # Rows of a wider tensor (row stride 2n + 5), values from 0 to ±150 (both tails of exp).
+    wide = torch.randn(33, 2 * 50 + 5, generator=gen) * torch.logspace(-3, 2, 105)
+    wide[0, :4] = torch.tensor([150.0, -150.0, 0.0, -0.0])
+    gate_up = wide[:, :100].clone().requires_grad_()
+    grad = torch.randn(33, 50, generator=gen)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = act(gate) * up
+    (expected_grad,) = torch.autograd.grad(expected, gate_up, grad)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(kernels.gated(wide[:, :50], wide[:, 50:100], name), expected.detach(), rtol=1e-5, atol=1e-6 * scale)
+    got_grad = torch.cat(kernels.gated_backward(grad, wide[:, :50], wide[:, 50:100], name), dim=-1)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-6 * expected_grad.abs().max().item())
+    # The differentiable wrapper the trainer's flat forward calls takes the kernels, same numbers.
+    from dapo_rl.models.layers import gated
+
+    out = gated(SimpleNamespace(activation=name), *gate_up.chunk(2, dim=-1))  # (a ModelSpec's .activation)
+    assert out.grad_fn is not None and "Gated" in type(out.grad_fn).__name__
+    (wrapped_grad,) = torch.autograd.grad(out, gate_up, grad)
+    torch.testing.assert_close(wrapped_grad, got_grad, rtol=0, atol=0)
+
+
+def test_gated_activation_propagates_nan(kernels):
+    gate_up = torch.tensor([[float("nan"), 1.0, 2.0, 3.0]])
+    out = kernels.gated(gate_up[:, :2], gate_up[:, 2:], "silu")
+    assert torch.isnan(out[0, 0]) and torch.isfinite(out[0, 1])
 
 def _qkv_and_cache(rows, heads, kv_heads, d, capacity, gen, extra_rows=2):
     qkv = torch.randn(rows, heads + 2 * kv_heads, d, generator=gen)
@@ -157,29 +189,29 @@ def test_generation_with_kernels_equals_generation_with_torch_ops(kernels, tiny,
 
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
-    """decode_kernels() as on a machine that has never built them (empty cache folder)."""
+    """native_kernels() as on a machine that has never built them (empty cache folder)."""
     monkeypatch.setenv("DAPO_RL_CACHE", str(tmp_path))
-    native.decode_kernels.cache_clear()
+    native.native_kernels.cache_clear()
     yield tmp_path
-    native.decode_kernels.cache_clear()
+    native.native_kernels.cache_clear()
 
 
 @needs_compiler
 def test_kernels_are_built_once_into_the_cache_folder(fresh_build):
-    assert native.decode_kernels() is not None
-    built = list((fresh_build / "kernels").glob("decode_*.so"))
+    assert native.native_kernels() is not None
+    built = list((fresh_build / "kernels").glob("native_*.so"))
     assert len(built) == 1 and not list((fresh_build / "kernels").glob("*.tmp"))
     stamp = built[0].stat().st_mtime_ns
-    native.decode_kernels.cache_clear()
-    assert native.decode_kernels() is not None
+    native.native_kernels.cache_clear()
+    assert native.native_kernels() is not None
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
 
 
 def test_without_a_working_compiler_decoding_falls_back_to_torch_ops(fresh_build, monkeypatch, tiny, caplog):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with caplog.at_level("INFO", logger="dapo_rl.rollout.native"):
-        assert native.decode_kernels() is None
-    assert "decoding with PyTorch ops" in caplog.text
+        assert native.native_kernels() is None
+    assert "decoding and the MLP activation with PyTorch ops" in caplog.text
     assert not list(fresh_build.rglob("*.so")) and not list(fresh_build.rglob("*.tmp"))  # nothing half-written
     model, tok = tiny
     assert SpecDecoder(model, read_spec(model)).kernels is None
@@ -190,5 +222,5 @@ def test_without_a_working_compiler_decoding_falls_back_to_torch_ops(fresh_build
 
 def test_kernels_can_be_turned_off(fresh_build, monkeypatch):
     monkeypatch.setenv("DAPO_RL_NATIVE_KERNELS", "0")
-    assert native.decode_kernels() is None
+    assert native.native_kernels() is None
     assert not (fresh_build / "kernels").exists()

@@ -38,7 +38,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from dapo_rl.models import rotary as rope
-from dapo_rl.models.layers import activation, gate_up_params, norm_scale, qkv_columns, qkv_modules, qkv_params, softcap
+from dapo_rl.models.layers import (activation, gate_up_modules, gate_up_params, norm_scale, qkv_columns, qkv_modules, qkv_params,
+                                   softcap)
 from dapo_rl.models.lora import adapters_active, effective_weight, low_rank_factors
 from dapo_rl.models.spec import ModelSpec
 
@@ -198,14 +199,14 @@ class SpecDecoder:
         spec: its spec (:func:`~dapo_rl.models.spec.fast_spec`).
         pack_weights: products on oneDNN with packed weights (CPU float32 only); None: as
             :func:`packs_by_default` decides for this model and machine. Not for weights read in place.
-        native_kernels: fused C loops for norms, rotary and attention (CPU float32, complex rotary).
+        native_kernels: fused C loops for norms, rotary, attention and the gated MLP activation (CPU float32, complex rotary).
         in_place: read the model's matrices where they lie, adapters on the fly (no fused, packed
             or merged copy; see :class:`Projection`); None: when the model has active LoRA adapters.
     """
 
     def __init__(self, model, spec: ModelSpec, pack_weights: bool | None = None, native_kernels: bool = True,
                  in_place: bool | None = None):
-        from dapo_rl.rollout.native import decode_kernels
+        from dapo_rl.rollout import native
 
         inner = model.model
         self.spec = spec
@@ -221,8 +222,8 @@ class SpecDecoder:
         self.packed = pack_weights and can_pack(self.embed) and not self.in_place
         device, dtype = self.embed.device, self.embed.dtype
         self.complex_rotary = all(rope.complex_rotary_applies(self.rotary, dtype, device, kind) for kind in spec.kinds)
-        native = native_kernels and self.complex_rotary and device.type == "cpu" and dtype == torch.float32
-        self.kernels = decode_kernels() if native else None
+        use_kernels = native_kernels and self.complex_rotary and device.type == "cpu" and dtype == torch.float32
+        self.kernels = native.native_kernels() if use_kernels else None
         order = rope.rotary_order(self.head_dim, self.rotary_dim).to(device) if self.complex_rotary else None
         self.key_order = order
         qk_rows = rope.qk_weight_rows(self.heads + self.kv_heads, self.head_dim, device, self.rotary_dim) if self.complex_rotary else None
@@ -243,7 +244,7 @@ class SpecDecoder:
                     o=self._products(a.o_proj),
                     post_attn_norm=scale(layer.post_attention_layernorm) if sandwich else None,
                     mlp_norm=scale(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
-                    gate_up=self._products([m.gate_up_proj] if spec.fused_gate_up else [m.gate_proj, m.up_proj],
+                    gate_up=self._products(gate_up_modules(spec, m),
                                            gate_up_params(spec, m, merged=True) if not self.in_place else None),
                     down=self._products(m.down_proj),
                     post_mlp_norm=scale(layer.post_feedforward_layernorm) if sandwich else None,
@@ -272,6 +273,13 @@ class SpecDecoder:
         if not self.in_place:
             return Projection.copied(*qkv_params(spec, attn, qk_rows, merged=True), packed=self.packed)
         return Projection.in_place(qkv_modules(spec, attn), None if qk_rows is None else qkv_columns(spec, qk_rows))
+
+    def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``act(gate) · up`` of the gate/up product ``[rows, 2·I]`` → ``[rows, I]``."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        if self.kernels is not None and self.spec.activation in self.kernels.GATED_ACTIVATIONS:
+            return self.kernels.gated(gate, up, self.spec.activation)
+        return self.act(gate).mul_(up)
 
     def rms_norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
         """RMSNorm of ``x [..., n]`` over its last dimension with ``norm = (scale [n], eps)``."""
@@ -373,11 +381,11 @@ class SpecDecoder:
                 x = layer.o(out, residual=x)
             else:
                 x = x + self.rms_norm(layer.o(out), layer.post_attn_norm)
-            gate, up = layer.gate_up(self.rms_norm(x, layer.mlp_norm)).chunk(2, dim=-1)
+            hidden = self._gated(layer.gate_up(self.rms_norm(x, layer.mlp_norm)))
             if layer.post_mlp_norm is None:
-                x = layer.down(self.act(gate).mul_(up), residual=x)
+                x = layer.down(hidden, residual=x)
             else:
-                x = x + self.rms_norm(layer.down(self.act(gate).mul_(up)), layer.post_mlp_norm)
+                x = x + self.rms_norm(layer.down(hidden), layer.post_mlp_norm)
         self.length = length
         return softcap(self.lm_head(self.rms_norm(x, self.norm)), self.spec.final_softcap)
 

@@ -4,10 +4,11 @@ responses in one flat ``[tokens, hidden]`` batch, for every family a
 
 Each distinct prompt runs once (its ``G`` responses share it); its keys and values serve its
 own causal attention and its responses' attention, in the same layer pass, so no prompt cache
-is built and the gradient reaches the prompt's tokens as in a full forward. Norms, MLPs, the
-output projection and the LM head are the model's own modules (so dtype handling matches its
-``forward`` exactly, float32 norms under float64 included); the fused query/key/value product,
-per-head q/k norms, rotary, sliding windows and soft-capped attention are written from the spec
+is built and the gradient reaches the prompt's tokens as in a full forward. Norms, the MLPs'
+and the output projections and the LM head are the model's own modules (so dtype handling
+matches its ``forward`` exactly, float32 norms under float64 included); the fused query/key/value
+and gate/up products, the gated activation (:func:`~dapo_rl.models.layers.mlp_output`), per-head
+q/k norms, rotary, sliding windows and soft-capped attention are written from the spec
 (:mod:`dapo_rl.models.layers`, :mod:`dapo_rl.models.rotary`). LoRA adapters: the module calls
 include them (PEFT's layers), and the query/key/value products read each frozen base weight in
 place and add the adapters' terms on the fly (:func:`~dapo_rl.models.layers.qkv_output`): no
@@ -22,7 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dapo_rl.models import rotary as rope
-from dapo_rl.models.layers import qkv_output, softcap, window_blocked
+from dapo_rl.models.layers import mlp_output, qkv_output, softcap, window_blocked
 from dapo_rl.models.spec import read_spec
 
 F = torch.nn.functional
@@ -284,9 +285,9 @@ def flat_logits(model, prompts: FlatPrompts, owner: torch.Tensor, tokens: torch.
         o = attn.o_proj(torch.cat(outs).index_select(0, layout.token_slots))
         if spec.sandwich_norms:
             x = x + layer.post_attention_layernorm(o)
-            return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+            return x + layer.post_feedforward_layernorm(mlp_output(spec, layer.mlp, layer.pre_feedforward_layernorm(x)))
         x = x + _resid_dropout(layer, "resid_attn_dropout", o)
-        return x + _resid_dropout(layer, "resid_mlp_dropout", layer.mlp(layer.post_attention_layernorm(x)))
+        return x + _resid_dropout(layer, "resid_mlp_dropout", mlp_output(spec, layer.mlp, layer.post_attention_layernorm(x)))
 
     # Each layer's activations recomputed in the backward pass instead of kept (dropout replays its draws).
     recompute = recomputes_layers(model)

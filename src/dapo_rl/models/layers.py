@@ -79,6 +79,54 @@ def gate_up_params(spec: ModelSpec, mlp, merged: bool = False) -> tuple[torch.Te
     return weight, (torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]) if spec.mlp_bias else None)
 
 
+def gate_up_modules(spec: ModelSpec, mlp) -> list:
+    """The MLP's gate/up projection modules, in output order: Phi-3's one ``gate_up_proj``, else
+    ``gate_proj``, ``up_proj``."""
+    return [mlp.gate_up_proj] if spec.fused_gate_up else [mlp.gate_proj, mlp.up_proj]
+
+
+class _GatedActivation(torch.autograd.Function):
+    """``act(gate) · up`` in one pass each way (the C kernel)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kernels, name: str) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.kernels, ctx.name = kernels, name
+        return kernels.gated(gate, up, name)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        return (*ctx.kernels.gated_backward(grad.contiguous(), gate, up, ctx.name), None, None)
+
+
+def gated(spec: ModelSpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``act(gate) · up`` of ``gate, up [N, I]`` with the model's activation → ``[N, I]``
+    (differentiable). One fused C pass forward and one backward on CPU float32 for SiLU and
+    GeLU-tanh (:mod:`dapo_rl.rollout.native`, unless unavailable); PyTorch ops otherwise (other
+    dtypes and devices, autocast, other activations), the same numbers to rounding."""
+    from dapo_rl.rollout.native import NativeKernels, native_kernels
+
+    if (gate.device.type == "cpu" and gate.dtype == up.dtype == torch.float32 and gate.dim() == 2
+            and gate.stride(1) == up.stride(1) == 1 and spec.activation in NativeKernels.GATED_ACTIVATIONS
+            and not torch.is_autocast_enabled("cpu")):
+        kernels = native_kernels()
+        if kernels is not None:
+            return _GatedActivation.apply(gate, up, kernels, spec.activation)
+    return activation(spec)(gate) * up
+
+
+def mlp_output(spec: ModelSpec, mlp, x: torch.Tensor) -> torch.Tensor:
+    """The MLP of ``x [N, hidden]`` → ``[N, hidden]``: ``down(act(gate(x)) · up(x))``, the projections
+    the model's own modules (LoRA adapters included; Phi-3's one ``gate_up_proj`` split in halves),
+    the gated activation :func:`gated` (differentiable)."""
+    if spec.fused_gate_up:
+        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    else:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    return mlp.down_proj(gated(spec, gate, up))
+
+
 def norm_scale(spec: ModelSpec, norm, order: torch.Tensor | None = None, upcast: bool = False) -> tuple[torch.Tensor, float]:
     """An RMSNorm module's effective scale ``[n]`` (Gemma's ``1 + w``; reordered by ``order`` when
     given, for per-head norms on permuted queries/keys) and its epsilon. ``upcast``: Gemma's

@@ -1,18 +1,21 @@
-"""Fused C kernels for the CPU decode step, compiled on first use; PyTorch ops when they cannot be.
+"""Fused C kernels for the CPU, compiled on first use; PyTorch ops when they cannot be.
 
 Why: at a decode step's shapes (a few rows of a few hundred floats) PyTorch's ``rms_norm``,
 in-place rotary and ``scaled_dot_product_attention`` spend 40–500 µs per call on set-up, about a
-quarter of a 256×4 model's step (``benchmarks/RESULTS.md``, fifth pass). ``decode_kernels.c`` does
-the same float32 arithmetic in plain loops; results equal PyTorch's to float rounding (the sums
-run in another order), so sampling is unchanged.
+quarter of a 256×4 model's step (``benchmarks/RESULTS.md``, fifth pass). And the gated MLP
+activation ``act(gate) · up`` of decoding and training is memory-bound: PyTorch reads and writes
+the ``[tokens, intermediate]`` tensors three times forward and five times backward, the fused loop
+once each. ``native_kernels.c`` does the same float32 arithmetic in plain loops; results equal
+PyTorch's to float rounding (sums in another order, ``exp`` by its own polynomial), so sampling
+and training are unchanged.
 
 How: the source ships with the package and is compiled once per machine with the system C
 compiler (``$CC``, else ``cc``/``gcc``) at ``-O3 -march=native -fopenmp`` into ``kernels/`` of
 the cache folder (``$DAPO_RL_CACHE``, default ``~/.cache/dapo-rl``), keyed by the source, the
 flags, the compiler and the CPU (``-march=native`` code must not run on another CPU model).
 Compiling takes about a second; a process that finds the library loads it. When there is no
-compiler, compiling fails, or ``DAPO_RL_NATIVE_KERNELS=0`` is set, :func:`decode_kernels`
-returns None and the decoder keeps its PyTorch ops (logged once at INFO).
+compiler, compiling fails, or ``DAPO_RL_NATIVE_KERNELS=0`` is set, :func:`native_kernels`
+returns None and the decoder and the trainer keep their PyTorch ops (logged once at INFO).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dapo_rl.cache import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_kernels.c")
+SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 OPENMP = "-fopenmp"
 
@@ -45,10 +48,12 @@ def _ptr_of(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-class DecodeKernels:
-    """Tensor-level wrappers of ``decode_kernels.c``. Every tensor is float32 on the CPU, rows
+class NativeKernels:
+    """Tensor-level wrappers of ``native_kernels.c``. Every tensor is float32 on the CPU, rows
     laid out as the C code reads them (row stride free, the rest contiguous), as the tensors of
     :class:`~dapo_rl.models.decode.SpecDecoder` are by construction."""
+
+    GATED_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # activation name (ModelSpec.activation) → the C code's kind
 
     def __init__(self, lib: ctypes.CDLL):
         self._norm = lib.dapo_rms_norm
@@ -61,6 +66,12 @@ class DecodeKernels:
         self._attention.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32,
                                     _f32, ctypes.c_int]
         self._attention.restype = ctypes.c_int
+        self._gated = lib.dapo_gated
+        self._gated.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, ctypes.c_int, ctypes.c_int]
+        self._gated.restype = None
+        self._gated_backward = lib.dapo_gated_backward
+        self._gated_backward.argtypes = [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, ctypes.c_int, ctypes.c_int]
+        self._gated_backward.restype = None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """``x [rows, n]`` → ``x / sqrt(mean(x²) + eps) · weight`` (a new ``[rows, n]`` tensor)."""
@@ -100,6 +111,25 @@ class DecodeKernels:
         return out
 
 
+    def gated(self, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+        """``act(gate) · up`` of ``gate, up [rows, n]`` (row strides free: e.g. the two halves of one
+        gate/up product) → ``[rows, n]``; ``activation`` a key of :attr:`GATED_ACTIVATIONS`."""
+        rows, n = gate.shape
+        out = gate.new_empty((rows, n))
+        self._gated(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), rows, n,
+                    self.GATED_ACTIVATIONS[activation], torch.get_num_threads())
+        return out
+
+    def gated_backward(self, grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                       activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of :meth:`gated` with respect to ``gate`` and ``up``, given ``grad [rows, n]``
+        (contiguous) → two ``[rows, n]`` tensors."""
+        rows, n = grad.shape
+        d_gate, d_up = grad.new_empty((rows, n)), grad.new_empty((rows, n))
+        self._gated_backward(grad.data_ptr(), gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), d_gate.data_ptr(),
+                             d_up.data_ptr(), rows, n, self.GATED_ACTIVATIONS[activation], torch.get_num_threads())
+        return d_gate, d_up
+
 def _cpu_identity() -> str:
     """The CPU model and feature flags (what ``-march=native`` compiles for)."""
     from dapo_rl.models.decode import cpu_info
@@ -134,21 +164,21 @@ def _compile(cc: str, target: Path) -> None:
 
 
 @functools.cache
-def decode_kernels() -> DecodeKernels | None:
+def native_kernels() -> NativeKernels | None:
     """The compiled kernels (built on first use, then cached on disk), or None where they cannot
     be built or are turned off with ``DAPO_RL_NATIVE_KERNELS=0``."""
     if os.environ.get("DAPO_RL_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
-        logger.info("no C compiler found ($CC, cc, gcc): decoding with PyTorch ops (~20%% slower on a CPU)")
+        logger.info("no C compiler found ($CC, cc, gcc): decoding and the MLP activation with PyTorch ops (slower on a CPU)")
         return None
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), cc, _compiler_version(cc), _cpu_identity()]).encode())
-    target = default_cache_dir() / "kernels" / f"decode_{key.hexdigest()[:16]}.so"
+    target = default_cache_dir() / "kernels" / f"native_{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
             _compile(cc, target)
-        return DecodeKernels(ctypes.CDLL(str(target)))
+        return NativeKernels(ctypes.CDLL(str(target)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.info("decode kernels unavailable (%s): decoding with PyTorch ops", exc)
+        logger.info("native kernels unavailable (%s): decoding and the MLP activation with PyTorch ops", exc)
         return None
