@@ -175,7 +175,9 @@ def prepare(workdir: Path, size: str, steps: int, seed: int, arch: str = "llama"
 
 # ----------------------------------------------------------------------------- workers (subprocesses)
 
-def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, engine: str, reproducible: bool = True) -> dict:
+def build_trainer(folder: Path, steps: int, seed: int, threads: int, engine: str = "fast"):
+    """Our trainer on a :func:`prepare`d folder, configured as the benchmark runs it (DAPO, one
+    update per step, dynamic sampling off so both frameworks do the same work)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -184,7 +186,6 @@ def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, eng
     from dapo_rl.data.encoding import encode_prompts
     from dapo_rl.rewards import resolve_reward_fn
     from dapo_rl.training.host_memory import keep_freed_host_memory
-    from dapo_rl.reproducibility import reproducible_torch
     from dapo_rl.training.run import run_engine
     from dapo_rl.training.trainer import Trainer
 
@@ -194,7 +195,7 @@ def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, eng
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
     config = load_config(None, [
-        f"seed={seed}", f"steps={steps + warmup}", f"prompts_per_step={PROMPTS_PER_STEP}", f"group_size={GROUP_SIZE}",
+        f"seed={seed}", f"steps={steps}", f"prompts_per_step={PROMPTS_PER_STEP}", f"group_size={GROUP_SIZE}",
         f"mini_batch_size={PROMPTS_PER_STEP}", f"micro_batch_size={PROMPTS_PER_STEP * GROUP_SIZE}", "ppo_epochs=1",
         f"rollout.engine={engine}", f"rollout.max_response_length={MAX_NEW_TOKENS}", "rollout.temperature=1.0",
         "dynamic_sampling.enabled=false", "overlong.filter=true", "overlong.soft_punishment=true",
@@ -205,8 +206,15 @@ def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, eng
     texts = json.loads((folder / "prompts.json").read_text())
     prompts, _ = encode_prompts([Example(prompt=t, answer="0", metadata={}) for t in texts], tokenizer)
     reward = resolve_reward_fn(lambda response, truth, meta: content_reward(response))
-    engine_obj = run_engine(config, model, tokenizer)
-    trainer = Trainer(config, model, tokenizer, prompts, None, reward, engine_obj, device=torch.device("cpu"))
+    return Trainer(config, model, tokenizer, prompts, None, reward, run_engine(config, model, tokenizer), device=torch.device("cpu"))
+
+
+def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, engine: str, reproducible: bool = True) -> dict:
+    import torch
+
+    from dapo_rl.reproducibility import reproducible_torch
+
+    trainer = build_trainer(folder, steps + warmup, seed, threads, engine)
     setup_rss = rss_kib()[0]
     rows = []
     with reproducible_torch(reproducible, torch.device("cpu")):  # as `dapo train` runs it (default true)

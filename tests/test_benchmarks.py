@@ -220,6 +220,19 @@ def test_profile_rollout_smoke(bench, arch):
     assert "Self CPU" in out  # the torch.profiler table
 
 
+# ----------------------------------------------------------------------------- profile_update.py
+
+def test_profile_update_smoke():
+    """The trainer's update alone, on fixed groups, with the torch.profiler table."""
+    out = run_script("profile_update.py", "--size", "64x2", "--steps", "1", "--repeats", "2", "--threads", "1",
+                     "--profile", "torch")
+    m = re.search(rf"^llama 64x2 \(({NUMBER}) M\): update of (\d+) response tokens in ({NUMBER}) ms \(median of 2, "
+                  rf"min ({NUMBER})\) = (\d+) tok/s = ({NUMBER}) GFLOP/s", out, re.M)
+    assert m, out
+    assert 0 < int(m.group(2)) <= 64 * 64 and 0 < float(m.group(4)) <= float(m.group(3)) and int(m.group(5)) > 0
+    assert "Self CPU" in out  # the torch.profiler table
+
+
 # ----------------------------------------------------------------------------- bench_distributed.py
 
 @pytest.mark.slow
