@@ -93,6 +93,35 @@ def proc_status_kib(*keys: str) -> dict[str, int]:
     return fields
 
 
+def timed_runs(run, repeats: int) -> tuple[list, float]:
+    """One warm-up call of ``run()`` (which returns ``(seconds, result)``), then ``repeats`` timed
+    ones: their ``(seconds, result)`` pairs and the median seconds. Shared by the profile_* scripts."""
+    run()
+    runs = [run() for _ in range(repeats)]
+    return runs, statistics.median(r[0] for r in runs)
+
+
+def print_profile(run, kind: str, shapes: bool = False) -> None:
+    """Profile one call of ``run()`` and print the table: ``kind`` "torch" (torch.profiler, ops by
+    self CPU time; by input shape with ``shapes``), "cprofile" (Python functions by own time) or
+    "none" (nothing). Shared by the profile_* scripts."""
+    if kind == "torch":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
+            run()
+        print(prof.key_averages(group_by_input_shape=shapes).table(sort_by="self_cpu_time_total", row_limit=30))
+    elif kind == "cprofile":
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        run()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+
+
 def rss_kib() -> tuple[int, int]:
     """(current, peak) resident set size of this process in KiB."""
     fields = proc_status_kib("VmRSS", "VmHWM")
@@ -293,7 +322,7 @@ def run_trl(folder: Path, steps: int, warmup: int, seed: int, threads: int, keep
 
 # ----------------------------------------------------------------------------- driver
 
-def _load() -> str:
+def load_average() -> str:
     try:
         return open("/proc/loadavg").read().split()[0]
     except OSError:
@@ -306,12 +335,12 @@ def _spawn(framework: str, folder: Path, a, seed: int) -> dict:
            "--reproducible", a.reproducible]
     if a.trl_keep_freed_memory:
         cmd.append("--trl-keep-freed-memory")
-    load_before = _load()
+    load_before = load_average()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{framework} worker failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["load"] = f"{load_before}->{_load()}"
+    result["load"] = f"{load_before}->{load_average()}"
     return result
 
 
@@ -369,7 +398,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-vs-trl-"))
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  torch {torch.__version__}  threads={a.threads}  "
-          f"engine={a.engine}  reproducible={a.reproducible}  trl_keep_freed_memory={a.trl_keep_freed_memory}  cpus={os.cpu_count()}  loadavg at start {_load()}")
+          f"engine={a.engine}  reproducible={a.reproducible}  trl_keep_freed_memory={a.trl_keep_freed_memory}  cpus={os.cpu_count()}  loadavg at start {load_average()}")
     everything: dict[str, dict] = {}
     for arch in archs:
         for size in sizes:

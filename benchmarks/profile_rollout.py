@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
-from pathlib import Path
 
 import torch
-from bench_vs_trl import ARCHS, GROUP_SIZE, MAX_NEW_TOKENS, PROMPTS_PER_STEP, SIZES, build_model
+from bench_vs_trl import ARCHS, GROUP_SIZE, MAX_NEW_TOKENS, PROMPTS_PER_STEP, SIZES, build_model, load_average, print_profile, timed_runs
 
 
 def build(size: str, seed: int, arch: str = "llama"):
@@ -78,30 +76,13 @@ def main() -> None:
         groups = engine.generate(prompts, GROUP_SIZE, params)
         return time.perf_counter() - t0, sum(len(s.response_ids) for g in groups for s in g)
 
-    once()  # warm-up
-    runs = [once() for _ in range(a.repeats)]
-    secs = statistics.median(r[0] for r in runs)
+    runs, secs = timed_runs(once, a.repeats)
     tokens = runs[0][1]
-    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     print(f"{a.arch} {a.size} ({params_count / 1e6:.2f} M): {tokens} tokens in {secs * 1000:.1f} ms (median of {a.repeats}) = "
           f"{tokens / secs:.0f} tok/s = {2 * params_count * tokens / secs / 1e9:.1f} GFLOP/s; "
-          f"load {load}")
+          f"load {load_average()}")
 
-    if a.profile == "torch":
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-            once()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
-    elif a.profile == "cprofile":
-        import cProfile
-        import pstats
-
-        pr = cProfile.Profile()
-        pr.enable()
-        once()
-        pr.disable()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+    print_profile(once, a.profile, shapes=False)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ profile one more update).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_vs_trl import ARCHS, SIZES, build_trainer, prepare
+from bench_vs_trl import ARCHS, SIZES, build_trainer, load_average, prepare, print_profile, timed_runs
 
 
 def main() -> None:
@@ -59,30 +58,13 @@ def main() -> None:
             metrics = trainer.update(groups)
             return time.perf_counter() - t0, metrics
 
-        once()  # warm-up
-        runs = [once() for _ in range(a.repeats)]
-        secs = statistics.median(r[0] for r in runs)
+        runs, secs = timed_runs(once, a.repeats)
         tokens = runs[0][1]["perf/train_tokens_per_s"] * runs[0][1]["time/update_s"]  # tokens run forward and backward
-        load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
         print(f"{a.arch} {a.size} ({params_count / 1e6:.2f} M): update of {round(tokens)} response tokens in "
               f"{secs * 1000:.1f} ms (median of {a.repeats}, min {min(r[0] for r in runs) * 1000:.1f}) = "
-              f"{tokens / secs:.0f} tok/s = {6 * params_count * tokens / secs / 1e9:.1f} GFLOP/s; load {load}")
+              f"{tokens / secs:.0f} tok/s = {6 * params_count * tokens / secs / 1e9:.1f} GFLOP/s; load {load_average()}")
 
-        if a.profile == "torch":
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                once()
-            print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30))
-        elif a.profile == "cprofile":
-            import cProfile
-            import pstats
-
-            pr = cProfile.Profile()
-            pr.enable()
-            once()
-            pr.disable()
-            pstats.Stats(pr).sort_stats("cumtime").print_stats(30)
+        print_profile(once, a.profile, shapes=True)
 
 
 if __name__ == "__main__":
