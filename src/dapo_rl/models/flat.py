@@ -167,41 +167,39 @@ def _blocked_to_mask(blocked: torch.Tensor, x: torch.Tensor, heads: int, kv_head
     return score_mask(x.new_zeros(blocked.shape).masked_fill_(blocked, float("-inf"))[:, None], heads, kv_heads)
 
 
-def _prompt_masks(prompts: FlatPrompts, windows, x: torch.Tensor, heads: int, kv_heads: int) -> dict:
-    """Per window value (None = full attention), the prompts' mask over their ``P`` slots: causal,
-    padding keys blocked, keys a window behind blocked. A padding query slot also sees itself (no
-    all-masked row, so no NaN reaches the backward pass; its output is never read)."""
-    slots = torch.arange(prompts.width, device=x.device)
-    padding = slots >= prompts.lengths[:, None]  # [u, P]
-    causal = (slots[None, :] > slots[:, None])[None] | padding[:, None, :]  # [u, P(query), P(key)]
-    itself = torch.eye(prompts.width, dtype=torch.bool, device=x.device) & padding[:, :, None]
+def _block_masks(query_pos: torch.Tensor, prefix_pos: torch.Tensor, prefix_blocked: torch.Tensor, windows,
+                 x: torch.Tensor, heads: int, kv_heads: int) -> dict:
+    """Per window value (None = full attention), one block's mask: queries at positions
+    ``query_pos [g, W]`` over a prefix of keys (``prefix_pos [g, P]``, ``prefix_blocked`` True on
+    padding) and then the block's own ``W`` keys causally; keys more than a window behind blocked.
+    Right padding needs no mask of its own: a real query never reaches the padded slots after it,
+    and a padded query slot (its output never read) sees at least itself, so no row is all
+    masked and no NaN reaches the backward pass."""
+    g, width = query_pos.shape
+    steps = torch.arange(width, device=x.device)
+    blocked = torch.cat([prefix_blocked[:, None, :].expand(-1, width, -1),
+                         (steps[None, :] > steps[:, None]).expand(g, -1, -1)], dim=-1)  # [g, W, P + W]
+    key_pos = torch.cat([prefix_pos, query_pos], dim=-1)
     masks = {}
     for window in dict.fromkeys(windows):
-        far = window_blocked(slots, slots, window)
-        blocked = causal if far is None else causal | far
-        masks[window] = _blocked_to_mask(blocked & ~itself, x, heads, kv_heads)
+        far = window_blocked(query_pos, key_pos, window)
+        masks[window] = _blocked_to_mask(blocked if far is None else blocked | far, x, heads, kv_heads)
     return masks
 
 
-def _group_masks(flat: FlatResponses, prompts: FlatPrompts, owner: torch.Tensor, windows, x: torch.Tensor,
-                 heads: int, kv_heads: int) -> list[dict]:
-    """Per group, per window value (None = full attention), the mask over ``P + W`` keys: the
-    prompt's real tokens, then the response causally, then keys more than a window behind.
-    Padded query slots sit at the positions after their row's response and see at least
-    themselves (no all-masked row, so no NaN reaches the backward pass)."""
-    prompt_slots = torch.arange(prompts.width, device=x.device)
-    prompt_blocked = prompt_slots >= prompts.lengths[:, None]  # [u, P]
-    masks: list[dict[int | None, torch.Tensor]] = []
+def _attention_masks(prompts: FlatPrompts, flat: FlatResponses, owner: torch.Tensor, windows, x: torch.Tensor,
+                     heads: int, kv_heads: int) -> list[dict]:
+    """The masks of :class:`AttentionLayout`'s blocks (:func:`_block_masks`): the prompts causally
+    over themselves, then each length group over its prompt's real tokens and itself."""
+    u, device = prompts.lengths.numel(), x.device
+    slots = torch.arange(prompts.width, device=device)
+    none = torch.zeros((u, 0), dtype=torch.long, device=device)
+    masks = [_block_masks(slots.expand(u, -1), none, none.bool(), windows, x, heads, kv_heads)]
+    prompt_blocked = slots >= prompts.lengths[:, None]  # [u, P]
     for rows, width in flat.groups:
-        own, g = owner[rows], rows.numel()
-        steps = torch.arange(width, device=x.device)
-        blocked = torch.cat([prompt_blocked[own][:, None, :].expand(-1, width, -1),
-                             (steps[None, :] > steps[:, None]).expand(g, -1, -1)], dim=-1)  # [g, W, P + W]
-        query_pos = prompts.lengths[own][:, None] + steps  # [g, W]
-        masks.append({})
-        for window in dict.fromkeys(windows):
-            far = window_blocked(query_pos, torch.cat([prompt_slots.expand(g, -1), query_pos], dim=-1), window)
-            masks[-1][window] = _blocked_to_mask(blocked if far is None else blocked | far, x, heads, kv_heads)
+        own = owner[rows]
+        query_pos = prompts.lengths[own][:, None] + torch.arange(width, device=device)  # [g, W]
+        masks.append(_block_masks(query_pos, slots.expand(rows.numel(), -1), prompt_blocked[own], windows, x, heads, kv_heads))
     return masks
 
 
@@ -252,7 +250,7 @@ def flat_logits(model, prompts: FlatPrompts, owner: torch.Tensor, tokens: torch.
     # per-head norms run on Hugging Face's order (the norm modules' own weights), then permute.
     qk_rows = rope.qk_weight_rows(heads + kv_heads, d, x.device, rd) if complex_rotary and not spec.qk_norm else None
     layout = AttentionLayout.build(prompts, flat, owner)
-    masks = [_prompt_masks(prompts, spec.windows, x, heads, kv_heads), *_group_masks(flat, prompts, owner, spec.windows, x, heads, kv_heads)]
+    masks = _attention_masks(prompts, flat, owner, spec.windows, x, heads, kv_heads)
     kind_index = {kind: i for i, kind in enumerate(spec.kinds)}
     dropout = getattr(model.config, "attention_dropout", 0.0) if model.training else 0.0
 
