@@ -110,7 +110,6 @@ class NativeKernels:
             raise MemoryError(f"decode attention: no memory for {length - first} scores")
         return out
 
-
     def gated(self, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
         """``act(gate) · up`` of ``gate, up [rows, n]`` (row strides free: e.g. the two halves of one
         gate/up product) → ``[rows, n]``; ``activation`` a key of :attr:`GATED_ACTIVATIONS`."""
@@ -129,6 +128,7 @@ class NativeKernels:
         self._gated_backward(grad.data_ptr(), gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), d_gate.data_ptr(),
                              d_up.data_ptr(), rows, n, self.GATED_ACTIVATIONS[activation], torch.get_num_threads())
         return d_gate, d_up
+
 
 def _cpu_identity() -> str:
     """The CPU model and feature flags (what ``-march=native`` compiles for)."""

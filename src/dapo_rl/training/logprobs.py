@@ -7,8 +7,9 @@ tested); :func:`forward_path` says which one a batch takes:
 
 - ``flat``: every real token of the distinct prompts (each run once) and of the responses in one
   unpadded batch (:func:`dapo_rl.models.flat.flat_logits`): no projection or MLP computes
-  padding, and no Hugging Face forward or cache is involved. Models the architecture spec supports (:mod:`dapo_rl.models.spec`: Llama,
-  Qwen2/3, Mistral, Phi-3, Gemma2/3), sliding windows included, in one process.
+  padding, and no Hugging Face forward or cache is involved. Models the architecture spec
+  supports (:mod:`dapo_rl.models.spec`: Llama, Qwen2/3, Mistral, Phi-3, Gemma2/3), sliding
+  windows included, in one process.
 - ``shared``: each distinct prompt run once, responses run on its cache in length groups
   (a group's G responses share their prompt, and causal attention makes the prompt's keys and
   values independent of the response: 1/G of the prompt compute). Not for models with
