@@ -62,7 +62,7 @@ def test_gated_activation_and_its_gradient_equal_torch(kernels, name):
     # The differentiable wrapper the trainer's flat forward calls takes the kernels, same numbers.
     from dapo_rl.models.layers import gated
 
-    out = gated(SimpleNamespace(activation=name), *gate_up.chunk(2, dim=-1), kernels)  # (a ModelSpec's .activation)
+    out = gated(SimpleNamespace(activation=name), *gate_up.chunk(2, dim=-1))  # (a ModelSpec's .activation)
     assert out.grad_fn is not None and "Gated" in type(out.grad_fn).__name__
     (wrapped_grad,) = torch.autograd.grad(out, gate_up, grad)
     torch.testing.assert_close(wrapped_grad, got_grad, rtol=0, atol=0)

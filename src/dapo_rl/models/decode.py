@@ -38,7 +38,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from dapo_rl.models import rotary as rope
-from dapo_rl.models.layers import (gate_up_modules, gate_up_params, gated, norm_scale, qkv_columns, qkv_modules, qkv_params,
+from dapo_rl.models.layers import (activation, gate_up_modules, gate_up_params, norm_scale, qkv_columns, qkv_modules, qkv_params,
                                    softcap)
 from dapo_rl.models.lora import adapters_active, effective_weight, low_rank_factors
 from dapo_rl.models.spec import ModelSpec
@@ -215,6 +215,7 @@ class SpecDecoder:
         self.rotary = inner.rotary_emb
         self.heads, self.kv_heads, self.head_dim, self.rotary_dim = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
         self.scaling, self.hidden = spec.scaling, spec.hidden
+        self.act = activation(spec)
         self.in_place = adapters_active(model) if in_place is None else in_place
         if pack_weights is None:
             pack_weights = packs_by_default(spec.hidden, self.embed.device)
@@ -272,6 +273,13 @@ class SpecDecoder:
         if not self.in_place:
             return Projection.copied(*qkv_params(spec, attn, qk_rows, merged=True), packed=self.packed)
         return Projection.in_place(qkv_modules(spec, attn), None if qk_rows is None else qkv_columns(spec, qk_rows))
+
+    def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``act(gate) · up`` of the gate/up product ``[rows, 2·I]`` → ``[rows, I]``."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        if self.kernels is not None and self.spec.activation in self.kernels.GATED_ACTIVATIONS:
+            return self.kernels.gated(gate, up, self.spec.activation)
+        return self.act(gate).mul_(up)
 
     def rms_norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
         """RMSNorm of ``x [..., n]`` over its last dimension with ``norm = (scale [n], eps)``."""
@@ -373,7 +381,7 @@ class SpecDecoder:
                 x = layer.o(out, residual=x)
             else:
                 x = x + self.rms_norm(layer.o(out), layer.post_attn_norm)
-            hidden = gated(self.spec, *layer.gate_up(self.rms_norm(x, layer.mlp_norm)).chunk(2, dim=-1), self.kernels)
+            hidden = self._gated(layer.gate_up(self.rms_norm(x, layer.mlp_norm)))
             if layer.post_mlp_norm is None:
                 x = layer.down(hidden, residual=x)
             else:

@@ -100,30 +100,31 @@ class _GatedActivation(torch.autograd.Function):
         return (*ctx.kernels.gated_backward(grad.contiguous(), gate, up, ctx.name), None, None)
 
 
-def gated(spec: ModelSpec, gate: torch.Tensor, up: torch.Tensor, kernels) -> torch.Tensor:
+def gated(spec: ModelSpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``act(gate) · up`` of ``gate, up [N, I]`` with the model's activation → ``[N, I]``
-    (differentiable). One fused C pass forward and one backward with ``kernels``
-    (:class:`~dapo_rl.rollout.native.NativeKernels`, or None) on CPU float32 for SiLU and GeLU-tanh;
-    PyTorch ops otherwise (no kernels, other dtypes and devices, autocast, other activations), the
-    same numbers to rounding. Shared by the trainer's flat forward and the decode step."""
-    if (kernels is not None and gate.device.type == "cpu" and gate.dtype == up.dtype == torch.float32 and gate.dim() == 2
-            and gate.stride(1) == up.stride(1) == 1 and spec.activation in kernels.GATED_ACTIVATIONS
+    (differentiable). One fused C pass forward and one backward on CPU float32 for SiLU and
+    GeLU-tanh (:mod:`dapo_rl.rollout.native`, unless unavailable); PyTorch ops otherwise (other
+    dtypes and devices, autocast, other activations), the same numbers to rounding."""
+    from dapo_rl.rollout.native import NativeKernels, native_kernels
+
+    if (gate.device.type == "cpu" and gate.dtype == up.dtype == torch.float32 and gate.dim() == 2
+            and gate.stride(1) == up.stride(1) == 1 and spec.activation in NativeKernels.GATED_ACTIVATIONS
             and not torch.is_autocast_enabled("cpu")):
-        return _GatedActivation.apply(gate, up, kernels, spec.activation)
+        kernels = native_kernels()
+        if kernels is not None:
+            return _GatedActivation.apply(gate, up, kernels, spec.activation)
     return activation(spec)(gate) * up
 
 
 def mlp_output(spec: ModelSpec, mlp, x: torch.Tensor) -> torch.Tensor:
     """The MLP of ``x [N, hidden]`` → ``[N, hidden]``: ``down(act(gate(x)) · up(x))``, the projections
     the model's own modules (LoRA adapters included; Phi-3's one ``gate_up_proj`` split in halves),
-    the gated activation :func:`gated` on the native kernels where they exist (differentiable)."""
-    from dapo_rl.rollout.native import native_kernels
-
+    the gated activation :func:`gated` (differentiable)."""
     if spec.fused_gate_up:
         gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
     else:
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    return mlp.down_proj(gated(spec, gate, up, native_kernels()))
+    return mlp.down_proj(gated(spec, gate, up))
 
 
 def norm_scale(spec: ModelSpec, norm, order: torch.Tensor | None = None, upcast: bool = False) -> tuple[torch.Tensor, float]:
