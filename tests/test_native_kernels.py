@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from dapo_rl.data.synthetic import VOCAB
+from dapo_rl.models import native
 from dapo_rl.models.decode import SpecDecoder
 from dapo_rl.models.rotary import rotate_pairs
 from dapo_rl.models.spec import read_spec
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
-from dapo_rl.rollout import SamplingParams, native
+from dapo_rl.rollout import SamplingParams
 from dapo_rl.rollout.fast import FastRolloutEngine
 
 HAS_COMPILER = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))  # as native.native_kernels looks
@@ -209,7 +210,7 @@ def test_kernels_are_built_once_into_the_cache_folder(fresh_build):
 
 def test_without_a_working_compiler_decoding_falls_back_to_torch_ops(fresh_build, monkeypatch, tiny, caplog):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    with caplog.at_level("INFO", logger="dapo_rl.rollout.native"):
+    with caplog.at_level("INFO", logger="dapo_rl.models.native"):
         assert native.native_kernels() is None
     assert "decoding and the MLP activation with PyTorch ops" in caplog.text
     assert not list(fresh_build.rglob("*.so")) and not list(fresh_build.rglob("*.tmp"))  # nothing half-written

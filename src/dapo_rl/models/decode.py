@@ -22,7 +22,7 @@ model's decode step (mask building, cache bookkeeping, ~10 module calls per laye
   dtypes use Hugging Face's ``x·cos + rotate_half(x)·sin``. Angles come from tables computed once
   per call by the model's own rotary module (one per rotary kind: Gemma3's local and global).
 - On a CPU in float32 with the complex rotary, RMSNorm, q/k norm + rotary + cache write, and
-  attention (windows and soft-capping included) run as fused C loops (:mod:`dapo_rl.rollout.native`).
+  attention (windows and soft-capping included) run as fused C loops (:mod:`dapo_rl.models.native`).
 - All layers' keys and values live in one buffer ``[layers, rows, 2·kv_heads, capacity, d]``,
   written in place, never evicted: a sliding-window layer reads only its last ``window`` positions.
 - Prompts of equal length need no attention mask; otherwise an additive mask (0 / −inf on the
@@ -206,7 +206,7 @@ class SpecDecoder:
 
     def __init__(self, model, spec: ModelSpec, pack_weights: bool | None = None, native_kernels: bool = True,
                  in_place: bool | None = None):
-        from dapo_rl.rollout import native
+        from dapo_rl.models import native
 
         inner = model.model
         self.spec = spec

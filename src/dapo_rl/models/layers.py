@@ -103,9 +103,9 @@ class _GatedActivation(torch.autograd.Function):
 def gated(spec: ModelSpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``act(gate) · up`` of ``gate, up [N, I]`` with the model's activation → ``[N, I]``
     (differentiable). One fused C pass forward and one backward on CPU float32 for SiLU and
-    GeLU-tanh (:mod:`dapo_rl.rollout.native`, unless unavailable); PyTorch ops otherwise (other
+    GeLU-tanh (:mod:`dapo_rl.models.native`, unless unavailable); PyTorch ops otherwise (other
     dtypes and devices, autocast, other activations), the same numbers to rounding."""
-    from dapo_rl.rollout.native import NativeKernels, native_kernels
+    from dapo_rl.models.native import NativeKernels, native_kernels
 
     if (gate.device.type == "cpu" and gate.dtype == up.dtype == torch.float32 and gate.dim() == 2
             and gate.stride(1) == up.stride(1) == 1 and spec.activation in NativeKernels.GATED_ACTIVATIONS
