@@ -77,7 +77,8 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
 
 def cmd_export_merged(args: argparse.Namespace) -> int:
     from dapo_rl.config import ConfigError
-    from dapo_rl.models.lora import AdapterError, export_merged
+    from dapo_rl.models.loading import export_merged
+    from dapo_rl.models.lora import AdapterError
 
     try:
         result = export_merged(args.run_dir, args.out_dir, base=args.base, overwrite=args.overwrite)

@@ -37,10 +37,12 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
+from dapo_rl.models import native
 from dapo_rl.models import rotary as rope
 from dapo_rl.models.layers import (activation, gate_up_modules, gate_up_params, norm_scale, qkv_columns, qkv_modules, qkv_params,
                                    softcap)
 from dapo_rl.models.lora import adapters_active, effective_weight, low_rank_factors
+from dapo_rl.models.native import cpu_info
 from dapo_rl.models.spec import ModelSpec
 
 F = torch.nn.functional
@@ -79,21 +81,6 @@ def packs_by_default(hidden: int, device: torch.device) -> bool:
 def cpu_vendor() -> str:
     """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, …), or "" where unknown."""
     return cpu_info("vendor_id")
-
-
-@functools.cache
-def cpu_info(key: str) -> str:
-    """The value of ``key`` (``vendor_id``, ``model name``, ``flags``, …) for the first CPU in
-    ``/proc/cpuinfo``, or "" where there is no such file or key."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                name, _, value = line.partition(":")
-                if name.strip() == key:
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
 
 
 @functools.cache
@@ -206,8 +193,6 @@ class SpecDecoder:
 
     def __init__(self, model, spec: ModelSpec, pack_weights: bool | None = None, native_kernels: bool = True,
                  in_place: bool | None = None):
-        from dapo_rl.models import native
-
         inner = model.model
         self.spec = spec
         self.embed = inner.embed_tokens.weight.detach()

@@ -10,6 +10,7 @@ import functools
 import torch
 
 from dapo_rl.models.lora import effective_weight, lora_output
+from dapo_rl.models.native import NativeKernels, native_kernels
 from dapo_rl.models.spec import ModelSpec
 
 F = torch.nn.functional
@@ -105,8 +106,6 @@ def gated(spec: ModelSpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor
     (differentiable). One fused C pass forward and one backward on CPU float32 for SiLU and
     GeLU-tanh (:mod:`dapo_rl.models.native`, unless unavailable); PyTorch ops otherwise (other
     dtypes and devices, autocast, other activations), the same numbers to rounding."""
-    from dapo_rl.models.native import NativeKernels, native_kernels
-
     if (gate.device.type == "cpu" and gate.dtype == up.dtype == torch.float32 and gate.dim() == 2
             and gate.stride(1) == up.stride(1) == 1 and spec.activation in NativeKernels.GATED_ACTIVATIONS
             and not torch.is_autocast_enabled("cpu")):

@@ -1,5 +1,6 @@
 """Load the policy a run or an evaluation names, and pick its device: one loader for
-``dapo train`` and ``dapo eval``.
+``dapo train`` and ``dapo eval``; and :func:`export_merged`, which loads a LoRA run's adapter on
+its base and writes the merged model as an ordinary folder (``dapo export-merged``).
 
 Every failure is a :class:`ModelLoadError` whose one-line message says which folder and what is
 wrong with it; callers prefix the key the user set (``model.path``, ``MODEL``).
@@ -116,3 +117,43 @@ def first_line(exc: BaseException) -> str:
     """An exception as one short line (library messages often span many)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 240 else text[:237] + "..."
+
+
+def export_merged(source: str | Path, out: str | Path, *, base: str | None = None, overwrite: bool = False) -> dict:
+    """Write the merged model of an adapter (``source``: a LoRA run folder, whose ``final/`` holds
+    it, or an adapter folder) as an ordinary model folder ``out`` (weights, config, tokenizer),
+    loadable with ``AutoModelForCausalLM.from_pretrained``. Returns what was written, with the
+    largest |Δ logit| between the merged folder, reloaded, and base + adapter on a probe.
+
+    Raises:
+        AdapterError: no adapter in ``source``, an unusable base, or ``out`` exists (without ``overwrite``).
+    """
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    source, out = Path(source), Path(out)
+    folder = source / "final" if adapters.is_adapter_folder(source / "final") else source
+    if not adapters.is_adapter_folder(folder):
+        raise adapters.AdapterError(f"RUN_DIR: {source} holds no LoRA adapter ({adapters.ADAPTER_CONFIG} in it or in its final/); "
+                                    f"pass a LoRA run folder or an adapter folder")
+    if out.exists() and not overwrite:
+        raise adapters.AdapterError(f"OUT: {out} already exists; choose another folder or pass --overwrite")
+    try:
+        model, tokenizer = load_policy(str(folder), base=base, progress=False)
+    except ModelLoadError as exc:
+        raise adapters.AdapterError(f"base: {exc}") from None
+    model.eval()
+    staging = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    adapters.save_merged(model, staging)
+    tokenizer.save_pretrained(staging)
+    merged = AutoModelForCausalLM.from_pretrained(str(staging), dtype=torch.float32).eval()
+    probe = torch.arange(min(16, model.config.vocab_size))[None]
+    with torch.no_grad():
+        diff = (merged(probe).logits - model(probe).logits).abs().max().item()
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return {"out_dir": str(out), "adapter": str(folder), "base": adapters.base_of(folder, base),
+            "parameters": sum(p.numel() for p in merged.parameters()), "max_abs_logit_diff": diff}

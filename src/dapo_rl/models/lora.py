@@ -1,6 +1,6 @@
 """LoRA adapters on a policy: adding them (PEFT, through transformers' adapter integration), the
 weights the fast paths read, the base with adapters disabled (the KL reference), adapter folders
-in PEFT's format, and merged export.
+in PEFT's format, and the merged weights (written by :func:`~dapo_rl.models.loading.export_merged`).
 
 The adapted model stays the Hugging Face causal LM it was (``model.model.layers``, ``lm_head``):
 each targeted ``nn.Linear`` becomes PEFT's ``lora.Linear``, holding the frozen ``base_layer``
@@ -325,45 +325,3 @@ def base_of(folder: str | Path, base: str | None = None) -> str:
     if not named:
         raise AdapterError(f"{Path(folder) / ADAPTER_CONFIG} names no base model (base_model_name_or_path); pass base=BASE_FOLDER")
     return named
-
-
-def export_merged(source: str | Path, out: str | Path, *, base: str | None = None, overwrite: bool = False) -> dict:
-    """Write the merged model of an adapter (``source``: a LoRA run folder, whose ``final/`` holds
-    it, or an adapter folder) as an ordinary model folder ``out`` (weights, config, tokenizer),
-    loadable with ``AutoModelForCausalLM.from_pretrained``. Returns what was written, with the
-    largest |Δ logit| between the merged folder, reloaded, and base + adapter on a probe.
-
-    Raises:
-        AdapterError: no adapter in ``source``, an unusable base, or ``out`` exists (without ``overwrite``).
-    """
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-
-    from dapo_rl.models.loading import ModelLoadError, load_policy
-
-    source, out = Path(source), Path(out)
-    folder = source / "final" if is_adapter_folder(source / "final") else source
-    if not is_adapter_folder(folder):
-        raise AdapterError(f"RUN_DIR: {source} holds no LoRA adapter ({ADAPTER_CONFIG} in it or in its final/); "
-                           f"pass a LoRA run folder or an adapter folder")
-    if out.exists() and not overwrite:
-        raise AdapterError(f"OUT: {out} already exists; choose another folder or pass --overwrite")
-    try:
-        model, tokenizer = load_policy(str(folder), base=base, progress=False)
-    except ModelLoadError as exc:
-        raise AdapterError(f"base: {exc}") from None
-    model.eval()
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    save_merged(model, staging)
-    tokenizer.save_pretrained(staging)
-    merged = AutoModelForCausalLM.from_pretrained(str(staging), dtype=torch.float32).eval()
-    probe = torch.arange(min(16, model.config.vocab_size))[None]
-    with torch.no_grad():
-        diff = (merged(probe).logits - model(probe).logits).abs().max().item()
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return {"out_dir": str(out), "adapter": str(folder), "base": base_of(folder, base),
-            "parameters": sum(p.numel() for p in merged.parameters()), "max_abs_logit_diff": diff}

@@ -130,10 +130,23 @@ class NativeKernels:
         return d_gate, d_up
 
 
+@functools.cache
+def cpu_info(key: str) -> str:
+    """The value of ``key`` (``vendor_id``, ``model name``, ``flags``, …) for the first CPU in
+    ``/proc/cpuinfo``, or "" where there is no such file or key."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _cpu_identity() -> str:
     """The CPU model and feature flags (what ``-march=native`` compiles for)."""
-    from dapo_rl.models.decode import cpu_info
-
     identity = "|".join(cpu_info(key) for key in ("model name", "flags"))
     return identity if identity != "|" else platform.processor() or platform.machine()
 
