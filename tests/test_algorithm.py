@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import textwrap
+import time
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from dapo_rl.algorithm import (
     KL_ESTIMATORS,
     LOSS_AGG_MODES,
     POLICY_LOSSES,
+    Aggregation,
     ClipRange,
     DynamicSampler,
     DynamicSamplingExhausted,
@@ -24,6 +28,7 @@ from dapo_rl.algorithm import (
     gspo_loss,
     informative_groups,
     loss_normalizer,
+    Registry,
     overlong_filter_mask,
     soft_overlong_penalty,
     token_entropy,
@@ -217,6 +222,63 @@ def test_registry_imports_a_users_function_by_path():
         POLICY_LOSSES.get("dapo_rl.algorithm.policy_loss:__doc__")
 
 
+def _noop_a():
+    return "a"
+
+
+def _noop_b():
+    return "b"
+
+
+def test_registry_duplicates_names_and_classes():
+    widgets = Registry("widget")
+    widgets.register("a", _noop_a)
+    widgets.register("a", _noop_a)  # the same object again: a no-op (a module imported twice)
+    with pytest.raises(ValueError, match="widget 'a' is already registered; pass overwrite=True"):
+        widgets.register("a", _noop_b)
+    with pytest.raises(ValueError, match="already registered"):
+        widgets.register("a")(_noop_b)
+    assert widgets.get("a") is _noop_a
+    widgets.register("a", _noop_b, overwrite=True)
+    assert widgets.get("a") is _noop_b
+    assert widgets.register("cls")(Aggregation) is Aggregation and widgets.get("cls") is Aggregation
+    assert widgets.get("dapo_rl.algorithm:Registry") is Registry  # a class by import path
+    for bad in ("", " a", "pkg:a"):
+        with pytest.raises(ValueError, match="invalid widget name"):
+            widgets.register(bad, _noop_a)
+    with pytest.raises(ValueError) as info:
+        widgets.get("my.module.fn")
+    assert str(info.value) == ("unknown widget 'my.module.fn'; choose one of a, cls or an import path package.module:function "
+                               "(did you mean the import path 'my.module:fn'?)")
+    assert widgets.names() == ["a", "cls"] and list(widgets) == ["a", "cls"] and len(widgets) == 2
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A user's module, outside this library, with aggregation modes and a KL estimator."""
+    name = f"user_algorithm_{os.getpid()}_{time.monotonic_ns()}"
+    (tmp_path / f"{name}.py").write_text(
+        textwrap.dedent(
+            """
+            from dapo_rl.algorithm import Aggregation
+
+            def summed(per_token_loss, weights, norm_constant):
+                return (per_token_loss * weights).sum()
+
+            TOKEN_SUM = Aggregation(summed, counts="tokens")  # token-mean under another name
+            SEQUENCE_SUM = Aggregation(summed, counts="sequences")  # seq-mean-token-sum
+
+            class Estimators:
+                @staticmethod
+                def half_k1(logp, ref_logp):
+                    return 0.5 * (logp - ref_logp)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
 # ----------------------------------------------------------------------------- aggregation
 
 PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
@@ -240,6 +302,22 @@ def test_aggregation_errors_and_empty_batch():
     loss = aggregate_loss(x, torch.zeros(2, 2), "token-mean")
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros(2, 2))
+
+
+def test_aggregation_mode_by_import_path(user_module):
+    for mode, builtin in ((f"{user_module}:TOKEN_SUM", "token-mean"), (f"{user_module}:SEQUENCE_SUM", "seq-mean-token-sum")):
+        assert loss_normalizer(MASK, mode).item() == loss_normalizer(MASK, builtin).item()
+        assert aggregate_loss(PER_TOKEN, MASK, mode).item() == pytest.approx(aggregate_loss(PER_TOKEN, MASK, builtin).item())
+        assert mode in LOSS_AGG_MODES and mode not in LOSS_AGG_MODES.names()
+
+
+def test_aggregation_by_import_path_must_say_what_it_counts(user_module):
+    with pytest.raises(ValueError, match=f"'{user_module}:summed' is a function, not an Aggregation"):
+        aggregate_loss(PER_TOKEN, MASK, f"{user_module}:summed")
+    with pytest.raises(ValueError, match="counts must be one of tokens, sequences"):
+        Aggregation(lambda loss, weights, constant: loss.sum(), counts="rows")
+    with pytest.raises(ValueError, match="numerator must be a function"):
+        Aggregation(3, counts="tokens")  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- laws of the update
@@ -510,3 +588,9 @@ def test_kl_estimators_hand_values():
     assert KL_ESTIMATORS.get("k3")(ref, ref).item() == 0.0
     with pytest.raises(ValueError, match="k3"):
         KL_ESTIMATORS.get("k9")
+
+
+def test_kl_estimator_by_import_path(user_module):
+    logp, ref = torch.tensor([[0.0, -1.0]]), torch.tensor([[-0.5, -0.25]])
+    estimator = KL_ESTIMATORS.get(f"{user_module}:Estimators.half_k1")
+    torch.testing.assert_close(estimator(logp, ref), 0.5 * KL_ESTIMATORS.get("k1")(logp, ref))

@@ -4,7 +4,8 @@ The plug points are registries selected by name in the configuration: :data:`POL
 (``loss.policy_loss``), :data:`ADVANTAGE_ESTIMATORS` (``advantage.estimator``),
 :data:`KL_ESTIMATORS` (``loss.kl_estimator``), :data:`LOSS_AGG_MODES` (``loss.agg_mode``),
 :data:`GROUP_CRITERIA` (``dynamic_sampling.criterion``) and :data:`ROLLOUT_CORRECTIONS`
-(``rollout_correction.mode``).
+(``rollout_correction.mode``). Each also takes an import path ``package.module:function`` to a
+user's own (a loss aggregation mode: an :class:`~dapo_rl.algorithm.aggregation.Aggregation`).
 """
 
 from dapo_rl.algorithm.advantages import (
@@ -13,7 +14,7 @@ from dapo_rl.algorithm.advantages import (
     drgrpo_advantages,
     grpo_advantages,
 )
-from dapo_rl.algorithm.aggregation import LOSS_AGG_MODES, aggregate_loss, loss_normalizer
+from dapo_rl.algorithm.aggregation import LOSS_AGG_MODES, Aggregation, aggregate_loss, loss_normalizer
 from dapo_rl.algorithm.dynamic_sampling import (
     GROUP_CRITERIA,
     DynamicSampler,
@@ -43,6 +44,7 @@ __all__ = [
     "LOSS_AGG_MODES",
     "POLICY_LOSSES",
     "ROLLOUT_CORRECTIONS",
+    "Aggregation",
     "ClipRange",
     "Correction",
     "DynamicSampler",

@@ -3,7 +3,8 @@ registered by name in :data:`KL_ESTIMATORS`.
 
 Every estimator has one signature, ``fn(logp, ref_logp) -> kl``, all ``[batch, response_len]``,
 with ``log_ratio = logp - ref_logp`` for tokens sampled from the current policy (Schulman 2020,
-"Approximating KL divergence"). verl: ``actor.kl_loss_type``; TRL always uses k3.
+"Approximating KL divergence"). verl: ``actor.kl_loss_type``; TRL always uses k3. An estimator
+of one's own is given by import path, ``loss.kl_estimator=package.module:function``.
 """
 
 from __future__ import annotations
