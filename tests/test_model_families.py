@@ -18,11 +18,11 @@ from dapo_rl.models import rotary as rope
 from dapo_rl.models import spec as spec_module
 from dapo_rl.models.decode import SpecDecoder
 from dapo_rl.models.flat import FlatPrompts, FlatResponses, flat_logits
-from dapo_rl.models.spec import (SpecMismatchError, check_checkpoint, check_checkpoint_keys, fast_spec, read_spec,
-                                 supports_fast_path)
+from dapo_rl.models.spec import (SpecMismatchError, check_checkpoint, check_checkpoint_keys, fast_spec, has_sliding_layers,
+                                 read_spec, supports_fast_path)
 from dapo_rl.models.tiny import build_char_tokenizer
 from dapo_rl.rollout import HFGenerateEngine, SamplingParams
-from dapo_rl.rollout.fast import FastRolloutEngine, has_sliding_layers
+from dapo_rl.rollout.fast import FastRolloutEngine
 from dapo_rl.rollout.base import Sample
 from dapo_rl.rollout.hf import left_pad
 from dapo_rl.training.batching import pack

@@ -142,6 +142,13 @@ def layer_windows(config) -> tuple[int | None, ...]:
     return (None,) * layers
 
 
+def has_sliding_layers(config) -> bool:
+    """Whether the model has sliding-window attention layers, as its family builds its masks
+    (:func:`layer_windows`; Mistral and Phi-3 through ``sliding_window`` alone). Hugging Face's
+    ``DynamicCache(config=…)`` evicts their old positions."""
+    return any(w is not None for w in layer_windows(config))
+
+
 def _flag(config, value: str | bool) -> bool:
     return bool(getattr(config, value, False)) if isinstance(value, str) else value
 

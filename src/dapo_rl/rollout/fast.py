@@ -37,7 +37,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from dapo_rl.models.decode import SpecDecoder
-from dapo_rl.models.spec import fast_spec, layer_windows
+from dapo_rl.models.spec import fast_spec, has_sliding_layers
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, InProcessEngine, Sample, SamplingParams
 from dapo_rl.rollout.hf import left_pad
 
@@ -124,13 +124,6 @@ def ladder_rows(running: int) -> int:
         return running
     step = 1 << ((running - 1).bit_length() - 3)
     return -(-running // step) * step
-
-
-def has_sliding_layers(config) -> bool:
-    """Whether the model has sliding-window attention layers, as its family builds its masks
-    (:func:`~dapo_rl.models.spec.layer_windows`; Mistral and Phi-3 through ``sliding_window``
-    alone). Hugging Face's ``DynamicCache(config=…)`` evicts their old positions."""
-    return any(w is not None for w in layer_windows(config))
 
 
 def _make_cache(model, capacity: int) -> Cache:

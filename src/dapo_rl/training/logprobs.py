@@ -33,8 +33,7 @@ from transformers import DynamicCache
 
 from dapo_rl.algorithm import token_entropy, token_logprobs
 from dapo_rl.models.flat import FlatPrompts, FlatResponses, flat_logits, recomputes_layers
-from dapo_rl.models.spec import supports_fast_path
-from dapo_rl.rollout.fast import has_sliding_layers
+from dapo_rl.models.spec import has_sliding_layers, supports_fast_path
 from dapo_rl.training.batching import PackedBatch, length_buckets
 
 F = torch.nn.functional
