@@ -47,8 +47,9 @@ def main() -> None:
 
     from dapo_rl.config import QuickstartConfig
     from dapo_rl.data.encoding import encode_prompts
-    from dapo_rl.data.synthetic import builtin_splits, chain_reward
+    from dapo_rl.data.synthetic import builtin_splits
     from dapo_rl.models.loading import load_policy
+    from dapo_rl.rewards.chain import chain_reward
     from dapo_rl.rollout.base import SamplingParams
     from dapo_rl.rollout.engines import build_engine
 

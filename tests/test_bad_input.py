@@ -173,7 +173,7 @@ LOAD_CASES = [
     ("data-empty-prompts", ["data.train={root}/empty_prompts.jsonl"], ["data.train", "line 2: prompt field 'prompt' is empty"]),
     ("data-unknown-format", ["data.train={root}/data.txt"], ["data.train", "set data.format"]),
     ("reward-unimportable", ["reward.function=no_such_module_xyz:score"], ["reward.function", "no_such_module_xyz"]),
-    ("reward-unknown-name", ["reward.function=nonsense"], ["reward.function", "not a registered name"]),
+    ("reward-unknown-name", ["reward.function=nonsense"], ["reward.function", "unknown reward function 'nonsense'", "math"]),
 ]
 
 

@@ -17,13 +17,13 @@ from dapo_rl.data.synthetic import (
     CHAIN_TASKS,
     VOCAB,
     builtin_splits,
-    chain_reward,
     chain_task,
     sample_problem,
     solution,
 )
 from dapo_rl.models.quickstart import builtin_model_task, quickstart_key
 from dapo_rl.models.tiny import build_char_tokenizer
+from dapo_rl.rewards.chain import chain_reward
 from dapo_rl.rewards.registry import resolve_reward_fn
 
 

@@ -703,7 +703,7 @@ def test_user_reward_nested_attribute_and_bool_return(reward_module):
         (":NOT_CALLABLE", "not a callable"),
         (":missing", "has no attribute"),
         ("_broken:reward", "broken at import"),
-        ("_nonexistent:reward", "Cannot import module"),
+        ("_nonexistent:reward", "cannot import reward function"),
         (":", "package.module:function"),
     ],
 )

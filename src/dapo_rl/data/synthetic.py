@@ -20,6 +20,8 @@ makes the final answer wrong) and useless ``=S`` re-checks before the answer (wh
 long, sometimes longer than the cap, so that overlong filtering and the soft overlong punishment
 have work to do). The prompt has a fixed width so that the digit a step reads always lies the
 same number of tokens back: a tiny model learns that with one attention head, in seconds.
+
+The reward (the digit after the last ``#``) is :mod:`dapo_rl.rewards.chain`'s ``chain`` reward.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import random
 from dataclasses import dataclass
 
 from dapo_rl.data.datasets import Example
-from dapo_rl.rewards import register_reward
 
 VOCAB = list("0123456789.=#")
 
@@ -48,8 +49,8 @@ class ChainTask:
 
 
 CHAIN = ChainTask("chain", 2, 6, warmup_steps=300)
-# A 10-slot prompt: with 300 warm-up steps the model stays at chance (10%) on every length; by
-# 800 it has learned the running sums (66% right at 2 digits).
+# A 10-slot prompt reads each digit from further back: the short task's warm-up leaves the model
+# guessing, so it warms up for longer, until it has learned the running sums (docs/ablation.md).
 CHAIN_LONG = ChainTask("chain-long", 2, 10, warmup_steps=800)
 CHAIN_TASKS: dict[str, ChainTask] = {task.name: task for task in (CHAIN, CHAIN_LONG)}
 # The quickstart task's bounds, under their historical names.
@@ -104,20 +105,6 @@ def warmup_response(problem: ChainProblem, rng: random.Random, *, step_error: fl
     while rng.random() < recheck:
         rechecks += 1
     return "".join(sums) + f"={total}" * rechecks + f"#{total}"
-
-
-def extract_chain_answer(response: str) -> str | None:
-    """The digit after the last ``#``, or None when the response has none."""
-    head, sep, tail = response.rpartition("#")
-    if not sep or len(tail.strip()) != 1 or not tail.strip().isdigit():
-        return None
-    return tail.strip()
-
-
-@register_reward("chain")
-def chain_reward(response: str, ground_truth: str, metadata: dict) -> bool:
-    """Correct when the digit after the last ``#`` equals the ground truth (reward.correct / reward.incorrect)."""
-    return extract_chain_answer(response) == ground_truth.strip()
 
 
 def make_examples(num: int, seed: int, exclude: set[str] | frozenset[str] = frozenset(), distinct: bool = False,

@@ -28,7 +28,7 @@ from .functions import (
     score_responses,
 )
 from .normalize import normalize_answer, parse_number
-from .registry import available_rewards, register_reward, register_reward_factory, resolve_reward_fn
+from .registry import REWARDS, available_rewards, register_reward, register_reward_factory, resolve_reward_fn
 from .verify import (
     DEFAULT_TIMEOUT_S,
     VerifierStats,
@@ -45,6 +45,7 @@ from .verify import (
 
 __all__ = [
     "ANSWER_STYLES",
+    "REWARDS",
     "DEFAULT_REWARD_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
     "BatchRewardFn",

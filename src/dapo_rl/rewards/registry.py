@@ -2,30 +2,36 @@
 
 Built-in names:
 
-=========  ==================================================================================
-``math``   answer in any format (``Answer:``, ``\\boxed{}``, ``####``), checked symbolically
-``dapo``   only the DAPO format, last ``Answer: X`` line, checked symbolically
-``gsm8k``  only ``#### X``, checked symbolically
-``boxed``  only ``\\boxed{X}``, checked symbolically
-``exact``  answer in any format, equal to the ground truth after normalisation (no SymPy)
-=========  ==================================================================================
+===============  ============================================================================
+``math``         answer in any format (``Answer:``, ``\\boxed{}``, ``####``), checked symbolically
+``dapo``         only the DAPO format, last ``Answer: X`` line, checked symbolically
+``gsm8k``        only ``#### X``, checked symbolically
+``boxed``        only ``\\boxed{X}``, checked symbolically
+``exact``        answer in any format, equal to the ground truth after normalisation (no SymPy)
+``last_number``  the last number in the response equals the ground truth (lenient)
+``chain``        the built-in chain tasks' answer, the digit after the last ``#``
+===============  ============================================================================
 
 Every built-in scores ``correct_reward`` (default +1) for a correct answer and
 ``incorrect_reward`` (default -1) otherwise.
+
+The names live in :data:`REWARDS`, a :class:`~dapo_rl.algorithm.registry.Registry` of reward
+factories, with the same rules as the algorithm's plug points.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
-import threading
 from collections.abc import Callable
 from typing import Any
 
+from .chain import chain_reward
 from .functions import MathReward, NamedReward, RewardFn
+from dapo_rl.algorithm.registry import Registry
 from dapo_rl.config import BUILTIN_PREFIX
 
 __all__ = [
+    "REWARDS",
     "RewardFactory",
     "available_rewards",
     "register_reward",
@@ -36,8 +42,17 @@ __all__ = [
 #: Builds a reward function from the (correct_reward, incorrect_reward) pair.
 RewardFactory = Callable[[float, float], RewardFn]
 
-_registry: dict[str, RewardFactory] = {}
-_registry_lock = threading.Lock()
+
+def _imported_reward(spec: str, fn: Any) -> RewardFactory:
+    """A reward function imported by path, as a factory of :class:`NamedReward` objects named ``spec``."""
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r} is a {type(fn).__name__}, not a callable; point it at a "
+                         "function fn(response, ground_truth, metadata) -> float | dict")
+    return lambda correct_reward, incorrect_reward: NamedReward(fn, spec, correct_reward, incorrect_reward)
+
+
+#: Reward factories by name; an import path ``package.module:function`` names a plain reward function.
+REWARDS: Registry[RewardFactory] = Registry("reward function", adapt=_imported_reward)
 
 
 def register_reward_factory(name: str, factory: RewardFactory | None = None, *, overwrite: bool = False) -> Any:
@@ -46,27 +61,15 @@ def register_reward_factory(name: str, factory: RewardFactory | None = None, *, 
     Usable directly or as a decorator. Registering a taken name raises ``ValueError`` unless
     ``overwrite`` is true, so two plugins cannot silently replace each other.
     """
-
-    def add(f: RewardFactory) -> RewardFactory:
-        key = name.strip()
-        if not key or ":" in key:
-            raise ValueError(f"Invalid reward name {name!r}: use a non-empty name without ':'.")
-        with _registry_lock:
-            if key in _registry and not overwrite:
-                raise ValueError(
-                    f"A reward function named {key!r} is already registered; pass overwrite=True to replace it."
-                )
-            _registry[key] = f
-        return f
-
-    return add(factory) if factory is not None else add
+    return REWARDS.register(name.strip(), factory, overwrite=overwrite)
 
 
 def register_reward(name: str, fn: Callable[..., Any] | None = None, *, overwrite: bool = False) -> Any:
     """Register a plain reward function ``fn(response, ground_truth, metadata)`` under ``name``.
 
     Usable directly or as a decorator. The configured correct/incorrect rewards are used for
-    ``bool`` returns and failures; numeric returns are taken as they are.
+    ``bool`` returns and failures; numeric returns are taken as they are. Each call registers a
+    new factory, so registering a taken name again raises ``ValueError`` unless ``overwrite``.
     """
 
     def add(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -82,44 +85,7 @@ def register_reward(name: str, fn: Callable[..., Any] | None = None, *, overwrit
 
 def available_rewards() -> list[str]:
     """Registered reward names, sorted."""
-    with _registry_lock:
-        return sorted(_registry)
-
-
-def _import_reward(spec: str, correct_reward: float, incorrect_reward: float) -> RewardFn:
-    module_name, _, attr_path = spec.partition(":")
-    module_name, attr_path = module_name.strip(), attr_path.strip()
-    if not module_name or not attr_path:
-        raise ValueError(
-            f"Invalid reward function spec {spec!r}: an import path must look like 'package.module:function'."
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(
-            f"Cannot import module {module_name!r} for reward function {spec!r} ({exc}). "
-            "Install it or put its directory on PYTHONPATH / sys.path, and check the spelling."
-        ) from exc
-    except Exception as exc:
-        raise ValueError(
-            f"Importing module {module_name!r} for reward function {spec!r} raised "
-            f"{type(exc).__name__}: {exc}. Fix the error in that module."
-        ) from exc
-    obj: Any = module
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(
-                f"Module {module_name!r} has no attribute {attr_path!r} (reward function {spec!r}); "
-                "check the name after ':'."
-            ) from None
-    if not callable(obj):
-        raise ValueError(
-            f"Reward function {spec!r} is a {type(obj).__name__}, not a callable; point it at a "
-            "function fn(response, ground_truth, metadata) -> float | dict."
-        )
-    return NamedReward(obj, spec, float(correct_reward), float(incorrect_reward))
+    return sorted(REWARDS.names())
 
 
 def resolve_reward_fn(
@@ -153,20 +119,7 @@ def resolve_reward_fn(
     key = spec.strip()
     if key == "auto":
         key = "chain" if data is not None and data.startswith(BUILTIN_PREFIX) else "math"
-    with _registry_lock:
-        factory = _registry.get(key)
-    if factory is not None:
-        return factory(float(correct_reward), float(incorrect_reward))
-    if ":" in key:
-        return _import_reward(key, correct_reward, incorrect_reward)
-    hint = ""
-    if "." in key:
-        module_name, _, function = key.rpartition(".")
-        hint = f" Did you mean the import path '{module_name}:{function}'?"
-    raise ValueError(
-        f"Unknown reward function {spec!r}: not a registered name ({', '.join(available_rewards())}) "
-        f"and not an import path of the form 'package.module:function'.{hint}"
-    )
+    return REWARDS.get(key)(float(correct_reward), float(incorrect_reward))
 
 
 def _builtin(style: str, name: str, symbolic: bool = True) -> RewardFactory:
@@ -204,3 +157,4 @@ def last_number_reward(response: str, ground_truth: str, metadata: dict[str, Any
 
 
 register_reward("last_number", last_number_reward)
+register_reward("chain", chain_reward)
