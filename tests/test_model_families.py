@@ -17,7 +17,7 @@ from dapo_rl.data.synthetic import VOCAB
 from dapo_rl.models import rotary as rope
 from dapo_rl.models import spec as spec_module
 from dapo_rl.models.decode import SpecDecoder
-from dapo_rl.models.flat import FlatPrompts, FlatResponses, flat_logits
+from dapo_rl.models.packed_forward import FlatPrompts, FlatResponses, flat_logits
 from dapo_rl.models.spec import (SpecMismatchError, check_checkpoint, check_checkpoint_keys, fast_spec, has_sliding_layers,
                                  read_spec, supports_fast_path)
 from dapo_rl.models.tiny import build_char_tokenizer

@@ -61,7 +61,7 @@ def test_gated_activation_and_its_gradient_equal_torch(kernels, name):
     got_grad = torch.cat(kernels.gated_backward(grad, wide[:, :50], wide[:, 50:100], name), dim=-1)
     torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-6 * expected_grad.abs().max().item())
     # The differentiable wrapper the trainer's flat forward calls takes the kernels, same numbers.
-    from dapo_rl.models.layers import gated
+    from dapo_rl.models.layer_ops import gated
 
     out = gated(SimpleNamespace(activation=name), *gate_up.chunk(2, dim=-1))  # (a ModelSpec's .activation)
     assert out.grad_fn is not None and "Gated" in type(out.grad_fn).__name__

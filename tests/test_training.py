@@ -249,7 +249,7 @@ def test_every_forward_path_matches_the_full_forward(tiny, gqa_llama, scored_gro
 def test_attention_as_batched_products_equals_sdpa(kv_heads, masked):
     """The flat forward's attention (grouped-query heads, additive mask) against PyTorch's SDPA:
     outputs and gradients of queries, keys and values."""
-    from dapo_rl.models.flat import attention, score_mask
+    from dapo_rl.models.packed_forward import attention, score_mask
 
     g, heads, width, length, d = 3, 4, 5, 9, 8
     gen = torch.Generator().manual_seed(0)
@@ -275,7 +275,7 @@ def test_attention_as_batched_products_equals_sdpa(kv_heads, masked):
 
 
 def test_flat_layouts_by_hand():
-    from dapo_rl.models.flat import AttentionLayout, FlatPrompts, FlatResponses
+    from dapo_rl.models.packed_forward import AttentionLayout, FlatPrompts, FlatResponses
 
     # rows 0..2 with responses of 2, 0 and 3 tokens, prompts of 4, 5 and 3; groups [2, 0] and [1]
     flat = FlatResponses.build([[2, 0], [1]], [4, 5, 3], [2, 0, 3], torch.device("cpu"))

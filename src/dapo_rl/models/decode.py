@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache
 
 from dapo_rl.models import native
 from dapo_rl.models import rotary as rope
-from dapo_rl.models.layers import (activation, gate_up_modules, gate_up_params, norm_scale, qkv_columns, qkv_modules, qkv_params,
+from dapo_rl.models.layer_ops import (activation, gate_up_modules, gate_up_params, norm_scale, qkv_columns, qkv_modules, qkv_params,
                                    softcap)
 from dapo_rl.models.lora import adapters_active, effective_weight, low_rank_factors
 from dapo_rl.models.native import cpu_info

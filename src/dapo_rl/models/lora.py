@@ -8,7 +8,7 @@ each targeted ``nn.Linear`` becomes PEFT's ``lora.Linear``, holding the frozen `
 ``x·Wᵀ + (alpha / r) · dropout(x)·Aᵀ·Bᵀ``. B starts at 0, so a fresh adapter computes exactly the
 base model. Base weights are never modified or copied per step:
 
-- the trainer's forward (the module calls, and :mod:`dapo_rl.models.flat`'s fused products via
+- the trainer's forward (the module calls, and :mod:`dapo_rl.models.packed_forward`'s fused products via
   :func:`lora_output`) computes the adapter's term on the fly, so no gradient of ``W`` is formed;
 - the sampling engine's decoder reads the frozen base where it lies and adds each adapter's
   low-rank term on the fly (:func:`low_rank_factors`): a fused or packed copy of a base that never

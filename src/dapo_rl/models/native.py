@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from dapo_rl.cache import default_cache_dir
+from dapo_rl.cache_dir import default_cache_dir
 
 logger = logging.getLogger(__name__)
 

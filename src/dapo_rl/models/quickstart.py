@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dapo_rl.cache import default_cache_dir
+from dapo_rl.cache_dir import default_cache_dir
 from dapo_rl.config import QuickstartConfig
 from dapo_rl.data.synthetic import CHAIN, CHAIN_TASKS, VOCAB, ChainTask, chain_task, sample_problem, warmup_response
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama

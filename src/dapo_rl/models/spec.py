@@ -1,6 +1,6 @@
 """The architecture spec: what varies inside the Llama-like family, read from a model's config and
 weights, so that one decoder (:mod:`dapo_rl.models.decode` for sampling steps,
-:mod:`dapo_rl.models.flat` for the trainer's unpadded forward) serves every family.
+:mod:`dapo_rl.models.packed_forward` for the trainer's unpadded forward) serves every family.
 
 Supported families (``config.model_type``): ``llama``, ``mistral``, ``qwen2``, ``qwen3``,
 ``phi3``, ``gemma2``, ``gemma3_text``. Anything else, and the cases listed under

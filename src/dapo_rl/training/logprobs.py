@@ -6,7 +6,7 @@ importance ratio is exactly 1 on-policy. The paths all compute the same numbers 
 tested); :func:`forward_path` says which one a batch takes:
 
 - ``flat``: every real token of the distinct prompts (each run once) and of the responses in one
-  unpadded batch (:func:`dapo_rl.models.flat.flat_logits`): no projection or MLP computes
+  unpadded batch (:func:`dapo_rl.models.packed_forward.flat_logits`): no projection or MLP computes
   padding, and no Hugging Face forward or cache is involved. Models the architecture spec
   supports (:mod:`dapo_rl.models.spec`: Llama, Qwen2/3, Mistral, Phi-3, Gemma2/3), sliding
   windows included, in one process.
@@ -32,7 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from dapo_rl.algorithm import token_entropy, token_logprobs
-from dapo_rl.models.flat import FlatPrompts, FlatResponses, flat_logits, recomputes_layers
+from dapo_rl.models.packed_forward import FlatPrompts, FlatResponses, flat_logits, recomputes_layers
 from dapo_rl.models.spec import has_sliding_layers, supports_fast_path
 from dapo_rl.training.batching import PackedBatch, length_buckets
 
@@ -104,7 +104,7 @@ def _plan(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettings)
 def _layers_not_checkpointed(model: torch.nn.Module) -> Iterator[None]:
     """Hugging Face's checkpointed layers refuse a KV cache (they run with ``past_key_values=None``
     and leave the cache empty); the prompt forward of the ``shared`` path needs it, so its layers
-    run plainly. The flat forward checkpoints its layers itself (:func:`~dapo_rl.models.flat.flat_logits`)."""
+    run plainly. The flat forward checkpoints its layers itself (:func:`~dapo_rl.models.packed_forward.flat_logits`)."""
     if not recomputes_layers(model):
         yield
         return
@@ -222,7 +222,7 @@ def _logits_on_prompt_cache(model, batch: PackedBatch, rows: list[int], max_r: i
 
 def _flat(model, batch: PackedBatch, shared: DistinctPrompts, settings: ForwardSettings, with_entropy: bool):
     """Every real token of the distinct prompts and of the responses in one unpadded batch;
-    attention per prompt and per length group (:func:`~dapo_rl.models.flat.flat_logits`)."""
+    attention per prompt and per length group (:func:`~dapo_rl.models.packed_forward.flat_logits`)."""
     b, width = batch.response_ids.shape
     device = batch.response_ids.device
     columns = slice(batch.prompt_width - max(batch.prompt_lengths), batch.prompt_width)

@@ -7,11 +7,11 @@ own causal attention and its responses' attention, in the same layer pass, so no
 is built and the gradient reaches the prompt's tokens as in a full forward. Norms, the MLPs'
 and the output projections and the LM head are the model's own modules (so dtype handling
 matches its ``forward`` exactly, float32 norms under float64 included); the fused query/key/value
-and gate/up products, the gated activation (:func:`~dapo_rl.models.layers.mlp_output`), per-head
+and gate/up products, the gated activation (:func:`~dapo_rl.models.layer_ops.mlp_output`), per-head
 q/k norms, rotary, sliding windows and soft-capped attention are written from the spec
-(:mod:`dapo_rl.models.layers`, :mod:`dapo_rl.models.rotary`). LoRA adapters: the module calls
+(:mod:`dapo_rl.models.layer_ops`, :mod:`dapo_rl.models.rotary`). LoRA adapters: the module calls
 include them (PEFT's layers), and the query/key/value products read each frozen base weight in
-place and add the adapters' terms on the fly (:func:`~dapo_rl.models.layers.qkv_output`): no
+place and add the adapters' terms on the fly (:func:`~dapo_rl.models.layer_ops.qkv_output`): no
 copy of the base per forward, no gradient of it.
 """
 
@@ -23,7 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dapo_rl.models import rotary as rope
-from dapo_rl.models.layers import mlp_output, qkv_output, softcap, window_blocked
+from dapo_rl.models.layer_ops import mlp_output, qkv_output, softcap, window_blocked
 from dapo_rl.models.spec import read_spec
 
 F = torch.nn.functional
