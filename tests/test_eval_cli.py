@@ -11,7 +11,7 @@ from dapo_rl.cli import main
 from dapo_rl.config import ConfigError
 from dapo_rl.data import DatasetError
 from dapo_rl.data.synthetic import VOCAB
-from dapo_rl.evaluation.cli import (
+from dapo_rl.evaluation.evaluate_model import (
     dataset_name,
     default_output,
     parse_options,

@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dapo_rl.evaluation.cli import run_eval
+    from dapo_rl.evaluation.evaluate_model import run_eval
 
     return run_eval(args.model, args.data, args.overrides)
 

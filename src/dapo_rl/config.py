@@ -24,7 +24,6 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODEL = "builtin:chain-tiny"
 BUILTIN_DATA = "builtin:chain"
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
-ROLLOUT_ENGINES = ("hf", "fast", "vllm", "vllm-server")
 LORA_ALL_LINEAR = "all-linear"
 
 # Keys that were renamed or replaced: an old key gets a one-line "did you mean".
@@ -58,9 +57,10 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    train: str = BUILTIN_DATA  # JSONL / Parquet / HF datasets path, or builtin:chain
-    eval: Optional[str] = BUILTIN_DATA  # held-out set; null = no periodic evaluation
+class PromptFields:
+    """How a dataset's rows become prompts: the keys ``dapo train`` (section ``data``) and ``dapo
+    eval`` (top level) share."""
+
     format: str = "auto"  # auto | jsonl | parquet | hf
     preset: str = "plain"  # plain {prompt, answer} | gsm8k | dapo-math | custom
     prompt_field: Optional[str] = None  # overrides the preset's prompt field (dotted paths allowed)
@@ -68,9 +68,15 @@ class DataConfig:
     template: str = "raw"  # raw | dapo | gsm8k | chat
     use_chat_template: bool = False  # wrap the prompt in the tokenizer's chat template
     max_prompt_length: int = 512  # prompts longer than this (tokens) are skipped and reported
-    max_rows: Optional[int] = None
+    max_rows: Optional[int] = None  # read at most this many usable rows (dapo train: of data.train); null = all
+    builtin_eval_size: int = 256  # problems in a built-in task's held-out split
+
+
+@dataclass
+class DataConfig(PromptFields):
+    train: str = BUILTIN_DATA  # JSONL / Parquet / HF datasets path, or builtin:chain
+    eval: Optional[str] = BUILTIN_DATA  # held-out set; null = no periodic evaluation
     builtin_train_size: int = 20000
-    builtin_eval_size: int = 256
     retire_solved_after: int = 0  # retire a prompt all-correct on this many consecutive visits; 0 = never
     unsolved_weight: float = 1.0  # chance a visited, never-solved prompt enters each later pass; 1 = always
 
@@ -97,6 +103,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     max_response_length: int = 16  # L_max: new tokens per response; longer ones are truncated
     stop_token_ids: List[int] = field(default_factory=list)  # besides EOS
+    max_batch_prompts: int = 64  # in-process engines: prompts sampled together in one call (with their G samples each)
     verify_sync: bool = True  # after every weight push, check that the engine samples from the new weights
     # rollout.engine=vllm only (optional extra; see README "vLLM rollouts"):
     vllm_dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
@@ -428,192 +435,124 @@ def to_dict(config: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(_redacted(config)))  # type: ignore[return-value]
 
 
-def _require(ok: bool, key: str, problem: str, fix: str) -> None:
+def require(ok: bool, key: str, problem: str, fix: str) -> None:
+    """Raise the :class:`ConfigError` ``"{key}: {problem}; {fix}"`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}: {problem}; {fix}")
 
 
-def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, key, f"{value!r} is not valid", f"use one of {', '.join(choices)}")
-
-
-def correction_mode(c: Config) -> str:
-    """``rollout_correction.mode`` with ``auto`` resolved: vLLM samples in its own precision (bf16
-    on GPU) and drifts from the trainer, so it is corrected by default (``token_truncate``); the
-    in-process engines sample from the trainer's own fp32 weights (agreement ~1e-6), where a
-    correction would only cost a log-prob pass."""
-    if c.rollout_correction.mode != "auto":
-        return c.rollout_correction.mode
-    return "token_truncate" if c.rollout.engine in ("vllm", "vllm-server") else "none"
-
-
-def _registered(value: str, key: str, registry: Any) -> None:
-    """A name the algorithm's registry knows, or an import path that resolves."""
-    try:
-        registry.get(value)
-    except ValueError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
+def require_choice(value: str, key: str, choices: tuple[str, ...] | list[str]) -> None:
+    """``value`` must be one of ``choices``; the error lists them."""
+    require(value in choices, key, f"{value!r} is not valid", f"use one of {', '.join(choices)}")
 
 
 def validate(c: Config) -> None:
-    """Cross-field rules that types alone cannot express."""
-    from dapo_rl.algorithm import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, ROLLOUT_CORRECTIONS
-
-    _require(c.steps >= 1, "steps", f"must be >= 1, got {c.steps}", "set steps=1 or more")
-    _require(c.group_size >= 2, "group_size", f"must be >= 2 for group-relative advantages, got {c.group_size}", "set group_size=2 or more (paper: 16)")
-    _require(c.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {c.prompts_per_step}", "set prompts_per_step=1 or more")
-    _require(c.mini_batch_size >= 1 and c.prompts_per_step % c.mini_batch_size == 0, "mini_batch_size",
+    """The rules of the keys this file owns that types alone cannot express. Names looked up in a
+    registry (losses, engines, rewards, datasets' formats, sinks) and the settings an algorithm
+    object checks itself (``clip``, ``dynamic_sampling``) are checked by
+    :func:`dapo_rl.training.compose.check_config`, on the floor that owns them."""
+    require(c.steps >= 1, "steps", f"must be >= 1, got {c.steps}", "set steps=1 or more")
+    require(c.group_size >= 2, "group_size", f"must be >= 2 for group-relative advantages, got {c.group_size}", "set group_size=2 or more (paper: 16)")
+    require(c.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {c.prompts_per_step}", "set prompts_per_step=1 or more")
+    require(c.mini_batch_size >= 1 and c.prompts_per_step % c.mini_batch_size == 0, "mini_batch_size",
              f"{c.mini_batch_size} does not divide prompts_per_step={c.prompts_per_step}", "choose a divisor of prompts_per_step")
     samples_per_mini = c.mini_batch_size * c.group_size
-    _require(c.micro_batch_size is not None and c.micro_batch_size >= 1 and samples_per_mini % c.micro_batch_size == 0, "micro_batch_size",
+    require(c.micro_batch_size is not None and c.micro_batch_size >= 1 and samples_per_mini % c.micro_batch_size == 0, "micro_batch_size",
              f"{c.micro_batch_size} does not divide the mini-batch of {samples_per_mini} samples (mini_batch_size × group_size)",
              "choose a divisor of mini_batch_size × group_size")
-    _require(c.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {c.ppo_epochs}", "set ppo_epochs=1 or more")
-    _require(0 <= c.clip.eps_low < 1, "clip.eps_low", f"must be in [0, 1), got {c.clip.eps_low}", "paper: 0.2")
-    _require(c.clip.eps_high >= 0, "clip.eps_high", f"must be >= 0, got {c.clip.eps_high}", "paper: 0.28")
-    _require(c.clip.dual_clip_c is None or c.clip.dual_clip_c > 1, "clip.dual_clip_c",
-             f"must be > 1, got {c.clip.dual_clip_c}", "use e.g. 3.0, or null to disable")
-    _registered(c.loss.policy_loss, "loss.policy_loss", POLICY_LOSSES)
-    _registered(c.advantage.estimator, "advantage.estimator", ADVANTAGE_ESTIMATORS)
-    _choice(c.loss.agg_mode, "loss.agg_mode", tuple(LOSS_AGG_MODES.names()))
-    _choice(c.loss.kl_estimator, "loss.kl_estimator", tuple(KL_ESTIMATORS.names()))
-    _require(c.loss.kl_coef >= 0, "loss.kl_coef", f"must be >= 0, got {c.loss.kl_coef}", "0 disables the KL term")
-    _require(c.loss.norm_constant is None or c.loss.norm_constant > 0, "loss.norm_constant", "must be positive", "use null for max_response_length")
+    require(c.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {c.ppo_epochs}", "set ppo_epochs=1 or more")
+    require(c.loss.kl_coef >= 0, "loss.kl_coef", f"must be >= 0, got {c.loss.kl_coef}", "0 disables the KL term")
+    require(c.loss.norm_constant is None or c.loss.norm_constant > 0, "loss.norm_constant", "must be positive", "use null for max_response_length")
     L = c.rollout.max_response_length
-    _require(L >= 1, "rollout.max_response_length", f"must be >= 1, got {L}", "set a positive token count")
-    _require(c.rollout.temperature > 0, "rollout.temperature", f"must be > 0 for sampling, got {c.rollout.temperature}", "paper: 1.0")
-    _require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {c.rollout.top_p}", "1.0 disables it")
-    _require(c.rollout.top_k >= 0, "rollout.top_k", f"must be >= 0, got {c.rollout.top_k}", "0 disables it")
-    _choice(c.rollout.engine, "rollout.engine", ROLLOUT_ENGINES)
-    if c.rollout_correction.mode != "auto":
-        _registered(c.rollout_correction.mode, "rollout_correction.mode", ROLLOUT_CORRECTIONS)
-    _require(c.rollout_correction.cap > 1, "rollout_correction.cap", f"must be > 1, got {c.rollout_correction.cap}",
+    require(L >= 1, "rollout.max_response_length", f"must be >= 1, got {L}", "set a positive token count")
+    require(c.rollout.temperature > 0, "rollout.temperature", f"must be > 0 for sampling, got {c.rollout.temperature}", "paper: 1.0")
+    require(0 < c.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {c.rollout.top_p}", "1.0 disables it")
+    require(c.rollout.top_k >= 0, "rollout.top_k", f"must be >= 0, got {c.rollout.top_k}", "0 disables it")
+    require(c.rollout.max_batch_prompts >= 1, "rollout.max_batch_prompts", f"must be >= 1, got {c.rollout.max_batch_prompts}", "default 64")
+    require(c.rollout_correction.cap > 1, "rollout_correction.cap", f"must be > 1, got {c.rollout_correction.cap}",
              "e.g. 2 (truncate weights at 2; mask outside [0.5, 2])")
-    _require(correction_mode(c) == "none" or c.rollout.engine != "hf", "rollout_correction.mode",
-             f"{correction_mode(c)} needs the sampler's log-probs, which the hf engine does not return",
-             "use rollout.engine=fast (or vllm), or rollout_correction.mode=none")
-    _choice(c.rollout.vllm_dtype, "rollout.vllm_dtype", ("auto", "float32", "bfloat16", "float16"))
+    require_choice(c.rollout.vllm_dtype, "rollout.vllm_dtype", ("auto", "float32", "bfloat16", "float16"))
     _validate_server(c)
-    _require(0 < c.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization",
+    require(0 < c.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization",
              f"must be in (0, 1], got {c.rollout.vllm_gpu_memory_utilization}", "e.g. 0.4, leaving the rest for training")
     if c.overlong.soft_punishment:
-        _require(0 < c.overlong.cache_length < L, "overlong.cache_length",
+        require(0 < c.overlong.cache_length < L, "overlong.cache_length",
                  f"L_cache={c.overlong.cache_length} must be > 0 and < rollout.max_response_length={L}",
                  "choose a smaller cache_length (paper: 4096 of 20480)")
-    _validate_dynamic_sampling(c)
-    _require(c.optim.lr > 0, "optim.lr", f"must be > 0, got {c.optim.lr}", "paper: 1e-6 for 32B models")
-    _choice(c.optim.schedule, "optim.schedule", ("constant", "cosine"))
-    _require(c.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0", "0 disables clipping")
-    _require(c.eval.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1", "e.g. 4")
-    _require(c.eval.interval >= 0, "eval.interval", "must be >= 0", "0 evaluates only before and after training")
-    _require(c.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0", "0 checkpoints only at the end")
-    _require(c.reward.correct > c.reward.incorrect, "reward.correct", "must be greater than reward.incorrect", "paper: +1 / -1")
-    _require(c.reward.timeout_s > 0, "reward.timeout_s", "must be > 0", "e.g. 5")
-    _choice(c.distributed.strategy, "distributed.strategy", DISTRIBUTED_STRATEGIES)
-    _choice(c.model.dtype, "model.dtype", ("auto", "float32", "bf16-autocast"))
-    _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.model.device) is not None, "model.device",
+    require(c.optim.lr > 0, "optim.lr", f"must be > 0, got {c.optim.lr}", "paper: 1e-6 for 32B models")
+    require_choice(c.optim.schedule, "optim.schedule", ("constant", "cosine"))
+    require(c.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0", "0 disables clipping")
+    require(c.eval.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1", "e.g. 4")
+    require(c.eval.interval >= 0, "eval.interval", "must be >= 0", "0 evaluates only before and after training")
+    require(c.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0", "0 checkpoints only at the end")
+    require(c.reward.correct > c.reward.incorrect, "reward.correct", "must be greater than reward.incorrect", "paper: +1 / -1")
+    require(c.reward.timeout_s > 0, "reward.timeout_s", "must be > 0", "e.g. 5")
+    require_choice(c.distributed.strategy, "distributed.strategy", DISTRIBUTED_STRATEGIES)
+    require_choice(c.model.dtype, "model.dtype", ("auto", "float32", "bf16-autocast"))
+    require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.model.device) is not None, "model.device",
              f"{c.model.device!r} is not a device", "use auto, cpu, cuda or cuda:N")
-    _require(bool(c.model.path.strip()), "model.path", "is empty", f"give a local Hugging Face model folder or {BUILTIN_MODEL}")
-    _require(not (c.resume and c.overwrite), "resume", "resume=true and overwrite=true contradict each other", "choose one")
-    _require(bool(c.output_dir.strip()), "output_dir", "is empty", "give a folder path, e.g. output_dir=runs/my-run")
+    require(bool(c.model.path.strip()), "model.path", "is empty", f"give a local Hugging Face model folder or {BUILTIN_MODEL}")
+    require(not (c.resume and c.overwrite), "resume", "resume=true and overwrite=true contradict each other", "choose one")
+    require(bool(c.output_dir.strip()), "output_dir", "is empty", "give a folder path, e.g. output_dir=runs/my-run")
     _validate_data(c)
     _validate_lora(c)
-    _require(c.optim.warmup_updates >= 0, "optim.warmup_updates", f"must be >= 0, got {c.optim.warmup_updates}", "0 disables warm-up")
-    _require(0 <= c.optim.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {c.optim.beta1}", "default 0.9")
-    _require(0 <= c.optim.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {c.optim.beta2}", "default 0.99")
-    _require(c.optim.eps > 0, "optim.eps", f"must be > 0, got {c.optim.eps}", "default 1e-8")
-    _require(c.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {c.optim.weight_decay}", "0 disables it")
-    _require(c.advantage.eps >= 0, "advantage.eps", f"must be >= 0, got {c.advantage.eps}", "default 1e-6")
-    _require(all(t >= 0 for t in c.rollout.stop_token_ids), "rollout.stop_token_ids", "token ids must be >= 0", "list token ids, e.g. [2]")
-    _require(c.eval.temperature >= 0, "eval.temperature", f"must be >= 0, got {c.eval.temperature}", "0 = greedy, paper: 1.0")
-    _require(0 < c.eval.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {c.eval.top_p}", "1.0 disables it")
-    _require(c.checkpoint.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0, got {c.checkpoint.keep_last}", "0 keeps every checkpoint")
-    from dapo_rl.telemetry.sinks import SINK_NAMES, WANDB_MODES
-
-    for sink in c.logging.sinks:
-        _choice(sink, "logging.sinks", SINK_NAMES)
-    _choice(c.logging.wandb_mode, "logging.wandb_mode", WANDB_MODES)
+    require(c.optim.warmup_updates >= 0, "optim.warmup_updates", f"must be >= 0, got {c.optim.warmup_updates}", "0 disables warm-up")
+    require(0 <= c.optim.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {c.optim.beta1}", "default 0.9")
+    require(0 <= c.optim.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {c.optim.beta2}", "default 0.99")
+    require(c.optim.eps > 0, "optim.eps", f"must be > 0, got {c.optim.eps}", "default 1e-8")
+    require(c.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {c.optim.weight_decay}", "0 disables it")
+    require(c.advantage.eps >= 0, "advantage.eps", f"must be >= 0, got {c.advantage.eps}", "default 1e-6")
+    require(all(t >= 0 for t in c.rollout.stop_token_ids), "rollout.stop_token_ids", "token ids must be >= 0", "list token ids, e.g. [2]")
+    require(c.eval.temperature >= 0, "eval.temperature", f"must be >= 0, got {c.eval.temperature}", "0 = greedy, paper: 1.0")
+    require(0 < c.eval.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {c.eval.top_p}", "1.0 disables it")
+    require(c.checkpoint.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0, got {c.checkpoint.keep_last}", "0 keeps every checkpoint")
     q = c.quickstart
     for key, value in (("warmup_steps", q.warmup_steps), ("warmup_batch", q.warmup_batch), ("num_layers", q.num_layers)):
-        _require(value is None or value >= 1, f"quickstart.{key}", f"must be >= 1, got {value}", "see the defaults in config.py")
-    _require(q.hidden_size >= 4 and q.hidden_size % 4 == 0, "quickstart.hidden_size", f"must be a positive multiple of 4 (4 heads), got {q.hidden_size}", "default 64")
-    _require(q.warmup_lr > 0, "quickstart.warmup_lr", f"must be > 0, got {q.warmup_lr}", "default 3e-3")
+        require(value is None or value >= 1, f"quickstart.{key}", f"must be >= 1, got {value}", "see the defaults in config.py")
+    require(q.hidden_size >= 4 and q.hidden_size % 4 == 0, "quickstart.hidden_size", f"must be a positive multiple of 4 (4 heads), got {q.hidden_size}", "default 64")
+    require(q.warmup_lr > 0, "quickstart.warmup_lr", f"must be > 0, got {q.warmup_lr}", "default 3e-3")
     for key, value in (("step_error", q.step_error), ("recheck", q.recheck)):
-        _require(0 <= value <= 1, f"quickstart.{key}", f"is a probability, got {value}", "choose a value in [0, 1]")
+        require(0 <= value <= 1, f"quickstart.{key}", f"is a probability, got {value}", "choose a value in [0, 1]")
 
 
 def _validate_server(c: Config) -> None:
-    from urllib.parse import urlsplit
-
     r, sc = c.rollout, c.rollout.server
-    _require(r.async_steps in (0, 1), "rollout.async_steps", f"must be 0 or 1, got {r.async_steps}",
-             "0 = sample and train in turn, 1 = one-step-off overlap")
-    _require(r.async_steps == 0 or r.engine == "vllm-server", "rollout.async_steps",
-             f"one-step-off overlap needs a separate rollout server, not rollout.engine={r.engine}", "set rollout.engine=vllm-server")
-    _require(sc.timeout_s > 0, "rollout.server.timeout_s", f"must be > 0, got {sc.timeout_s}", "e.g. 300")
-    _require(sc.start_timeout_s > 0, "rollout.server.start_timeout_s", f"must be > 0, got {sc.start_timeout_s}", "e.g. 600")
-    if r.engine != "vllm-server" or sc.launch:
-        return
-    parts = urlsplit(sc.url)
-    _require(parts.scheme == "http" and bool(parts.hostname) and parts.port is not None, "rollout.server.url",
-             f"{sc.url!r} is not http://HOST:PORT", "e.g. rollout.server.url=http://127.0.0.1:8765 (or rollout.server.launch=true)")
-    loopback = parts.hostname in ("localhost", "::1") or str(parts.hostname).startswith("127.")
-    import os
-
-    _require(loopback or bool(sc.api_key or os.environ.get("DAPO_RL_SERVER_API_KEY")), "rollout.server.api_key",
-             f"a server on another address ({parts.hostname}) must be protected by a shared secret",
-             "set DAPO_RL_SERVER_API_KEY (or rollout.server.api_key) to the secret the server was started with")
-
-
-def _validate_dynamic_sampling(c: Config) -> None:
-    from dapo_rl.algorithm import GROUP_CRITERIA
-
-    ds = c.dynamic_sampling
-    _require(ds.max_rounds >= 1, "dynamic_sampling.max_rounds", "must be >= 1", "paper allows several rounds, e.g. 8")
-    _choice(ds.on_exhausted, "dynamic_sampling.on_exhausted", ("error", "train"))
-    _choice(ds.surplus, "dynamic_sampling.surplus", ("keep", "drop"))
-    _registered(ds.criterion, "dynamic_sampling.criterion", GROUP_CRITERIA)
-    rng = list(ds.accuracy_range)
-    _require(len(rng) == 2 and 0 <= rng[0] < rng[1] <= 1, "dynamic_sampling.accuracy_range",
-             f"must be [lo, hi] with 0 <= lo < hi <= 1, got {rng}", "DAPO keeps 0 < accuracy < 1: [0, 1]")
-    _require(ds.min_reward_std >= 0, "dynamic_sampling.min_reward_std", f"must be >= 0, got {ds.min_reward_std}",
-             "0 keeps every group whose rewards are not all equal")
-    _require(ds.max_surplus_age >= 0, "dynamic_sampling.max_surplus_age", f"must be >= 0, got {ds.max_surplus_age}",
-             "counted in optimiser updates; default 1")
-    _require(ds.max_prompts_per_round is None or ds.max_prompts_per_round >= c.prompts_per_step, "dynamic_sampling.max_prompts_per_round",
-             f"{ds.max_prompts_per_round} is below prompts_per_step={c.prompts_per_step}", "use null (4 × prompts_per_step) or a larger count")
-    _require(ds.oversample_margin >= 1, "dynamic_sampling.oversample_margin", f"must be >= 1, got {ds.oversample_margin}", "default 1.3")
+    require(r.async_steps in (0, 1), "rollout.async_steps", f"must be 0 or 1, got {r.async_steps}",
+            "0 = sample and train in turn, 1 = one-step-off overlap")
+    require(sc.timeout_s > 0, "rollout.server.timeout_s", f"must be > 0, got {sc.timeout_s}", "e.g. 300")
+    require(sc.start_timeout_s > 0, "rollout.server.start_timeout_s", f"must be > 0, got {sc.start_timeout_s}", "e.g. 600")
 
 
 def _validate_data(c: Config) -> None:
-    from dapo_rl.data.datasets import FORMATS, PRESETS
-    from dapo_rl.data.templates import TEMPLATES
-
     d = c.data
-    _require(bool(d.train.strip()), "data.train", "is empty", f"give a dataset path or {BUILTIN_DATA}")
-    _choice(d.format, "data.format", FORMATS)
-    _choice(d.preset, "data.preset", PRESETS)
-    _choice(d.template, "data.template", TEMPLATES)
-    if d.preset == "custom":
-        _require(bool(d.prompt_field) and bool(d.answer_field), "data.preset",
-                 "custom needs data.prompt_field and data.answer_field", "set both, e.g. data.prompt_field=question data.answer_field=solution")
-    _require(d.max_prompt_length >= 1, "data.max_prompt_length", f"must be >= 1, got {d.max_prompt_length}", "default 512")
-    _require(d.max_rows is None or d.max_rows >= 1, "data.max_rows", f"must be >= 1 or null, got {d.max_rows}", "null reads every row")
-    _require(d.builtin_train_size >= 1, "data.builtin_train_size", f"must be >= 1, got {d.builtin_train_size}", "default 20000")
-    _require(d.builtin_eval_size >= 1, "data.builtin_eval_size", f"must be >= 1, got {d.builtin_eval_size}", "or data.eval=null for no evaluation")
-    _require(d.retire_solved_after >= 0, "data.retire_solved_after", f"must be >= 0, got {d.retire_solved_after}", "0 never retires a prompt")
-    _require(0 <= d.unsolved_weight <= 1, "data.unsolved_weight", f"must be in [0, 1], got {d.unsolved_weight}", "1 samples unsolved prompts as often as any")
+    require(bool(d.train.strip()), "data.train", "is empty", f"give a dataset path or {BUILTIN_DATA}")
+    validate_prompt_fields(d, "data.")
+    require(d.builtin_train_size >= 1, "data.builtin_train_size", f"must be >= 1, got {d.builtin_train_size}", "default 20000")
+    require(d.retire_solved_after >= 0, "data.retire_solved_after", f"must be >= 0, got {d.retire_solved_after}", "0 never retires a prompt")
+    require(0 <= d.unsolved_weight <= 1, "data.unsolved_weight", f"must be in [0, 1], got {d.unsolved_weight}", "1 samples unsolved prompts as often as any")
+
+
+def validate_prompt_fields(f: PromptFields, prefix: str = "") -> None:
+    """The rules of the :class:`PromptFields` that need no registry (``prefix``: their section,
+    ``"data."`` for ``dapo train``, none for ``dapo eval``); their names are checked by
+    :func:`dapo_rl.data.check_prompt_fields`."""
+    if f.preset == "custom":
+        require(bool(f.prompt_field) and bool(f.answer_field), f"{prefix}preset", f"custom needs {prefix}prompt_field and {prefix}answer_field",
+                f"set both, e.g. {prefix}prompt_field=question {prefix}answer_field=solution")
+    require(f.max_prompt_length >= 1, f"{prefix}max_prompt_length", f"must be >= 1, got {f.max_prompt_length}", "default 512")
+    require(f.max_rows is None or f.max_rows >= 1, f"{prefix}max_rows", f"must be >= 1 or null, got {f.max_rows}", "null reads every row")
+    require(f.builtin_eval_size >= 1, f"{prefix}builtin_eval_size", f"must be >= 1, got {f.builtin_eval_size}", "or data.eval=null for no evaluation")
 
 
 def _validate_lora(c: Config) -> None:
     """What can be checked without the model (target module names and ``init_from``'s base are
     checked when the model is loaded, :func:`dapo_rl.models.lora.add_adapters`)."""
     lora = c.model.lora
-    _require(lora.r >= 0, "model.lora.r", f"must be >= 0, got {lora.r}", "0 turns LoRA off; e.g. 16")
+    require(lora.r >= 0, "model.lora.r", f"must be >= 0, got {lora.r}", "0 turns LoRA off; e.g. 16")
     if lora.r == 0:
-        _require(lora.init_from is None, "model.lora.init_from", "is set but model.lora.r=0 (LoRA off)",
+        require(lora.init_from is None, "model.lora.init_from", "is set but model.lora.r=0 (LoRA off)",
                  "set model.lora.r to the adapter's rank, or init_from=null")
         return
-    _require(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}", "e.g. 2 × r")
-    _require(0 <= lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lora.dropout}", "0 disables it")
-    _require(len(lora.target_modules) > 0, "model.lora.target_modules", "is empty", f"use [{LORA_ALL_LINEAR}] or names such as [q_proj,v_proj]")
+    require(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}", "e.g. 2 × r")
+    require(0 <= lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lora.dropout}", "0 disables it")
+    require(len(lora.target_modules) > 0, "model.lora.target_modules", "is empty", f"use [{LORA_ALL_LINEAR}] or names such as [q_proj,v_proj]")

@@ -84,3 +84,35 @@ def reproducible_torch(enabled: bool, device: torch.device,
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.utils.deterministic.fill_uninitialized_memory = previous[2]
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[3], previous[4]
+
+
+def rng_state() -> dict:
+    """Every global generator a step may draw from: sampling uses torch's (and CUDA's); Python's
+    and NumPy's are kept too, so that a reward function or library drawing from them resumes
+    exactly."""
+    import random
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+
+        state["numpy"] = numpy.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    import random
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        numpy.random.set_state(state["numpy"])

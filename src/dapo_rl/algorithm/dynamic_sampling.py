@@ -180,28 +180,36 @@ class DynamicSampler(Generic[T]):
     _exhausted_total: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        if self.groups_per_step < 1:
-            raise ValueError(f"groups_per_step must be >= 1, got {self.groups_per_step}")
-        if self.max_rounds < 1:
-            raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
-        if self.on_exhausted not in EXHAUSTED_POLICIES:
-            raise ValueError(f"on_exhausted must be one of {EXHAUSTED_POLICIES}, got {self.on_exhausted!r}")
-        if self.surplus not in SURPLUS_POLICIES:
-            raise ValueError(f"surplus must be one of {SURPLUS_POLICIES}, got {self.surplus!r}")
+        # Each message opens with the field's name: the configuration (section dynamic_sampling)
+        # is checked by building the sampler, and prefixes the section.
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        require(self.groups_per_step >= 1, f"groups_per_step: must be >= 1, got {self.groups_per_step}")
+        require(self.max_rounds >= 1, f"max_rounds: must be >= 1, got {self.max_rounds}; the paper allows several rounds, e.g. 8")
+        require(self.on_exhausted in EXHAUSTED_POLICIES,
+                f"on_exhausted: {self.on_exhausted!r} is not valid; use one of {', '.join(EXHAUSTED_POLICIES)}")
+        require(self.surplus in SURPLUS_POLICIES, f"surplus: {self.surplus!r} is not valid; use one of {', '.join(SURPLUS_POLICIES)}")
+        self.accuracy_range = tuple(self.accuracy_range)  # a configuration gives a list
+        require(len(self.accuracy_range) == 2 and 0.0 <= self.accuracy_range[0] < self.accuracy_range[1] <= 1.0,
+                f"accuracy_range: must be [lo, hi] with 0 <= lo < hi <= 1, got {list(self.accuracy_range)}; "
+                f"DAPO keeps 0 < accuracy < 1: [0, 1]")
         lo, hi = self.accuracy_range
-        if not 0.0 <= lo < hi <= 1.0:
-            raise ValueError(f"accuracy_range must satisfy 0 <= lo < hi <= 1, got {self.accuracy_range}")
-        if self.min_reward_std < 0:
-            raise ValueError(f"min_reward_std must be >= 0, got {self.min_reward_std}")
-        if self.max_surplus_age < 0:
-            raise ValueError(f"max_surplus_age must be >= 0, got {self.max_surplus_age}")
+        require(self.min_reward_std >= 0, f"min_reward_std: must be >= 0, got {self.min_reward_std}; "
+                                          f"0 keeps every group whose rewards are not all equal")
+        require(self.max_surplus_age >= 0, f"max_surplus_age: must be >= 0, got {self.max_surplus_age}; "
+                                           f"counted in optimiser updates; default 1")
         if self.max_prompts_per_round is None:
             self.max_prompts_per_round = 4 * self.groups_per_step
-        if self.max_prompts_per_round < self.groups_per_step:
-            raise ValueError(f"max_prompts_per_round must be >= groups_per_step={self.groups_per_step}, got {self.max_prompts_per_round}")
-        if self.oversample_margin < 1:
-            raise ValueError(f"oversample_margin must be >= 1, got {self.oversample_margin}")
-        self._criterion = GROUP_CRITERIA.get(self.criterion)
+        require(self.max_prompts_per_round >= self.groups_per_step,
+                f"max_prompts_per_round: {self.max_prompts_per_round} is below prompts_per_step={self.groups_per_step} "
+                f"(the groups per step); use null (4 × prompts_per_step) or a larger count")
+        require(self.oversample_margin >= 1, f"oversample_margin: must be >= 1, got {self.oversample_margin}; default 1.3")
+        try:
+            self._criterion = GROUP_CRITERIA.get(self.criterion)
+        except ValueError as exc:
+            raise ValueError(f"criterion: {exc}") from None
         self._filter = GroupFilter((float(lo), float(hi)), float(self.min_reward_std))
         self._reset_step()
 

@@ -48,6 +48,14 @@ class ClipRange:
     eps_high: float = 0.28
     dual_clip_c: float | None = None
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.eps_low < 1:
+            raise ValueError(f"eps_low: must be in [0, 1), got {self.eps_low}; paper: 0.2")
+        if self.eps_high < 0:
+            raise ValueError(f"eps_high: must be >= 0, got {self.eps_high}; paper: 0.28")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+            raise ValueError(f"dual_clip_c: must be > 1, got {self.dual_clip_c}; use e.g. 3.0, or null to disable")
+
 
 class PolicyLossResult(NamedTuple):
     per_token_loss: torch.Tensor  # [batch, response_len], 0 off the mask
@@ -85,8 +93,6 @@ def decoupled_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     ``clip_frac_high`` (A > 0 and r > 1+ε_high), ``dual_clip_frac``, ``ratio_mean``,
     ``approx_kl``; token sets ``clip_low`` and ``clip_high``.
     """
-    if clip.dual_clip_c is not None and clip.dual_clip_c <= 1.0:
-        raise ValueError(f"dual_clip_c must be > 1, got {clip.dual_clip_c}")
     valid = mask.bool()
     ratio = torch.exp(_token_log_ratio(logp, old_logp, valid))
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip.eps_low, 1.0 + clip.eps_high))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dapo_rl.config import BUILTIN_PREFIX
-from dapo_rl.data.datasets import DatasetError, DatasetSpec, Example, RowProblem, load_examples
+from dapo_rl.config import BUILTIN_PREFIX, PromptFields, require_choice
+from dapo_rl.data.datasets import FORMATS, PRESETS, DatasetError, DatasetSpec, Example, RowProblem, load_examples
 from dapo_rl.data.synthetic import builtin_splits, chain_task
-from dapo_rl.data.templates import render_prompt
+from dapo_rl.data.templates import TEMPLATES, render_prompt
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,25 @@ class PromptSource:
     max_prompt_length: int | None = None
     builtin_train_size: int = 20000
     builtin_eval_size: int = 256
+
+
+def check_prompt_fields(fields: PromptFields, prefix: str = "") -> None:
+    """The names among ``fields`` this room knows (format, preset, template); raises
+    :class:`~dapo_rl.config.ConfigError` naming ``prefix`` + the key (``"data."`` for ``dapo train``)."""
+    require_choice(fields.format, f"{prefix}format", FORMATS)
+    require_choice(fields.preset, f"{prefix}preset", PRESETS)
+    require_choice(fields.template, f"{prefix}template", TEMPLATES)
+
+
+def prompt_source(fields: PromptFields, path: str, *, held_out: bool, split: str = "train", max_rows: int | None = None,
+                  builtin_train_size: int = 20000) -> PromptSource:
+    """Where the prompts of ``path`` come from and how they are rendered, as ``fields`` (``dapo
+    train``'s ``data`` section or ``dapo eval``'s options) say. ``max_rows`` caps the usable rows."""
+    dataset = DatasetSpec(path=path, format=fields.format, preset=fields.preset, split=split, prompt_field=fields.prompt_field,
+                          answer_field=fields.answer_field, max_rows=max_rows)
+    return PromptSource(dataset=dataset, held_out=held_out, template=fields.template, use_chat_template=fields.use_chat_template,
+                        max_prompt_length=fields.max_prompt_length, builtin_train_size=builtin_train_size,
+                        builtin_eval_size=fields.builtin_eval_size)
 
 
 def skipped_rows_note(skipped: list[RowProblem], shown: int = 3) -> str:

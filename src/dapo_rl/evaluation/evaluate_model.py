@@ -1,4 +1,5 @@
-"""``dapo eval MODEL DATA [key=value ...]``: greedy accuracy, avg@k and pass@k of a model on a dataset.
+"""Evaluate a model on a dataset (``dapo eval MODEL DATA [key=value ...]``): greedy accuracy, avg@k
+and pass@k.
 
 MODEL is a local Hugging Face folder or ``builtin:chain-tiny``; DATA is a dataset path (JSONL,
 Parquet, HF folder) or ``builtin:chain`` (its held-out split). The options are the fields of
@@ -22,22 +23,23 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dapo_rl.config import ConfigError, QuickstartConfig
-from dapo_rl.data import TEMPLATES, DatasetError, DatasetSpec, TemplateError
-from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts, skipped_rows_note
+from dapo_rl.config import Config, ConfigError, ModelConfig, PromptFields, QuickstartConfig, RolloutConfig, require, validate_prompt_fields
+from dapo_rl.data import DatasetError, TemplateError
+from dapo_rl.data.encoding import EncodedPrompt, check_prompt_fields, load_prompts, prompt_source, skipped_rows_note
 from dapo_rl.evaluation.evaluate import EvalResult, evaluate
 from dapo_rl.models.loading import ModelLoadError, load_policy, resolve_device
 from dapo_rl.models.lora import AdapterError, is_adapter_folder
 from dapo_rl.rewards import resolve_reward_fn
 from dapo_rl.rollout.base import SamplingParams
-from dapo_rl.rollout.engines import build_engine
+from dapo_rl.rollout.engines import ROLLOUT_ENGINES, build_engine
 
 _DATA_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".ndjson", ".parquet", ".pq")
 
 
 @dataclass
-class EvalOptions:
-    """Options of ``dapo eval`` (``key=value`` on the command line)."""
+class EvalOptions(PromptFields):
+    """Options of ``dapo eval`` (``key=value`` on the command line): how DATA's rows become
+    prompts (:class:`~dapo_rl.config.PromptFields`, as ``dapo train``'s ``data.*``), then these."""
 
     k: int = 4  # samples per problem: avg@k and pass@j for j = 1, 2, 4, ..., k
     samples_per_prompt: int | None = None  # alias of k (the trainer's eval.samples_per_prompt)
@@ -45,25 +47,16 @@ class EvalOptions:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     max_response_length: int = 64  # new tokens per response; longer ones are truncated
-    max_prompt_length: int = 512  # prompts longer than this (tokens) are skipped and reported
     greedy: bool = True  # also decode greedily once per problem and report greedy accuracy
-    template: str = "raw"  # raw | dapo | gsm8k | chat
-    use_chat_template: bool = False
-    format: str = "auto"  # auto | jsonl | parquet | hf
-    preset: str = "plain"  # plain | gsm8k | dapo-math | custom
-    prompt_field: str | None = None
-    answer_field: str | None = None
     split: str = "train"  # split of a Hugging Face dataset folder
-    max_rows: int | None = None  # evaluate only the first N usable problems
     reward: str = "auto"  # auto (chain for builtin:chain, else math) | math | dapo | gsm8k | boxed | exact | pkg.module:fn
     reward_timeout_s: float = 5.0
     batch_size: int = 64  # prompts per generate call (each with its k samples)
-    engine: str = "fast"  # rollout engine: fast (the trainer's sampler) | hf (Hugging Face generate)
+    engine: str = "fast"  # rollout engine, as rollout.engine: fast (the trainer's sampler) | hf (Hugging Face generate) | ... | pkg.module:Class
     seed: int = 0  # torch seed of the sampler (and of the built-in model)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output: str | None = None  # JSON path; default <MODEL>/eval-<dataset>.json (./ for built-in models)
     overwrite: bool = False  # replace an existing output file
-    builtin_eval_size: int = 256  # problems in builtin:chain's held-out split
     progress: bool = True
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)  # how builtin:chain-tiny is built
     base: str | None = None  # MODEL is a LoRA adapter folder: its base model (default: the adapter's base_model_name_or_path)
@@ -88,28 +81,24 @@ def parse_options(overrides: list[str]) -> EvalOptions:
     return options
 
 
-def _require(ok: bool, key: str, problem: str, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {problem}; {fix}")
-
-
 def _validate(o: EvalOptions) -> None:
     if o.samples_per_prompt is not None:
-        _require(o.k in (EvalOptions.k, o.samples_per_prompt), "samples_per_prompt",
+        require(o.k in (EvalOptions.k, o.samples_per_prompt), "samples_per_prompt",
                  f"contradicts k={o.k}", "set only one of k and samples_per_prompt")
         o.k = o.samples_per_prompt
-    _require(o.k >= 1, "k", f"must be >= 1, got {o.k}", "e.g. k=4")
-    _require(o.temperature >= 0, "temperature", f"must be >= 0, got {o.temperature}", "0 samples greedily; paper evaluates at 1.0")
-    _require(0 < o.top_p <= 1, "top_p", f"must be in (0, 1], got {o.top_p}", "1.0 disables it")
-    _require(o.top_k >= 0, "top_k", f"must be >= 0, got {o.top_k}", "0 disables it")
-    _require(o.max_response_length >= 1, "max_response_length", f"must be >= 1, got {o.max_response_length}", "set a positive token count")
-    _require(o.max_prompt_length >= 1, "max_prompt_length", f"must be >= 1, got {o.max_prompt_length}", "set a positive token count")
-    _require(o.template in TEMPLATES, "template", f"{o.template!r} is not valid", f"use one of {', '.join(TEMPLATES)}")
-    _require(o.max_rows is None or o.max_rows >= 1, "max_rows", f"must be >= 1, got {o.max_rows}", "or leave it unset for all rows")
-    _require(o.batch_size >= 1, "batch_size", f"must be >= 1, got {o.batch_size}", "e.g. batch_size=16")
-    _require(o.engine in ("fast", "hf"), "engine", f"{o.engine!r} is not valid", "use fast or hf")
-    _require(o.reward_timeout_s > 0, "reward_timeout_s", "must be > 0", "e.g. 5")
-    _require(o.builtin_eval_size >= 1, "builtin_eval_size", "must be >= 1", "e.g. 256")
+    require(o.k >= 1, "k", f"must be >= 1, got {o.k}", "e.g. k=4")
+    require(o.temperature >= 0, "temperature", f"must be >= 0, got {o.temperature}", "0 samples greedily; paper evaluates at 1.0")
+    require(0 < o.top_p <= 1, "top_p", f"must be in (0, 1], got {o.top_p}", "1.0 disables it")
+    require(o.top_k >= 0, "top_k", f"must be >= 0, got {o.top_k}", "0 disables it")
+    require(o.max_response_length >= 1, "max_response_length", f"must be >= 1, got {o.max_response_length}", "set a positive token count")
+    validate_prompt_fields(o)
+    check_prompt_fields(o)
+    require(o.batch_size >= 1, "batch_size", f"must be >= 1, got {o.batch_size}", "e.g. batch_size=16")
+    try:
+        ROLLOUT_ENGINES.get(o.engine)
+    except ValueError as exc:
+        raise ConfigError(f"engine: {exc}") from None
+    require(o.reward_timeout_s > 0, "reward_timeout_s", "must be > 0", "e.g. 5")
 
 
 def dataset_name(data: str) -> str:
@@ -145,11 +134,7 @@ def _load_model(model: str, o: EvalOptions):
 def load_eval_prompts(data: str, tokenizer, o: EvalOptions) -> list[EncodedPrompt]:
     """The problems of DATA as encoded prompts (``builtin:chain``: the held-out split)."""
     try:
-        dataset = DatasetSpec(path=data, format=o.format, preset=o.preset, split=o.split, prompt_field=o.prompt_field,
-                              answer_field=o.answer_field, max_rows=o.max_rows)
-        source = PromptSource(dataset=dataset, held_out=True, template=o.template, use_chat_template=o.use_chat_template,
-                              max_prompt_length=o.max_prompt_length, builtin_eval_size=o.builtin_eval_size)
-        prompts, skipped = load_prompts(source, tokenizer)
+        prompts, skipped = load_prompts(prompt_source(o, data, held_out=True, split=o.split, max_rows=o.max_rows), tokenizer)
     except DatasetError as exc:
         raise DatasetError(f"DATA: {str(exc).replace('data.path: ', '')}") from None
     except TemplateError as exc:
@@ -202,12 +187,24 @@ def format_table(result: EvalResult, tokens_per_s: float, seconds: float) -> str
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def _engine_config(model: str, o: EvalOptions) -> Config:
+    """The configuration the engine is built from: ``dapo train``'s keys that ``o`` sets."""
+    return Config(seed=o.seed, model=ModelConfig(path=model, device=o.device),
+                  rollout=RolloutConfig(engine=o.engine, temperature=o.temperature, top_p=o.top_p, top_k=o.top_k,
+                                        max_response_length=o.max_response_length, max_batch_prompts=o.batch_size))
+
+
 def run_eval(model: str, data: str, overrides: list[str]) -> int:
-    """Evaluate MODEL on DATA; print a table, write the JSON result; returns the exit code (0).
+    """``dapo eval MODEL DATA [key=value ...]``: :func:`evaluate_model` with the options parsed."""
+    return evaluate_model(model, data, parse_options(overrides))
+
+
+def evaluate_model(model: str, data: str, options: EvalOptions, echo: bool = True) -> int:
+    """Evaluate MODEL on DATA; write the JSON result and (``echo``) print a table; returns the exit
+    code (0).
 
     Bad input raises ConfigError / DatasetError (the CLI prints one line and exits with 2).
     """
-    options = parse_options(overrides)
     output = Path(options.output) if options.output else default_output(model, data)
     if output.exists() and not options.overwrite:  # fail before minutes of generation, not after
         raise ConfigError(f"output: {output} already exists; pass overwrite=true or another output=PATH")
@@ -221,7 +218,10 @@ def run_eval(model: str, data: str, overrides: list[str]) -> int:
     policy, tokenizer = _load_model(model, options)
     policy.to(device)
     prompts = load_eval_prompts(data, tokenizer, options)
-    engine = build_engine(options.engine, policy, tokenizer, max_batch_prompts=options.batch_size)
+    try:
+        engine = build_engine(_engine_config(model, options), policy, tokenizer)
+    except ValueError as exc:
+        raise ConfigError(f"engine: {exc}") from None
     params = SamplingParams(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
                             max_new_tokens=options.max_response_length)
     torch.manual_seed(options.seed)
@@ -247,7 +247,9 @@ def run_eval(model: str, data: str, overrides: list[str]) -> int:
         "sampled_tokens_per_s": round(tokens_per_s, 1),
         "options": asdict(options),
     }
+    engine.close()
     write_json_atomic(output, payload, options.overwrite)
-    print(format_table(result, tokens_per_s, seconds))
-    print(f"result written to {output}")
+    if echo:
+        print(format_table(result, tokens_per_s, seconds))
+        print(f"result written to {output}")
     return 0

@@ -25,11 +25,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dapo_rl.config import BUILTIN_PREFIX, Config, ConfigError, load_config, to_dict
+from dapo_rl.config import BUILTIN_PREFIX, Config, ConfigError, PromptFields, load_config, to_dict
+from dapo_rl.evaluation.evaluate_model import EvalOptions, evaluate_model
 from dapo_rl.experiments.ablation_report import (
     BASE_PASS_AT_K_FILE,
     DEFAULT_TARGET,
@@ -305,23 +306,14 @@ def _execute(jobs_list: list[tuple[str, Callable[..., Any], tuple]], jobs: int,
 def _pass_at_k_one(model: str, config: Config, k: int, output: str) -> float:
     """`dapo eval` of ``model`` on the run's held-out set, ``k`` samples per problem at the run's
     evaluation temperature and response cap, written to ``output``; returns the wall seconds."""
-    import contextlib
-    import io
-
-    from dapo_rl.evaluation.cli import run_eval
-
     started = time.perf_counter()
     d = config.data
-    options = [f"k={k}", f"temperature={config.eval.temperature}", f"top_p={config.eval.top_p}",
-               f"max_response_length={config.rollout.max_response_length}", f"max_prompt_length={d.max_prompt_length}",
-               f"builtin_eval_size={d.builtin_eval_size}", f"template={d.template}",
-               f"use_chat_template={_format_value(d.use_chat_template)}", f"format={d.format}", f"preset={d.preset}",
-               f"reward={config.reward.function}", f"seed={config.seed}", "greedy=false", "progress=false",
-               f"output={output}", "overwrite=true"]
-    options += [f"{key}={value}" for key, value in (("prompt_field", d.prompt_field), ("answer_field", d.answer_field))
-                if value is not None]
-    with contextlib.redirect_stdout(io.StringIO()):  # its table: the ablation prints its own
-        run_eval(model, d.eval, options)
+    prompt_fields = {f.name: getattr(d, f.name) for f in fields(PromptFields)}
+    options = EvalOptions(**prompt_fields, k=k, temperature=config.eval.temperature, top_p=config.eval.top_p,
+                          max_response_length=config.rollout.max_response_length, reward=config.reward.function,
+                          seed=config.seed, greedy=False, progress=False, output=output, overwrite=True)
+    options.max_rows = None  # every held-out problem (data.max_rows caps the training set)
+    evaluate_model(model, d.eval, options, echo=False)  # the ablation prints its own table
     return time.perf_counter() - started
 
 

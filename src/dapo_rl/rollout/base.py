@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from dapo_rl.config import Config
 
 FINISH_STOP = "stop"  # ended with EOS or a stop token (the token is part of the response)
 FINISH_LENGTH = "length"  # hit max_new_tokens: truncated
@@ -40,19 +44,85 @@ class Sample:
         return self.finish_reason == FINISH_LENGTH
 
 
-class RolloutEngine(Protocol):
-    """Anything that samples responses from the current policy."""
+class EngineLost(RuntimeError):
+    """The engine stopped answering (a rollout server that died): the run checkpoints its finished
+    steps and stops with the engine's :meth:`RolloutEngine.resume_advice`."""
+
+
+class RolloutEngine:
+    """What the trainer and ``dapo eval`` sample through: prompts in, ``n`` samples per prompt out.
+
+    An engine is a class registered in :data:`dapo_rl.rollout.ROLLOUT_ENGINES` under the name
+    ``rollout.engine`` gives (or named by an import path ``pkg.module:Class``). It subclasses this
+    class and implements :meth:`from_config`, :meth:`generate` and :meth:`sync_weights`; every
+    other capability has a default here that is right for an engine that lacks it, so nothing
+    outside ``rollout/`` ever tests an engine's name or probes it with ``hasattr``.
+
+    Class attributes (capabilities the configuration is checked against before anything runs):
+
+    - ``reports_logprobs``: :attr:`Sample.logprobs` is filled (the sampler's π_rollout); the
+      rollout correction and the mismatch metrics need it.
+    - ``samples_in_background``: :meth:`submit` returns before the samples exist, so the next
+      step's first round can be sampled while the trainer updates (``rollout.async_steps=1``).
+    - ``own_weights``: the engine samples from its own copy of the weights, in its own kernels
+      and precision (vLLM): π_rollout differs from the trainer's π_old beyond rounding, so the
+      rollout correction is on by default (``rollout_correction.mode=auto``), and its samples are
+      not promised to be bit-identical between runs. In-process engines sample from the
+      training model itself.
+    """
+
+    reports_logprobs: ClassVar[bool] = True
+    samples_in_background: ClassVar[bool] = False
+    own_weights: ClassVar[bool] = False
+
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """Refuse settings this engine cannot honour, before any model is loaded; raises
+        :class:`~dapo_rl.config.ConfigError` naming the key. Default: nothing to check."""
+
+    @classmethod
+    def from_config(cls, config: Config, model: torch.nn.Module, tokenizer: Any) -> "RolloutEngine":
+        """The engine the run's configuration describes, sampling from ``model``."""
+        raise NotImplementedError(f"{cls.__name__} does not implement from_config")
 
     def generate(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
         """``n`` samples for each prompt (token ids, no padding); result[i] holds prompt i's samples."""
-        ...
+        raise NotImplementedError
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from ``model``'s current weights."""
-        ...
+        raise NotImplementedError
+
+    def submit(self, prompts: Sequence[list[int]], n: int, params: SamplingParams, seed: int | None = None) -> Future:
+        """``generate`` as a future. Default: sample now and return the finished future (an engine
+        with ``samples_in_background`` returns at once). ``seed``: the call's base seed, for engines
+        that seed per request; ignored here (sampling draws from torch's generator)."""
+        future: Future = Future()
+        future.set_result(self.generate(prompts, n, params))
+        return future
+
+    @property
+    def precision(self) -> str | None:
+        """The dtype the engine samples in when it is its own (``"float32"``, ``"bfloat16"``);
+        None: the training model's own weights and dtype."""
+        return None
+
+    def release_memory(self) -> None:
+        """Drop what the engine keeps between calls (rebuilt on the next call). Default: nothing kept."""
+
+    def describe(self) -> str:
+        """What samples, in a few words, for logs and error messages."""
+        return f"the {type(self).__name__} rollout engine"
+
+    def resume_advice(self) -> str:
+        """What to do after :class:`EngineLost`, in a few words."""
+        return "continue with resume=true"
+
+    def close(self) -> None:
+        """Free the engine's resources (a server it launched, a KV cache); the last call on it."""
 
 
-class InProcessEngine:
+class InProcessEngine(RolloutEngine):
     """Base of the engines that sample from the training model itself, in chunks of prompts.
 
     Subclasses implement :meth:`_generate_chunk`; chunking bounds the memory of one call.
@@ -63,6 +133,11 @@ class InProcessEngine:
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.max_batch_prompts = max_batch_prompts
+
+    @classmethod
+    def from_config(cls, config: Config, model: torch.nn.Module, tokenizer: Any) -> "InProcessEngine":
+        return cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   max_batch_prompts=config.rollout.max_batch_prompts)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # the same module object: nothing to copy

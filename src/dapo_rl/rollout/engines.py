@@ -1,44 +1,44 @@
-"""Build the rollout engine a configuration names (``rollout.engine``); ``dapo train`` and
-``dapo eval`` both sample through it."""
+"""The rollout engines by name (``rollout.engine``): ``dapo train`` and ``dapo eval`` both build
+their engine here.
+
+Adding an engine is a module with a :class:`~dapo_rl.rollout.base.RolloutEngine` subclass and
+one line below; a user's own engine needs no line at all: ``rollout.engine=pkg.module:Class``
+imports it through the same registry.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
+from dapo_rl.algorithm.registry import Registry
 from dapo_rl.config import Config
 from dapo_rl.rollout.base import RolloutEngine
+from dapo_rl.rollout.fast import FastRolloutEngine
+from dapo_rl.rollout.hf import HFGenerateEngine
+from dapo_rl.rollout.server_engine import VLLMServerEngine
+from dapo_rl.rollout.vllm_engine import VLLMEngine
 
 
-def build_engine(name: str, model, tokenizer, *, max_batch_prompts: int = 64, config: Config | None = None) -> RolloutEngine:
-    """``fast`` (our sampler), ``hf`` (Hugging Face ``generate``), ``vllm`` (in-process; needs the vllm extra
-    and ``config``) or ``vllm-server`` (a separate vLLM server; needs ``config``, not vLLM in this process).
+def _engine_class(path: str, obj: Any) -> type[RolloutEngine]:
+    """An engine named by import path must be an engine class (checked when it is imported)."""
+    if not (isinstance(obj, type) and issubclass(obj, RolloutEngine)):
+        raise ValueError(f"{path!r} is not a rollout engine; give a subclass of dapo_rl.rollout.RolloutEngine")
+    return obj
+
+
+ROLLOUT_ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine", adapt=_engine_class)
+ROLLOUT_ENGINES.register("fast", FastRolloutEngine)  # our sampler: one prefill per prompt, finished rows dropped
+ROLLOUT_ENGINES.register("hf", HFGenerateEngine)  # Hugging Face generate on the training model
+ROLLOUT_ENGINES.register("vllm", VLLMEngine)  # in-process vLLM (the vllm extra)
+ROLLOUT_ENGINES.register("vllm-server", VLLMServerEngine)  # a separate vLLM server (dapo rollout-server)
+
+
+def build_engine(config: Config, model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
+    """The engine ``config.rollout.engine`` names, sampling from ``model``.
 
     Raises:
-        ValueError: an unknown name, or vLLM that is not installed (the message says what to install).
+        ValueError: an unknown name, or an import path that is not a rollout engine class.
     """
-    if name == "hf":
-        from dapo_rl.rollout.hf import HFGenerateEngine
-
-        return HFGenerateEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                max_batch_prompts=max_batch_prompts)
-    if name == "fast":
-        from dapo_rl.rollout.fast import FastRolloutEngine
-
-        return FastRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 max_batch_prompts=max_batch_prompts, keep_decoder=True)
-    if name == "vllm":
-        try:
-            from dapo_rl.rollout.vllm_engine import VLLMEngine  # optional extra
-        except ImportError as exc:
-            raise ValueError(f"vllm is not available ({' '.join(str(exc).split())[:200]}); install it "
-                             f"(see README: vLLM rollouts) or use fast") from None
-        if config is None:
-            raise ValueError("the vllm engine needs the run's configuration")
-        return VLLMEngine.from_config(config, model, tokenizer)
-    if name == "vllm-server":
-        from dapo_rl.rollout.server_engine import VLLMServerEngine  # standard library + torch only
-
-        if config is None:
-            raise ValueError("the vllm-server engine needs the run's configuration")
-        return VLLMServerEngine.from_config(config, model, tokenizer)
-    raise ValueError(f"unknown rollout engine {name!r}; use fast, hf, vllm or vllm-server")
-
-
+    return ROLLOUT_ENGINES.get(config.rollout.engine).from_config(config, model, tokenizer)

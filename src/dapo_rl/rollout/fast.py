@@ -31,7 +31,7 @@ decodes through its Hugging Face ``forward`` (announced once), with Hugging Face
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -40,6 +40,9 @@ from dapo_rl.models.decode import SpecDecoder
 from dapo_rl.models.spec import fast_spec, has_sliding_layers
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, InProcessEngine, Sample, SamplingParams
 from dapo_rl.rollout.hf import left_pad
+
+if TYPE_CHECKING:
+    from dapo_rl.config import Config
 
 F = torch.nn.functional
 
@@ -247,6 +250,13 @@ class FastRolloutEngine(InProcessEngine):
         self.read_in_place = read_in_place
         self.keep_decoder = keep_decoder
         self._kept: tuple[tuple, object, SpecDecoder] | None = None  # (weights' identity, spec, decoder)
+
+    @classmethod
+    def from_config(cls, config: Config, model, tokenizer) -> "FastRolloutEngine":
+        """The trainer's and ``dapo eval``'s engine: it keeps its decoder between calls (the trainer
+        releases it before every update)."""
+        return cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   max_batch_prompts=config.rollout.max_batch_prompts, keep_decoder=True)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         super().sync_weights(model)

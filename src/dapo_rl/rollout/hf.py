@@ -35,8 +35,10 @@ class HFGenerateEngine(InProcessEngine):
 
     Prompts are left-padded so every row's last prompt token is at the same position and
     generation starts in lock-step; ``generate`` derives position ids from the attention mask,
-    so padding does not shift positions.
+    so padding does not shift positions. ``generate`` does not report the sampler's log-probs.
     """
+
+    reports_logprobs = False
 
     def _generate_chunk(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
         device = next(self.model.parameters()).device

@@ -22,14 +22,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, Sample, SamplingParams
+from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, EngineLost, Sample, SamplingParams
 
 RETRIES = 2  # after the first attempt; then the server counts as dead
 BACKOFF_S = 0.5
 MAX_CONCURRENT_REQUESTS = 64
 
 
-class RolloutServerError(RuntimeError):
+class RolloutServerError(EngineLost):
     """The rollout server did not answer (unreachable, dead, or past its timeouts and retries)."""
 
     def __init__(self, url: str, message: str):

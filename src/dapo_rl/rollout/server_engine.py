@@ -36,13 +36,14 @@ import threading
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as tdist
 
 from dapo_rl.config import ConfigError
 from dapo_rl.models.lora import save_servable
-from dapo_rl.rollout.base import Sample, SamplingParams
+from dapo_rl.rollout.base import RolloutEngine, Sample, SamplingParams
 from dapo_rl.rollout.server_client import GenerateRequest, RolloutServerError, RolloutServerRefused, ServerClient
 from dapo_rl.rollout.server_hooks import SECRET_ENV
 from dapo_rl.rollout.server_launch import LaunchedServer, ServerLaunchError, ServerSpec
@@ -106,7 +107,7 @@ def _both(remote: Callable[[], Any], local: Callable[[], None], timeout_s: float
     return answer
 
 
-class VLLMServerEngine:
+class VLLMServerEngine(RolloutEngine):
     """Samples from a vLLM rollout server; see the module docstring.
 
     Args:
@@ -118,6 +119,26 @@ class VLLMServerEngine:
         trainer_host: the address the server's workers use to reach this process's weight group.
         launched: the server this engine started (stopped by :meth:`close`).
     """
+
+    samples_in_background = True
+    own_weights = True
+
+    @classmethod
+    def check_config(cls, config: "Config") -> None:
+        """The server's address: ``http://HOST:PORT``, and a shared secret unless it is on this
+        machine (a launched server always gets one)."""
+        sc = config.rollout.server
+        if sc.launch:
+            return
+        parts = urlsplit(sc.url)
+        if not (parts.scheme == "http" and parts.hostname and parts.port is not None):
+            raise ConfigError(f"rollout.server.url: {sc.url!r} is not http://HOST:PORT; e.g. "
+                              f"rollout.server.url=http://127.0.0.1:8765 (or rollout.server.launch=true)")
+        loopback = parts.hostname in ("localhost", "::1") or str(parts.hostname).startswith("127.")
+        if not (loopback or sc.api_key or os.environ.get(SECRET_ENV)):
+            raise ConfigError(f"rollout.server.api_key: a server on another address ({parts.hostname}) must be protected "
+                              f"by a shared secret; set {SECRET_ENV} (or rollout.server.api_key) to the secret the server "
+                              f"was started with")
 
     def __init__(self, url: str, model: torch.nn.Module, tokenizer: Any, *, api_key: str | None = None,
                  timeout_s: float = 300.0, trainer_host: str = "127.0.0.1", launched: LaunchedServer | None = None,
@@ -253,6 +274,19 @@ class VLLMServerEngine:
                 raise RolloutServerError(self.url, f"rollout server {self.url} refused to reset its prefix cache after a weight push")
         _barrier(self.world)  # no rank samples before the push has landed
         self.last_sync_seconds = time.perf_counter() - started
+
+    @property
+    def precision(self) -> str:
+        return self.dtype
+
+    def describe(self) -> str:
+        log = self.server_log
+        return f"the rollout server at {self.url}" + (f" (its log: {log})" if log is not None else "")
+
+    def resume_advice(self) -> str:
+        if self.launched is not None or self.workdir is not None:
+            return "continue with resume=true (a new server is launched)"
+        return "restart it (dapo rollout-server MODEL ...) and continue with resume=true"
 
     def alive(self) -> bool:
         return self.launched is None or self.launched.alive()

@@ -44,7 +44,7 @@ import torch
 
 from dapo_rl.config import ConfigError
 from dapo_rl.models.lora import has_adapters, merged_parameters, save_servable
-from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, Sample, SamplingParams
+from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutEngine, Sample, SamplingParams
 
 if TYPE_CHECKING:
     from dapo_rl.config import Config
@@ -138,7 +138,7 @@ class _DropChatTemplateWarmup(logging.Filter):
         return "Chat template warmup failed" not in record.getMessage()
 
 
-class VLLMEngine:
+class VLLMEngine(RolloutEngine):
     """Samples with an in-process ``vllm.LLM`` holding a copy of the policy's weights.
 
     Args:
@@ -161,6 +161,8 @@ class VLLMEngine:
             from the process's torch generator, which this seeds at engine start.
         max_num_seqs: most sequences vLLM decodes at once; ``None`` = vLLM's default.
     """
+
+    own_weights = True
 
     def __init__(
         self,
@@ -209,6 +211,7 @@ class VLLMEngine:
 
         if dtype == "auto":
             dtype = "bfloat16" if self.on_gpu else "float32"
+        self.dtype = dtype
         if enforce_eager is None:
             enforce_eager = not self.on_gpu
         if max_model_len is None:
@@ -270,6 +273,13 @@ class VLLMEngine:
             sleep=rc.vllm_sleep,
             seed=config.seed,
         )
+
+    @property
+    def precision(self) -> str:
+        return self.dtype
+
+    def describe(self) -> str:
+        return f"the in-process vLLM engine ({self.dtype})"
 
     def _check_in_process(self) -> None:
         """Fail at start, not after the first training step, if weights cannot be pushed."""

@@ -12,45 +12,16 @@ rename, so a kill at any moment leaves either the previous checkpoints or a comp
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from dapo_rl.models.lora import has_adapters, is_adapter_parameter, to_model_names
-
 if TYPE_CHECKING:
     from dapo_rl.training.trainer import Trainer
 
 MARKER = "COMPLETE"
-
-
-def _rng_state() -> dict:
-    """Every global generator a step may draw from: sampling uses torch's; python's and numpy's
-    are kept too, so that a reward function or library drawing from them resumes exactly."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy
-
-        state["numpy"] = numpy.random.get_state()
-    except ImportError:
-        pass
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy
-
-        numpy.random.set_state(state["numpy"])
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -92,13 +63,7 @@ def save_checkpoint(trainer: Trainer, run_dir: Path, keep_last: int = 2) -> Path
     gets the folder back. Model and optimiser state are full and keyed by parameter name, so a
     checkpoint resumes on any number of processes and either distributed strategy.
     """
-    model_state = trainer.dist.full_model_state(trainer.model)
-    if has_adapters(trainer.model):  # LoRA: the frozen base is the run's model.path; only adapters change
-        model_state = {k: v for k, v in model_state.items() if is_adapter_parameter(k)}
-    optimizer_state = trainer.dist.full_optimizer_state(trainer.model, trainer.optimizer)
-    rng_states = trainer.dist.all_gather_objects(_rng_state())
-    rounds_ahead = trainer.dist.all_gather_objects(trainer.rollouts.state_dict())
-    trainer.checkpointed_step = trainer.state.step
+    state = trainer.state_dict()  # every rank takes part in gathering it
     if not trainer.dist.is_main:
         return None
     root = run_dir / "checkpoints"
@@ -108,19 +73,8 @@ def save_checkpoint(trainer: Trainer, run_dir: Path, keep_last: int = 2) -> Path
     final = root / f"step_{trainer.state.step:06d}"
     staging = root / f".tmp-step_{trainer.state.step:06d}"
     staging.mkdir()
-    trainer.model.save_pretrained(staging / "policy", state_dict=model_state)
-    torch.save(
-        {
-            "state": trainer.state,
-            "optimizer": optimizer_state,
-            "scheduler": trainer.scheduler.state_dict(),
-            "stream": trainer.stream.state_dict(),
-            "sampler": trainer.sampler.state_dict(),
-            "rng": rng_states,  # one per rank
-            "rollouts": rounds_ahead,  # one per rank
-        },
-        staging / "trainer.pt",
-    )
+    trainer.model.save_pretrained(staging / "policy", state_dict=state.pop("model"))
+    torch.save(state, staging / "trainer.pt")
     (staging / MARKER).write_text(str(trainer.state.step))
     _fsync_tree(staging)
     aside = root / f".old-step_{trainer.state.step:06d}"
@@ -167,32 +121,5 @@ def load_checkpoint(trainer: Trainer, folder: Path) -> None:
     weights = {}
     for shard in sorted((folder / "policy").glob("*.safetensors")):
         weights.update(load_file(str(shard), device=str(trainer.device)))
-    adapted = has_adapters(trainer.model)
-    if adapted:  # adapter-file names → the model's
-        weights = to_model_names(weights)
-    missing, unexpected = trainer.dist.load_full_model_state(trainer.model, weights)
-    # Tied weights (lm_head = embeddings) are stored once; a LoRA checkpoint holds the adapters
-    # alone (the base is model.path); anything else missing is corruption.
-    missing = [m for m in missing if "lm_head" not in m and (is_adapter_parameter(m) or not adapted)]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    blob = torch.load(folder / "trainer.pt", weights_only=False, map_location=trainer.device)
-    trainer.state = blob["state"]
-    trainer.dist.load_full_optimizer_state(trainer.model, trainer.optimizer, blob["optimizer"])
-    trainer.scheduler.load_state_dict(blob["scheduler"])
-    trainer.stream.load_state_dict(blob["stream"])
-    trainer.sampler.load_state_dict(blob["sampler"])
-    rounds_ahead = blob.get("rollouts") or []
-    same_ranks = len(rounds_ahead) == trainer.dist.world_size
-    state = rounds_ahead[trainer.dist.rank] if same_ranks else (rounds_ahead[0] if rounds_ahead else None)
-    if state and state.get("pending") and not same_ranks:
-        state["pending"]["samples"] = None  # another rank layout: each rank samples its share again
-    trainer.rollouts.load_state_dict(state)
-    rng_states = blob["rng"]
-    if trainer.dist.rank < len(rng_states):
-        _set_rng_state(rng_states[trainer.dist.rank])
-    else:
-        torch.manual_seed(trainer.cfg.seed * 1_000_003 + trainer.state.step * 1009 + trainer.dist.rank)
-    with trainer.full_parameters():
-        trainer.engine.sync_weights(trainer.model)
-    trainer.checkpointed_step = trainer.state.step
+    state = torch.load(folder / "trainer.pt", weights_only=False, map_location=trainer.device)
+    trainer.load_state_dict({**state, "model": weights})

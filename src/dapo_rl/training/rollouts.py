@@ -5,7 +5,7 @@ Every rank sees the same prompts; rank r samples prompts r, r + W, ... and the s
 all-gathered in prompt order, so the dynamic sampler (its round sizes, its p̂) and the prompt
 stream's difficulty memory decide identically on every rank.
 
-One-step-off overlap (``rollout.async_steps=1``, an engine with ``submit``, i.e. ``vllm-server``;
+One-step-off overlap (``rollout.async_steps=1``, an engine that ``samples_in_background``, i.e. ``vllm-server``;
 verl's one-step-off async trainer, AReaL/prime-rl with staleness 1): when a step's batch is
 taken, the next step's first round is sent at once (:class:`PendingRound`), so the server samples
 it from this step's weights while the trainer updates. The next step uses it as its first round;
@@ -20,6 +20,7 @@ death) is regenerated on resume from the same prompts and seed, with the restore
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -86,17 +87,12 @@ class RolloutCollector:
         self.dist = dist
         self.stream = PromptStream(prompts, config.seed, retire_solved_after=config.data.retire_solved_after,
                                    unsolved_weight=config.data.unsolved_weight)
-        ds = config.dynamic_sampling
-        self.sampler: DynamicSampler[ScoredGroup] = DynamicSampler(
-            groups_per_step=config.prompts_per_step, enabled=ds.enabled, max_rounds=ds.max_rounds,
-            on_exhausted=ds.on_exhausted, surplus=ds.surplus, criterion=ds.criterion,
-            accuracy_range=(ds.accuracy_range[0], ds.accuracy_range[1]), min_reward_std=ds.min_reward_std,
-            max_surplus_age=ds.max_surplus_age, max_prompts_per_round=ds.max_prompts_per_round,
-            oversample_margin=ds.oversample_margin,
-        )
+        # The section's keys are the sampler's own arguments (it checks them).
+        self.sampler: DynamicSampler[ScoredGroup] = DynamicSampler(groups_per_step=config.prompts_per_step,
+                                                                   **dataclasses.asdict(config.dynamic_sampling))
         self._warned_exhausted = False  # the round-limit warning is printed once per run
         self.async_steps = config.rollout.async_steps
-        if self.async_steps and not hasattr(engine, "submit"):
+        if self.async_steps and not engine.samples_in_background:
             raise ConfigError(f"rollout.async_steps=1 needs an engine that samples in the background (rollout.engine=vllm-server), "
                               f"not {type(engine).__name__}")
         self.pending: PendingRound | None = None
@@ -210,7 +206,7 @@ class RolloutCollector:
         indices = self.stream.take_indices(size)
         mine = [list(self.stream.prompts[i].ids) for i in indices[self.dist.rank :: self.dist.world_size]]
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if self.sampling.temperature > 0 else None
-        future = self.engine.submit(mine, self.cfg.group_size, self.sampling, seed=seed) if mine else None  # type: ignore[attr-defined]
+        future = self.engine.submit(mine, self.cfg.group_size, self.sampling, seed=seed) if mine else None
         self.pending = PendingRound(indices, seed, policy_version, future, None if mine else [])
 
     def _take_pending(self, policy_version: int) -> tuple[list[int], list[list[Sample]], int]:
@@ -224,7 +220,7 @@ class RolloutCollector:
         if pending.future is not None:
             return pending.indices, pending.future.result(), pending.policy_version
         mine = [list(self.stream.prompts[i].ids) for i in pending.indices[self.dist.rank :: self.dist.world_size]]
-        groups = self.engine.submit(mine, self.cfg.group_size, self.sampling, seed=pending.seed).result()  # type: ignore[attr-defined]
+        groups = self.engine.submit(mine, self.cfg.group_size, self.sampling, seed=pending.seed).result()
         return pending.indices, groups, policy_version
 
     def state_dict(self) -> dict:

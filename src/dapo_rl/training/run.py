@@ -18,93 +18,32 @@ import torch
 from tqdm.auto import tqdm
 
 from dapo_rl.algorithm import DynamicSamplingExhausted
-from dapo_rl.config import (
-    Config,
-    ConfigError,
-    to_dict,
-)
-from dapo_rl.data import DatasetError, DatasetSpec, TemplateError
-from dapo_rl.data.encoding import EncodedPrompt, PromptSource, load_prompts, skipped_rows_note
-from dapo_rl.models.loading import ModelLoadError, first_line, load_policy, resolve_device
-from dapo_rl.models.lora import AdapterError
+from dapo_rl.config import Config, ConfigError, to_dict
+from dapo_rl.errors import one_line
 from dapo_rl.reproducibility import reproducible_torch
-from dapo_rl.rewards import resolve_reward_fn
-from dapo_rl.rollout.engines import build_engine
 from dapo_rl.telemetry import build_sinks
+from dapo_rl.training.compose import (
+    check_config,
+    device_and_autocast,
+    encoded_prompts,
+    policy_and_tokenizer,
+    reward_function,
+    rollout_engine,
+)
 from dapo_rl.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     valid_checkpoints,
 )
-from dapo_rl.rollout.server_client import RolloutServerError
+from dapo_rl.rollout.base import EngineLost
 from dapo_rl.training.errors import RunError, RunFailed, RunInterrupted, signal_name
 from dapo_rl.training.host_memory import keep_freed_host_memory
 from dapo_rl.training.distributed import DistContext, init_distributed, shutdown_distributed
 from dapo_rl.training.run_folder import check_output_dir, prepare_output_dir, save_final_policy, trim_metrics, write_json
 from dapo_rl.training.trainer import Trainer
 
-__all__ = ["RunError", "RunFailed", "RunInterrupted", "RunResult", "run_device", "run_engine", "run_prompts", "run_reward",
-           "run_training"]
-
-
-def run_device(config: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
-    """``model.device`` / ``model.dtype`` resolved (see :func:`dapo_rl.models.loading.resolve_device`)."""
-    try:
-        return resolve_device(config.model.device, config.model.dtype, local_rank)
-    except ModelLoadError as exc:
-        raise ConfigError(f"model.device: {exc}") from None
-
-
-def run_policy(config: Config, progress: bool = False):
-    """The policy and tokenizer ``model.*`` describes (adapters, gradient checkpointing included);
-    a model that cannot be loaded is a :class:`ConfigError` naming the key."""
-    try:
-        return load_policy(config.model.path, quickstart=config.quickstart, seed=config.seed, progress=progress,
-                           gradient_checkpointing=config.model.gradient_checkpointing, lora=config.model.lora)
-    except ModelLoadError as exc:
-        raise ConfigError(f"model.path: {exc}") from None
-    except AdapterError as exc:  # the message names the model.lora key
-        raise ConfigError(str(exc)) from None
-
-
-def run_prompts(config: Config, which: str, tokenizer) -> list[EncodedPrompt]:
-    """The encoded prompts of ``data.train`` (``which="train"``) or ``data.eval``; skipped rows are reported."""
-    dc = config.data
-    path = dc.train if which == "train" else dc.eval
-    try:
-        dataset = DatasetSpec(path=path, format=dc.format, preset=dc.preset, prompt_field=dc.prompt_field,
-                              answer_field=dc.answer_field, max_rows=dc.max_rows if which == "train" else None)
-        source = PromptSource(dataset=dataset, held_out=which == "eval", template=dc.template, use_chat_template=dc.use_chat_template,
-                              max_prompt_length=dc.max_prompt_length, builtin_train_size=dc.builtin_train_size,
-                              builtin_eval_size=dc.builtin_eval_size)
-        prompts, skipped = load_prompts(source, tokenizer)
-    except DatasetError as exc:
-        # The loader names the path as data.path; the user set it as data.train or data.eval.
-        raise RunError(f"data.{which}: {str(exc).replace('data.path: ', '').replace('data.path', f'data.{which}')}") from None
-    except TemplateError as exc:
-        raise RunError(f"data.template: {first_line(exc)} (while encoding data.{which}); choose another data.template "
-                       f"or data.use_chat_template=false") from None
-    if skipped:
-        tqdm.write(f"data.{which}: {skipped_rows_note(skipped)}")
-    return prompts
-
-
-def run_reward(config: Config):
-    """``reward.function`` resolved (``auto``: the chain reward on the built-in data, math otherwise)."""
-    try:
-        return resolve_reward_fn(config.reward.function, correct_reward=config.reward.correct,
-                                 incorrect_reward=config.reward.incorrect, data=config.data.train)
-    except ValueError as exc:
-        raise ConfigError(f"reward.function: {exc}") from None
-
-
-def run_engine(config: Config, model, tokenizer):
-    """The rollout engine ``rollout.engine`` names."""
-    try:
-        return build_engine(config.rollout.engine, model, tokenizer, config=config)
-    except ValueError as exc:
-        raise ConfigError(f"rollout.engine: {exc}") from None
+__all__ = ["RunError", "RunFailed", "RunInterrupted", "RunResult", "run_training"]
 
 
 def _check_sinks_available(config: Config) -> None:
@@ -190,8 +129,8 @@ def _restore(trainer: Trainer, run_dir: Path) -> Path | None:
             load_checkpoint(trainer, folder)
             return folder
         except Exception as exc:  # noqa: BLE001 - a damaged file: fall back to the previous checkpoint
-            problems.append(f"{folder.name}: {first_line(exc)}")
-            tqdm.write(f"resume: cannot load {folder} ({first_line(exc)}); trying the previous checkpoint")
+            problems.append(f"{folder.name}: {one_line(exc)}")
+            tqdm.write(f"resume: cannot load {folder} ({one_line(exc)}); trying the previous checkpoint")
     if problems:
         raise RunError(f"resume: no checkpoint in {run_dir / 'checkpoints'} could be loaded ({'; '.join(problems[:2])}); "
                        f"use overwrite=true to start the run over")
@@ -234,9 +173,10 @@ def run_training(config: Config) -> RunResult:
         RunInterrupted: SIGINT or SIGTERM stopped the run (after saving a checkpoint).
     """
     started = time.perf_counter()
+    check_config(config)
     dist = init_distributed(config.model.device, config.distributed.strategy, config.distributed.reshard_after_forward)
     try:
-        device, autocast_dtype = run_device(config, dist.local_rank)
+        device, autocast_dtype = device_and_autocast(config, dist.local_rank)
         with reproducible_torch(config.reproducible, device, notice=tqdm.write):
             return _run_training(config, dist, started, device, autocast_dtype)
     finally:
@@ -253,34 +193,26 @@ def _run_training(config: Config, dist: DistContext, started: float, device: tor
     torch.manual_seed(config.seed + dist.rank)  # ranks sample different responses
     _check_sinks_available(config)
     check_output_dir(config)
-    model, tokenizer = run_policy(config, progress)
+    model, tokenizer = policy_and_tokenizer(config, progress)
     model.to(device)
-    reward_fn = run_reward(config)
-    train_prompts = run_prompts(config, "train", tokenizer)
-    eval_prompts = run_prompts(config, "eval", tokenizer) if config.data.eval else None
-    engine = run_engine(config, model, tokenizer)
-    if config.reproducible and config.rollout.engine in ("vllm", "vllm-server") and dist.is_main:
-        tqdm.write(f"reproducible=true: rollout.engine={config.rollout.engine} samples with vLLM, which does not promise "
-                   f"bit-identical samples between runs; the update itself stays deterministic")
+    reward_fn = reward_function(config)
+    train_prompts = encoded_prompts(config, "train", tokenizer)
+    eval_prompts = encoded_prompts(config, "eval", tokenizer) if config.data.eval else None
+    engine = rollout_engine(config, model, tokenizer)
+    if config.reproducible and engine.own_weights and dist.is_main:
+        tqdm.write(f"reproducible=true: rollout.engine={config.rollout.engine} samples with {engine.describe()}, which does "
+                   f"not promise bit-identical samples between runs; the update itself stays deterministic")
     try:
         return _train_with(config, dist, started, model, tokenizer, reward_fn, train_prompts, eval_prompts, engine,
                            device, autocast_dtype, progress)
     finally:
-        if config.rollout.engine == "vllm-server":
-            engine.close()  # stops a server this run launched
+        engine.close()  # stops a server this run launched
 
 
-def _server_lost(config: Config, exc: RolloutServerError, run_dir: Path, engine) -> RunFailed:
-    """The one line for a rollout server that stopped answering (the progress is checkpointed)."""
-    where = latest_checkpoint(run_dir)
-    if config.rollout.server.launch:
-        how = "continue with resume=true (a new server is launched)"
-        log = getattr(engine, "server_log", None)
-        how += f"; the server's log: {log}" if log is not None else ""
-    else:
-        how = "restart it (dapo rollout-server MODEL ...) and continue with resume=true"
-    return RunFailed(f"rollout.server: the rollout server at {getattr(engine, 'url', config.rollout.server.url)} stopped "
-                     f"answering ({' '.join(str(exc).split())[:300]}); progress is checkpointed in {where}; {how}")
+def _engine_lost(exc: EngineLost, run_dir: Path, engine) -> RunFailed:
+    """The one line for an engine that stopped answering (the progress is checkpointed)."""
+    return RunFailed(f"rollout.engine: {engine.describe()} stopped answering ({one_line(exc, 300)}); progress is "
+                     f"checkpointed in {latest_checkpoint(run_dir)}; {engine.resume_advice()}")
 
 
 def _train_with(config: Config, dist: DistContext, started: float, model, tokenizer, reward_fn, train_prompts,
@@ -330,8 +262,8 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
                 last_eval = metrics.get("eval/accuracy", last_eval)
                 bar.set_postfix(_postfix(metrics, last_eval), refresh=False)
                 bar.update(1)
-    except RolloutServerError as exc:
-        raise _server_lost(config, exc, run_dir, engine) from None
+    except EngineLost as exc:
+        raise _engine_lost(exc, run_dir, engine) from None
     except DynamicSamplingExhausted:
         raise RunError(
             f"dynamic_sampling.max_rounds: step {trainer.state.step + 1} found only {trainer.sampler.pooled} of "

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dapo_rl.config import Config, to_dict, to_yaml
-from dapo_rl.models.loading import first_line
+from dapo_rl.errors import one_line
 from dapo_rl.telemetry import read_metrics
 from dapo_rl.training.errors import RunError
 
@@ -57,7 +57,7 @@ def check_output_dir(config: Config) -> Path:
         try:
             saved = yaml.safe_load(marker.read_text())
         except (OSError, yaml.YAMLError) as exc:
-            raise RunError(f"resume: cannot read {marker} ({first_line(exc)}); use overwrite=true to start the run over") from None
+            raise RunError(f"resume: cannot read {marker} ({one_line(exc, 240)}); use overwrite=true to start the run over") from None
         saved_flat, now_flat = _flatten(saved if isinstance(saved, dict) else {}), _flatten(to_dict(config))
         for key in sorted(set(saved_flat) | set(now_flat)):
             if key.startswith(RESUMABLE_CHANGES) or key not in saved_flat:

@@ -58,13 +58,14 @@ from dapo_rl.algorithm import (
     mismatch_metrics,
     overlong_filter_mask,
 )
-from dapo_rl.config import Config, correction_mode
+from dapo_rl.config import Config
 from dapo_rl.data.encoding import EncodedPrompt
 from dapo_rl.evaluation import EvalResult, evaluate
-from dapo_rl.models.lora import adapters_disabled, has_adapters
-from dapo_rl.rollout.base import RolloutEngine, Sample, SamplingParams
-from dapo_rl.rollout.server_client import RolloutServerError
+from dapo_rl.models.lora import adapters_disabled, has_adapters, is_adapter_parameter, to_model_names
+from dapo_rl.reproducibility import rng_state, set_rng_state
+from dapo_rl.rollout.base import EngineLost, RolloutEngine, Sample, SamplingParams
 from dapo_rl.training.batching import pack, pad_rows, response_mask
+from dapo_rl.training.compose import correction_mode
 from dapo_rl.training.distributed import DistContext
 from dapo_rl.training.logprobs import ForwardSettings, logprobs
 from dapo_rl.training.rollouts import RolloutCollector, ScoredGroup
@@ -96,6 +97,39 @@ class TrainState:
     samples_generated_total: int = 0
     skipped_updates_total: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class PreparedBatch:
+    """One step's samples made ready for the update (:meth:`Trainer.prepare`): what every epoch,
+    mini-batch and micro-batch reads. Indices are sample positions in ``samples`` (group-major)."""
+
+    samples: list[Sample]
+    advantages: torch.Tensor  # [n] one per sample
+    filtered: torch.Tensor  # [n] bool: overlong-filtered out of the loss
+    trainable: torch.Tensor  # [n] bool: run forward and backward (in the loss, advantage != 0 or a KL term)
+    old_logp: dict[int, torch.Tensor] | None  # π_old [len] per sample; None: exactly on-policy (the first forward stands in)
+    ref_logp: dict[int, torch.Tensor] | None  # the KL reference's [len] per trainable sample
+    rollout_logp: list[torch.Tensor] | None  # π_rollout [len] per sample, when the engine reports it
+    weights: dict[int, torch.Tensor]  # the rollout correction's loss weights [len] (this rank's samples)
+    kept: dict[int, torch.Tensor]  # the rollout correction's loss mask [len] (every rank's samples)
+    mismatch: list[torch.Tensor]  # π_old - π_rollout [len] per sample scored so far
+    old_logprob_seconds: float
+
+    def loss_mask(self, idx: list[int]) -> torch.Tensor:
+        """``[len(idx), widest response]`` float mask of the tokens in the loss and its normaliser:
+        response tokens, less overlong-filtered rows and the correction's rejections."""
+        lengths = [len(self.samples[i].response_ids) for i in idx]
+        mask = overlong_filter_mask(response_mask(lengths), self.filtered[idx])
+        if self.kept:  # the correction's rejections
+            mask = mask * _per_sample(self.kept, idx, self.samples, mask)
+        return mask
+
+    def trainable_among(self, idx: list[int]) -> torch.Tensor:
+        """``[n]`` bool: the trainable samples among ``idx``."""
+        among = torch.zeros_like(self.trainable)
+        among[idx] = True
+        return self.trainable & among
 
 
 class Trainer:
@@ -133,13 +167,14 @@ class Trainer:
         self.checkpoint_fn = checkpoint_fn
         self.dist = dist or DistContext()
         self.state = TrainState()
+        self.checkpointed_step: int | None = None  # the step of the last checkpoint saved or loaded
         self.rollouts = RolloutCollector(config, engine, tokenizer, reward_fn, train_prompts, self.dist)
         # The plug points, by the names the config gives.
         self.policy_loss = POLICY_LOSSES.get(config.loss.policy_loss)
         self.advantage_estimator = ADVANTAGE_ESTIMATORS.get(config.advantage.estimator)
         self.kl_estimator = KL_ESTIMATORS.get(config.loss.kl_estimator)
         self.clip = ClipRange(config.clip.eps_low, config.clip.eps_high, config.clip.dual_clip_c)
-        self.correction_mode = correction_mode(config)
+        self.correction_mode = correction_mode(config, engine)
         self.rollout_correction = ROLLOUT_CORRECTIONS.get(self.correction_mode)
         self.corrects_rollouts = self.correction_mode != "none"
         self.norm_constant = float(config.loss.norm_constant or config.rollout.max_response_length)
@@ -173,8 +208,7 @@ class Trainer:
         if config.rollout.verify_sync:
             # An fp32 in-process engine agrees with the trainer to ~1e-6, and so does an fp32
             # rollout server; bf16 (autocast, vLLM) does not.
-            fp32 = autocast_dtype is None and (config.rollout.engine not in ("vllm", "vllm-server")
-                                               or getattr(engine, "dtype", None) == "float32")
+            fp32 = autocast_dtype is None and engine.precision in (None, "float32")
             self.sync_check = SyncCheck(engine, list(train_prompts[0].ids), self._probe_logprobs,
                                         tolerance=1e-3 if fp32 else None)
 
@@ -210,76 +244,22 @@ class Trainer:
         """The policy update of one step on ``groups``: ``updates_per_step`` optimiser steps."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        self.release_engine_memory()  # not held through the update
+        self.engine.release_memory()  # not held through the update
         if not groups:
             return {"time/update_s": 0.0, "train/updates": 0.0}
-        samples = [s for g in groups for s in g.samples]
-        rewards = torch.tensor([g.scores for g in groups], dtype=torch.float32)
-        advantages = self.advantage_estimator(rewards, eps=cfg.advantage.eps).reshape(-1)  # one per sample
-        truncated = torch.tensor([s.truncated for s in samples])
-        filtered = truncated if cfg.overlong.filter else torch.zeros_like(truncated)  # overlong filtering
-        # A sample with zero advantage and no KL term cannot change the gradient: it counts in
-        # the normaliser, but is never run.
-        trainable = ~filtered & ((advantages != 0) | (self.reference is not None))
-        # π_rollout: the sampler's own log-probs, when the engine reports them.
-        rollout_logp = [torch.tensor(s.logprobs) for s in samples] if all(s.logprobs is not None for s in samples) else None
-        t_old = time.perf_counter()
-        # π_old: one no-grad pass, unless the update is exactly on-policy and uncorrected (then
-        # π_old is π_θ's first forward). A correction needs it for every sample in the loss, before
-        # the normalisers: its rejections leave the normaliser too.
-        # Surplus groups carried from an earlier step were sampled by older weights: they are
-        # never treated as on-policy (corrected by the configured mode, token_truncate under none).
-        version = self.policy_version
-        carried = torch.tensor([g.policy_version < version for g in groups for _ in g.samples])
-        corrected = rollout_logp is not None and (self.corrects_rollouts or bool(carried.any()))
-        scored = ~filtered if corrected else trainable
-        old_logp = self._score(self.model, samples, scored) if self.updates_per_step > 1 or corrected else None
-        ref_logp = None
-        if self.reference is not None:
-            with adapters_disabled(self.reference) if self.reference is self.model else nullcontext():
-                ref_logp = self._score(self.reference, samples, trainable)
-        old_time = time.perf_counter() - t_old
-        weights, kept = self._correct(samples, old_logp, rollout_logp, carried) if corrected else ({}, {})
-        mismatch = [old_logp[i].cpu() - rollout_logp[i] for i in sorted(old_logp)] if old_logp and rollout_logp else []
-
+        batch = self.prepare(groups)
         stats, losses, grad_norms, skipped = StepMetrics(), [], [], 0
         self.model.train()
         for epoch in range(cfg.ppo_epochs):
             for mini in self._mini_batches(len(groups), epoch):
                 # One normaliser for the whole mini-batch: every loss token (or sequence) counts,
                 # including those of the zero-advantage samples that are never run.
-                lengths = [len(samples[i].response_ids) for i in mini]
-                loss_rows = overlong_filter_mask(response_mask(lengths), filtered[mini])
-                if kept:  # the correction's rejections leave the normaliser
-                    loss_rows = loss_rows * _per_sample(kept, mini, samples, loss_rows)
-                normalizer = loss_normalizer(loss_rows, cfg.loss.agg_mode)
-                in_mini = torch.zeros_like(trainable)
-                in_mini[mini] = True
+                normalizer = loss_normalizer(batch.loss_mask(mini), cfg.loss.agg_mode)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for idx in self.dist.balanced_micro_batches(trainable & in_mini, cfg.micro_batch_size, self._placeholder(samples[mini[0]]),
-                                                            train_model=self.train_model):
-                    batch = pack([samples[i] for i in idx], self.tokenizer.pad_token_id, self.device)
-                    width = batch.response_ids.shape[1]
-                    mask = overlong_filter_mask(batch.response_mask, filtered[idx].to(self.device))
-                    if kept:  # the correction's rejections
-                        mask = mask * _per_sample(kept, idx, samples, mask)
-                    logp, entropy = logprobs(self.train_model, batch, self.forward, with_entropy=True)
-                    old = logp.detach() if old_logp is None else pad_rows([old_logp[i] for i in idx], width, self.device)
-                    if old_logp is None and rollout_logp is not None:  # on-policy: π_old is this forward
-                        mismatch.extend(old[row, : len(samples[i].response_ids)].cpu() - rollout_logp[i] for row, i in enumerate(idx))
-                    adv = broadcast_to_tokens(advantages[idx].to(self.device), mask)
-                    per_token, loss_metrics = self.policy_loss(logp, old, adv, mask, self.clip)
-                    if weights:  # importance weights π_old/π_rollout on the policy-gradient term
-                        per_token = per_token * _per_sample(weights, idx, samples, per_token)
-                    if ref_logp is not None:
-                        kl = self.kl_estimator(logp, pad_rows([ref_logp[i] for i in idx], mask.shape[1], self.device)) * mask
-                        per_token = per_token + cfg.loss.kl_coef * kl
-                        loss_metrics = {**loss_metrics, "kl": kl.detach().sum()}
-                    loss = aggregate_loss(per_token, mask, cfg.loss.agg_mode, normalizer=normalizer, norm_constant=self.norm_constant)
-                    loss.backward()
-                    step_loss += loss.item()
-                    stats.add(mask, entropy, loss_metrics, old, sum(len(samples[i].response_ids) for i in idx))
+                for idx in self.dist.balanced_micro_batches(batch.trainable_among(mini), cfg.micro_batch_size,
+                                                            self._placeholder(batch.samples[mini[0]]), train_model=self.train_model):
+                    step_loss += self._micro_batch(batch, idx, normalizer, stats)
                 step_loss = self.dist.all_reduce_sum([step_loss], self.device)[0]  # the whole mini-batch's loss
                 grad_norm = self._optimizer_step(step_loss)
                 if grad_norm is None:
@@ -291,22 +271,84 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.skipped_updates_total += skipped
         stats.reduce(self.dist)
-        mismatch = [row for share in self.dist.all_gather_objects(mismatch) for row in share]
-        masked = float(sum(len(samples[i].response_ids) - kept[i].sum().item() for i in kept))
         elapsed = time.perf_counter() - t_start
         return {
-            **mismatch_metrics(mismatch, self.correction_mode.startswith("sequence"), masked),
+            **self._mismatch_metrics(batch),
             "train/loss": sum(losses) / max(1, len(losses)),
             "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/updates": float(self.updates_per_step - skipped),
             "train/skipped_updates": float(skipped),
-            "train/advantage_zero_frac": float((advantages == 0).float().mean().item()),
+            "train/advantage_zero_frac": float((batch.advantages == 0).float().mean().item()),
             **stats.report(),
-            "time/old_logprob_s": old_time,
+            "time/old_logprob_s": batch.old_logprob_seconds,
             "time/update_s": elapsed,
             "perf/train_tokens_per_s": stats.trained_tokens / max(elapsed, 1e-9),
         }
+
+    def _micro_batch(self, batch: PreparedBatch, idx: list[int], normalizer: torch.Tensor, stats: StepMetrics) -> float:
+        """Forward, loss and backward of one micro-batch (samples ``idx``); returns its loss."""
+        samples = batch.samples
+        packed = pack([samples[i] for i in idx], self.tokenizer.pad_token_id, self.device)
+        mask = batch.loss_mask(idx).to(self.device)
+        logp, entropy = logprobs(self.train_model, packed, self.forward, with_entropy=True)
+        old = logp.detach() if batch.old_logp is None else pad_rows([batch.old_logp[i] for i in idx], mask.shape[1], self.device)
+        if batch.old_logp is None and batch.rollout_logp is not None:  # on-policy: π_old is this forward
+            batch.mismatch.extend(old[row, : len(samples[i].response_ids)].cpu() - batch.rollout_logp[i] for row, i in enumerate(idx))
+        adv = broadcast_to_tokens(batch.advantages[idx].to(self.device), mask)
+        per_token, loss_metrics = self.policy_loss(logp, old, adv, mask, self.clip)
+        if batch.weights:  # importance weights π_old/π_rollout on the policy-gradient term
+            per_token = per_token * _per_sample(batch.weights, idx, samples, per_token)
+        if batch.ref_logp is not None:
+            kl = self.kl_estimator(logp, pad_rows([batch.ref_logp[i] for i in idx], mask.shape[1], self.device)) * mask
+            per_token = per_token + self.cfg.loss.kl_coef * kl
+            loss_metrics = {**loss_metrics, "kl": kl.detach().sum()}
+        loss = aggregate_loss(per_token, mask, self.cfg.loss.agg_mode, normalizer=normalizer, norm_constant=self.norm_constant)
+        loss.backward()
+        stats.add(mask, entropy, loss_metrics, old, sum(len(samples[i].response_ids) for i in idx))
+        return loss.item()
+
+    def prepare(self, groups: list[ScoredGroup]) -> PreparedBatch:
+        """Everything the update needs before its first gradient: advantages, the overlong filter,
+        which samples run, π_old (one no-grad pass, unless the update is exactly on-policy and
+        uncorrected: then π_old is π_θ's first forward), the KL reference's log-probs and the
+        rollout correction's weights and rejections.
+
+        A correction needs π_old for every sample in the loss, before the normalisers: its
+        rejections leave the normaliser too. Surplus groups carried from an earlier step were
+        sampled by older weights: they are never treated as on-policy (corrected by the configured
+        mode, ``token_truncate`` under ``none``).
+        """
+        samples = [s for g in groups for s in g.samples]
+        rewards = torch.tensor([g.scores for g in groups], dtype=torch.float32)
+        advantages = self.advantage_estimator(rewards, eps=self.cfg.advantage.eps).reshape(-1)  # one per sample
+        truncated = torch.tensor([s.truncated for s in samples])
+        filtered = truncated if self.cfg.overlong.filter else torch.zeros_like(truncated)  # overlong filtering
+        # A sample with zero advantage and no KL term cannot change the gradient: it counts in
+        # the normaliser, but is never run.
+        trainable = ~filtered & ((advantages != 0) | (self.reference is not None))
+        # π_rollout: the sampler's own log-probs, when the engine reports them.
+        rollout_logp = [torch.tensor(s.logprobs) for s in samples] if all(s.logprobs is not None for s in samples) else None
+        started = time.perf_counter()
+        version = self.policy_version
+        carried = torch.tensor([g.policy_version < version for g in groups for _ in g.samples])
+        corrected = rollout_logp is not None and (self.corrects_rollouts or bool(carried.any()))
+        old_logp = self._logprobs_of(self.model, samples, ~filtered if corrected else trainable) if self.updates_per_step > 1 or corrected else None
+        ref_logp = None
+        if self.reference is not None:
+            with adapters_disabled(self.reference) if self.reference is self.model else nullcontext():
+                ref_logp = self._logprobs_of(self.reference, samples, trainable)
+        old_seconds = time.perf_counter() - started
+        weights, kept = self._correct(samples, old_logp, rollout_logp, carried) if corrected else ({}, {})
+        mismatch = [old_logp[i].cpu() - rollout_logp[i] for i in sorted(old_logp)] if old_logp and rollout_logp else []
+        return PreparedBatch(samples, advantages, filtered, trainable, old_logp, ref_logp, rollout_logp, weights, kept,
+                             mismatch, old_seconds)
+
+    def _mismatch_metrics(self, batch: PreparedBatch) -> dict[str, float]:
+        """π_old against π_rollout over every rank's samples, and the tokens the correction masked."""
+        mismatch = [row for share in self.dist.all_gather_objects(batch.mismatch) for row in share]
+        masked = float(sum(len(batch.samples[i].response_ids) - batch.kept[i].sum().item() for i in batch.kept))
+        return mismatch_metrics(mismatch, self.correction_mode.startswith("sequence"), masked)
 
     def _correct(self, samples: list[Sample], old_logp: dict[int, torch.Tensor], rollout_logp: list[torch.Tensor],
                  carried: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
@@ -369,7 +411,7 @@ class Trainer:
         return run
 
     @torch.no_grad()
-    def _score(self, model: torch.nn.Module, samples: list[Sample], work: torch.Tensor) -> dict[int, torch.Tensor]:
+    def _logprobs_of(self, model: torch.nn.Module, samples: list[Sample], work: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per-sample ``[len(response)]`` log-probs under ``model`` (π_old, or the KL reference) of
         this rank's samples where ``work`` is True: one no-grad pass."""
         out: dict[int, torch.Tensor] = {}
@@ -382,6 +424,68 @@ class Trainer:
                 logp, _ = logprobs(model, pack([samples[i] for i in idx], self.tokenizer.pad_token_id, self.device), self.forward)
                 out.update((i, logp[row, : len(samples[i].response_ids)]) for row, i in enumerate(idx))
         return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint holds: ``model`` (full, name-keyed weights; a LoRA run's adapters
+        alone, its base being ``model.path``), the optimiser (full, name-keyed), scheduler, prompt
+        stream, dynamic sampler (with its surplus groups), the train state, and per rank the RNG
+        states and the round sent ahead (``rollout.async_steps=1``).
+
+        Under ``torchrun`` every rank must call it: the state is gathered from the shards and ranks.
+        """
+        model_state = self.dist.full_model_state(self.model)
+        if has_adapters(self.model):  # LoRA: the frozen base is the run's model.path; only adapters change
+            model_state = {k: v for k, v in model_state.items() if is_adapter_parameter(k)}
+        state = {
+            "model": model_state,
+            "state": self.state,
+            "optimizer": self.dist.full_optimizer_state(self.model, self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "stream": self.stream.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": self.dist.all_gather_objects(rng_state()),  # one per rank
+            "rollouts": self.dist.all_gather_objects(self.rollouts.state_dict()),  # one per rank
+        }
+        self.checkpointed_step = self.state.step
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (``model`` as saved: adapter-file names are
+        accepted) and push the weights to the engine. Every rank calls it; a rank the state has no
+        RNG state for (the run grew) gets a fresh stream derived from the seed, the step and its
+        rank, and one whose round sent ahead was another rank's samples it again.
+
+        Raises:
+            RuntimeError: the weights do not match the model.
+        """
+        adapted = has_adapters(self.model)
+        weights = to_model_names(state["model"]) if adapted else state["model"]
+        missing, unexpected = self.dist.load_full_model_state(self.model, weights)
+        # Tied weights (lm_head = embeddings) are stored once; a LoRA state holds the adapters
+        # alone (the base is model.path); anything else missing is corruption.
+        missing = [m for m in missing if "lm_head" not in m and (is_adapter_parameter(m) or not adapted)]
+        if missing or unexpected:
+            raise RuntimeError(f"the checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.state = state["state"]
+        self.dist.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        self.sampler.load_state_dict(state["sampler"])
+        rounds_ahead = state.get("rollouts") or []
+        same_ranks = len(rounds_ahead) == self.dist.world_size
+        mine = rounds_ahead[self.dist.rank] if same_ranks else (rounds_ahead[0] if rounds_ahead else None)
+        if mine and mine.get("pending") and not same_ranks:
+            mine["pending"]["samples"] = None  # another rank layout: each rank samples its share again
+        self.rollouts.load_state_dict(mine)
+        if self.dist.rank < len(state["rng"]):
+            set_rng_state(state["rng"][self.dist.rank])
+        else:
+            torch.manual_seed(self.cfg.seed * 1_000_003 + self.state.step * 1009 + self.dist.rank)
+        with self.full_parameters():
+            self.engine.sync_weights(self.model)
+        self.checkpointed_step = self.state.step
 
     # ------------------------------------------------------------------ evaluation and loop
 
@@ -411,13 +515,7 @@ class Trainer:
                 yield
             finally:
                 if self.dist.sharded:
-                    self.release_engine_memory()
-
-    def release_engine_memory(self) -> None:
-        """Drop what the engine keeps between calls (the fast engine's decoder), if it keeps anything."""
-        release = getattr(self.engine, "release_memory", None)
-        if release is not None:
-            release()
+                    self.engine.release_memory()
 
     def train_step(self) -> dict[str, float]:
         """Collect a batch of informative groups, update the policy on it, push the weights to the engine."""
@@ -452,18 +550,18 @@ class Trainer:
                 with more rounds loses none of the generation work.
             WeightSyncError: the engine did not take a weight push (``rollout.verify_sync``);
                 the finished step is checkpointed first.
-            RolloutServerError: the rollout server stopped answering (``vllm-server``); the
+            EngineLost: the rollout engine stopped answering (a rollout server died); the
                 finished steps are checkpointed first.
         """
         cfg = self.cfg
         while self.state.step < cfg.steps:
             if should_stop is not None and should_stop():
-                if self.checkpoint_fn is not None and getattr(self, "checkpointed_step", None) != self.state.step:
+                if self.checkpoint_fn is not None and self.checkpointed_step != self.state.step:
                     self.checkpoint_fn(self)
                 return
             try:
                 metrics = self.train_step()
-            except (DynamicSamplingExhausted, WeightSyncError, RolloutServerError):
+            except (DynamicSamplingExhausted, WeightSyncError, EngineLost):
                 if self.checkpoint_fn is not None:
                     self.checkpoint_fn(self)
                 raise

@@ -1,0 +1,163 @@
+"""A run's parts, built from its :class:`~dapo_rl.config.Config`: the checks of the names the
+configuration looks up in the registries of the floors below, the device, the policy, the
+prompts, the reward and the rollout engine.
+
+Each builder calls the one function of its room that does the work (the same one ``dapo eval``
+calls) and turns that room's error into a :class:`~dapo_rl.config.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from dapo_rl.algorithm import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    LOSS_AGG_MODES,
+    POLICY_LOSSES,
+    ROLLOUT_CORRECTIONS,
+    ClipRange,
+    DynamicSampler,
+)
+from dapo_rl.config import Config, ConfigError, require
+from dapo_rl.data import DatasetError, TemplateError
+from dapo_rl.data.encoding import EncodedPrompt, check_prompt_fields, load_prompts, prompt_source, skipped_rows_note
+from dapo_rl.errors import one_line
+from dapo_rl.models.loading import ModelLoadError, load_policy, resolve_device
+from dapo_rl.models.lora import AdapterError
+from dapo_rl.rewards import resolve_reward_fn
+from dapo_rl.rollout.base import RolloutEngine
+from dapo_rl.rollout.engines import ROLLOUT_ENGINES, build_engine
+from dapo_rl.telemetry.sinks import SINK_NAMES, WANDB_MODES
+from dapo_rl.training.errors import RunError
+
+__all__ = ["check_config", "correction_mode", "device_and_autocast", "encoded_prompts", "policy_and_tokenizer",
+           "reward_function", "rollout_engine"]
+
+
+def _in_section(section: str, build: Callable[[], Any]) -> None:
+    """Build an algorithm object from its section; its ValueError (``"field: problem; fix"``)
+    becomes the ConfigError of ``section.field``."""
+    try:
+        build()
+    except ValueError as exc:
+        raise ConfigError(f"{section}.{exc}") from None
+
+
+def _registered(registry: Any, name: str, key: str) -> None:
+    """``name`` is registered in ``registry`` or an import path that resolves."""
+    try:
+        registry.get(name)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _engine_class(config: Config) -> type[RolloutEngine]:
+    try:
+        return ROLLOUT_ENGINES.get(config.rollout.engine)
+    except ValueError as exc:
+        raise ConfigError(f"rollout.engine: {exc}") from None
+
+
+def correction_mode(config: Config, engine: RolloutEngine | type[RolloutEngine] | None = None) -> str:
+    """``rollout_correction.mode`` with ``auto`` resolved for ``engine`` (default: the class
+    ``rollout.engine`` names): an engine with its own weights (vLLM, in its own precision) drifts
+    from the trainer, so it is corrected by default (``token_truncate``); the in-process engines
+    sample from the trainer's own fp32 weights (agreement to rounding), where a correction would
+    only cost a log-prob pass."""
+    if config.rollout_correction.mode != "auto":
+        return config.rollout_correction.mode
+    return "token_truncate" if (engine or _engine_class(config)).own_weights else "none"
+
+
+def check_config(config: Config) -> None:
+    """Every name the configuration looks up (losses, estimators, aggregation, corrections, the
+    dataset's format/preset/template, metric sinks, the rollout engine), the settings the
+    algorithm's objects check themselves (``clip``, ``dynamic_sampling``) and what the engine
+    can honour. :func:`~dapo_rl.config.load_config` has checked the rest.
+
+    Raises:
+        ConfigError: one line naming the key and the fix.
+    """
+    c = config
+    _registered(POLICY_LOSSES, c.loss.policy_loss, "loss.policy_loss")
+    _registered(ADVANTAGE_ESTIMATORS, c.advantage.estimator, "advantage.estimator")
+    _registered(LOSS_AGG_MODES, c.loss.agg_mode, "loss.agg_mode")
+    _registered(KL_ESTIMATORS, c.loss.kl_estimator, "loss.kl_estimator")
+    if c.rollout_correction.mode != "auto":
+        _registered(ROLLOUT_CORRECTIONS, c.rollout_correction.mode, "rollout_correction.mode")
+    _in_section("clip", lambda: ClipRange(**dataclasses.asdict(c.clip)))
+    _in_section("dynamic_sampling", lambda: DynamicSampler(groups_per_step=c.prompts_per_step, **dataclasses.asdict(c.dynamic_sampling)))
+    check_prompt_fields(c.data, "data.")
+    for sink in c.logging.sinks:
+        require(sink in SINK_NAMES, "logging.sinks", f"{sink!r} is not valid", f"use one of {', '.join(SINK_NAMES)}")
+    require(c.logging.wandb_mode in WANDB_MODES, "logging.wandb_mode", f"{c.logging.wandb_mode!r} is not valid",
+            f"use one of {', '.join(WANDB_MODES)}")
+    engine = _engine_class(c)
+    require(c.rollout.async_steps == 0 or engine.samples_in_background, "rollout.async_steps",
+            f"one-step-off overlap needs an engine that samples in the background, not rollout.engine={c.rollout.engine}",
+            "set rollout.engine=vllm-server")
+    mode = correction_mode(c)
+    require(mode == "none" or engine.reports_logprobs, "rollout_correction.mode",
+            f"{mode} needs the sampler's log-probs, which the {c.rollout.engine} engine does not return",
+            "use rollout.engine=fast (or vllm), or rollout_correction.mode=none")
+    engine.check_config(c)
+
+
+def device_and_autocast(config: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
+    """``model.device`` / ``model.dtype`` resolved (see :func:`dapo_rl.models.loading.resolve_device`)."""
+    try:
+        return resolve_device(config.model.device, config.model.dtype, local_rank)
+    except ModelLoadError as exc:
+        raise ConfigError(f"model.device: {exc}") from None
+
+
+def policy_and_tokenizer(config: Config, progress: bool = False):
+    """The policy and tokenizer ``model.*`` describes (adapters, gradient checkpointing included);
+    a model that cannot be loaded is a :class:`ConfigError` naming the key."""
+    try:
+        return load_policy(config.model.path, quickstart=config.quickstart, seed=config.seed, progress=progress,
+                           gradient_checkpointing=config.model.gradient_checkpointing, lora=config.model.lora)
+    except ModelLoadError as exc:
+        raise ConfigError(f"model.path: {exc}") from None
+    except AdapterError as exc:  # the message names the model.lora key
+        raise ConfigError(str(exc)) from None
+
+
+def encoded_prompts(config: Config, which: str, tokenizer) -> list[EncodedPrompt]:
+    """The encoded prompts of ``data.train`` (``which="train"``) or ``data.eval``; skipped rows are reported."""
+    dc = config.data
+    try:
+        source = prompt_source(dc, dc.train if which == "train" else dc.eval, held_out=which == "eval",
+                               max_rows=dc.max_rows if which == "train" else None, builtin_train_size=dc.builtin_train_size)
+        prompts, skipped = load_prompts(source, tokenizer)
+    except DatasetError as exc:
+        # The loader names the path as data.path; the user set it as data.train or data.eval.
+        raise RunError(f"data.{which}: {str(exc).replace('data.path: ', '').replace('data.path', f'data.{which}')}") from None
+    except TemplateError as exc:
+        raise RunError(f"data.template: {one_line(exc)} (while encoding data.{which}); choose another data.template "
+                       f"or data.use_chat_template=false") from None
+    if skipped:
+        tqdm.write(f"data.{which}: {skipped_rows_note(skipped)}")
+    return prompts
+
+
+def reward_function(config: Config):
+    """``reward.function`` resolved (``auto``: the chain reward on the built-in data, math otherwise)."""
+    try:
+        return resolve_reward_fn(config.reward.function, correct_reward=config.reward.correct,
+                                 incorrect_reward=config.reward.incorrect, data=config.data.train)
+    except ValueError as exc:
+        raise ConfigError(f"reward.function: {exc}") from None
+
+
+def rollout_engine(config: Config, model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
+    """The rollout engine ``rollout.engine`` names."""
+    try:
+        return build_engine(config, model, tokenizer)
+    except ValueError as exc:
+        raise ConfigError(f"rollout.engine: {exc}") from None
