@@ -25,6 +25,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from dapo_rl.errors import one_line
+
 __all__ = [
     "FORMATS",
     "PRESETS",
@@ -377,7 +379,7 @@ def _iter_jsonl(path: str) -> RowStream:
             except StopIteration:
                 return
             except (OSError, EOFError) as exc:  # a truncated/corrupt .gz surfaces mid-read
-                raise DatasetError(f"{path}: cannot read past line {lineno} ({_one_line(exc)})") from exc
+                raise DatasetError(f"{path}: cannot read past line {lineno} ({one_line(exc, 300)})") from exc
             lineno += 1
             try:
                 # utf-8-sig drops a BOM that some editors put at the start of the file.
@@ -423,7 +425,7 @@ def _iter_parquet(path: str) -> RowStream:
     try:
         parquet_file = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise DatasetError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from exc
+        raise DatasetError(f"{path}: not a readable Parquet file ({one_line(exc, 300)})") from exc
     # Batches keep memory bounded and let max_rows stop early on a large file.
     yield from _iter_arrow_batches(parquet_file.iter_batches(batch_size=_ARROW_BATCH_ROWS))
 
@@ -467,7 +469,7 @@ def _load_hf(spec: DatasetSpec, path: str) -> Any:
     except Exception as exc:  # datasets raises many types; the user needs one message
         where = "local folder" if os.path.isdir(path) else "Hugging Face dataset"
         raise DatasetError(
-            f"{path}: could not load as a {where} with split {spec.split!r} ({_one_line(exc)}); "
+            f"{path}: could not load as a {where} with split {spec.split!r} ({one_line(exc, 300)}); "
             "check data.path, data.split and data.subset, and that the Hub is reachable for a Hub name"
         ) from exc
 
@@ -577,11 +579,6 @@ def load_examples(spec: DatasetSpec) -> LoadResult:
 # --------------------------------------------------------------------------------------------
 # Error messages
 # --------------------------------------------------------------------------------------------
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _quote_problems(problems: list[RowProblem]) -> str:
