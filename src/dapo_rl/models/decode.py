@@ -66,12 +66,12 @@ def packs_by_default(hidden: int, device: torch.device) -> bool:
     """Whether decode products run on oneDNN with packed weights when the caller does not say.
 
     Yes on a CPU, except for models of hidden size ≤ ``PLAIN_PRODUCTS_MAX_HIDDEN`` on an Intel
-    CPU: there MKL's plain ``F.linear`` is at least as fast at every row count, and oneDNN's fixed
-    cost per call (and per packed weight, per ``generate``) is what such small products pay for
-    (a 256×4 Llama's decode: ~18% less time unpacked on a Xeon). On other CPUs MKL's plain
-    products are much slower (1.4–2.5× at 256×4 on an AMD EPYC), so oneDNN stays. A function of
-    the model and the machine only, never of a timing, so a run's products (and samples) are the
-    same every time it runs on that machine.
+    CPU: there MKL's plain ``F.linear`` is at least as fast at every row count, so oneDNN's fixed
+    cost per call (and per packed weight, per ``generate``) buys nothing for such small products.
+    On other CPUs MKL's plain products at decode shapes fall behind oneDNN's, so oneDNN stays
+    (the measurements behind both rules: ``benchmarks/RESULTS.md``). A function of the model and
+    the machine only, never of a timing, so a run's products (and samples) are the same every
+    time it runs on that machine.
     """
     if not (device.type == "cpu" and _onednn_linear_works()):
         return False

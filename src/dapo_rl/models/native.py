@@ -1,21 +1,21 @@
 """Fused C kernels for the CPU, compiled on first use; PyTorch ops when they cannot be.
 
 Why: at a decode step's shapes (a few rows of a few hundred floats) PyTorch's ``rms_norm``,
-in-place rotary and ``scaled_dot_product_attention`` spend 40–500 µs per call on set-up, about a
-quarter of a 256×4 model's step (``benchmarks/RESULTS.md``, fifth pass). And the gated MLP
-activation ``act(gate) · up`` of decoding and training is memory-bound: PyTorch reads and writes
-the ``[tokens, intermediate]`` tensors three times forward and five times backward, the fused loop
-once each. ``native_kernels.c`` does the same float32 arithmetic in plain loops; results equal
-PyTorch's to float rounding (sums in another order, ``exp`` by its own polynomial), so sampling
-and training are unchanged.
+in-place rotary and ``scaled_dot_product_attention`` do little arithmetic per call, and each call's
+set-up (dispatch, checks, allocations) outweighs it; a plain C loop has none to pay. And the gated
+MLP activation ``act(gate) · up`` of decoding and training is memory-bound: PyTorch reads and
+writes the ``[tokens, intermediate]`` tensors three times forward and five times backward, the
+fused loop once each. ``native_kernels.c`` does the same float32 arithmetic in plain loops; results
+equal PyTorch's to float rounding (sums in another order, ``exp`` by its own polynomial), so
+sampling and training are unchanged.
 
-How: the source ships with the package and is compiled once per machine with the system C
-compiler (``$CC``, else ``cc``/``gcc``) at ``-O3 -march=native -fopenmp`` into ``kernels/`` of
-the cache folder (``$DAPO_RL_CACHE``, default ``~/.cache/dapo-rl``), keyed by the source, the
-flags, the compiler and the CPU (``-march=native`` code must not run on another CPU model).
-Compiling takes about a second; a process that finds the library loads it. When there is no
-compiler, compiling fails, or ``DAPO_RL_NATIVE_KERNELS=0`` is set, :func:`native_kernels`
-returns None and the decoder and the trainer keep their PyTorch ops (logged once at INFO).
+How: the source ships with the package and is compiled once per machine with the system C compiler
+(``$CC``, else ``cc``/``gcc``) at ``-O3 -march=native -fopenmp`` into ``kernels/`` of the cache
+folder (``$DAPO_RL_CACHE``, default ``~/.cache/dapo-rl``), keyed by the source, the flags, the
+compiler and the CPU (``-march=native`` code must not run on another CPU model). A process that
+finds the library already built loads it. When there is no compiler, compiling fails, or
+``DAPO_RL_NATIVE_KERNELS=0`` is set, :func:`native_kernels` returns None and the decoder and the
+trainer keep their PyTorch ops (logged once at INFO).
 """
 
 from __future__ import annotations
