@@ -34,7 +34,6 @@ from dapo_rl.data.templates import (
     TEMPLATES,
     TemplateError,
     apply_instruction,
-    problem_text,
     render_messages,
     render_prompt,
 )
@@ -578,7 +577,6 @@ def test_instruction_goes_on_last_user_message_without_mutating_example() -> Non
     rendered = render_messages(example, "dapo")
     assert rendered[0]["content"] == "1+1?" and rendered[2]["content"] == DAPO_EXPECTED
     assert example.prompt[2]["content"] == "What is 1+1?"
-    assert problem_text(example) == "What is 1+1?"
 
 
 def test_dapo_template_does_not_wrap_dapo_math_prompts_twice(tmp_path: Path) -> None:

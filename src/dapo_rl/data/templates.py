@@ -22,7 +22,6 @@ __all__ = [
     "TEMPLATES",
     "TemplateError",
     "apply_instruction",
-    "problem_text",
     "render_messages",
     "render_prompt",
 ]
@@ -89,13 +88,6 @@ def apply_instruction(problem: str, template: str) -> str:
     if problem.startswith(prefix) and problem.endswith(suffix):
         return problem
     return _INSTRUCTIONS[template].format(problem=problem)
-
-
-def problem_text(example: Example) -> str:
-    """The question itself: the prompt text, or the last user message of a chat prompt."""
-    if isinstance(example.prompt, str):
-        return example.prompt
-    return example.prompt[_last_user_index(list(example.prompt))]["content"]
 
 
 def render_messages(example: Example, template: str) -> list[dict[str, str]]:

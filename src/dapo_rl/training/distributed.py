@@ -228,13 +228,6 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast_object(self, obj: Any) -> Any:
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def all_reduce_sum(self, values: list[float], device: torch.device) -> list[float]:
         if not self.enabled:
             return list(values)
