@@ -111,8 +111,8 @@ def main() -> int:
             return False
         return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=None))
 
-    # Warm up: the first parse builds the LaTeX grammar (~150 ms) that should not count against
-    # the first real request's timeout.
+    # Warm up: the first parse builds the LaTeX grammar, a one-off cost that should not count
+    # against the first real request's timeout.
     try:
         judge("\\frac{1}{2}", "0.5")
     except Exception as exc:  # a warm-up failure shows up again, and is reported, on real requests

@@ -322,10 +322,10 @@ def _call_each(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], timeout
 
     With a timeout the calls run one after another in a helper thread (a thread, not a process:
     user reward functions may close over unpicklable state), one thread per batch rather than per
-    call, since starting a thread costs ~0.2 ms. The caller sleeps until the batch is done or the
-    running call's deadline passes. Python cannot kill a thread, so a call past its deadline is
-    abandoned with its thread (daemon, so it cannot block interpreter exit) and a new thread takes
-    the calls after it.
+    call, so that cheap calls do not each pay for starting a thread. The caller sleeps until the
+    batch is done or the running call's deadline passes. Python cannot kill a thread, so a call
+    past its deadline is abandoned with its thread (daemon, so it cannot block interpreter exit)
+    and a new thread takes the calls after it.
     """
     if timeout_s is None:
         outcomes: list[tuple[str, Any]] = []

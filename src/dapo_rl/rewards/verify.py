@@ -21,15 +21,16 @@ crashes is replaced the same way, and the call answers ``False`` with an ``error
 
 **Timing contract.** ``timeout_s`` bounds the verification itself. A killed worker's replacement
 starts at once and callers prefer a warm worker, but when none is warm (the first symbolic check
-of a process, or right after every worker was replaced) a call also waits for one to start:
-about a second, bounded by ``startup_timeout_s``. :func:`warm_up` starts them ahead of time. A
+of a process, or right after every worker was replaced) a call also waits for one to import
+math-verify and SymPy, bounded by ``startup_timeout_s``. :func:`warm_up` starts them ahead of time. A
 batch verifies its symbolic pairs ``num_workers`` at a time, so its wall time is at most
 ``ceil(k / num_workers) * timeout_s`` (plus that start-up) for ``k`` distinct symbolic pairs.
 
 Workers are started with ``subprocess`` running a standalone script (``_worker.py``), not with
 ``multiprocessing``: the spawn start method re-imports the caller's ``__main__`` in the child, so an
 unguarded training script would run again inside every worker, and fork is unsafe in a
-multi-threaded trainer. The script imports only math-verify, so a worker starts in about a second.
+multi-threaded trainer. The script imports only math-verify, so a worker starts without importing
+torch or this library.
 """
 
 from __future__ import annotations
@@ -442,7 +443,7 @@ class VerifierPool:
             while not self._idle:
                 self._idle_changed.wait()
             # Prefer a worker that is ready now: a replacement still importing SymPy would make
-            # this caller wait about a second while a warm worker sits idle.
+            # this caller wait for that import while a warm worker sits idle.
             for i, worker in enumerate(self._idle):
                 if worker is not None and worker.is_ready():
                     return self._idle.pop(i)

@@ -1,7 +1,7 @@
 """Errors that end a training run on purpose, each mapped by the CLI to an exit code.
 
 Kept in a module of their own, free of torch and transformers, so that the command line can
-report a bad config in well under a second without importing the whole training stack.
+report a bad config without importing the whole training stack.
 """
 
 from __future__ import annotations

@@ -4,11 +4,10 @@ A training step allocates and frees the same large host buffers every step: the 
 cache, activations, gradients. With glibc's default ``malloc`` settings, a block above the mmap
 threshold (128 KiB, rising with use to at most 32 MiB) is unmapped when freed, and the top of the
 heap is trimmed, so the next step gets fresh pages from the kernel, each a page fault that zeroes
-4 KiB. On the benchmark machine that was ~11 K faults per 256×4 step and ~41 K per 512×8 step.
-:func:`keep_freed_host_memory` raises both thresholds so that freed blocks are reused; the
-process's resident memory then stays near its high-water mark instead of going up and down,
-and the peak can grow a little with fragmentation (512×8 benchmark: 1.42–1.55 GiB against
-1.36–1.49 GiB). ``dapo train`` calls it; library users may too.
+a page: every step pays again for memory it already had. :func:`keep_freed_host_memory` raises
+both thresholds so that freed blocks are reused; the process's resident memory then stays near
+its high-water mark instead of going up and down, and the peak can grow a little with
+fragmentation (the price of keeping the blocks). ``dapo train`` calls it; library users may too.
 """
 
 from __future__ import annotations
