@@ -50,7 +50,7 @@ def worker(a) -> None:
     from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
     from dapo_rl.rewards import resolve_reward_fn
     from dapo_rl.training.distributed import init_distributed, shutdown_distributed
-    from dapo_rl.training.run import run_device, run_engine
+    from dapo_rl.training.compose import device_and_autocast, rollout_engine
     from dapo_rl.training.trainer import Trainer
 
     torch.set_num_threads(a.threads)
@@ -62,7 +62,7 @@ def worker(a) -> None:
     ])
     ctx = init_distributed(config.model.device, config.distributed.strategy)
     torch.manual_seed(ctx.rank)
-    device, autocast = run_device(config, ctx.local_rank)
+    device, autocast = device_and_autocast(config, ctx.local_rank)
     tokenizer = build_char_tokenizer(VOCAB)
     model = build_tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=max(1, hidden // 64),
                              intermediate_size=hidden * 8 // 3, max_positions=128, seed=0).to(device)
@@ -71,7 +71,7 @@ def worker(a) -> None:
     # A random model is never right on the chain task: reward the share of digits instead, so that
     # groups have spread and every step trains.
     reward = resolve_reward_fn(lambda response, truth, meta: sum(c.isdigit() for c in response) / max(1, len(response)))
-    trainer = Trainer(config, model, tokenizer, prompts, None, reward, run_engine(config, model, tokenizer),
+    trainer = Trainer(config, model, tokenizer, prompts, None, reward, rollout_engine(config, model, tokenizer),
                       device=device, autocast_dtype=autocast, dist=ctx)
     times = []
     for step in range(a.steps + a.warmup):

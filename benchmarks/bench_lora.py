@@ -59,16 +59,16 @@ def interleaved(config: str | None, overrides: list[str], lora: list[str], steps
 
     from dapo_rl.config import load_config
     from dapo_rl.models.loading import resolve_device
-    from dapo_rl.training.run import run_engine, run_policy, run_prompts, run_reward
+    from dapo_rl.training.compose import encoded_prompts, policy_and_tokenizer, reward_function, rollout_engine
     from dapo_rl.training.trainer import Trainer
 
     trainers = {}
     for kind in ("full", "lora"):
         cfg = load_config(config, [*overrides, *(lora if kind == "lora" else []), f"steps={steps}", "logging.progress=false"])
         device, autocast = resolve_device(cfg.model.device, cfg.model.dtype)
-        model, tok = run_policy(cfg)  # as `dapo train` loads it (adapters, gradient checkpointing)
+        model, tok = policy_and_tokenizer(cfg)  # as `dapo train` loads it (adapters, gradient checkpointing)
         model.to(device)
-        trainers[kind] = Trainer(cfg, model, tok, run_prompts(cfg, "train", tok), None, run_reward(cfg), run_engine(cfg, model, tok),
+        trainers[kind] = Trainer(cfg, model, tok, encoded_prompts(cfg, "train", tok), None, reward_function(cfg), rollout_engine(cfg, model, tok),
                                  device=device, autocast_dtype=autocast)
     rows = {"full": [], "lora": []}
     for step in range(steps):

@@ -215,7 +215,7 @@ def build_trainer(folder: Path, steps: int, seed: int, threads: int, engine: str
     from dapo_rl.data.encoding import encode_prompts
     from dapo_rl.rewards import resolve_reward_fn
     from dapo_rl.training.host_memory import keep_freed_host_memory
-    from dapo_rl.training.run import run_engine
+    from dapo_rl.training.compose import rollout_engine
     from dapo_rl.training.trainer import Trainer
 
     keep_freed_host_memory()  # as `dapo train` does
@@ -235,7 +235,7 @@ def build_trainer(folder: Path, steps: int, seed: int, threads: int, engine: str
     texts = json.loads((folder / "prompts.json").read_text())
     prompts, _ = encode_prompts([Example(prompt=t, answer="0", metadata={}) for t in texts], tokenizer)
     reward = resolve_reward_fn(lambda response, truth, meta: content_reward(response))
-    return Trainer(config, model, tokenizer, prompts, None, reward, run_engine(config, model, tokenizer), device=torch.device("cpu"))
+    return Trainer(config, model, tokenizer, prompts, None, reward, rollout_engine(config, model, tokenizer), device=torch.device("cpu"))
 
 
 def run_ours(folder: Path, steps: int, warmup: int, seed: int, threads: int, engine: str, reproducible: bool = True) -> dict:

@@ -45,7 +45,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from dapo_rl.config import QuickstartConfig
+    from dapo_rl.config import Config, QuickstartConfig
     from dapo_rl.data.encoding import encode_prompts
     from dapo_rl.data.synthetic import builtin_splits
     from dapo_rl.models.loading import load_policy
@@ -58,7 +58,7 @@ def main() -> None:
     model, tokenizer = load_policy(f"builtin:{task.name}-tiny", quickstart=quickstart, seed=0, progress=False)
     train, _ = builtin_splits(a.prompts, 8, task=task)
     prompts, _ = encode_prompts(train, tokenizer)
-    engine = build_engine("fast", model, tokenizer)
+    engine = build_engine(Config(), model, tokenizer)  # the default engine, fast
     torch.manual_seed(a.seed)
     groups = engine.generate([list(p.ids) for p in prompts], a.group, SamplingParams(temperature=1.0, max_new_tokens=a.cap))
 

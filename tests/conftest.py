@@ -5,6 +5,7 @@ model (plain functions too, for test workers in spawned processes)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import random
 
 import pytest
@@ -104,7 +105,7 @@ def make_trainer(tiny_model, tok, overrides: list[str], dist=None, share_prompts
     config = load_config(overrides=["prompts_per_step=4", "group_size=4", "mini_batch_size=4", "micro_batch_size=16",
                                     "optim.warmup_updates=0", "optim.lr=1e-2", "optim.grad_clip=0", *overrides])
     model = copy.deepcopy(tiny_model).train()
-    engine = build_engine(engine, model, tok, config=config)
+    engine = build_engine(replace(config, rollout=replace(config.rollout, engine=engine)), model, tok)
     prompts, _ = encode_prompts(builtin_splits(16, 4)[0], tok)
     return Trainer(config, model, tok, prompts, None, lambda *a: True, engine, device=torch.device("cpu"), dist=dist,
                    share_prompts=share_prompts, autocast_dtype=autocast_dtype)

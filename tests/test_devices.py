@@ -8,25 +8,25 @@ import torch
 
 from dapo_rl.config import ConfigError, load_config
 from dapo_rl.training import distributed
-from dapo_rl.training.run import run_device
+from dapo_rl.training.compose import device_and_autocast
 
 
 def test_auto_device_is_cuda_with_bf16_autocast_when_a_gpu_is_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    device, autocast = run_device(load_config(overrides=[]))
+    device, autocast = device_and_autocast(load_config(overrides=[]))
     assert (device, autocast) == (torch.device("cuda"), torch.bfloat16)
-    device, _ = run_device(load_config(overrides=[]), local_rank=3)
+    device, _ = device_and_autocast(load_config(overrides=[]), local_rank=3)
     assert device == torch.device("cuda:3")  # one GPU per torchrun process
-    _, autocast = run_device(load_config(overrides=["model.dtype=float32"]))
+    _, autocast = device_and_autocast(load_config(overrides=["model.dtype=float32"]))
     assert autocast is None
 
 
 def test_auto_device_is_cpu_fp32_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert run_device(load_config(overrides=[])) == (torch.device("cpu"), None)
-    assert run_device(load_config(overrides=["model.dtype=bf16-autocast"])) == (torch.device("cpu"), torch.bfloat16)
+    assert device_and_autocast(load_config(overrides=[])) == (torch.device("cpu"), None)
+    assert device_and_autocast(load_config(overrides=["model.dtype=bf16-autocast"])) == (torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ConfigError, match="model.device"):
-        run_device(load_config(overrides=["model.device=cuda"]))
+        device_and_autocast(load_config(overrides=["model.device=cuda"]))
 
 
 @pytest.mark.parametrize("has_gpu, backend", [(True, "nccl"), (False, "gloo")])

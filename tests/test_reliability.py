@@ -33,7 +33,7 @@ from dapo_rl.training.checkpoint import (
     valid_checkpoints,
 )
 from dapo_rl.models.loading import load_policy
-from dapo_rl.training.run import run_engine, run_prompts, run_reward
+from dapo_rl.training.compose import encoded_prompts, reward_function, rollout_engine
 from dapo_rl.training.trainer import Trainer
 
 # Small enough for seconds per run, big enough to exercise everything a checkpoint must carry:
@@ -321,8 +321,8 @@ def _build_trainer(cache: str, *overrides: str) -> Trainer:
     config = load_config(None, [*FAST, f"quickstart.cache_dir={cache}", "output_dir=unused", *overrides])
     torch.manual_seed(0)
     model, tokenizer = load_policy(config.model.path, quickstart=config.quickstart, seed=config.seed, progress=False)
-    prompts = run_prompts(config, "train", tokenizer)
-    return Trainer(config, model, tokenizer, prompts, None, run_reward(config), run_engine(config, model, tokenizer),
+    prompts = encoded_prompts(config, "train", tokenizer)
+    return Trainer(config, model, tokenizer, prompts, None, reward_function(config), rollout_engine(config, model, tokenizer),
                    device=torch.device("cpu"))
 
 

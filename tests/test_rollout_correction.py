@@ -198,15 +198,15 @@ def test_sync_check_is_silent_when_an_update_does_not_move_the_probe():
 
 
 def test_a_run_whose_engine_never_receives_the_weights_stops_with_one_line(tmp_path, capfd, quickstart_cache, monkeypatch):
-    import dapo_rl.training.run as run_module
+    import dapo_rl.training.compose as compose
     from dapo_rl.cli import main
 
-    def stale_engine(name, model, tokenizer, **kwargs):
+    def stale_engine(config, model, tokenizer):
         engine = FastRolloutEngine(copy.deepcopy(model), tokenizer.pad_token_id, tokenizer.eos_token_id)
         engine.sync_weights = lambda model: None  # a push that silently does nothing
         return engine
 
-    monkeypatch.setattr(run_module, "build_engine", stale_engine)
+    monkeypatch.setattr(compose, "build_engine", stale_engine)
     out = tmp_path / "run"
     capfd.readouterr()
     rc = main(["train", f"output_dir={out}", f"quickstart.cache_dir={quickstart_cache}", "steps=3", "data.eval=null",
@@ -218,10 +218,11 @@ def test_a_run_whose_engine_never_receives_the_weights_stops_with_one_line(tmp_p
 
 def test_correction_config_errors():
     from dapo_rl.config import ConfigError
+    from dapo_rl.training.compose import check_config
 
     for overrides, needle in ((["rollout_correction.mode=token_clip"], "token_truncate"), (["rollout_correction.cap=1"], "> 1"),
                               (["rollout.engine=hf", "rollout_correction.mode=token_truncate"], "hf engine")):
         with pytest.raises(ConfigError, match=needle) as info:
-            load_config(overrides=overrides)
+            check_config(load_config(overrides=overrides))
         assert str(info.value).startswith("rollout_correction.")
     assert load_config(overrides=["rollout.engine=hf"]).rollout_correction.mode == "auto"  # auto resolves to none for hf

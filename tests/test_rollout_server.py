@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from dapo_rl.config import ConfigError, load_config
+from dapo_rl.training.compose import check_config
 from dapo_rl.rollout.base import SamplingParams
 from dapo_rl.rollout.server_client import RolloutServerError, RolloutServerRefused, ServerClient
 from dapo_rl.rollout.server_engine import VLLMServerEngine
@@ -328,9 +329,10 @@ def test_server_config_validation():
                            (["rollout.engine=vllm-server", "rollout.server.url=http://10.0.0.9:8765"], "rollout.server.api_key"),
                            (["rollout.engine=vllm-server", "rollout.server.timeout_s=0"], "rollout.server.timeout_s")):
         with pytest.raises(ConfigError, match=key):
-            load_config(None, overrides)
+            check_config(load_config(None, overrides))
     config = load_config(None, ["rollout.engine=vllm-server", "rollout.server.url=http://10.0.0.9:8765", "rollout.server.api_key=k"])
-    from dapo_rl.config import correction_mode, to_dict, to_yaml
+    from dapo_rl.config import to_dict, to_yaml
+    from dapo_rl.training.compose import correction_mode
 
     assert "k" != to_dict(config)["rollout"]["server"]["api_key"] and "api_key: <redacted>" in to_yaml(config)
     assert correction_mode(config) == "token_truncate"  # a separate sampler is corrected by default
