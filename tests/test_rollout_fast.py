@@ -464,3 +464,30 @@ def test_direct_decode_runs_a_bfloat16_model_and_samples_from_float_logits(tiny)
             assert len(sample.logprobs) == len(sample.response_ids) and all(math.isfinite(x) and x <= 0 for x in sample.logprobs)
             expected = _full_forward_logprobs(model, prompt, sample.response_ids, 1.0)
             torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=0.1, rtol=0)
+
+
+def test_an_engine_added_by_import_path_trains_and_evaluates(tmp_path, quickstart_cache, monkeypatch):
+    """Adding an engine is one module: ``rollout.engine=tests.toy:Engine`` trains two steps and
+    ``dapo eval engine=tests.toy:Engine`` evaluates with it, through the same registry."""
+    import json
+    from pathlib import Path
+
+    from dapo_rl.cli import main
+    from dapo_rl.rollout import ROLLOUT_ENGINES
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # `tests.toy` importable
+    toy = ROLLOUT_ENGINES.get("tests.toy:Engine")
+    before = toy.calls
+    out = tmp_path / "run"
+    assert main(["train", f"output_dir={out}", f"quickstart.cache_dir={quickstart_cache}", "steps=2", "prompts_per_step=4",
+                 "mini_batch_size=4", "group_size=4", "data.eval=null", "logging.progress=false",
+                 "rollout.engine=tests.toy:Engine"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and toy.calls > before
+    assert rows[0]["rollout/logp_abs_diff"] < 1e-4  # its log-probs are the trainer's (same model, full forward)
+    calls = toy.calls
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(out / "final"), "builtin:chain", "engine=tests.toy:Engine", "k=2", "max_rows=4", "greedy=false",
+                 "max_response_length=16", "progress=false", f"output={result}"]) == 0
+    assert toy.calls > calls and json.loads(result.read_text())["num_problems"] == 4
+    assert main(["train", f"output_dir={tmp_path / 'bad'}", "rollout.engine=tests.toy:NoSuchEngine"]) == 2
