@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from dapo_rl.errors import one_line
+
 EXIT_BAD_INPUT = 2
 EXIT_SIGINT = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
@@ -253,18 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, DatasetError, RunError, FileNotFoundError) as exc:
         # One line, whatever the message: the contract scripts and users rely on.
-        print(f"dapo {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"dapo {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (RunInterrupted, RunFailed) as exc:
-        print(f"dapo {args.command}: {_one_line(exc)}", file=sys.stderr)
+        print(f"dapo {args.command}: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"dapo {args.command}: interrupted", file=sys.stderr)
         return EXIT_SIGINT
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

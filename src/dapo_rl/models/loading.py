@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from dapo_rl.config import BUILTIN_PREFIX, LoraConfig, QuickstartConfig
+from dapo_rl.errors import one_line
 from dapo_rl.models import lora as adapters
 from dapo_rl.models.spec import SpecMismatchError, check_checkpoint
 
@@ -86,7 +87,7 @@ def load_policy(path: str, *, quickstart: QuickstartConfig | None = None, seed: 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - any failure here means the folder is unusable
-        raise ModelLoadError(f"cannot load a tokenizer from {path} ({first_line(exc)}); "
+        raise ModelLoadError(f"cannot load a tokenizer from {path} ({one_line(exc, 240)}); "
                              f"the folder needs tokenizer files (tokenizer.json or tokenizer_config.json)") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
@@ -95,7 +96,7 @@ def load_policy(path: str, *, quickstart: QuickstartConfig | None = None, seed: 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - any failure here means the folder is unusable
-        raise ModelLoadError(f"cannot load a causal language model from {path} ({first_line(exc)}); "
+        raise ModelLoadError(f"cannot load a causal language model from {path} ({one_line(exc, 240)}); "
                              f"check config.json and the weight files (*.safetensors)") from None
     try:
         # from_pretrained fills a missing tensor with its initial value: a family whose weights
@@ -111,12 +112,6 @@ def load_policy(path: str, *, quickstart: QuickstartConfig | None = None, seed: 
         if lora is not None and lora.r > 0:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input that requires grad
     return model, tokenizer
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as one short line (library messages often span many)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def export_merged(source: str | Path, out: str | Path, *, base: str | None = None, overwrite: bool = False) -> dict:

@@ -209,7 +209,7 @@ class FastRolloutEngine(InProcessEngine):
         row_ladder: the decode batch shrinks only to row counts of :func:`ladder_rows` (finished
             rows wait as dead rows until the rows still running fit a smaller ladder value). The
             products then see a bounded set of shapes: oneDNN builds and caches a kernel per input
-            shape (on a 2-core Xeon ~0.6 ms and ~0.6 MB each), so free-running row counts cost
+            shape (time and memory per new shape), so free-running row counts cost
             time in every step that meets a new count and memory that grows for the whole run.
         compact_min_fraction: without ``row_ladder``, finished rows are dropped from the decode
             batch once they are at least this fraction of it (copying the cache for every single
