@@ -7,7 +7,7 @@ every layer's own weights as a real step does (so the weights come from cache or
 from a hot L1/L2), and prints the median time of a whole step's products with
 
 - ``onednn``: weights reordered once by ``torch.ops.mkldnn._reorder_linear_weight`` and
-  multiplied by ``torch.ops.mkldnn._linear_pointwise`` (what ``FastRolloutEngine`` uses on a
+  multiplied by ``torch.ops.mkldnn._linear_pointwise`` (what ``DecoderEngine`` uses on a
   CPU with ``pack_weights=True``);
 - ``mkl``: ``F.linear`` on the plain ``[out, in]`` weights (MKL ``sgemm``, which packs the
   weight again on every call);

@@ -114,11 +114,11 @@ def _decode_case(scale: float) -> Callable[[], str]:
     from dapo_rl.data.synthetic import VOCAB
     from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
     from dapo_rl.rollout import SamplingParams
-    from dapo_rl.rollout.fast import FastRolloutEngine
+    from dapo_rl.rollout.decoder_engine import DecoderEngine
 
     tok = build_char_tokenizer(VOCAB)
     model = build_tiny_llama(tok, hidden_size=256, num_layers=4, num_heads=8, intermediate_size=688, seed=0)
-    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    engine = DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     prompts = [tok(text)["input_ids"] for text in ("12+7=", "3456+1=", "9=", "81+18=")] * max(1, int(2 * scale))
     params = SamplingParams(max_new_tokens=32, temperature=1.0)
 

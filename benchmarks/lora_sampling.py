@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dapo_rl.models.loading import load_policy
     from dapo_rl.models.lora import adapter_layers, add_adapters
-    from dapo_rl.rollout.fast import FastRolloutEngine
+    from dapo_rl.rollout.decoder_engine import DecoderEngine
     from dapo_rl.rollout.hf import HFGenerateEngine
 
     base, tok = load_policy(args.model, progress=False)
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [tok(f"Sam has {i + 3} pencils and gets {i + 5} more. How many pencils does Sam have now?")["input_ids"]
                for i in range(args.prompts)]
     rows = {}
-    for name, make in (("fast", lambda m: FastRolloutEngine(m, tok.pad_token_id, tok.eos_token_id)),
-                       ("fast-merged", lambda m: FastRolloutEngine(m, tok.pad_token_id, tok.eos_token_id, read_in_place=False)),
-                       ("fast-hf-decode", lambda m: FastRolloutEngine(m, tok.pad_token_id, tok.eos_token_id, direct_decode=False)),
+    for name, make in (("fast", lambda m: DecoderEngine(m, tok.pad_token_id, tok.eos_token_id)),
+                       ("fast-merged", lambda m: DecoderEngine(m, tok.pad_token_id, tok.eos_token_id, read_in_place=False)),
+                       ("fast-hf-decode", lambda m: DecoderEngine(m, tok.pad_token_id, tok.eos_token_id, direct_decode=False)),
                        ("hf", lambda m: HFGenerateEngine(m, tok.pad_token_id, tok.eos_token_id))):
         rows[name] = (timed(make(base), prompts, args.samples, args.tokens, args.repeats),
                       timed(make(adapted), prompts, args.samples, args.tokens, args.repeats))

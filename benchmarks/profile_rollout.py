@@ -13,7 +13,7 @@ the same samples.
 Options: ``--size`` (a key of ``bench_vs_trl.SIZES``), ``--arch`` (a family of
 ``bench_vs_trl.ARCHS``), ``--repeats`` (timed generations; the median is printed), ``--threads``,
 ``--seed``, ``--profile`` (none | torch | cprofile: profile one more generation),
-``--engine-kwargs`` (JSON keyword arguments of ``FastRolloutEngine``), ``--engine-file`` (load the
+``--engine-kwargs`` (JSON keyword arguments of ``DecoderEngine``), ``--engine-file`` (load the
 engine class from another file).
 """
 
@@ -48,9 +48,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", choices=["none", "torch", "cprofile"], default="none", help="profile one more generation")
-    p.add_argument("--engine-kwargs", default="{}", help="JSON kwargs for FastRolloutEngine")
-    p.add_argument("--engine-file", help="load FastRolloutEngine from this file instead (e.g. an older version, "
-                   "`git show REV:src/dapo_rl/rollout/fast.py > old.py`), for paired comparisons")
+    p.add_argument("--engine-kwargs", default="{}", help="JSON kwargs for DecoderEngine")
+    p.add_argument("--engine-file", help="load DecoderEngine from this file instead (e.g. an older version, "
+                   "`git show REV:src/dapo_rl/rollout/decoder_engine.py > old.py`), for paired comparisons")
     a = p.parse_args()
 
     from dapo_rl.rollout.base import SamplingParams
@@ -60,14 +60,14 @@ def main() -> None:
         spec = importlib.util.spec_from_file_location("fast_under_test", a.engine_file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        FastRolloutEngine = module.FastRolloutEngine
+        DecoderEngine = module.DecoderEngine
     else:
-        from dapo_rl.rollout.fast import FastRolloutEngine
+        from dapo_rl.rollout.decoder_engine import DecoderEngine
 
     torch.set_num_threads(a.threads)
     model, tok, prompts = build(a.size, a.seed, a.arch)
     params_count = sum(q.numel() for q in model.parameters())
-    engine = FastRolloutEngine(model, tok.pad_token_id, tok.eos_token_id, **json.loads(a.engine_kwargs))
+    engine = DecoderEngine(model, tok.pad_token_id, tok.eos_token_id, **json.loads(a.engine_kwargs))
     params = SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS)
 
     def once():

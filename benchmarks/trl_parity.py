@@ -38,7 +38,7 @@ def _samples(folder: Path, seed: int) -> dict:
     from dapo_rl.data.datasets import Example
     from dapo_rl.data.encoding import encode_prompts
     from dapo_rl.rollout.base import SamplingParams
-    from dapo_rl.rollout.fast import FastRolloutEngine
+    from dapo_rl.rollout.decoder_engine import DecoderEngine
     from dapo_rl.training.rollouts import PromptStream
 
     tok = AutoTokenizer.from_pretrained(folder / "model")
@@ -47,7 +47,7 @@ def _samples(folder: Path, seed: int) -> dict:
     encoded, _ = encode_prompts([Example(prompt=t, answer="0", metadata={}) for t in texts], tok)
     prompts = [list(p.ids) for p in PromptStream(encoded, 0).take(bench.PROMPTS_PER_STEP)]
     torch.manual_seed(seed)
-    groups = FastRolloutEngine(model, tok.pad_token_id, tok.eos_token_id).generate(
+    groups = DecoderEngine(model, tok.pad_token_id, tok.eos_token_id).generate(
         prompts, bench.GROUP_SIZE, SamplingParams(temperature=1.0, max_new_tokens=bench.MAX_NEW_TOKENS))
     return {"prompts": prompts, "completions": [s.response_ids for g in groups for s in g]}
 

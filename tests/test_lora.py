@@ -28,7 +28,7 @@ from dapo_rl.models.lora import (
 )
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 from dapo_rl.rollout import SamplingParams
-from dapo_rl.rollout.fast import FastRolloutEngine
+from dapo_rl.rollout.decoder_engine import DecoderEngine
 from dapo_rl.training.batching import pack
 from dapo_rl.training.logprobs import ForwardSettings, forward_path, logprobs
 from dapo_rl.training.weight_sync import SyncCheck, WeightSyncError
@@ -220,7 +220,7 @@ def test_a_sync_that_never_lands_is_caught(adapters, trainer_factory, scored_gro
 
     # 1. an engine on a copy that is never updated
     trainer = trainer_factory(adapters(_llama()), TOK, ["optim.lr=5e-2"], engine="fast")
-    stale = FastRolloutEngine(copy.deepcopy(trainer.model), pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id)
+    stale = DecoderEngine(copy.deepcopy(trainer.model), pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id)
     check = SyncCheck(stale, TOK("3527..=")["input_ids"], trainer.sync_check.score, tolerance=1e-3)
     check.before()
     trainer.update(scored_groups(TOK, 4, 4, seed=5))

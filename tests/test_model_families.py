@@ -22,7 +22,7 @@ from dapo_rl.models.spec import (SpecMismatchError, check_checkpoint, check_chec
                                  read_spec, supports_fast_path)
 from dapo_rl.models.tiny import build_char_tokenizer
 from dapo_rl.rollout import HFGenerateEngine, SamplingParams
-from dapo_rl.rollout.fast import FastRolloutEngine
+from dapo_rl.rollout.decoder_engine import DecoderEngine
 from dapo_rl.rollout.base import Sample
 from dapo_rl.rollout.hf import left_pad
 from dapo_rl.training.batching import pack
@@ -97,7 +97,7 @@ def _full_logprobs(model, prompt, response, temperature=1.0):
 
 
 def _engine(model, **options):
-    return FastRolloutEngine(model, pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id, **options)
+    return DecoderEngine(model, pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id, **options)
 
 
 # Products on oneDNN with packed weights, and plain (what a small model gets on an Intel CPU).

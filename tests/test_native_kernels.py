@@ -17,7 +17,7 @@ from dapo_rl.models.rotary import rotate_pairs
 from dapo_rl.models.spec import read_spec
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 from dapo_rl.rollout import SamplingParams
-from dapo_rl.rollout.fast import FastRolloutEngine
+from dapo_rl.rollout.decoder_engine import DecoderEngine
 
 HAS_COMPILER = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))  # as native.native_kernels looks
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
@@ -180,7 +180,7 @@ def test_generation_with_kernels_equals_generation_with_torch_ops(kernels, tiny,
     runs = []
     for use in (True, False):
         torch.manual_seed(3)
-        runs.append(FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        runs.append(DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                       native_kernels=use).generate(prompts, 4, params))
     assert [[s.response_ids for s in g] for g in runs[0]] == [[s.response_ids for s in g] for g in runs[1]]
     for a, b in zip(*runs):
@@ -216,7 +216,7 @@ def test_without_a_working_compiler_decoding_falls_back_to_torch_ops(fresh_build
     assert not list(fresh_build.rglob("*.so")) and not list(fresh_build.rglob("*.tmp"))  # nothing half-written
     model, tok = tiny
     assert SpecDecoder(model, read_spec(model)).kernels is None
-    out = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id).generate(
+    out = DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id).generate(
         [tok("12=")["input_ids"]], 2, SamplingParams(temperature=0.0, max_new_tokens=5))
     assert len(out[0][0].response_ids) > 0
 

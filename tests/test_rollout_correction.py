@@ -13,7 +13,7 @@ from dapo_rl.algorithm import ADVANTAGE_ESTIMATORS, ROLLOUT_CORRECTIONS, aggrega
 from dapo_rl.config import load_config
 from dapo_rl.data.synthetic import VOCAB
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
-from dapo_rl.rollout.fast import FastRolloutEngine
+from dapo_rl.rollout.decoder_engine import DecoderEngine
 from dapo_rl.training.batching import pack
 from dapo_rl.training.weight_sync import SyncCheck, WeightSyncError
 
@@ -178,20 +178,20 @@ def _perturb(model, scale: float) -> None:
 def test_sync_check_passes_a_synced_engine_and_stops_a_stale_one():
     tok, model = _engine_and_model()
     prompt = tok("12345=")["input_ids"]
-    synced = SyncCheck(FastRolloutEngine(model, tok.pad_token_id, tok.eos_token_id), prompt, _score_with(model, tok), tolerance=1e-3)
-    stale_engine = FastRolloutEngine(copy.deepcopy(model), tok.pad_token_id, tok.eos_token_id)  # never receives a push
+    synced = SyncCheck(DecoderEngine(model, tok.pad_token_id, tok.eos_token_id), prompt, _score_with(model, tok), tolerance=1e-3)
+    stale_engine = DecoderEngine(copy.deepcopy(model), tok.pad_token_id, tok.eos_token_id)  # never receives a push
     stale = SyncCheck(stale_engine, prompt, _score_with(model, tok), tolerance=None)  # the bf16 setting: no absolute check
     synced.before()
     stale.before()
     _perturb(model, 1e-3)  # an update the probe notices
     assert synced.after()["rollout/sync_logp_abs_diff"] < 1e-5
-    with pytest.raises(WeightSyncError, match="FastRolloutEngine engine still samples from the previous weights"):
+    with pytest.raises(WeightSyncError, match="DecoderEngine engine still samples from the previous weights"):
         stale.after()
 
 
 def test_sync_check_is_silent_when_an_update_does_not_move_the_probe():
     tok, model = _engine_and_model()
-    stale = SyncCheck(FastRolloutEngine(copy.deepcopy(model), tok.pad_token_id, tok.eos_token_id), tok("12=")["input_ids"],
+    stale = SyncCheck(DecoderEngine(copy.deepcopy(model), tok.pad_token_id, tok.eos_token_id), tok("12=")["input_ids"],
                       _score_with(model, tok), tolerance=None)
     stale.before()
     assert "rollout/sync_logp_abs_diff" in stale.after()  # nothing changed: nothing to judge
@@ -202,7 +202,7 @@ def test_a_run_whose_engine_never_receives_the_weights_stops_with_one_line(tmp_p
     from dapo_rl.cli import main
 
     def stale_engine(config, model, tokenizer):
-        engine = FastRolloutEngine(copy.deepcopy(model), tokenizer.pad_token_id, tokenizer.eos_token_id)
+        engine = DecoderEngine(copy.deepcopy(model), tokenizer.pad_token_id, tokenizer.eos_token_id)
         engine.sync_weights = lambda model: None  # a push that silently does nothing
         return engine
 
@@ -212,7 +212,7 @@ def test_a_run_whose_engine_never_receives_the_weights_stops_with_one_line(tmp_p
     rc = main(["train", f"output_dir={out}", f"quickstart.cache_dir={quickstart_cache}", "steps=3", "data.eval=null",
                "logging.progress=false", "optim.lr=1e-3"])
     err = capfd.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "FastRolloutEngine" in err[0] and "previous weights" in err[0], err
+    assert rc == 2 and len(err) == 1 and "DecoderEngine" in err[0] and "previous weights" in err[0], err
     assert (out / "checkpoints" / "step_000001").is_dir()  # the finished step is saved
 
 

@@ -14,7 +14,7 @@ from dapo_rl.models.decode import PLAIN_PRODUCTS_MAX_HIDDEN, Projection, SpecDec
 from dapo_rl.models.spec import read_spec
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 from dapo_rl.rollout import HFGenerateEngine, SamplingParams
-from dapo_rl.rollout.fast import FastRolloutEngine, draw, filter_logits, ladder_rows, sample_tokens
+from dapo_rl.rollout.decoder_engine import DecoderEngine, draw, filter_logits, ladder_rows, sample_tokens
 
 
 def _decoder(model, **options) -> SpecDecoder:
@@ -46,7 +46,7 @@ def _full_forward_logprobs(model, prompt, response, temperature):
 @pytest.mark.parametrize("compact,direct", [(None, True), (0.0, True), (0.5, True), (1.1, True), (0.5, False)])
 def test_sampler_logprobs_match_a_full_forward_pass(tiny, compact, direct):
     model, tok = tiny
-    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    engine = DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                compact_min_fraction=compact or 0.0, row_ladder=compact is None, direct_decode=direct)
     torch.manual_seed(0)
     params = SamplingParams(temperature=0.7, max_new_tokens=12)
@@ -65,7 +65,7 @@ def test_sampler_logprobs_match_a_full_forward_pass(tiny, compact, direct):
 def test_greedy_output_equals_hf_generate(tiny, direct):
     model, tok = tiny
     greedy = SamplingParams(temperature=0.0, max_new_tokens=16)
-    fast = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    fast = DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                              direct_decode=direct).generate(_prompts(tok), 2, greedy)
     # (HF generate refuses greedy with num_return_sequences > 1, so its reference is n = 1.)
     ref = HFGenerateEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id).generate(_prompts(tok), 1, greedy)
@@ -75,7 +75,7 @@ def test_greedy_output_equals_hf_generate(tiny, direct):
 def test_stops_at_eos_and_stop_ids_with_finish_reasons(tiny):
     model, tok = tiny
     stop = tok.convert_tokens_to_ids("5")
-    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    engine = DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(1)
     groups = engine.generate(_prompts(tok), 8, SamplingParams(max_new_tokens=10, stop_token_ids=(stop,)))
     stops = {tok.eos_token_id, stop}
@@ -94,7 +94,7 @@ def test_stops_at_eos_and_stop_ids_with_finish_reasons(tiny):
 
 def test_same_seed_same_samples(tiny):
     model, tok = tiny
-    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    engine = DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     params = SamplingParams(max_new_tokens=8, top_k=5)
     torch.manual_seed(7)
     a = engine.generate(_prompts(tok), 3, params)
@@ -184,7 +184,7 @@ def test_direct_decode_with_grouped_query_attention_and_equal_length_prompts(tin
     model = gqa_llama(tok)
     prompts = [tok(text)["input_ids"] for text in ("12=", "34=", "56=")]
     assert len({len(p) for p in prompts}) == 1
-    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    engine = DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                compact_min_fraction=compact or 0.0, row_ladder=compact is None)
     torch.manual_seed(2)
     groups = engine.generate(prompts, 5, SamplingParams(temperature=1.3, max_new_tokens=10))
@@ -207,7 +207,7 @@ def test_direct_and_module_decoding_agree_greedily_on_a_gqa_model(tiny, gqa_llam
     _, tok = tiny
     model = gqa_llama(tok, seed=4)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=14)
-    runs = [FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    runs = [DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                               direct_decode=direct).generate(_prompts(tok), 2, greedy) for direct in (True, False)]
     _assert_same_samples(*runs)
 
@@ -220,7 +220,7 @@ def test_packed_weight_products_match_plain_float32_products(tiny):
     assert not _decoder(model.double(), pack_weights=True).packed  # oneDNN has no float64 products
     model.float()
     greedy = SamplingParams(temperature=0.0, max_new_tokens=14)
-    runs = [FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    runs = [DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                               pack_weights=pack).generate(_prompts(tok), 3, greedy) for pack in (True, False)]
     _assert_same_samples(*runs)
 
@@ -277,7 +277,7 @@ def test_decode_batch_shrinks_through_ladder_row_counts_only(tiny, monkeypatch):
         return product(self, x, *args, **kwargs)
 
     monkeypatch.setattr(Projection, "__call__", recording)
-    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    engine = DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(3)
     groups = engine.generate(_prompts(tok), 15, SamplingParams(temperature=1.2, max_new_tokens=24))
     lengths = sorted(len(s.response_ids) for g in groups for s in g)
@@ -290,7 +290,7 @@ def built_decoders(monkeypatch):
     """Weak references to every :class:`SpecDecoder` the fast engine builds in the test, in order."""
     import weakref
 
-    import dapo_rl.rollout.fast as fast
+    import dapo_rl.rollout.decoder_engine as fast
 
     built = []
 
@@ -307,7 +307,7 @@ def test_a_kept_decoder_is_reused_only_while_the_weights_are_unchanged(tiny, bui
     model, tok = tiny
     model = copy.deepcopy(model)
     built = built_decoders
-    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, keep_decoder=True)
+    engine = DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, keep_decoder=True)
     params = SamplingParams(temperature=1.0, max_new_tokens=10)
 
     def sample_and_check():
@@ -341,7 +341,7 @@ def test_a_kept_decoder_is_reused_only_while_the_weights_are_unchanged(tiny, bui
     engine.release_memory()
     sample_and_check()
     assert len(built) == 6
-    plain = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # the default keeps nothing
+    plain = DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # the default keeps nothing
     plain.generate(_prompts(tok), 2, params)
     plain.generate(_prompts(tok), 2, params)
     assert len(built) == 8
@@ -456,7 +456,7 @@ def test_direct_decode_runs_a_bfloat16_model_and_samples_from_float_logits(tiny)
     _, tok = tiny
     model = build_tiny_llama(tok, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, seed=5)
     model = model.to(torch.bfloat16).eval()
-    engine = FastRolloutEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    engine = DecoderEngine(model, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     groups = engine.generate(_prompts(tok), 3, SamplingParams(temperature=1.0, max_new_tokens=8))
     for prompt, group in zip(_prompts(tok), groups):

@@ -1,5 +1,5 @@
 """Decode steps of any model a :class:`~dapo_rl.models.spec.ModelSpec` describes, computed straight
-from its weights (the sampling engine's inner loop, :mod:`dapo_rl.rollout.fast`).
+from its weights (the sampling engine's inner loop, :mod:`dapo_rl.rollout.decoder_engine`).
 
 Same arithmetic as the Hugging Face modules, minus the per-call overhead that dominates a small
 model's decode step (mask building, cache bookkeeping, ~10 module calls per layer):

@@ -15,7 +15,7 @@ import torch
 from dapo_rl.algorithm.registry import Registry
 from dapo_rl.config import Config
 from dapo_rl.rollout.base import RolloutEngine
-from dapo_rl.rollout.fast import FastRolloutEngine
+from dapo_rl.rollout.decoder_engine import DecoderEngine
 from dapo_rl.rollout.hf import HFGenerateEngine
 from dapo_rl.rollout.server_engine import VLLMServerEngine
 from dapo_rl.rollout.vllm_engine import VLLMEngine
@@ -29,7 +29,7 @@ def _engine_class(path: str, obj: Any) -> type[RolloutEngine]:
 
 
 ROLLOUT_ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine", adapt=_engine_class)
-ROLLOUT_ENGINES.register("fast", FastRolloutEngine)  # our sampler: one prefill per prompt, finished rows dropped
+ROLLOUT_ENGINES.register("fast", DecoderEngine)  # our sampler: one prefill per prompt, finished rows dropped
 ROLLOUT_ENGINES.register("hf", HFGenerateEngine)  # Hugging Face generate on the training model
 ROLLOUT_ENGINES.register("vllm", VLLMEngine)  # in-process vLLM (the vllm extra)
 ROLLOUT_ENGINES.register("vllm-server", VLLMServerEngine)  # a separate vLLM server (dapo rollout-server)

@@ -1,4 +1,4 @@
-"""A rollout engine that does only the work that can change the samples.
+"""The `fast` rollout engine (`DecoderEngine`): sampling that does only the work that can change the samples.
 
 Compared with :class:`~dapo_rl.rollout.hf.HFGenerateEngine` (``generate`` with
 ``num_return_sequences=G``), for B prompts × G samples:
@@ -198,7 +198,7 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cumulative, u, right=True).squeeze(-1)
 
 
-class FastRolloutEngine(InProcessEngine):
+class DecoderEngine(InProcessEngine):
     """Samples from the training model itself with one prefill per prompt and finished-row dropping.
 
     Args:
@@ -252,7 +252,7 @@ class FastRolloutEngine(InProcessEngine):
         self._kept: tuple[tuple, object, SpecDecoder] | None = None  # (weights' identity, spec, decoder)
 
     @classmethod
-    def from_config(cls, config: Config, model, tokenizer) -> "FastRolloutEngine":
+    def from_config(cls, config: Config, model, tokenizer) -> "DecoderEngine":
         """The trainer's and ``dapo eval``'s engine: it keeps its decoder between calls (the trainer
         releases it before every update)."""
         return cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
