@@ -221,7 +221,7 @@ class DecoderEngine(InProcessEngine):
             once per call (float32 only; ignored elsewhere); None (default): where
             :func:`~dapo_rl.models.decode.packs_by_default` says it is faster.
         native_kernels: on a CPU in float32, run the direct decode's norms, rotary, attention and
-            gated MLP activation as fused C kernels (:mod:`dapo_rl.rollout.native`; PyTorch ops where they cannot be built).
+            gated MLP activation as fused C kernels (:mod:`dapo_rl.models.native`; PyTorch ops where they cannot be built).
         read_in_place: the direct decoder's products read the model's own matrices, LoRA adapters
             on the fly, instead of fused/packed/merged copies (see
             :class:`~dapo_rl.models.decode.Projection`); None (default): for models with active adapters.

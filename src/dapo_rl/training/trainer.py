@@ -1,4 +1,4 @@
-"""The DAPO trainer: one loop, following the data flow of DESIGN.md.
+"""The DAPO trainer: one loop, following the data flow of docs/architecture.md.
 
 Each step::
 
