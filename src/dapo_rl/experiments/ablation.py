@@ -106,7 +106,7 @@ RUNGS: tuple[Rung, ...] = _build_ladder()
 #   cost an update); with four updates per step a group carried one step is 4 updates old, and
 #   the default age bound of 1 would drop every carried group.
 # - Evaluation every 2 steps on 256 held-out problems x 4 samples: steps-to-target needs the
-#   resolution, and the tiny model evaluates in a fraction of a second.
+#   resolution, and evaluating the tiny model costs little next to its training steps.
 ABLATION_DEFAULTS: dict[str, Any] = {
     "model.path": "builtin:chain-long-tiny",
     "data.train": "builtin:chain-long",
