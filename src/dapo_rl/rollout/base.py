@@ -28,7 +28,7 @@ class SamplingParams:
 
 @dataclass
 class Sample:
-    """One generated response.
+    """One generated response: a single turn, or a whole multi-turn trajectory after the prompt.
 
     ``response_ids`` includes the stop token when ``finish_reason == "stop"``: emitting it is an
     action of the policy and is trained like any other token.
@@ -37,11 +37,27 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
     finish_reason: str
-    logprobs: list[float] | None = None  # sampler's log-prob of each response token, when the engine gives them
+    logprobs: list[float] | None = None  # sampler's log-prob of each response token, when the engine gives them (0 on environment tokens)
+    # A multi-turn trajectory: 1 on the tokens the model sampled, 0 on the environment's (tool
+    # results, observations, the chat template's glue between turns), which are context only: never
+    # in the loss, a normaliser, an importance weight or a statistic. None: every response token is
+    # the model's (one turn).
+    model_mask: list[int] | None = None
 
     @property
     def truncated(self) -> bool:
         return self.finish_reason == FINISH_LENGTH
+
+    @property
+    def model_tokens(self) -> int:
+        """How many response tokens the model sampled (all of them in one turn)."""
+        return len(self.response_ids) if self.model_mask is None else sum(self.model_mask)
+
+    def at_model_tokens(self, values: "torch.Tensor") -> "torch.Tensor":
+        """``values[len(response_ids)]`` at the model's tokens only (all of it in one turn)."""
+        if self.model_mask is None:
+            return values
+        return values[torch.tensor(self.model_mask, dtype=torch.bool, device=values.device)]
 
 
 class EngineLost(RuntimeError):

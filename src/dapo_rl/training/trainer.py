@@ -113,14 +113,18 @@ class PreparedBatch:
     rollout_logp: list[torch.Tensor] | None  # π_rollout [len] per sample, when the engine reports it
     weights: dict[int, torch.Tensor]  # the rollout correction's loss weights [len] (this rank's samples)
     kept: dict[int, torch.Tensor]  # the rollout correction's loss mask [len] (every rank's samples)
+    model: dict[int, torch.Tensor]  # multi-turn samples: 1 on model tokens, 0 on environment tokens [len]
     mismatch: list[torch.Tensor]  # π_old - π_rollout [len] per sample scored so far
     old_logprob_seconds: float
 
     def loss_mask(self, idx: list[int]) -> torch.Tensor:
         """``[len(idx), widest response]`` float mask of the tokens in the loss and its normaliser:
-        response tokens, less overlong-filtered rows and the correction's rejections."""
+        the model's response tokens (never the environment's), less overlong-filtered rows and the
+        correction's rejections."""
         lengths = [len(self.samples[i].response_ids) for i in idx]
         mask = overlong_filter_mask(response_mask(lengths), self.filtered[idx])
+        if self.model:  # multi-turn: environment tokens are context only
+            mask = mask * _per_sample(self.model, idx, self.samples, mask)
         if self.kept:  # the correction's rejections
             mask = mask * _per_sample(self.kept, idx, self.samples, mask)
         return mask
@@ -294,7 +298,8 @@ class Trainer:
         logp, entropy = logprobs(self.train_model, packed, self.forward, with_entropy=True)
         old = logp.detach() if batch.old_logp is None else pad_rows([batch.old_logp[i] for i in idx], mask.shape[1], self.device)
         if batch.old_logp is None and batch.rollout_logp is not None:  # on-policy: π_old is this forward
-            batch.mismatch.extend(old[row, : len(samples[i].response_ids)].cpu() - batch.rollout_logp[i] for row, i in enumerate(idx))
+            batch.mismatch.extend(samples[i].at_model_tokens(old[row, : len(samples[i].response_ids)].cpu() - batch.rollout_logp[i])
+                                  for row, i in enumerate(idx))
         adv = broadcast_to_tokens(batch.advantages[idx].to(self.device), mask)
         per_token, loss_metrics = self.policy_loss(logp, old, adv, mask, self.clip)
         if batch.weights:  # importance weights π_old/π_rollout on the policy-gradient term
@@ -320,6 +325,7 @@ class Trainer:
         mode, ``token_truncate`` under ``none``).
         """
         samples = [s for g in groups for s in g.samples]
+        model = {i: torch.tensor(s.model_mask, dtype=torch.float32) for i, s in enumerate(samples) if s.model_mask is not None}
         rewards = torch.tensor([g.scores for g in groups], dtype=torch.float32)
         advantages = self.advantage_estimator(rewards, eps=self.cfg.advantage.eps).reshape(-1)  # one per sample
         truncated = torch.tensor([s.truncated for s in samples])
@@ -339,22 +345,24 @@ class Trainer:
             with adapters_disabled(self.reference) if self.reference is self.model else nullcontext():
                 ref_logp = self._logprobs_of(self.reference, samples, trainable)
         old_seconds = time.perf_counter() - started
-        weights, kept = self._correct(samples, old_logp, rollout_logp, carried) if corrected else ({}, {})
-        mismatch = [old_logp[i].cpu() - rollout_logp[i] for i in sorted(old_logp)] if old_logp and rollout_logp else []
+        weights, kept = self._correct(samples, old_logp, rollout_logp, carried, model) if corrected else ({}, {})
+        mismatch = ([samples[i].at_model_tokens(old_logp[i].cpu() - rollout_logp[i]) for i in sorted(old_logp)]
+                    if old_logp and rollout_logp else [])
         return PreparedBatch(samples, advantages, filtered, trainable, old_logp, ref_logp, rollout_logp, weights, kept,
-                             mismatch, old_seconds)
+                             model, mismatch, old_seconds)
 
     def _mismatch_metrics(self, batch: PreparedBatch) -> dict[str, float]:
         """π_old against π_rollout over every rank's samples, and the tokens the correction masked."""
         mismatch = [row for share in self.dist.all_gather_objects(batch.mismatch) for row in share]
-        masked = float(sum(len(batch.samples[i].response_ids) - batch.kept[i].sum().item() for i in batch.kept))
+        masked = float(sum(batch.samples[i].model_tokens - batch.kept[i].sum().item() for i in batch.kept))
         return mismatch_metrics(mismatch, self.correction_mode.startswith("sequence"), masked)
 
     def _correct(self, samples: list[Sample], old_logp: dict[int, torch.Tensor], rollout_logp: list[torch.Tensor],
-                 carried: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+                 carried: torch.Tensor, model: dict[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """The rollout correction of the samples with a π_old (under ``rollout_correction.mode=none``,
         of the ``carried`` ones only, by ``token_truncate``): per sample, the loss weights ``[len]``
-        (this rank's samples) and the loss mask ``[len]`` (every rank's, for the global normalisers)."""
+        (this rank's samples) and the loss mask ``[len]`` (every rank's, for the global normalisers).
+        Only model tokens (``model``: the multi-turn samples' masks) enter the weights."""
         correction = self.rollout_correction if self.corrects_rollouts else ROLLOUT_CORRECTIONS.get("token_truncate")
         rows = sorted(i for i in old_logp if self.corrects_rollouts or carried[i])
         weights: dict[int, torch.Tensor] = {}
@@ -364,7 +372,11 @@ class Trainer:
             cpu = torch.device("cpu")
             old = pad_rows([old_logp[i].detach().cpu() for i in rows], max(lengths), cpu)
             sampled = pad_rows([rollout_logp[i].to(old.dtype) for i in rows], max(lengths), cpu)
-            w, mask = correction(old, sampled, response_mask(lengths).to(old.dtype), self.cfg.rollout_correction.cap)
+            tokens = response_mask(lengths).to(old.dtype)
+            if model:  # environment tokens are never weighted, nor in a sequence's geometric mean
+                tokens = tokens * _per_sample(model, rows, samples, tokens)
+            w, mask = correction(old, sampled, tokens, self.cfg.rollout_correction.cap)
+            w = w * tokens  # no weight off the model's tokens (1 there, exactly: single turns are unchanged)
             weights = {i: w[r, :n] for r, (i, n) in enumerate(zip(rows, lengths))}
             kept = {i: mask[r, :n] for r, (i, n) in enumerate(zip(rows, lengths))}
         return weights, {i: m for share in self.dist.all_gather_objects(kept) for i, m in share.items()}
