@@ -19,7 +19,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("config", "algorithm", "errors", "cache_dir", "reproducibility"),  # import nothing of the library
     ("data", "telemetry"),
     ("rewards",),
-    ("models",),
+    ("models", "tools"),
     ("rollout",),
     ("evaluation",),
     ("training",),

@@ -114,6 +114,14 @@ class RolloutConfig:
     vllm_sleep: bool = False  # GPU: free vLLM's memory (sleep level 1) while training; ignored on CPU
     server: RolloutServerConfig = field(default_factory=RolloutServerConfig)
     async_steps: int = 0  # 1 = one-step-off: the server samples step k+1's first round while step k trains (vllm-server only)
+    # Multi-turn rollouts (see README "Tools and environments"); off while neither tools nor an environment is set:
+    tools: List[str] = field(default_factory=list)  # functions the model may call: [pkg.module:function, ...] (typed, documented)
+    environment: Optional[str] = None  # pkg.module:Class with reset(row) and step(text) -> (observation, done); one per trajectory
+    tool_parser: str = "hermes"  # how tool calls are written: hermes (<tool_call>{json}</tool_call>) | pkg.module:function
+    max_turns: int = 4  # model turns per trajectory (max_response_length bounds the whole trajectory)
+    max_tool_response_tokens: int = 256  # a longer tool result or observation is cut (visibly)
+    tool_timeout_s: float = 10.0  # a tool call running longer is an error the model sees
+    max_environment_failures: int = 20  # consecutive environment failures that stop the run
 
 
 @dataclass
@@ -517,6 +525,14 @@ def validate(c: Config) -> None:
 
 def _validate_server(c: Config) -> None:
     r, sc = c.rollout, c.rollout.server
+    require(r.max_turns >= 1, "rollout.max_turns", f"must be >= 1, got {r.max_turns}", "e.g. 4")
+    require(r.max_tool_response_tokens >= 1, "rollout.max_tool_response_tokens", f"must be >= 1, got {r.max_tool_response_tokens}", "e.g. 256")
+    require(r.tool_timeout_s > 0, "rollout.tool_timeout_s", f"must be > 0, got {r.tool_timeout_s}", "e.g. 10")
+    require(r.max_environment_failures >= 1, "rollout.max_environment_failures", f"must be >= 1, got {r.max_environment_failures}", "default 20")
+    require(not (r.tools and r.environment), "rollout.tools", "and rollout.environment are both set",
+            "give tools, or an environment (whose step() may call your functions itself)")
+    require(r.async_steps == 0 or not (r.tools or r.environment), "rollout.async_steps",
+            "one-step-off overlap does not take multi-turn rollouts yet", "set rollout.async_steps=0")
     require(r.async_steps in (0, 1), "rollout.async_steps", f"must be 0 or 1, got {r.async_steps}",
             "0 = sample and train in turn, 1 = one-step-off overlap")
     require(sc.timeout_s > 0, "rollout.server.timeout_s", f"must be > 0, got {sc.timeout_s}", "e.g. 300")

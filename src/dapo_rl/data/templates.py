@@ -140,3 +140,37 @@ def _apply_chat_template(messages: list[dict[str, str]], tokenizer: Any | None) 
     if not isinstance(text, str):  # guards against a tokenizer API that tokenizes regardless
         raise TemplateError(f"tokenizer.apply_chat_template returned {type(text).__name__}, expected text")
     return text
+
+
+_OBSERVATION_MARK = "\x00OBSERVATION\x00"
+
+
+def observation_glue(tokenizer: Any, role: str = "tool") -> tuple[str, str]:
+    """How the chat template continues a conversation after the model's turn with a ``role``
+    message: ``(before, after)`` such that the text ``before + observation + after`` follows the
+    model's end-of-turn token and ends where the model's next turn begins.
+
+    Found by rendering a dummy conversation with and without the message (TRL's approach) and
+    keeping the difference, so that the whole conversation stays a prefix-extension of what came
+    before: the model's tokens are never re-tokenized. The part of the template after the
+    assistant's content that the model emits itself (its end-of-turn token) is not repeated.
+    Without a chat template the observation follows the model's text as it is: ``("", "")``.
+
+    Raises:
+        TemplateError: the template does not render the conversation as an extension (the message
+            names ``data.chat_template``).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return "", ""
+    dummy = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    base = tokenizer.apply_chat_template(dummy, tokenize=False)
+    full = tokenizer.apply_chat_template(dummy + [{"role": role, "content": _OBSERVATION_MARK}], tokenize=False,
+                                         add_generation_prompt=True)
+    if not (isinstance(base, str) and isinstance(full, str) and full.startswith(base) and _OBSERVATION_MARK in full):
+        raise TemplateError(f"the chat template does not render a {role} message after the model's turn as a continuation "
+                            f"of the conversation; give one that does with data.chat_template=PATH (a Jinja file)")
+    tail = base[base.rindex("A") + 1:]  # what the template writes after the assistant's content
+    eos = tokenizer.eos_token or ""
+    emitted = eos if eos and tail.startswith(eos) else ""  # the model's own end-of-turn token
+    before, _, after = (tail[len(emitted):] + full[len(base):]).partition(_OBSERVATION_MARK)
+    return before, after

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
@@ -27,6 +28,17 @@ class SamplingParams:
 
 
 @dataclass
+class TrajectoryStats:
+    """What happened in one multi-turn trajectory (:mod:`dapo_rl.rollout.multi_turn`)."""
+
+    turns: int = 0  # model turns
+    tool_calls: int = 0
+    tool_errors: Counter = field(default_factory=Counter)  # kind (dapo_rl.tools.TOOL_ERROR_KINDS) -> count
+    environment_reward: float | None = None  # the environment's reward(), when it has one
+    environment_failed: bool = False
+
+
+@dataclass
 class Sample:
     """One generated response: a single turn, or a whole multi-turn trajectory after the prompt.
 
@@ -43,6 +55,7 @@ class Sample:
     # in the loss, a normaliser, an importance weight or a statistic. None: every response token is
     # the model's (one turn).
     model_mask: list[int] | None = None
+    trajectory: TrajectoryStats | None = None  # a multi-turn rollout's account of the trajectory
 
     @property
     def truncated(self) -> bool:

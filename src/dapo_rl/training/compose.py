@@ -33,6 +33,7 @@ from dapo_rl.rewards import resolve_reward_fn
 from dapo_rl.rollout.base import RolloutEngine
 from dapo_rl.rollout.engines import ROLLOUT_ENGINES, build_engine
 from dapo_rl.telemetry.sinks import SINK_NAMES, WANDB_MODES
+from dapo_rl.tools import TOOL_PARSERS, load_environment, load_tools
 from dapo_rl.training.errors import RunError
 
 __all__ = ["check_config", "correction_mode", "device_and_autocast", "encoded_prompts", "policy_and_tokenizer",
@@ -97,6 +98,7 @@ def check_config(config: Config) -> None:
         require(sink in SINK_NAMES, "logging.sinks", f"{sink!r} is not valid", f"use one of {', '.join(SINK_NAMES)}")
     require(c.logging.wandb_mode in WANDB_MODES, "logging.wandb_mode", f"{c.logging.wandb_mode!r} is not valid",
             f"use one of {', '.join(WANDB_MODES)}")
+    _check_multi_turn(c)
     engine = _engine_class(c)
     require(c.rollout.async_steps == 0 or engine.samples_in_background, "rollout.async_steps",
             f"one-step-off overlap needs an engine that samples in the background, not rollout.engine={c.rollout.engine}",
@@ -106,6 +108,23 @@ def check_config(config: Config) -> None:
             f"{mode} needs the sampler's log-probs, which the {c.rollout.engine} engine does not return",
             "use rollout.engine=fast (or vllm), or rollout_correction.mode=none")
     engine.check_config(c)
+
+
+def _check_multi_turn(c: Config) -> None:
+    """The tools import and are typed and documented, the parser is known, the environment has ``step``."""
+    r = c.rollout
+    if not (r.tools or r.environment):
+        return
+    try:
+        load_tools(list(r.tools))
+    except ValueError as exc:
+        raise ConfigError(f"rollout.tools: {exc}") from None
+    _registered(TOOL_PARSERS, r.tool_parser, "rollout.tool_parser")
+    if r.environment:
+        try:
+            load_environment(r.environment)
+        except ValueError as exc:
+            raise ConfigError(f"rollout.environment: {exc}") from None
 
 
 def device_and_autocast(config: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:

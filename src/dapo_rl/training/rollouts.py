@@ -35,6 +35,7 @@ from dapo_rl.data.encoding import EncodedPrompt
 from dapo_rl.data.stream import PromptStream
 from dapo_rl.rewards import score_responses
 from dapo_rl.rollout.base import RolloutEngine, Sample, SamplingParams
+from dapo_rl.rollout.multi_turn import MultiTurnSampler, environment_result, last_model_turn, trajectory_metrics
 from dapo_rl.training.distributed import DistContext
 
 
@@ -96,18 +97,33 @@ class RolloutCollector:
             raise ConfigError(f"rollout.async_steps=1 needs an engine that samples in the background (rollout.engine=vllm-server), "
                               f"not {type(engine).__name__}")
         self.pending: PendingRound | None = None
+        self.multi_turn = MultiTurnSampler.from_config(config, engine, tokenizer)  # None: one turn
         self.sampling = SamplingParams(
             temperature=config.rollout.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
             max_new_tokens=config.rollout.max_response_length, stop_token_ids=tuple(config.rollout.stop_token_ids),
         )
 
+    def sample(self, prompts: list[EncodedPrompt]) -> list[list[Sample]]:
+        """``group_size`` samples of each prompt: one turn from the engine, or multi-turn trajectories."""
+        ids = [list(p.ids) for p in prompts]
+        if self.multi_turn is None:
+            return self.engine.generate(ids, self.cfg.group_size, self.sampling)
+        rows = [{**p.example.metadata, "prompt": p.example.prompt, "answer": p.example.answer} for p in prompts]
+        return self.multi_turn.generate(ids, self.cfg.group_size, self.sampling, rows=rows)
+
     def score(self, prompts: list[EncodedPrompt], groups: list[list[Sample]]) -> tuple[list[ScoredGroup], int]:
         """Rule-based reward + soft overlong penalty for every sample; returns the groups and the
-        number of reward calls that failed (raised or timed out: scored as incorrect)."""
+        number of reward calls that failed (raised or timed out: scored as incorrect).
+
+        A multi-turn sample is judged on the model's last turn (its final answer; the environment's
+        messages are not the model's words); an environment's ``reward()`` replaces the reward
+        function, and an environment that failed scores as incorrect."""
         flat = [(prompt, sample) for prompt, group in zip(prompts, groups) for sample in group]
-        texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for _, s in flat]
+        texts = [self.tokenizer.decode(last_model_turn(s), skip_special_tokens=True) for _, s in flat]
         results = score_responses(self.reward_fn, texts, [p.example.answer for p, _ in flat],
                                   [dict(p.example.metadata) for p, _ in flat], self.cfg.reward.timeout_s)
+        results = [environment_result(s.trajectory, r, self.cfg.reward.correct, self.cfg.reward.incorrect)
+                   for (_, s), r in zip(flat, results)]
         scores = torch.tensor([r.score for r in results], dtype=torch.float64)
         if self.cfg.overlong.soft_punishment:
             lengths = torch.tensor([len(s.response_ids) for _, s in flat])
@@ -141,7 +157,7 @@ class RolloutCollector:
                 indices = self.stream.take_indices(self.sampler.round_size())  # the same on every rank
                 prompts = [self.stream.prompts[i] for i in indices]
                 mine = prompts[dist.rank :: dist.world_size]
-                groups = self.engine.generate([list(p.ids) for p in mine], cfg.group_size, self.sampling) if mine else []
+                groups = self.sample(mine) if mine else []
                 version = policy_version
             t1 = time.perf_counter()
             scored, failed = self.score(mine, groups)
@@ -185,6 +201,7 @@ class RolloutCollector:
             "train/sampling_exhausted": float(batch.exhausted),
             "train/sampling_exhausted_total": float(self.sampler.exhausted_total),
             **self._sampling_metrics(batch),
+            **trajectory_metrics([s for grp in generated for s in grp.samples]),
             "rollout/groups_sampled_ahead": ahead,
             "time/generation_s": gen_time,
             "time/scoring_s": score_time,
