@@ -294,3 +294,41 @@ def test_dapo_train_runs_an_environment_end_to_end(tmp_path, quickstart_cache, m
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["rollout/turns_mean"] > 1.0 and r["rollout/environment_token_frac"] > 0.0 for r in rows)
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)
+
+
+TOOLS_CHATML = ("{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}" + CHATML)
+
+
+def test_prompts_show_the_tools_through_the_chat_template(bpe, tmp_path):
+    import copy
+
+    from dapo_rl.data import Example, TemplateError, render_prompt
+    from dapo_rl.data.templates import use_chat_template_file
+
+    schemas = [tool_from_function(add).schema]
+    example = Example("add 2 and 3", "5")
+    with pytest.raises(TemplateError, match="data.chat_template"):  # ChatML above ignores tools=
+        render_prompt(example, "chat", bpe, tools=schemas)
+    tok = copy.deepcopy(bpe)
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOLS_CHATML)
+    use_chat_template_file(tok, str(template))
+    text = render_prompt(example, "chat", tok, tools=schemas)
+    assert text.startswith("<|im_start|>system\nTools: ") and '"name": "add"' in text and text.endswith("<|im_start|>assistant\n")
+    assert render_prompt(example, "chat", tok) == render_prompt(example, "chat", bpe)  # no tools: as before
+    with pytest.raises(TemplateError, match="data.chat_template: cannot read"):
+        use_chat_template_file(tok, str(tmp_path / "missing.jinja"))
+
+
+def test_dapo_eval_takes_the_same_multi_turn_keys(tmp_path, quickstart_model, monkeypatch):
+    from pathlib import Path
+
+    from dapo_rl.cli import main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    out = tmp_path / "eval.json"
+    assert main(["eval", quickstart_model, "builtin:chain", "environment=tests.test_multi_turn:SayEquals", "k=2", "max_rows=8",
+                 "greedy=false", "max_response_length=32", "progress=false", f"output={out}"]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_problems"] == 8 and result["trajectory"]["rollout/turns_mean"] > 1.0
+    assert main(["eval", quickstart_model, "builtin:chain", "tools=[tests.test_multi_turn:undocumented]", "progress=false"]) == 2

@@ -67,6 +67,7 @@ class PromptFields:
     answer_field: Optional[str] = None
     template: str = "raw"  # raw | dapo | gsm8k | chat
     use_chat_template: bool = False  # wrap the prompt in the tokenizer's chat template
+    chat_template: Optional[str] = None  # a Jinja file replacing the tokenizer's chat template (Hugging Face's convention); e.g. one that renders tools
     max_prompt_length: int = 512  # prompts longer than this (tokens) are skipped and reported
     max_rows: Optional[int] = None  # read at most this many usable rows (dapo train: of data.train); null = all
     builtin_eval_size: int = 256  # problems in a built-in task's held-out split
@@ -96,7 +97,22 @@ class RolloutServerConfig:
 
 
 @dataclass
-class RolloutConfig:
+class MultiTurnFields:
+    """Multi-turn rollouts with tools or an environment (README "Tools and environments"): the keys
+    ``dapo train`` (section ``rollout``) and ``dapo eval`` (top level) share. Off while neither
+    ``tools`` nor ``environment`` is set."""
+
+    tools: List[str] = field(default_factory=list)  # functions the model may call: [pkg.module:function, ...] (typed, documented)
+    environment: Optional[str] = None  # pkg.module:Class with reset(row) and step(text) -> (observation, done); one per trajectory
+    tool_parser: str = "hermes"  # how tool calls are written: hermes (<tool_call>{json}</tool_call>) | pkg.module:function
+    max_turns: int = 4  # model turns per trajectory (max_response_length bounds the whole trajectory)
+    max_tool_response_tokens: int = 256  # a longer tool result or observation is cut (visibly)
+    tool_timeout_s: float = 10.0  # a tool call running longer is an error the model sees
+    max_environment_failures: int = 20  # consecutive environment failures that stop the run
+
+
+@dataclass
+class RolloutConfig(MultiTurnFields):
     engine: str = "fast"  # hf (Hugging Face generate on the training model) | fast (same sampling; one prefill per prompt, finished rows dropped) | vllm | vllm-server
     temperature: float = 1.0
     top_p: float = 1.0
@@ -114,14 +130,6 @@ class RolloutConfig:
     vllm_sleep: bool = False  # GPU: free vLLM's memory (sleep level 1) while training; ignored on CPU
     server: RolloutServerConfig = field(default_factory=RolloutServerConfig)
     async_steps: int = 0  # 1 = one-step-off: the server samples step k+1's first round while step k trains (vllm-server only)
-    # Multi-turn rollouts (see README "Tools and environments"); off while neither tools nor an environment is set:
-    tools: List[str] = field(default_factory=list)  # functions the model may call: [pkg.module:function, ...] (typed, documented)
-    environment: Optional[str] = None  # pkg.module:Class with reset(row) and step(text) -> (observation, done); one per trajectory
-    tool_parser: str = "hermes"  # how tool calls are written: hermes (<tool_call>{json}</tool_call>) | pkg.module:function
-    max_turns: int = 4  # model turns per trajectory (max_response_length bounds the whole trajectory)
-    max_tool_response_tokens: int = 256  # a longer tool result or observation is cut (visibly)
-    tool_timeout_s: float = 10.0  # a tool call running longer is an error the model sees
-    max_environment_failures: int = 20  # consecutive environment failures that stop the run
 
 
 @dataclass
@@ -525,12 +533,7 @@ def validate(c: Config) -> None:
 
 def _validate_server(c: Config) -> None:
     r, sc = c.rollout, c.rollout.server
-    require(r.max_turns >= 1, "rollout.max_turns", f"must be >= 1, got {r.max_turns}", "e.g. 4")
-    require(r.max_tool_response_tokens >= 1, "rollout.max_tool_response_tokens", f"must be >= 1, got {r.max_tool_response_tokens}", "e.g. 256")
-    require(r.tool_timeout_s > 0, "rollout.tool_timeout_s", f"must be > 0, got {r.tool_timeout_s}", "e.g. 10")
-    require(r.max_environment_failures >= 1, "rollout.max_environment_failures", f"must be >= 1, got {r.max_environment_failures}", "default 20")
-    require(not (r.tools and r.environment), "rollout.tools", "and rollout.environment are both set",
-            "give tools, or an environment (whose step() may call your functions itself)")
+    validate_multi_turn_fields(r, "rollout.")
     require(r.async_steps == 0 or not (r.tools or r.environment), "rollout.async_steps",
             "one-step-off overlap does not take multi-turn rollouts yet", "set rollout.async_steps=0")
     require(r.async_steps in (0, 1), "rollout.async_steps", f"must be 0 or 1, got {r.async_steps}",
@@ -546,6 +549,17 @@ def _validate_data(c: Config) -> None:
     require(d.builtin_train_size >= 1, "data.builtin_train_size", f"must be >= 1, got {d.builtin_train_size}", "default 20000")
     require(d.retire_solved_after >= 0, "data.retire_solved_after", f"must be >= 0, got {d.retire_solved_after}", "0 never retires a prompt")
     require(0 <= d.unsolved_weight <= 1, "data.unsolved_weight", f"must be in [0, 1], got {d.unsolved_weight}", "1 samples unsolved prompts as often as any")
+
+
+def validate_multi_turn_fields(f: MultiTurnFields, prefix: str = "") -> None:
+    """The rules of the :class:`MultiTurnFields` that need no import (``prefix``: ``"rollout."``
+    for ``dapo train``, none for ``dapo eval``)."""
+    require(f.max_turns >= 1, f"{prefix}max_turns", f"must be >= 1, got {f.max_turns}", "e.g. 4")
+    require(f.max_tool_response_tokens >= 1, f"{prefix}max_tool_response_tokens", f"must be >= 1, got {f.max_tool_response_tokens}", "e.g. 256")
+    require(f.tool_timeout_s > 0, f"{prefix}tool_timeout_s", f"must be > 0, got {f.tool_timeout_s}", "e.g. 10")
+    require(f.max_environment_failures >= 1, f"{prefix}max_environment_failures", f"must be >= 1, got {f.max_environment_failures}", "default 20")
+    require(not (f.tools and f.environment), f"{prefix}tools", f"and {prefix}environment are both set",
+            "give tools, or an environment (whose step() may call your functions itself)")
 
 
 def validate_prompt_fields(f: PromptFields, prefix: str = "") -> None:

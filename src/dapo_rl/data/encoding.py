@@ -25,6 +25,7 @@ def encode_prompts(
     template: str = "raw",
     use_chat_template: bool = False,
     max_prompt_length: int | None = None,
+    tools: list[dict] | None = None,
 ) -> tuple[list[EncodedPrompt], list[RowProblem]]:
     """Render and tokenize each example; prompts longer than ``max_prompt_length`` are reported, not kept.
 
@@ -33,7 +34,7 @@ def encode_prompts(
     """
     encoded, skipped = [], []
     for index, example in enumerate(examples):
-        text = render_prompt(example, template, tokenizer=tokenizer, use_chat_template=use_chat_template)
+        text = render_prompt(example, template, tokenizer=tokenizer, use_chat_template=use_chat_template, tools=tools)
         ids = tuple(tokenizer(text, add_special_tokens=not use_chat_template)["input_ids"])
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             row = example.metadata.get("source_row", index) if isinstance(example.metadata, dict) else index
@@ -59,6 +60,7 @@ class PromptSource:
     max_prompt_length: int | None = None
     builtin_train_size: int = 20000
     builtin_eval_size: int = 256
+    tools: tuple = ()  # JSON schemas of the tools the chat template shows the model
 
 
 def check_prompt_fields(fields: PromptFields, prefix: str = "") -> None:
@@ -70,14 +72,14 @@ def check_prompt_fields(fields: PromptFields, prefix: str = "") -> None:
 
 
 def prompt_source(fields: PromptFields, path: str, *, held_out: bool, split: str = "train", max_rows: int | None = None,
-                  builtin_train_size: int = 20000) -> PromptSource:
+                  builtin_train_size: int = 20000, tools: tuple = ()) -> PromptSource:
     """Where the prompts of ``path`` come from and how they are rendered, as ``fields`` (``dapo
     train``'s ``data`` section or ``dapo eval``'s options) say. ``max_rows`` caps the usable rows."""
     dataset = DatasetSpec(path=path, format=fields.format, preset=fields.preset, split=split, prompt_field=fields.prompt_field,
                           answer_field=fields.answer_field, max_rows=max_rows)
     return PromptSource(dataset=dataset, held_out=held_out, template=fields.template, use_chat_template=fields.use_chat_template,
                         max_prompt_length=fields.max_prompt_length, builtin_train_size=builtin_train_size,
-                        builtin_eval_size=fields.builtin_eval_size)
+                        builtin_eval_size=fields.builtin_eval_size, tools=tuple(tools))
 
 
 def skipped_rows_note(skipped: list[RowProblem], shown: int = 3) -> str:
@@ -112,7 +114,7 @@ def load_prompts(source: PromptSource, tokenizer) -> tuple[list[EncodedPrompt], 
             raise DatasetError(str(exc)) from None
         examples, skipped = list(loaded.examples), list(loaded.skipped)
     prompts, too_long = encode_prompts(examples, tokenizer, template=source.template, use_chat_template=source.use_chat_template,
-                                       max_prompt_length=source.max_prompt_length)
+                                       max_prompt_length=source.max_prompt_length, tools=list(source.tools) or None)
     skipped += too_long
     if source.dataset.max_rows is not None:
         prompts = prompts[: source.dataset.max_rows]

@@ -12,6 +12,8 @@ instruction-tuned models) or, without one, the message contents are joined (for 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Any
 
 from dapo_rl.data.datasets import Example
@@ -107,6 +109,7 @@ def render_prompt(
     template: str,
     tokenizer: Any | None = None,
     use_chat_template: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The exact text fed to the model for ``example``.
 
@@ -116,14 +119,16 @@ def render_prompt(
     text ends where the assistant's reply begins; a tokenizer without a chat template is an error
     rather than a silent fallback, because a chat model prompted without its template trains on
     the wrong distribution. Without a chat template, message contents are joined by a blank line.
+    ``tools``: the JSON schemas of the tools the model may call, rendered by the chat template
+    (its ``tools=`` argument); a template that ignores them is an error naming ``data.chat_template``.
     """
     messages = render_messages(example, template)
     if template == "chat" or use_chat_template:
-        return _apply_chat_template(messages, tokenizer)
+        return _apply_chat_template(messages, tokenizer, tools)
     return _RAW_JOIN.join(message["content"] for message in messages)
 
 
-def _apply_chat_template(messages: list[dict[str, str]], tokenizer: Any | None) -> str:
+def _apply_chat_template(messages: list[dict[str, str]], tokenizer: Any | None, tools: list[dict[str, Any]] | None = None) -> str:
     if tokenizer is None:
         raise TemplateError(
             "a chat template was requested (data.use_chat_template=true or data.template='chat') but no "
@@ -136,9 +141,13 @@ def _apply_chat_template(messages: list[dict[str, str]], tokenizer: Any | None) 
             "or data.template='chat'); fix: set data.use_chat_template=false and a non-chat data.template, "
             "or use a model whose tokenizer defines a chat template"
         )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, tools=tools or None)
     if not isinstance(text, str):  # guards against a tokenizer API that tokenizes regardless
         raise TemplateError(f"tokenizer.apply_chat_template returned {type(text).__name__}, expected text")
+    if tools and text == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True):
+        raise TemplateError("data.chat_template: the model's chat template ignores tools= (the prompt renders the same "
+                            "with and without rollout.tools); give a template that shows them, data.chat_template=PATH "
+                            "(a Jinja file)")
     return text
 
 
@@ -174,3 +183,18 @@ def observation_glue(tokenizer: Any, role: str = "tool") -> tuple[str, str]:
     emitted = eos if eos and tail.startswith(eos) else ""  # the model's own end-of-turn token
     before, _, after = (tail[len(emitted):] + full[len(base):]).partition(_OBSERVATION_MARK)
     return before, after
+
+
+def use_chat_template_file(tokenizer: Any, path: str | None) -> None:
+    """Give ``tokenizer`` the chat template in the Jinja file ``path`` (``data.chat_template``);
+    None keeps its own. It is saved with the tokenizer (the final policy, checkpoints).
+
+    Raises:
+        TemplateError: the file cannot be read (the message names data.chat_template).
+    """
+    if path is None:
+        return
+    try:
+        tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TemplateError(f"data.chat_template: cannot read {path} ({exc.__class__.__name__}); give a Jinja chat-template file") from None

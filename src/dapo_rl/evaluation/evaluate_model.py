@@ -23,8 +23,10 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dapo_rl.config import Config, ConfigError, ModelConfig, PromptFields, QuickstartConfig, RolloutConfig, require, validate_prompt_fields
+from dapo_rl.config import (Config, ConfigError, ModelConfig, MultiTurnFields, PromptFields, QuickstartConfig, RolloutConfig, require,
+                            validate_multi_turn_fields, validate_prompt_fields)
 from dapo_rl.data import DatasetError, TemplateError
+from dapo_rl.data.templates import use_chat_template_file
 from dapo_rl.data.encoding import EncodedPrompt, check_prompt_fields, load_prompts, prompt_source, skipped_rows_note
 from dapo_rl.evaluation.evaluate import EvalResult, evaluate
 from dapo_rl.models.loading import ModelLoadError, load_policy, resolve_device
@@ -32,14 +34,16 @@ from dapo_rl.models.lora import AdapterError, is_adapter_folder
 from dapo_rl.rewards import resolve_reward_fn
 from dapo_rl.rollout.base import SamplingParams
 from dapo_rl.rollout.engines import ROLLOUT_ENGINES, build_engine
+from dapo_rl.rollout.multi_turn import MultiTurnSampler, check_multi_turn_fields, tool_schemas
 
 _DATA_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".ndjson", ".parquet", ".pq")
 
 
 @dataclass
-class EvalOptions(PromptFields):
+class EvalOptions(PromptFields, MultiTurnFields):
     """Options of ``dapo eval`` (``key=value`` on the command line): how DATA's rows become
-    prompts (:class:`~dapo_rl.config.PromptFields`, as ``dapo train``'s ``data.*``), then these."""
+    prompts (:class:`~dapo_rl.config.PromptFields`, as ``dapo train``'s ``data.*``), tools or an
+    environment (:class:`~dapo_rl.config.MultiTurnFields`, as ``dapo train``'s ``rollout.*``), then these."""
 
     k: int = 4  # samples per problem: avg@k and pass@j for j = 1, 2, 4, ..., k
     samples_per_prompt: int | None = None  # alias of k (the trainer's eval.samples_per_prompt)
@@ -93,6 +97,8 @@ def _validate(o: EvalOptions) -> None:
     require(o.max_response_length >= 1, "max_response_length", f"must be >= 1, got {o.max_response_length}", "set a positive token count")
     validate_prompt_fields(o)
     check_prompt_fields(o)
+    validate_multi_turn_fields(o)
+    check_multi_turn_fields(o)
     require(o.batch_size >= 1, "batch_size", f"must be >= 1, got {o.batch_size}", "e.g. batch_size=16")
     try:
         ROLLOUT_ENGINES.get(o.engine)
@@ -128,13 +134,18 @@ def _load_model(model: str, o: EvalOptions):
         raise ConfigError(f"{'base' if o.base or is_adapter_folder(model) else 'MODEL'}: {exc}") from None
     except AdapterError as exc:
         raise ConfigError(f"MODEL: {exc}") from None
+    try:
+        use_chat_template_file(tokenizer, o.chat_template)
+    except TemplateError as exc:
+        raise ConfigError(str(exc).removeprefix("data.")) from None
     return model_obj.eval(), tokenizer
 
 
 def load_eval_prompts(data: str, tokenizer, o: EvalOptions) -> list[EncodedPrompt]:
     """The problems of DATA as encoded prompts (``builtin:chain``: the held-out split)."""
     try:
-        prompts, skipped = load_prompts(prompt_source(o, data, held_out=True, split=o.split, max_rows=o.max_rows), tokenizer)
+        source = prompt_source(o, data, held_out=True, split=o.split, max_rows=o.max_rows, tools=tool_schemas(o))
+        prompts, skipped = load_prompts(source, tokenizer)
     except DatasetError as exc:
         raise DatasetError(f"DATA: {str(exc).replace('data.path: ', '')}") from None
     except TemplateError as exc:
@@ -226,8 +237,11 @@ def evaluate_model(model: str, data: str, options: EvalOptions, echo: bool = Tru
                             max_new_tokens=options.max_response_length)
     torch.manual_seed(options.seed)
     started = time.perf_counter()
+    multi_turn = MultiTurnSampler.from_config(options, engine, tokenizer)
     result = evaluate(engine, prompts, tokenizer, reward_fn, params=params, samples_per_problem=options.k,
-                      greedy=options.greedy, reward_timeout_s=options.reward_timeout_s)
+                      greedy=options.greedy, reward_timeout_s=options.reward_timeout_s, multi_turn=multi_turn)
+    if multi_turn is not None:
+        multi_turn.close()
     seconds = time.perf_counter() - started
     # greedy decoding is a second pass whose lengths evaluate() does not report; count sampled tokens only
     sampled_tokens = result.response_length_mean * result.num_problems * result.samples_per_problem
@@ -243,6 +257,7 @@ def evaluate_model(model: str, data: str, options: EvalOptions, echo: bool = Tru
         "response_length_mean": result.response_length_mean,
         "truncated_frac": result.truncated_frac,
         "correct_counts": result.correct_counts,
+        "trajectory": result.trajectory,  # multi-turn: turns, tool calls, errors by kind
         "seconds": round(seconds, 2),
         "sampled_tokens_per_s": round(tokens_per_s, 1),
         "options": asdict(options),

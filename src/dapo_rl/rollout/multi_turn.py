@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
+from dapo_rl.config import ConfigError
 from dapo_rl.data.templates import observation_glue
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, RolloutEngine, Sample, SamplingParams, TrajectoryStats
 from dapo_rl.rewards.functions import RewardResult
@@ -97,19 +98,27 @@ class MultiTurnSampler:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dapo-tool")
 
     @classmethod
-    def from_config(cls, config: Any, engine: RolloutEngine, tokenizer: Any) -> "MultiTurnSampler | None":
-        """The sampler ``rollout.tools`` / ``rollout.environment`` describe; None when neither is set.
+    def from_config(cls, fields: Any, engine: RolloutEngine, tokenizer: Any) -> "MultiTurnSampler | None":
+        """The sampler ``fields`` (:class:`~dapo_rl.config.MultiTurnFields`: ``dapo train``'s
+        ``rollout`` section, ``dapo eval``'s options) describe; None when neither tools nor an
+        environment is set.
 
         Raises:
             ValueError: a tool, parser or environment that cannot be used (the message names it).
         """
-        r = config.rollout
+        r = fields
         if not (r.tools or r.environment):
             return None
         return cls(engine, tokenizer, tools=load_tools(list(r.tools)), parser=TOOL_PARSERS.get(r.tool_parser),
                    environment=load_environment(r.environment) if r.environment else None, max_turns=r.max_turns,
                    max_tool_response_tokens=r.max_tool_response_tokens, tool_timeout_s=r.tool_timeout_s,
                    max_environment_failures=r.max_environment_failures)
+
+    def generate_for(self, prompts: Sequence[Any], n: int, params: SamplingParams) -> list[list[Sample]]:
+        """:meth:`generate` for encoded prompts (:class:`~dapo_rl.data.encoding.EncodedPrompt`): their
+        ids, and their dataset rows (the example's fields, ``prompt`` and ``answer``) for environments."""
+        rows = [{**p.example.metadata, "prompt": p.example.prompt, "answer": p.example.answer} for p in prompts]
+        return self.generate([list(p.ids) for p in prompts], n, params, rows=rows)
 
     def generate(self, prompts: Sequence[list[int]], n: int, params: SamplingParams,
                  rows: Sequence[dict[str, Any]] | None = None) -> list[list[Sample]]:
@@ -299,3 +308,29 @@ def trajectory_metrics(samples: Sequence[Sample]) -> dict[str, float]:
     for kind in TOOL_ERROR_KINDS:
         out[f"rollout/tool_errors/{kind}"] = float(sum(t.tool_errors[kind] for t in stats))
     return out
+
+
+def check_multi_turn_fields(fields: Any, prefix: str = "") -> None:
+    """The tools import and are typed and documented, the parser is known, the environment has
+    ``reset`` and ``step``; raises :class:`~dapo_rl.config.ConfigError` naming ``prefix`` + the key
+    (``"rollout."`` for ``dapo train``, none for ``dapo eval``)."""
+    if not (fields.tools or fields.environment):
+        return
+    try:
+        load_tools(list(fields.tools))
+    except ValueError as exc:
+        raise ConfigError(f"{prefix}tools: {exc}") from None
+    try:
+        TOOL_PARSERS.get(fields.tool_parser)
+    except ValueError as exc:
+        raise ConfigError(f"{prefix}tool_parser: {exc}") from None
+    if fields.environment:
+        try:
+            load_environment(fields.environment)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}environment: {exc}") from None
+
+
+def tool_schemas(fields: Any) -> tuple[dict[str, Any], ...]:
+    """The JSON schemas of ``fields.tools`` (what the chat template shows the model)."""
+    return tuple(t.schema for t in load_tools(list(fields.tools)))

@@ -25,6 +25,7 @@ from dapo_rl.algorithm import (
 )
 from dapo_rl.config import Config, ConfigError, require
 from dapo_rl.data import DatasetError, TemplateError
+from dapo_rl.data.templates import use_chat_template_file
 from dapo_rl.data.encoding import EncodedPrompt, check_prompt_fields, load_prompts, prompt_source, skipped_rows_note
 from dapo_rl.errors import one_line
 from dapo_rl.models.loading import ModelLoadError, load_policy, resolve_device
@@ -32,8 +33,8 @@ from dapo_rl.models.lora import AdapterError
 from dapo_rl.rewards import resolve_reward_fn
 from dapo_rl.rollout.base import RolloutEngine
 from dapo_rl.rollout.engines import ROLLOUT_ENGINES, build_engine
+from dapo_rl.rollout.multi_turn import check_multi_turn_fields, tool_schemas
 from dapo_rl.telemetry.sinks import SINK_NAMES, WANDB_MODES
-from dapo_rl.tools import TOOL_PARSERS, load_environment, load_tools
 from dapo_rl.training.errors import RunError
 
 __all__ = ["check_config", "correction_mode", "device_and_autocast", "encoded_prompts", "policy_and_tokenizer",
@@ -98,7 +99,7 @@ def check_config(config: Config) -> None:
         require(sink in SINK_NAMES, "logging.sinks", f"{sink!r} is not valid", f"use one of {', '.join(SINK_NAMES)}")
     require(c.logging.wandb_mode in WANDB_MODES, "logging.wandb_mode", f"{c.logging.wandb_mode!r} is not valid",
             f"use one of {', '.join(WANDB_MODES)}")
-    _check_multi_turn(c)
+    check_multi_turn_fields(c.rollout, "rollout.")
     engine = _engine_class(c)
     require(c.rollout.async_steps == 0 or engine.samples_in_background, "rollout.async_steps",
             f"one-step-off overlap needs an engine that samples in the background, not rollout.engine={c.rollout.engine}",
@@ -108,23 +109,6 @@ def check_config(config: Config) -> None:
             f"{mode} needs the sampler's log-probs, which the {c.rollout.engine} engine does not return",
             "use rollout.engine=fast (or vllm), or rollout_correction.mode=none")
     engine.check_config(c)
-
-
-def _check_multi_turn(c: Config) -> None:
-    """The tools import and are typed and documented, the parser is known, the environment has ``step``."""
-    r = c.rollout
-    if not (r.tools or r.environment):
-        return
-    try:
-        load_tools(list(r.tools))
-    except ValueError as exc:
-        raise ConfigError(f"rollout.tools: {exc}") from None
-    _registered(TOOL_PARSERS, r.tool_parser, "rollout.tool_parser")
-    if r.environment:
-        try:
-            load_environment(r.environment)
-        except ValueError as exc:
-            raise ConfigError(f"rollout.environment: {exc}") from None
 
 
 def device_and_autocast(config: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
@@ -139,25 +123,31 @@ def policy_and_tokenizer(config: Config, progress: bool = False):
     """The policy and tokenizer ``model.*`` describes (adapters, gradient checkpointing included);
     a model that cannot be loaded is a :class:`ConfigError` naming the key."""
     try:
-        return load_policy(config.model.path, quickstart=config.quickstart, seed=config.seed, progress=progress,
-                           gradient_checkpointing=config.model.gradient_checkpointing, lora=config.model.lora)
+        model, tokenizer = load_policy(config.model.path, quickstart=config.quickstart, seed=config.seed, progress=progress,
+                                       gradient_checkpointing=config.model.gradient_checkpointing, lora=config.model.lora)
+        use_chat_template_file(tokenizer, config.data.chat_template)
     except ModelLoadError as exc:
         raise ConfigError(f"model.path: {exc}") from None
-    except AdapterError as exc:  # the message names the model.lora key
+    except (AdapterError, TemplateError) as exc:  # the message names the model.lora or data.chat_template key
         raise ConfigError(str(exc)) from None
+    return model, tokenizer
 
 
 def encoded_prompts(config: Config, which: str, tokenizer) -> list[EncodedPrompt]:
     """The encoded prompts of ``data.train`` (``which="train"``) or ``data.eval``; skipped rows are reported."""
     dc = config.data
     try:
+        tools = tool_schemas(config.rollout)
         source = prompt_source(dc, dc.train if which == "train" else dc.eval, held_out=which == "eval",
-                               max_rows=dc.max_rows if which == "train" else None, builtin_train_size=dc.builtin_train_size)
+                               max_rows=dc.max_rows if which == "train" else None, builtin_train_size=dc.builtin_train_size,
+                               tools=tools)
         prompts, skipped = load_prompts(source, tokenizer)
     except DatasetError as exc:
         # The loader names the path as data.path; the user set it as data.train or data.eval.
         raise RunError(f"data.{which}: {str(exc).replace('data.path: ', '').replace('data.path', f'data.{which}')}") from None
     except TemplateError as exc:
+        if str(exc).startswith("data.chat_template"):
+            raise ConfigError(one_line(exc)) from None
         raise RunError(f"data.template: {one_line(exc)} (while encoding data.{which}); choose another data.template "
                        f"or data.use_chat_template=false") from None
     if skipped:

@@ -97,7 +97,7 @@ class RolloutCollector:
             raise ConfigError(f"rollout.async_steps=1 needs an engine that samples in the background (rollout.engine=vllm-server), "
                               f"not {type(engine).__name__}")
         self.pending: PendingRound | None = None
-        self.multi_turn = MultiTurnSampler.from_config(config, engine, tokenizer)  # None: one turn
+        self.multi_turn = MultiTurnSampler.from_config(config.rollout, engine, tokenizer)  # None: one turn
         self.sampling = SamplingParams(
             temperature=config.rollout.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
             max_new_tokens=config.rollout.max_response_length, stop_token_ids=tuple(config.rollout.stop_token_ids),
@@ -105,11 +105,9 @@ class RolloutCollector:
 
     def sample(self, prompts: list[EncodedPrompt]) -> list[list[Sample]]:
         """``group_size`` samples of each prompt: one turn from the engine, or multi-turn trajectories."""
-        ids = [list(p.ids) for p in prompts]
         if self.multi_turn is None:
-            return self.engine.generate(ids, self.cfg.group_size, self.sampling)
-        rows = [{**p.example.metadata, "prompt": p.example.prompt, "answer": p.example.answer} for p in prompts]
-        return self.multi_turn.generate(ids, self.cfg.group_size, self.sampling, rows=rows)
+            return self.engine.generate([list(p.ids) for p in prompts], self.cfg.group_size, self.sampling)
+        return self.multi_turn.generate_for(prompts, self.cfg.group_size, self.sampling)
 
     def score(self, prompts: list[EncodedPrompt], groups: list[list[Sample]]) -> tuple[list[ScoredGroup], int]:
         """Rule-based reward + soft overlong penalty for every sample; returns the groups and the

@@ -515,7 +515,8 @@ class Trainer:
             params = SamplingParams(temperature=ec.temperature, top_p=ec.top_p, max_new_tokens=self.cfg.rollout.max_response_length,
                                     stop_token_ids=tuple(self.cfg.rollout.stop_token_ids))
             return evaluate(self.engine, self.eval_prompts, self.tokenizer, self.reward_fn, params=params,
-                            samples_per_problem=ec.samples_per_prompt, greedy=ec.greedy, reward_timeout_s=self.cfg.reward.timeout_s)
+                            samples_per_problem=ec.samples_per_prompt, greedy=ec.greedy, reward_timeout_s=self.cfg.reward.timeout_s,
+                            multi_turn=self.rollouts.multi_turn, rewards=(self.cfg.reward.correct, self.cfg.reward.incorrect))
 
     @contextmanager
     def full_parameters(self) -> Iterator[None]:
