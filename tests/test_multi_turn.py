@@ -332,3 +332,48 @@ def test_dapo_eval_takes_the_same_multi_turn_keys(tmp_path, quickstart_model, mo
     result = json.loads(out.read_text())
     assert result["num_problems"] == 8 and result["trajectory"]["rollout/turns_mean"] > 1.0
     assert main(["eval", quickstart_model, "builtin:chain", "tools=[tests.test_multi_turn:undocumented]", "progress=false"]) == 2
+
+
+class AlwaysBroken:
+    def reset(self, row):
+        raise RuntimeError("cannot start")
+
+    def step(self, text):  # pragma: no cover - never reached
+        return None, True
+
+
+def test_a_run_whose_environments_keep_failing_stops_with_one_line_after_a_checkpoint(tmp_path, quickstart_cache, capfd, monkeypatch):
+    from pathlib import Path
+
+    from dapo_rl.cli import main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    out = tmp_path / "run"
+    capfd.readouterr()
+    rc = main(["train", f"output_dir={out}", f"quickstart.cache_dir={quickstart_cache}", "steps=3", "prompts_per_step=4",
+               "mini_batch_size=4", "group_size=4", "data.eval=null", "logging.progress=false",
+               "rollout.environment=tests.test_multi_turn:AlwaysBroken", "rollout.max_environment_failures=10"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "rollout.max_environment_failures" in err[0] and "resume=true" in err[0], err
+    assert (out / "checkpoints").is_dir()
+
+
+def test_multi_turn_runs_resume_exactly(tmp_path, quickstart_cache, monkeypatch):
+    """Two steps straight, or one step, a stop, and a resume: the same final weights."""
+    import hashlib
+    from pathlib import Path
+
+    from dapo_rl.cli import main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    common = [f"quickstart.cache_dir={quickstart_cache}", "prompts_per_step=4", "mini_batch_size=4", "group_size=4",
+              "data.eval=null", "logging.progress=false", "rollout.max_response_length=32", "overlong.cache_length=8",
+              "rollout.environment=tests.test_multi_turn:SayEquals", "checkpoint.interval=1"]
+    assert main(["train", f"output_dir={tmp_path / 'straight'}", "steps=2", *common]) == 0
+    assert main(["train", f"output_dir={tmp_path / 'split'}", "steps=1", *common]) == 0
+    assert main(["train", f"output_dir={tmp_path / 'split'}", "steps=2", "resume=true", *common]) == 0
+
+    def digest(run: str) -> str:
+        return hashlib.sha256((tmp_path / run / "final" / "model.safetensors").read_bytes()).hexdigest()
+
+    assert digest("straight") == digest("split")

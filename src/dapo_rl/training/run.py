@@ -37,6 +37,7 @@ from dapo_rl.training.checkpoint import (
     valid_checkpoints,
 )
 from dapo_rl.rollout.base import EngineLost
+from dapo_rl.tools import EnvironmentFailures
 from dapo_rl.training.errors import RunError, RunFailed, RunInterrupted, signal_name
 from dapo_rl.training.host_memory import keep_freed_host_memory
 from dapo_rl.training.distributed import DistContext, init_distributed, shutdown_distributed
@@ -264,6 +265,8 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
                 bar.update(1)
     except EngineLost as exc:
         raise _engine_lost(exc, run_dir, engine) from None
+    except EnvironmentFailures as exc:
+        raise RunFailed(f"{exc}; progress is checkpointed in {latest_checkpoint(run_dir)}: continue it with resume=true") from None
     except DynamicSamplingExhausted:
         raise RunError(
             f"dynamic_sampling.max_rounds: step {trainer.state.step + 1} found only {trainer.sampler.pooled} of "

@@ -70,6 +70,7 @@ from dapo_rl.training.distributed import DistContext
 from dapo_rl.training.logprobs import ForwardSettings, logprobs
 from dapo_rl.training.rollouts import RolloutCollector, ScoredGroup
 from dapo_rl.training.step_metrics import StepMetrics
+from dapo_rl.tools import EnvironmentFailures
 from dapo_rl.training.weight_sync import SyncCheck, WeightSyncError
 
 
@@ -563,6 +564,8 @@ class Trainer:
                 with more rounds loses none of the generation work.
             WeightSyncError: the engine did not take a weight push (``rollout.verify_sync``);
                 the finished step is checkpointed first.
+            EnvironmentFailures: ``rollout.max_environment_failures`` environments in a row raised;
+                the finished steps are checkpointed first.
             EngineLost: the rollout engine stopped answering (a rollout server died); the
                 finished steps are checkpointed first.
         """
@@ -574,7 +577,7 @@ class Trainer:
                 return
             try:
                 metrics = self.train_step()
-            except (DynamicSamplingExhausted, WeightSyncError, EngineLost):
+            except (DynamicSamplingExhausted, WeightSyncError, EngineLost, EnvironmentFailures):
                 if self.checkpoint_fn is not None:
                     self.checkpoint_fn(self)
                 raise
