@@ -323,6 +323,11 @@ def _write_run(run_dir: Path, seed: int, steps: int = 30, with_diag: bool = True
                 "rollout/ess_frac": 0.98 + 0.01 * rng.random(),
                 "rollout/masked_frac": 0.001 * rng.random(),
                 "rollout/sync_logp_abs_diff": 2e-7 * (1 + rng.random()),
+                "rollout/turns_mean": 1.5 + rng.random(),
+                "rollout/tool_calls_mean": 0.5 + rng.random(),
+                "rollout/tool_errors/parse_error": float(rng.integers(0, 3)),
+                "rollout/environment_token_frac": 0.2 + 0.1 * rng.random(),
+                "rollout/model_tokens_per_turn": 8 + rng.random(),
             }
             if with_diag:
                 for side, centre in (("high", 0.1 + 0.05 * seed), ("low", 0.6)):

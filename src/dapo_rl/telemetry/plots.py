@@ -188,6 +188,19 @@ _FIGURES: Final[tuple[_FigureSpec, ...]] = (
             _Panel("rollout/sync_logp_abs_diff", "Weight-sync probe: engine vs trainer after each push", "nats", yrange="nonneg"),
         ),
     ),
+    _FigureSpec(
+        "multi_turn.png",
+        "Multi-turn rollouts: turns, tool calls and their errors, the environment's share",
+        (
+            _Panel("rollout/turns_mean", "Model turns per trajectory (mean)", "turns", yrange="nonneg"),
+            _Panel("rollout/tool_calls_mean", "Tool calls per trajectory (mean)", "calls", yrange="nonneg"),
+            *(_Panel(f"rollout/tool_errors/{kind}", f"Tool errors: {kind.replace('_', ' ')}", "per step", yrange="nonneg")
+              for kind in ("parse_error", "unknown_tool", "bad_arguments", "exception", "timeout")),
+            _Panel("rollout/environment_token_frac", "Environment tokens (context, not trained)", "fraction", yrange="fraction"),
+            _Panel("rollout/model_tokens_per_turn", "Model tokens per turn", "tokens", yrange="nonneg"),
+            _Panel("eval/turns_mean", "Held-out: model turns per trajectory", "turns", "markers", "nonneg"),
+        ),
+    ),
 )
 
 FIGURE_NAMES: Final = tuple(spec.filename for spec in _FIGURES)
