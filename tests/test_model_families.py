@@ -393,3 +393,34 @@ def test_a_family_whose_weights_do_not_match_raises_one_line_naming_the_tensor(t
     llama.model.layers[0].self_attn.q_proj.bias = torch.nn.Parameter(torch.zeros(64))
     with pytest.raises(SpecMismatchError, match="model.layers.0.self_attn.q_proj.bias"):
         read_spec(llama)
+
+
+class _Echo:
+    """Answers every model turn with '=' (an environment message) for three turns."""
+
+    def reset(self, row):
+        self.turns = 0
+
+    def step(self, text):
+        self.turns += 1
+        return ("=", False) if self.turns < 3 else (None, True)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_sequence(name):
+    """Each turn of a trajectory through the fast engine, environment messages between them: the
+    model tokens' log-probs equal one full forward of the whole final sequence (1e-5)."""
+    from dapo_rl.rollout.multi_turn import MultiTurnSampler
+
+    model = family(name)
+    sampler = MultiTurnSampler(_engine(model), TOK, environment=_Echo, max_turns=3)
+    torch.manual_seed(0)
+    groups = sampler.generate(PROMPTS[:2], 2, SamplingParams(temperature=1.0, max_new_tokens=24))
+    turns = 0
+    for prompt, group in zip(PROMPTS, groups):
+        for s in group:
+            turns = max(turns, s.trajectory.turns)
+            model_at = torch.tensor(s.model_mask, dtype=torch.bool)
+            full = _full_logprobs(model, prompt, s.response_ids)
+            torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64)[model_at], full[model_at], atol=1e-5, rtol=0)
+    assert turns >= 2  # at least one trajectory continued past an environment message
