@@ -377,3 +377,22 @@ def test_multi_turn_runs_resume_exactly(tmp_path, quickstart_cache, monkeypatch)
         return hashlib.sha256((tmp_path / run / "final" / "model.safetensors").read_bytes()).hexdigest()
 
     assert digest("straight") == digest("split")
+
+
+def test_the_python_tool_runs_code_in_a_limited_subprocess(monkeypatch):
+    from dapo_rl.tools.python import python, run_python
+
+    monkeypatch.setenv("DAPO_SECRET_FOR_TEST", "leak")
+    assert python("print(12345 * 6789)") == "83810205"
+    run = run_python("import os; print(sorted(os.environ)); print(os.getcwd())")
+    assert run.ok and "DAPO_SECRET_FOR_TEST" not in run.output and "dapo-python-tool-" in run.output
+    slow = run_python("while True: pass", timeout_s=0.5)
+    assert not slow.ok and slow.problem == "timeout"
+    loud = run_python("while True: print('x' * 1000)", max_output_kb=4)
+    assert not loud.ok and loud.problem == "output limit" and len(loud.output) <= 4 * 1024
+    big = run_python("x = bytearray(2 * 1024 ** 3)", max_memory_mb=256)
+    assert not big.ok and "MemoryError" in big.output
+    failed = run_python("raise ValueError('bad input')")
+    assert not failed.ok and "ValueError: bad input" in failed.text and failed.problem == "exit status 1"
+    [tool] = load_tools(["dapo_rl.tools.python:python"])
+    assert tool.schema["function"]["parameters"]["required"] == ["code"]

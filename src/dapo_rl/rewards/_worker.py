@@ -1,4 +1,5 @@
-"""Subprocess side of the symbolic verifier (run as a script, not imported by the library).
+"""Subprocess side of the symbolic verifier and of the sandboxed Python tool (run as a script, not
+imported by the library).
 
 The parent (:mod:`dapo_rl.rewards.verify`) starts ``python _worker.py MAX_MEMORY_MB`` and talks
 to it over stdin/stdout, one JSON object per line:
@@ -138,5 +139,27 @@ def main() -> int:
     return 0
 
 
+def run_code(max_memory_mb: int, cpu_s: float, max_file_bytes: int) -> int:
+    """``python _worker.py --run-code MB CPU_S FILE_BYTES``: the sandboxed Python tool's child
+    (:mod:`dapo_rl.tools.python`). The same kernel limits as a verification (address space, CPU
+    time), plus the size of any file written (its output included), then the program read from
+    stdin runs as ``__main__``. Its exit status is the program's."""
+    _limit_memory(max_memory_mb)
+    if cpu_s > 0:
+        _set_cpu_budget(cpu_s)
+    if resource is not None and max_file_bytes > 0:
+        limit = max_file_bytes
+        try:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        except (ValueError, OSError):
+            pass
+    code = sys.stdin.read()
+    sys.stdin = open(os.devnull)  # the program reads nothing more from the parent
+    exec(compile(code, "<tool code>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})  # noqa: S102
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--run-code":
+        sys.exit(run_code(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])))
     sys.exit(main())
