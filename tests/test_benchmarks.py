@@ -334,3 +334,16 @@ def test_seed_series_smoke(tmp_path):
     assert re.search(r"\+62\.5\s+12\.5\s+5\.0\s+9\s+7$", line), line
     assert "every seed above base by > 2 SE: yes" in out
     assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+# ----------------------------------------------------------------------------- multi_turn_rollout.py
+
+def test_multi_turn_rollout_smoke():
+    """Both modes run and print their rates and the ratio (the numbers at this size mean nothing)."""
+    out = run_script("multi_turn_rollout.py", "--size", "64x2", "--rounds", "1", "--threads", "1", "--budget", "24")
+    single = re.search(rf"^llama 64x2 single-turn: (\d+) model tokens, ({NUMBER}) turns per trajectory, (\d+) tok/s", out, re.M)
+    multi = re.search(rf"^llama 64x2 multi-turn: (\d+) model tokens, ({NUMBER}) turns per trajectory, (\d+) tok/s", out, re.M)
+    assert single and multi, out
+    assert float(single.group(2)) == 1.0 and float(multi.group(2)) > 1.0  # the environment kept trajectories going
+    assert int(single.group(3)) > 0 and int(multi.group(3)) > 0
+    assert re.search(rf"multi-turn / single-turn tokens/s: x({NUMBER})", out)

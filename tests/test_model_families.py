@@ -407,11 +407,21 @@ class _Echo:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_sequence(name):
+def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_sequence(name, monkeypatch):
     """Each turn of a trajectory through the fast engine, environment messages between them: the
-    model tokens' log-probs equal one full forward of the whole final sequence (1e-5)."""
+    model tokens' log-probs equal one full forward of the whole final sequence (1e-5). Later turns
+    continue the kept keys and values: only the new tokens are prefilled."""
     from dapo_rl.rollout.multi_turn import MultiTurnSampler
 
+    fed: list[tuple[int, int]] = []  # (tokens prefilled per row, longest prompt) of each continued call
+    continued = DecoderEngine._continued_prefill
+
+    def spy(self, prompts, kept, device):
+        out = continued(self, prompts, kept, device)
+        fed.append((out[1].shape[1], max(len(p) for p in prompts)))
+        return out
+
+    monkeypatch.setattr(DecoderEngine, "_continued_prefill", spy)
     model = family(name)
     sampler = MultiTurnSampler(_engine(model), TOK, environment=_Echo, max_turns=3)
     torch.manual_seed(0)
@@ -424,3 +434,4 @@ def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_se
             full = _full_logprobs(model, prompt, s.response_ids)
             torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64)[model_at], full[model_at], atol=1e-5, rtol=0)
     assert turns >= 2  # at least one trajectory continued past an environment message
+    assert fed and all(width < longest for width, longest in fed)  # never prefilled again from the start

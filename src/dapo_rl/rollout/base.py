@@ -139,6 +139,12 @@ class RolloutEngine:
     def release_memory(self) -> None:
         """Drop what the engine keeps between calls (rebuilt on the next call). Default: nothing kept."""
 
+    def continue_conversations(self, enabled: bool) -> None:
+        """Multi-turn rollouts switch this on while they run: a call's prompts then extend the
+        previous call's prompts + samples, and an engine that can keeps each finished sample's
+        keys/values to prefill only the new tokens next time. Default: nothing to keep (each
+        prompt is prefilled whole; an engine with prefix caching, vLLM, reuses it anyway)."""
+
     def describe(self) -> str:
         """What samples, in a few words, for logs and error messages."""
         return f"the {type(self).__name__} rollout engine"

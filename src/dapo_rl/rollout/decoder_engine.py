@@ -250,6 +250,12 @@ class DecoderEngine(InProcessEngine):
         self.read_in_place = read_in_place
         self.keep_decoder = keep_decoder
         self._kept: tuple[tuple, object, SpecDecoder] | None = None  # (weights' identity, spec, decoder)
+        # Multi-turn (continue_conversations): each stopped sample's keys/values [layers, 2·kv_heads,
+        # L, d] (the decoder's key order) by its tokens, from the previous call (read) and this one (written).
+        self._continuing = False
+        self._previous: dict[tuple[int, ...], torch.Tensor] = {}
+        self._written: dict[tuple[int, ...], torch.Tensor] = {}
+        self._weights_of_kept_rows: tuple | None = None
 
     @classmethod
     def from_config(cls, config: Config, model, tokenizer) -> "DecoderEngine":
@@ -261,10 +267,29 @@ class DecoderEngine(InProcessEngine):
     def sync_weights(self, model: torch.nn.Module) -> None:
         super().sync_weights(model)
         self._kept = None
+        self._previous, self._written = {}, {}
 
     def release_memory(self) -> None:
-        """Drop the kept decoder (``keep_decoder``); the next ``generate`` builds a new one."""
+        """Drop the kept decoder (``keep_decoder``) and any kept conversation; the next ``generate``
+        builds a new one."""
         self._kept = None
+        self._previous, self._written = {}, {}
+
+    def continue_conversations(self, enabled: bool) -> None:
+        """While on, every sample that stops keeps its keys and values (the direct decoder's path),
+        and a prompt of the next call that extends a kept sample's tokens prefills only its new
+        tokens: the conversation is never prefilled again from the start. Off: nothing is kept."""
+        self._continuing = enabled
+        self._previous, self._written = {}, {}
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
+        # What the previous call kept is read by this call (each of its chunks), then replaced.
+        self._previous, self._written = self._written, {}
+        try:
+            return super().generate(prompts, n, params)
+        finally:
+            self._previous = {}
 
     def _decoder(self, model, spec) -> SpecDecoder:
         """A decoder of the model's current weights: the kept one while every parameter is the same
@@ -285,12 +310,24 @@ class DecoderEngine(InProcessEngine):
         max_new = params.max_new_tokens
         if max_new <= 0:
             return [[Sample(list(p), [], FINISH_LENGTH, []) for _ in range(n)] for p in prompts]
-        input_ids, attention = left_pad(prompts, self.pad_token_id, device)  # [b, P] each
-        positions = (attention.cumsum(-1) - 1).clamp_min(0)  # padding does not shift positions
-        capacity = input_ids.shape[1] + max_new
+        kept = self._kept_prefixes(prompts) if self._continuing and self.direct_decode else None
+        if kept is not None:  # a conversation goes on: prefill its new tokens onto its kept keys/values
+            cache, input_ids, attention, positions = self._continued_prefill(prompts, kept, device)
+        else:
+            cache = None
+            input_ids, attention = left_pad(prompts, self.pad_token_id, device)  # [b, P] each
+            positions = (attention.cumsum(-1) - 1).clamp_min(0)  # padding does not shift positions
+        width = attention.shape[1]
+        capacity = width + max_new
         # Decode steps bypass the HF modules when the spec computes this model exactly at this length.
         spec = fast_spec(model, capacity) if self.direct_decode else None
         direct = spec is not None
+        if cache is not None and not direct:  # kept keys/values serve the direct decoder only
+            cache = None
+            input_ids, attention = left_pad(prompts, self.pad_token_id, device)
+            positions = (attention.cumsum(-1) - 1).clamp_min(0)
+            width = attention.shape[1]
+            capacity = width + max_new
 
         was_training = model.training
         model.eval()
@@ -298,8 +335,9 @@ class DecoderEngine(InProcessEngine):
             with torch.inference_mode():
                 # Prefill: b rows, not b·n; only the last position's logits are needed. The direct
                 # decoder needs every prompt position, so its cache never evicts (no config).
-                cache = DynamicCache() if direct else _make_cache(model, capacity)
-                out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                if cache is None:
+                    cache = DynamicCache() if direct else _make_cache(model, capacity)
+                out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions[:, width - input_ids.shape[1]:],
                             past_key_values=cache, use_cache=True, logits_to_keep=1)
                 logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # [b·n, V]
                 next_pos = positions[:, -1].repeat_interleave(n) + 1  # [b·n]
@@ -311,7 +349,8 @@ class DecoderEngine(InProcessEngine):
                     decoder = self._decoder(model, spec)
                     decoder.start(out.past_key_values, n, attention, capacity)
                     try:
-                        result = self._decode_direct(decoder, logits, next_pos, is_stop, params, capacity)
+                        keep_kv = self._keep_rows(decoder, prompts, n, width) if self._continuing else None
+                        result = self._decode_direct(decoder, logits, next_pos, is_stop, params, capacity, keep_kv)
                     finally:
                         decoder.finish()
                 else:
@@ -319,7 +358,11 @@ class DecoderEngine(InProcessEngine):
         finally:
             model.train(was_training)
 
-        tokens_list, logprobs_list, lengths_list, stopped_list = (r.tolist() for r in result)
+        tokens_list, logprobs_list, lengths_list, stopped_list = (r.tolist() for r in result[:4])
+        if len(result) > 4:  # the stopped rows' keys/values, by their tokens (all but the last, never fed)
+            for row, kv in result[4].items():
+                context = list(prompts[row // n])
+                self._written[tuple(context + tokens_list[row][: lengths_list[row] - 1])] = kv
         grouped: list[list[Sample]] = []
         for i, prompt in enumerate(prompts):
             group = []
@@ -333,8 +376,69 @@ class DecoderEngine(InProcessEngine):
             grouped.append(group)
         return grouped
 
+    def _kept_prefixes(self, prompts: Sequence[list[int]]) -> list[tuple[int, torch.Tensor | None]] | None:
+        """For each prompt, the longest kept sample it extends: ``(its length, its keys/values)``,
+        ``(0, None)`` where there is none; None when no prompt extends one."""
+        if not self._previous:
+            return None
+        lengths = sorted({len(k) for k in self._previous}, reverse=True)
+        found = []
+        for prompt in prompts:
+            match = next(((n, self._previous[key]) for n in lengths if n < len(prompt)
+                          and (key := tuple(prompt[:n])) in self._previous), (0, None))
+            found.append(match)
+        return found if any(kv is not None for _, kv in found) else None
+
+    def _continued_prefill(self, prompts: Sequence[list[int]], kept: list[tuple[int, torch.Tensor | None]], device):
+        """The prefill of prompts that extend kept samples: each row feeds its last ``S`` tokens (S:
+        the most new tokens of any row, so a row with fewer re-feeds a few kept ones) onto its kept
+        keys/values, right-aligned behind left padding as a prompt would be. Returns the cache
+        holding the kept part, the fed ids ``[b, S]``, the mask ``[b, W]`` and positions ``[b, W]``."""
+        fed_width = max(len(p) - n for p, (n, _) in zip(prompts, kept))
+        past = [max(0, len(p) - fed_width) for p in prompts]  # kept positions each row attends to
+        past_width = max(past)
+        fed, fed_mask = left_pad([p[len(p) - min(len(p), fed_width):] for p in prompts], self.pad_token_id, device)
+        attention = torch.cat([torch.arange(past_width, device=device)[None] >= past_width - torch.tensor(past, device=device)[:, None],
+                               fed_mask.bool()], dim=1).long()
+        positions = (attention.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache()
+        some = next(kv for _, kv in kept if kv is not None)  # [layers, 2·kv_heads, L, d]
+        layers, kv_heads, d = some.shape[0], some.shape[1] // 2, some.shape[-1]
+        for layer in range(layers):
+            keys = some.new_zeros((len(prompts), kv_heads, past_width, d))
+            values = torch.zeros_like(keys)
+            for row, ((_, kv), length) in enumerate(zip(kept, past)):
+                if length:
+                    keys[row, :, past_width - length:] = kv[layer, :kv_heads, :length]
+                    values[row, :, past_width - length:] = kv[layer, kv_heads:, :length]
+            cache.update(keys, values, layer)
+        return cache, fed, attention, positions
+
+    def _keep_rows(self, decoder: SpecDecoder, prompts: Sequence[list[int]], n: int, width: int):
+        """A function ``keep(decode_rows, original_rows, lengths)`` that copies those rows' real keys
+        and values out of the decoder's buffer (the prompt's real positions, then every generated
+        token but the last, which was never fed) into ``keep.kept[original_row]``, keys in the
+        model's order (the decoder may keep them in its own)."""
+        contexts = [len(prompts[row // n]) for row in range(len(prompts) * n)]
+        heads = decoder.kv.shape[2] // 2
+        order = decoder.key_order
+        inverse = None if order is None else torch.argsort(torch.as_tensor(order, device=decoder.kv.device))
+
+        def keep(decode_rows: torch.Tensor, original_rows: torch.Tensor, lengths: torch.Tensor) -> None:
+            for r, o in zip(decode_rows.tolist(), original_rows.tolist()):
+                if o in keep.kept:
+                    continue
+                start, end = width - contexts[o], width + int(lengths[o]) - 1
+                kv = decoder.kv[:, r, :, start:end].clone()
+                if inverse is not None:
+                    kv[:, :heads] = kv[:, :heads][..., inverse]
+                keep.kept[o] = kv
+
+        keep.kept = {}
+        return keep
+
     def _decode_direct(self, decoder: SpecDecoder, logits: torch.Tensor, next_pos: torch.Tensor,
-                       is_stop: torch.Tensor, params: SamplingParams, capacity: int):
+                       is_stop: torch.Tensor, params: SamplingParams, capacity: int, keep_kv=None):
         """The sampling loop on :class:`SpecDecoder`; returns (tokens, logprobs, lengths, stopped) per original row.
 
         Per step: sample, look up stops, one ``nonzero`` (the only host sync); when rows finish
@@ -369,6 +473,8 @@ class DecoderEngine(InProcessEngine):
                 waiting += finished.numel()
                 rows = live.numel()
                 if waiting == rows:
+                    if keep_kv is not None:
+                        keep_kv(torch.arange(rows, device=device), live, lengths)
                     break
                 done = hit if done is None else done | hit
                 if self.row_ladder:
@@ -379,6 +485,8 @@ class DecoderEngine(InProcessEngine):
                     dead = keep - (rows - waiting)  # finished rows that stay, as dead rows
                     # Drop the highest finished rows: the fewest survivors move.
                     drop = done.nonzero().squeeze(-1)[dead:]
+                    if keep_kv is not None:
+                        keep_kv(drop, live[drop], lengths)
                     done[drop] = False
                     # (live and token are also held by step_rows/step_tokens: move copies)
                     live, token, next_pos, done = decoder.drop_rows(drop, [live.clone(), token.clone(), next_pos, done])
@@ -386,6 +494,9 @@ class DecoderEngine(InProcessEngine):
                     if not waiting:
                         done = None
             if t == max_new - 1:
+                if keep_kv is not None and done is not None:  # the stopped rows still in the batch
+                    waiting_rows = done.nonzero().squeeze(-1)
+                    keep_kv(waiting_rows, live[waiting_rows], lengths)
                 break
             logits = decoder(token, decoder.rotary_at(tables, next_pos)).float()  # no copy for float32 models
             next_pos = next_pos + 1
@@ -395,6 +506,8 @@ class DecoderEngine(InProcessEngine):
         rows = torch.cat(step_rows)
         tokens_out[rows, cols] = torch.cat(step_tokens)
         logprobs_out[rows, cols] = torch.cat(step_logprobs).float()
+        if keep_kv is not None:
+            return tokens_out, logprobs_out, lengths, stopped, keep_kv.kept
         return tokens_out, logprobs_out, lengths, stopped
 
     def _decode_hf(self, cache: Cache, logits: torch.Tensor, next_pos: torch.Tensor, attention: torch.Tensor,

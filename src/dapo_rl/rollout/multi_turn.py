@@ -123,6 +123,14 @@ class MultiTurnSampler:
     def generate(self, prompts: Sequence[list[int]], n: int, params: SamplingParams,
                  rows: Sequence[dict[str, Any]] | None = None) -> list[list[Sample]]:
         """``n`` trajectories for each prompt (``rows[i]``: prompt i's dataset row, for environments)."""
+        self.engine.continue_conversations(True)
+        try:
+            return self._generate(prompts, n, params, rows)
+        finally:
+            self.engine.continue_conversations(False)
+
+    def _generate(self, prompts: Sequence[list[int]], n: int, params: SamplingParams,
+                  rows: Sequence[dict[str, Any]] | None) -> list[list[Sample]]:
         rows = list(rows) if rows is not None else [{} for _ in prompts]
         groups = [[self._start(list(p), rows[i]) for _ in range(n)] for i, p in enumerate(prompts)]
         budget = params.max_new_tokens
