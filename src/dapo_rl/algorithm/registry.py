@@ -104,26 +104,36 @@ class Registry(Generic[T]):
         return message
 
     def _import(self, path: str) -> Any:
-        module_name, _, attr_path = (part.strip() for part in path.partition(":"))
-        if not module_name or not attr_path:
-            raise ValueError(f"invalid {self.kind} {path!r}: an import path must look like package.module:function")
-        try:
-            obj = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"cannot import {self.kind} {path!r} ({exc}); install the module or put its folder on "
-                             "sys.path (PYTHONPATH), and check the spelling") from exc
-        except Exception as exc:
-            raise ValueError(f"cannot import {self.kind} {path!r}: importing module {module_name!r} raised "
-                             f"{type(exc).__name__}: {exc}; fix the error in that module") from exc
-        for part in attr_path.split("."):
-            try:
-                obj = getattr(obj, part)
-            except AttributeError:
-                raise ValueError(f"cannot import {self.kind} {path!r}: module {module_name!r} has no attribute "
-                                 f"{attr_path!r}; check the name after ':'") from None
-        return obj
+        return import_path(path, self.kind)
 
     def _require_callable(self, path: str, obj: Any) -> T:
         if not callable(obj):
             raise ValueError(f"{self.kind} {path!r} is a {type(obj).__name__}, not a function or class")
         return obj
+
+
+def import_path(path: str, kind: str) -> Any:
+    """The object ``package.module:name`` names (``name`` may be dotted: ``module:Class.method``).
+
+    Raises:
+        ValueError: not an import path, a module that does not import (or raises while importing),
+            or no such attribute; the message names ``kind`` and ``path`` and says what to fix.
+    """
+    module_name, _, attr_path = (part.strip() for part in path.partition(":"))
+    if not module_name or not attr_path:
+        raise ValueError(f"invalid {kind} {path!r}: an import path must look like package.module:function")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {kind} {path!r} ({exc}); install the module or put its folder on "
+                         "sys.path (PYTHONPATH), and check the spelling") from exc
+    except Exception as exc:
+        raise ValueError(f"cannot import {kind} {path!r}: importing module {module_name!r} raised "
+                         f"{type(exc).__name__}: {exc}; fix the error in that module") from exc
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"cannot import {kind} {path!r}: module {module_name!r} has no attribute "
+                             f"{attr_path!r}; check the name after ':'") from None
+    return obj

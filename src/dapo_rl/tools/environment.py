@@ -15,10 +15,9 @@ consecutive failures.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 
-from dapo_rl.errors import one_line
+from dapo_rl.algorithm.registry import import_path
 
 
 class EnvironmentFailures(RuntimeError):
@@ -31,13 +30,7 @@ def load_environment(path: str) -> type:
     Raises:
         ValueError: it does not import, is not a class, or has no ``step`` (or no ``reset``).
     """
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"{path!r} is not an import path; write package.module:Class")
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import environment {path!r} ({one_line(exc, 200)}); give an importable package.module:Class") from None
+    cls = import_path(path, "environment")
     if not inspect.isclass(cls):
         raise ValueError(f"environment {path!r} is not a class")
     for method in ("reset", "step"):

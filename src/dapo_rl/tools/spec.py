@@ -5,7 +5,6 @@ arguments, bounded in time, and its result (or failure) becomes the model's next
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +12,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from dapo_rl.algorithm.registry import import_path
 from dapo_rl.errors import one_line
 
 # What can go wrong with a call, as counted in the metrics (``rollout/tool_errors/<kind>``).
@@ -89,13 +89,7 @@ def load_tools(paths: list[str]) -> list[Tool]:
     """
     tools: list[Tool] = []
     for path in paths:
-        module_name, _, attr = path.partition(":")
-        if not module_name or not attr:
-            raise ValueError(f"{path!r} is not an import path; write package.module:function")
-        try:
-            function = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"cannot import tool {path!r} ({one_line(exc, 200)}); give an importable package.module:function") from None
+        function = import_path(path, "tool")
         if not callable(function) or inspect.isclass(function):
             raise ValueError(f"tool {path!r} is not a function")
         tools.append(tool_from_function(function))
