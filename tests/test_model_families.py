@@ -406,11 +406,13 @@ class _Echo:
         return ("=", False) if self.turns < 3 else (None, True)
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["one-decode-loop", "turn-by-turn"])
 @pytest.mark.parametrize("name", CASES)
-def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_sequence(name, monkeypatch):
-    """Each turn of a trajectory through the fast engine, environment messages between them: the
-    model tokens' log-probs equal one full forward of the whole final sequence (1e-5). Later turns
-    continue the kept keys and values: only the new tokens are prefilled."""
+def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_sequence(name, one_call, monkeypatch):
+    """Trajectories through the fast engine, environment messages between the turns: the model
+    tokens' log-probs equal one full forward of the whole final sequence (1e-5). In one decode loop
+    (the default) a message is fed to its row while the others sample; turn by turn (an engine call
+    per turn), each call continues the kept keys and values and prefills only the new tokens."""
     from dapo_rl.rollout.multi_turn import MultiTurnSampler
 
     fed: list[tuple[int, int]] = []  # (tokens prefilled per row, longest prompt) of each continued call
@@ -422,6 +424,8 @@ def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_se
         return out
 
     monkeypatch.setattr(DecoderEngine, "_continued_prefill", spy)
+    if not one_call:
+        monkeypatch.setattr(DecoderEngine, "generate_turns", lambda self, *args: None)
     model = family(name)
     sampler = MultiTurnSampler(_engine(model), TOK, environment=_Echo, max_turns=3)
     torch.manual_seed(0)
@@ -434,4 +438,23 @@ def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_se
             full = _full_logprobs(model, prompt, s.response_ids)
             torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64)[model_at], full[model_at], atol=1e-5, rtol=0)
     assert turns >= 2  # at least one trajectory continued past an environment message
-    assert fed and all(width < longest for width, longest in fed)  # never prefilled again from the start
+    if one_call:
+        assert not fed  # one prefill of the prompts, then one decode loop
+    else:
+        assert fed and all(width < longest for width, longest in fed)  # never prefilled again from the start
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2-softcap-window"])
+def test_one_decode_loop_and_turn_by_turn_give_the_same_greedy_trajectories(name, monkeypatch):
+    from dapo_rl.rollout.multi_turn import MultiTurnSampler
+
+    model = family(name)
+    digits = tuple(TOK.convert_tokens_to_ids(list("0123456789")))  # turns end often: at any digit
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, stop_token_ids=digits)
+    one_call = MultiTurnSampler(_engine(model), TOK, environment=_Echo, max_turns=3).generate(PROMPTS, 1, params)
+    monkeypatch.setattr(DecoderEngine, "generate_turns", lambda self, *args: None)
+    by_turn = MultiTurnSampler(_engine(model), TOK, environment=_Echo, max_turns=3).generate(PROMPTS, 1, params)
+    for (a,), (b,) in zip(one_call, by_turn):
+        assert (a.response_ids, a.model_mask, a.finish_reason, a.trajectory.turns) == \
+               (b.response_ids, b.model_mask, b.finish_reason, b.trajectory.turns)
+    assert any(s.trajectory.turns > 1 for (s,) in one_call)

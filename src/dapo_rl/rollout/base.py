@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -138,6 +138,15 @@ class RolloutEngine:
 
     def release_memory(self) -> None:
         """Drop what the engine keeps between calls (rebuilt on the next call). Default: nothing kept."""
+
+    def generate_turns(self, prompts: Sequence[list[int]], n: int, params: SamplingParams,
+                       respond: "Callable[[int, list[int]], list[int] | None]") -> list[list[Sample]] | None:
+        """Whole multi-turn trajectories in one call: when sample ``row`` (counted across prompts,
+        prompt i's are ``i·n … i·n + n − 1``) ends a turn with the ids ``turn_ids``,
+        ``respond(row, turn_ids)`` returns the message's ids to feed before its next turn, or None
+        to end it; the other rows go on sampling meanwhile. Samples carry ``model_mask``. Default:
+        None, the engine cannot (the caller samples turn by turn through :meth:`generate`)."""
+        return None
 
     def continue_conversations(self, enabled: bool) -> None:
         """Multi-turn rollouts switch this on while they run: a call's prompts then extend the

@@ -198,6 +198,83 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cumulative, u, right=True).squeeze(-1)
 
 
+class _Turns:
+    """A multi-turn call's state inside the decode loop (:meth:`DecoderEngine.generate_turns`).
+
+    When a row samples a stop token, ``respond(row, turn_ids)`` gives the ids of the message to feed
+    before its next turn, or None to end it; the message's tokens are then fed one per decode step
+    (teacher-forced, log-prob 0), while the other rows go on sampling. A message that would leave
+    no room for the model within the budget ends the row as truncated.
+    """
+
+    def __init__(self, rows: int, respond):
+        self.respond = respond
+        self.turn: list[list[int]] = [[] for _ in range(rows)]  # the current turn's sampled ids per original row
+        self.queue: dict[int, list[int]] = {}  # original row -> message ids still to feed
+        self.environment: list[tuple[int, int]] = []  # (original row, step) of each fed message token
+        self.truncated: set[int] = set()  # rows ended by a message that did not fit
+
+    def force(self, live: torch.Tensor, token: torch.Tensor, logprob: torch.Tensor, t: int):
+        """Put the next message token of every row that has one in place of its sample."""
+        if not self.queue:
+            return token, logprob, None
+        where = {o: i for i, o in enumerate(live.tolist())}
+        rows, ids = [], []
+        for o in list(self.queue):
+            rows.append(where[o])
+            ids.append(self.queue[o].pop(0))
+            self.environment.append((o, t))
+            if not self.queue[o]:
+                del self.queue[o]
+        forced = torch.tensor(rows, device=token.device)
+        token, logprob = token.clone(), logprob.clone()
+        token[forced] = torch.tensor(ids, dtype=token.dtype, device=token.device)
+        logprob[forced] = 0.0
+        return token, logprob, forced
+
+    def end_turns(self, live, token, hit, forced, done, t: int, max_new: int) -> torch.Tensor:
+        """Record each sampling row's token; for every row whose turn ended, ask for the message.
+        Returns ``hit`` less the rows that go on (a message to feed)."""
+        if forced is not None:
+            hit = hit.clone()
+            hit[forced] = False  # a message's tokens never end a turn
+        skip = set(forced.tolist()) if forced is not None else set()
+        dead = done.tolist() if done is not None else None
+        ends = set(hit.nonzero().squeeze(-1).tolist())
+        goes_on = []
+        for i, (o, tok) in enumerate(zip(live.tolist(), token.tolist())):
+            if i in skip or (dead is not None and dead[i]):
+                continue
+            self.turn[o].append(tok)
+            if i not in ends:
+                continue
+            message = self.respond(o, self.turn[o])
+            self.turn[o] = []
+            if not message:
+                continue
+            if t + 1 + len(message) >= max_new:  # no room left for the model to answer
+                self.truncated.add(o)
+                continue
+            self.queue[o] = list(message)
+            goes_on.append(i)
+        if goes_on:
+            hit = hit.clone()
+            hit[torch.tensor(goes_on, device=hit.device)] = False
+        return hit
+
+    def stopped(self, ended: torch.Tensor, device) -> torch.Tensor:
+        """Which of the ``ended`` rows stopped (not ended by a message that did not fit)."""
+        return torch.tensor([o not in self.truncated for o in ended.tolist()], dtype=torch.bool, device=device)
+
+    def environment_mask(self, max_new: int, device) -> torch.Tensor:
+        """``[rows, max_new]`` bool: True where a message token was fed."""
+        mask = torch.zeros((len(self.turn), max_new), dtype=torch.bool, device=device)
+        if self.environment:
+            rows, cols = zip(*self.environment)
+            mask[list(rows), list(cols)] = True
+        return mask
+
+
 class DecoderEngine(InProcessEngine):
     """Samples from the training model itself with one prefill per prompt and finished-row dropping.
 
@@ -304,13 +381,29 @@ class DecoderEngine(InProcessEngine):
             self._kept = (weights, spec, decoder)
         return decoder
 
-    def _generate_chunk(self, prompts: Sequence[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
+    @torch.no_grad()
+    def generate_turns(self, prompts: Sequence[list[int]], n: int, params: SamplingParams, respond) -> list[list[Sample]] | None:
+        """Whole multi-turn trajectories in one decode loop (see :class:`_Turns`): a row whose turn
+        ends takes its message and goes on while the others sample. ``respond(row, turn_ids)``:
+        ``row`` counts samples across all prompts (prompt i's are ``i·n … i·n + n − 1``). None
+        where the direct decoder does not serve this model (the caller goes turn by turn)."""
+        spec = fast_spec(self.model, max(len(p) for p in prompts) + params.max_new_tokens) if self.direct_decode else None
+        if spec is None or not prompts:
+            return None
+        results: list[list[Sample]] = []
+        for start in range(0, len(prompts), self.max_batch_prompts):
+            offset = start * n
+            results.extend(self._generate_chunk(prompts[start : start + self.max_batch_prompts], n, params,
+                                                respond=lambda row, ids, offset=offset: respond(offset + row, ids)))
+        return results
+
+    def _generate_chunk(self, prompts: Sequence[list[int]], n: int, params: SamplingParams, respond=None) -> list[list[Sample]]:
         model = self.model
         device = next(model.parameters()).device
         max_new = params.max_new_tokens
         if max_new <= 0:
             return [[Sample(list(p), [], FINISH_LENGTH, []) for _ in range(n)] for p in prompts]
-        kept = self._kept_prefixes(prompts) if self._continuing and self.direct_decode else None
+        kept = self._kept_prefixes(prompts) if self._continuing and self.direct_decode and respond is None else None
         if kept is not None:  # a conversation goes on: prefill its new tokens onto its kept keys/values
             cache, input_ids, attention, positions = self._continued_prefill(prompts, kept, device)
         else:
@@ -349,8 +442,8 @@ class DecoderEngine(InProcessEngine):
                     decoder = self._decoder(model, spec)
                     decoder.start(out.past_key_values, n, attention, capacity)
                     try:
-                        keep_kv = self._keep_rows(decoder, prompts, n, width) if self._continuing else None
-                        result = self._decode_direct(decoder, logits, next_pos, is_stop, params, capacity, keep_kv)
+                        keep_kv = self._keep_rows(decoder, prompts, n, width) if self._continuing and respond is None else None
+                        result = self._decode_direct(decoder, logits, next_pos, is_stop, params, capacity, keep_kv, respond)
                     finally:
                         decoder.finish()
                 else:
@@ -359,6 +452,13 @@ class DecoderEngine(InProcessEngine):
             model.train(was_training)
 
         tokens_list, logprobs_list, lengths_list, stopped_list = (r.tolist() for r in result[:4])
+        if respond is not None:  # whole trajectories: the fed messages' tokens are the environment's
+            environment = result[4].tolist()
+            return [[Sample(prompt_ids=list(prompt), response_ids=tokens_list[row][: lengths_list[row]],
+                            finish_reason=FINISH_STOP if stopped_list[row] else FINISH_LENGTH,
+                            logprobs=logprobs_list[row][: lengths_list[row]],
+                            model_mask=[0 if e else 1 for e in environment[row][: lengths_list[row]]])
+                     for row in range(i * n, (i + 1) * n)] for i, prompt in enumerate(prompts)]
         if len(result) > 4:  # the stopped rows' keys/values, by their tokens (all but the last, never fed)
             for row, kv in result[4].items():
                 context = list(prompts[row // n])
@@ -438,7 +538,7 @@ class DecoderEngine(InProcessEngine):
         return keep
 
     def _decode_direct(self, decoder: SpecDecoder, logits: torch.Tensor, next_pos: torch.Tensor,
-                       is_stop: torch.Tensor, params: SamplingParams, capacity: int, keep_kv=None):
+                       is_stop: torch.Tensor, params: SamplingParams, capacity: int, keep_kv=None, respond=None):
         """The sampling loop on :class:`SpecDecoder`; returns (tokens, logprobs, lengths, stopped) per original row.
 
         Per step: sample, look up stops, one ``nonzero`` (the only host sync); when rows finish
@@ -457,19 +557,24 @@ class DecoderEngine(InProcessEngine):
         step_rows: list[torch.Tensor] = []
         step_tokens: list[torch.Tensor] = []
         step_logprobs: list[torch.Tensor] = []
+        turns = _Turns(rows_total, respond) if respond is not None else None
         for t in range(max_new):
             token, logprob = sample_tokens(logits, params)  # [rows] each
+            if turns is not None:  # an environment message's tokens are fed, not sampled
+                token, logprob, forced = turns.force(live, token, logprob, t)
             step_rows.append(live)
             step_tokens.append(token)
             step_logprobs.append(logprob)
             hit = is_stop[token]
             if done is not None:
                 hit &= ~done
+            if turns is not None:
+                hit = turns.end_turns(live, token, hit, forced, done, t, max_new)
             finished = hit.nonzero().squeeze(-1)
             if finished.numel():
                 ended = live[finished]
                 lengths[ended] = t + 1
-                stopped[ended] = True
+                stopped[ended] = True if turns is None else turns.stopped(ended, device)
                 waiting += finished.numel()
                 rows = live.numel()
                 if waiting == rows:
@@ -508,6 +613,8 @@ class DecoderEngine(InProcessEngine):
         logprobs_out[rows, cols] = torch.cat(step_logprobs).float()
         if keep_kv is not None:
             return tokens_out, logprobs_out, lengths, stopped, keep_kv.kept
+        if turns is not None:
+            return tokens_out, logprobs_out, lengths, stopped, turns.environment_mask(max_new, device)
         return tokens_out, logprobs_out, lengths, stopped
 
     def _decode_hf(self, cache: Cache, logits: torch.Tensor, next_pos: torch.Tensor, attention: torch.Tensor,

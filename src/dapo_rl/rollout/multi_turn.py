@@ -133,6 +133,8 @@ class MultiTurnSampler:
                   rows: Sequence[dict[str, Any]] | None) -> list[list[Sample]]:
         rows = list(rows) if rows is not None else [{} for _ in prompts]
         groups = [[self._start(list(p), rows[i]) for _ in range(n)] for i, p in enumerate(prompts)]
+        if self._in_one_call(groups, prompts, n, params):
+            return [[t.sample() for t in g] for g in groups]
         budget = params.max_new_tokens
         firsts: dict[tuple[int, ...], list[_Trajectory]] = {}
         for group in groups:  # the first turn: one call per distinct prompt, as a single-turn rollout
@@ -149,7 +151,7 @@ class MultiTurnSampler:
                 running = [t for k in keys for t in firsts[k]]
                 outs = self.engine.generate([t.prompt for t in running], 1, params)
                 self._take_turn(running, [out[0] for out in outs], budget)
-        for _ in range(self.max_turns - 1):
+        while True:
             running = [t for g in groups for t in g if not t.done]
             if not running:
                 break
@@ -158,10 +160,36 @@ class MultiTurnSampler:
             self._take_turn(running, [out[0] for out in outs], budget)
         for g in groups:
             for t in g:
-                if not t.done:  # out of turns after a message: the trajectory ends there
-                    t.done = True
                 self._finish(t)
         return [[t.sample() for t in g] for g in groups]
+
+    def _in_one_call(self, groups: list[list[_Trajectory]], prompts: Sequence[list[int]], n: int, params: SamplingParams) -> bool:
+        """Sample every trajectory in one engine call where the engine can (:meth:`RolloutEngine.generate_turns`):
+        a trajectory whose turn ends takes its message and goes on while the others sample."""
+        trajectories = [t for g in groups for t in g]
+        if any(t.done or t.prompt != list(prompts[i // n]) for i, t in enumerate(trajectories)):
+            return False  # an environment failed or replaced its prompt at reset: turn by turn
+        reported = [0] * len(trajectories)  # model tokens of the turns respond() has seen
+
+        def respond(row: int, ids: list[int]) -> list[int] | None:
+            t = trajectories[row]
+            t.stats.turns += 1
+            reported[row] += len(ids)
+            message = self._reply(t, ids)  # the last turn too: an environment sees the final answer
+            if message is None or t.stats.turns >= self.max_turns:
+                return None
+            return self._message_ids(message)
+
+        samples = self.engine.generate_turns(prompts, n, params, respond)
+        if samples is None:
+            return False
+        for i, (t, s) in enumerate(zip(trajectories, (s for group in samples for s in group))):
+            t.response, t.mask, t.logprobs, t.finish = s.response_ids, s.model_mask, s.logprobs, s.finish_reason
+            if s.model_tokens > reported[i]:  # a last turn cut by the budget, never reported
+                t.stats.turns += 1
+            t.done = True
+            self._finish(t)
+        return True
 
     # ------------------------------------------------------------------ one turn
 
@@ -197,7 +225,7 @@ class MultiTurnSampler:
             replies.append((t, ids))
         messages = list(self._turns.map(lambda item: self._reply(*item), replies))
         for (t, _), message in zip(replies, messages):
-            if message is None:
+            if message is None or t.stats.turns >= self.max_turns:  # the last turn's message is never shown
                 t.done = True
                 continue
             ids = self._message_ids(message)
