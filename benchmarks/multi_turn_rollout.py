@@ -4,13 +4,18 @@
     python benchmarks/multi_turn_rollout.py --size 64x2 --rounds 1         # smoke run
 
 The work is the profile scripts' (8 prompts × 8 samples of bench_vs_trl's randomly initialised
-model, seeded). Single-turn: one ``generate`` of up to ``--budget`` new tokens. Multi-turn: the
-same prompts through :class:`~dapo_rl.rollout.multi_turn.MultiTurnSampler` with an environment
-that answers every model turn with a one-token message, for up to ``--turns`` model turns within
-the same ``--budget`` (model and environment tokens together). A model turn ends at EOS, so the
-two modes sample comparable numbers of model tokens; the rate compared is model tokens per second
-of the whole call (environment handling included). Rounds alternate the two modes; the medians
-and their ratio are printed. The issue's goal: multi-turn ≥ 0.7× single-turn.
+model, seeded), at equal total tokens:
+
+- **Single-turn:** one ``generate`` of ``--budget`` new tokens per sample. EOS is switched off
+  (the engine's EOS id is one the model cannot sample), so every sample runs the whole budget.
+- **Multi-turn:** the same prompts through :class:`~dapo_rl.rollout.multi_turn.MultiTurnSampler`,
+  with an environment that answers every model turn with a one-token message. A trajectory has
+  up to ``--turns`` model turns within the same ``--budget`` (model and environment tokens
+  together), and a model turn ends at EOS.
+
+The rate compared is model tokens per second of the whole call, environment handling included.
+Rounds alternate the two modes; the medians and their ratio are printed. The issue's goal:
+multi-turn ≥ 0.7× single-turn.
 
 Options: ``--size`` (a key of ``bench_vs_trl.SIZES``), ``--arch``, ``--rounds``, ``--budget``,
 ``--turns``, ``--threads``, ``--seed``.
@@ -55,13 +60,14 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model, tok, prompts = build(a.size, a.seed, a.arch)
     engine = DecoderEngine(model, tok.pad_token_id, tok.eos_token_id, keep_decoder=True)
+    no_eos = DecoderEngine(model, tok.pad_token_id, len(tok), keep_decoder=True)  # an id no sample can be
     sampler = MultiTurnSampler(engine, tok, environment=OneTokenReply, max_turns=a.turns)
     params = SamplingParams(temperature=1.0, max_new_tokens=a.budget)
 
     def single() -> tuple[float, int, float]:
         torch.manual_seed(a.seed)
         t0 = time.perf_counter()
-        groups = engine.generate(prompts, GROUP_SIZE, params)
+        groups = no_eos.generate(prompts, GROUP_SIZE, params)
         return time.perf_counter() - t0, sum(len(s.response_ids) for g in groups for s in g), 1.0
 
     def multi() -> tuple[float, int, float]:
