@@ -10,21 +10,28 @@ whose ``logprobs`` are the sampler's on them (0 on the environment's).
 
 Choices:
 
-- The first turn of a prompt's ``n`` trajectories is one ``generate(prompts, n)`` call, as in a
-  single-turn rollout (one prefill per prompt on the fast engine); a trajectory whose first turn
-  calls no tool is exactly the single-turn sample. Later turns send each running trajectory's
-  whole context (ids) as a prompt: engines with prefix caching (vLLM) reuse its keys and values.
-- ``rollout.max_response_length`` bounds the whole trajectory after the prompt (model and
-  environment tokens): a turn is sampled with what is left, and a message that would not fit ends
-  the trajectory as truncated, so overlong filtering and the soft punishment see its whole length.
-- A turn ends at the model's end-of-turn token. Without an environment, a turn that calls no tool
-  ends the trajectory; each call's result (or error) is the next message. An environment decides
-  with ``step``. ``rollout.max_turns`` bounds the model's turns.
-- A tool's failure (unreadable call, unknown tool, bad arguments, an exception, a timeout) is an
-  observation the model sees, counted by kind. An environment that raises ends its trajectory
-  with the incorrect reward; ``max_environment_failures`` consecutive ones stop the run.
-- The tool calls of one turn run concurrently (a thread each); the next turn is sampled once they
-  have all returned.
+- **One decode loop where the engine can** (:meth:`RolloutEngine.generate_turns`, the fast
+  engine). A trajectory whose turn ends gets its message, and the message's tokens are fed to it
+  while the other rows go on sampling. The prompts are prefilled once. No turn waits for another.
+- **Otherwise turn by turn.** The first turn of a prompt's ``n`` trajectories is one
+  ``generate(prompts, n)`` call, as in a single-turn rollout. Later turns send each running
+  trajectory's whole context (ids) as a prompt. The engine is told with
+  :meth:`RolloutEngine.continue_conversations`, so it can continue what it kept (the fast
+  engine prefills only the new tokens; vLLM's prefix cache does the same).
+- **One budget per trajectory.** ``rollout.max_response_length`` bounds the whole trajectory after
+  the prompt, model and environment tokens together. A turn is sampled with what is left. A
+  message that would leave no room for the model ends the trajectory as truncated, so overlong
+  filtering and the soft punishment see its whole length.
+- **How turns end.** A turn ends at the model's end-of-turn token. Without an environment, a turn
+  that calls no tool ends the trajectory, and each call's result (or error) is the next message.
+  An environment decides with ``step``. ``rollout.max_turns`` bounds the model's turns: the last
+  turn's reply is computed (an environment sees the final answer), but never shown.
+- **Failures.** A tool's failure (an unreadable call, an unknown tool, bad arguments, an exception,
+  a timeout) is an observation the model sees, counted by kind. An environment that raises ends
+  its trajectory with the incorrect reward; ``max_environment_failures`` consecutive ones stop
+  the run.
+- **Tool calls** run inside the turn that made them. Turn by turn, the calls of a turn run
+  concurrently (a thread each). In one decode loop, a call holds the loop until it returns.
 """
 
 from __future__ import annotations
