@@ -189,3 +189,35 @@ def test_lora_training_with_a_launched_server_syncs_the_adapters(tmp_path):
                                               "mini_batch_size=4"], steps=4)
     assert result["steps"] == 4 and all(r["rollout/sync_logp_abs_diff"] < 1e-5 for r in result["rows"])
     assert (tmp_path / "server-lora" / "final" / "adapter_config.json").is_file()
+
+
+class _Equals:
+    """An environment for the chain model: after each answer it writes '=', for three turns."""
+
+    def reset(self, row):
+        self.turns = 0
+
+    def step(self, text):
+        self.turns += 1
+        return ("=", False) if self.turns < 3 else (None, True)
+
+
+def test_multi_turn_trajectories_through_the_server(served):
+    """Token in, token out through the rollout server, turn by turn: the model tokens' log-probs
+    equal the trainer's forward of the final sequence."""
+    from dapo_rl.rollout.multi_turn import MultiTurnSampler
+
+    engine, model, tokenizer = served
+    sampler = MultiTurnSampler(engine, tokenizer, environment=_Equals, max_turns=3)
+    prompts = _ids(tokenizer)
+    groups = sampler.generate(prompts, 2, SamplingParams(temperature=1.0, max_new_tokens=40))
+    turns = 0
+    for prompt, group in zip(prompts, groups):
+        for s in group:
+            turns = max(turns, s.trajectory.turns)
+            model_at = torch.tensor(s.model_mask, dtype=torch.bool)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + s.response_ids])).logits[0, len(prompt) - 1 : -1]
+            ref = token_logprobs(logits, torch.tensor(s.response_ids), temperature=1.0)
+            assert (ref[model_at] - torch.tensor(s.logprobs)[model_at]).abs().max().item() <= 1e-4
+    assert turns >= 2
