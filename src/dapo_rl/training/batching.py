@@ -1,4 +1,5 @@
-"""Samples → padded micro-batch tensors, and the length groups that keep padding out of the compute.
+"""Samples → padded micro-batch tensors, the length groups that keep padding out of the compute,
+and one step's samples made ready for the update (:class:`PreparedBatch`, its loss masks).
 
 Prompts are left-padded and responses right-padded inside a micro-batch, so response token j
 sits at the same column in every row; position ids follow the attention mask.
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dapo_rl.algorithm import overlong_filter_mask
 from dapo_rl.rollout.base import Sample
 
 
@@ -105,3 +107,47 @@ def response_mask(lengths: list[int]) -> torch.Tensor:
 def pad_rows(rows: list[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
     """Per-sample ``[len_i]`` tensors → ``[b, width]``, zeros after each row's end."""
     return torch.stack([torch.nn.functional.pad(r, (0, width - r.numel())) for r in rows]).to(device)
+
+
+def per_sample_rows(values: dict[int, torch.Tensor], idx: list[int], samples: list[Sample], like: torch.Tensor) -> torch.Tensor:
+    """``values[i]`` ``[len_i]`` for each sample of ``idx`` that has one, 1 on the others' tokens,
+    as ``[len(idx), width]`` with the dtype, device and width of ``like`` (0 past each response)."""
+    rows = [values.get(i, torch.ones(len(samples[i].response_ids))).to(like.dtype) for i in idx]
+    return pad_rows(rows, like.shape[1], like.device)
+
+
+@dataclass
+class PreparedBatch:
+    """One step's samples made ready for the update (:meth:`Trainer.prepare`): what every epoch,
+    mini-batch and micro-batch reads. Indices are sample positions in ``samples`` (group-major)."""
+
+    samples: list[Sample]
+    advantages: torch.Tensor  # [n] one per sample
+    filtered: torch.Tensor  # [n] bool: overlong-filtered out of the loss
+    trainable: torch.Tensor  # [n] bool: run forward and backward (in the loss, advantage != 0 or a KL term)
+    old_logp: dict[int, torch.Tensor] | None  # π_old [len] per sample; None: exactly on-policy (the first forward stands in)
+    ref_logp: dict[int, torch.Tensor] | None  # the KL reference's [len] per trainable sample
+    rollout_logp: list[torch.Tensor] | None  # π_rollout [len] per sample, when the engine reports it
+    weights: dict[int, torch.Tensor]  # the rollout correction's loss weights [len] (this rank's samples)
+    kept: dict[int, torch.Tensor]  # the rollout correction's loss mask [len] (every rank's samples)
+    model: dict[int, torch.Tensor]  # multi-turn samples: 1 on model tokens, 0 on environment tokens [len]
+    mismatch: list[torch.Tensor]  # π_old - π_rollout [len] per sample scored so far
+    old_logprob_seconds: float
+
+    def loss_mask(self, idx: list[int]) -> torch.Tensor:
+        """``[len(idx), widest response]`` float mask of the tokens in the loss and its normaliser:
+        the model's response tokens (never the environment's), less overlong-filtered rows and the
+        correction's rejections."""
+        lengths = [len(self.samples[i].response_ids) for i in idx]
+        mask = overlong_filter_mask(response_mask(lengths), self.filtered[idx])
+        if self.model:  # multi-turn: environment tokens are context only
+            mask = mask * per_sample_rows(self.model, idx, self.samples, mask)
+        if self.kept:  # the correction's rejections
+            mask = mask * per_sample_rows(self.kept, idx, self.samples, mask)
+        return mask
+
+    def trainable_among(self, idx: list[int]) -> torch.Tensor:
+        """``[n]`` bool: the trainable samples among ``idx``."""
+        among = torch.zeros_like(self.trainable)
+        among[idx] = True
+        return self.trainable & among

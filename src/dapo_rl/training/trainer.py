@@ -56,7 +56,6 @@ from dapo_rl.algorithm import (
     broadcast_to_tokens,
     loss_normalizer,
     mismatch_metrics,
-    overlong_filter_mask,
 )
 from dapo_rl.config import Config
 from dapo_rl.data.encoding import EncodedPrompt
@@ -64,7 +63,7 @@ from dapo_rl.evaluation import EvalResult, evaluate
 from dapo_rl.models.lora import adapters_disabled, has_adapters, is_adapter_parameter, to_model_names
 from dapo_rl.reproducibility import rng_state, set_rng_state
 from dapo_rl.rollout.base import EngineLost, RolloutEngine, Sample, SamplingParams
-from dapo_rl.training.batching import pack, pad_rows, response_mask
+from dapo_rl.training.batching import PreparedBatch, pack, pad_rows, per_sample_rows, response_mask
 from dapo_rl.training.compose import correction_mode
 from dapo_rl.training.distributed import DistContext
 from dapo_rl.training.logprobs import ForwardSettings, logprobs
@@ -72,13 +71,6 @@ from dapo_rl.training.rollouts import RolloutCollector, ScoredGroup
 from dapo_rl.training.step_metrics import StepMetrics
 from dapo_rl.tools import EnvironmentFailures
 from dapo_rl.training.weight_sync import SyncCheck, WeightSyncError
-
-
-def _per_sample(values: dict[int, torch.Tensor], idx: list[int], samples: list[Sample], like: torch.Tensor) -> torch.Tensor:
-    """``values[i]`` ``[len_i]`` for each sample of ``idx`` that has one, 1 on the others' tokens,
-    as ``[len(idx), width]`` with the dtype, device and width of ``like`` (0 past each response)."""
-    rows = [values.get(i, torch.ones(len(samples[i].response_ids))).to(like.dtype) for i in idx]
-    return pad_rows(rows, like.shape[1], like.device)
 
 
 @contextmanager
@@ -98,43 +90,6 @@ class TrainState:
     samples_generated_total: int = 0
     skipped_updates_total: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-@dataclass
-class PreparedBatch:
-    """One step's samples made ready for the update (:meth:`Trainer.prepare`): what every epoch,
-    mini-batch and micro-batch reads. Indices are sample positions in ``samples`` (group-major)."""
-
-    samples: list[Sample]
-    advantages: torch.Tensor  # [n] one per sample
-    filtered: torch.Tensor  # [n] bool: overlong-filtered out of the loss
-    trainable: torch.Tensor  # [n] bool: run forward and backward (in the loss, advantage != 0 or a KL term)
-    old_logp: dict[int, torch.Tensor] | None  # π_old [len] per sample; None: exactly on-policy (the first forward stands in)
-    ref_logp: dict[int, torch.Tensor] | None  # the KL reference's [len] per trainable sample
-    rollout_logp: list[torch.Tensor] | None  # π_rollout [len] per sample, when the engine reports it
-    weights: dict[int, torch.Tensor]  # the rollout correction's loss weights [len] (this rank's samples)
-    kept: dict[int, torch.Tensor]  # the rollout correction's loss mask [len] (every rank's samples)
-    model: dict[int, torch.Tensor]  # multi-turn samples: 1 on model tokens, 0 on environment tokens [len]
-    mismatch: list[torch.Tensor]  # π_old - π_rollout [len] per sample scored so far
-    old_logprob_seconds: float
-
-    def loss_mask(self, idx: list[int]) -> torch.Tensor:
-        """``[len(idx), widest response]`` float mask of the tokens in the loss and its normaliser:
-        the model's response tokens (never the environment's), less overlong-filtered rows and the
-        correction's rejections."""
-        lengths = [len(self.samples[i].response_ids) for i in idx]
-        mask = overlong_filter_mask(response_mask(lengths), self.filtered[idx])
-        if self.model:  # multi-turn: environment tokens are context only
-            mask = mask * _per_sample(self.model, idx, self.samples, mask)
-        if self.kept:  # the correction's rejections
-            mask = mask * _per_sample(self.kept, idx, self.samples, mask)
-        return mask
-
-    def trainable_among(self, idx: list[int]) -> torch.Tensor:
-        """``[n]`` bool: the trainable samples among ``idx``."""
-        among = torch.zeros_like(self.trainable)
-        among[idx] = True
-        return self.trainable & among
 
 
 class Trainer:
@@ -304,7 +259,7 @@ class Trainer:
         adv = broadcast_to_tokens(batch.advantages[idx].to(self.device), mask)
         per_token, loss_metrics = self.policy_loss(logp, old, adv, mask, self.clip)
         if batch.weights:  # importance weights π_old/π_rollout on the policy-gradient term
-            per_token = per_token * _per_sample(batch.weights, idx, samples, per_token)
+            per_token = per_token * per_sample_rows(batch.weights, idx, samples, per_token)
         if batch.ref_logp is not None:
             kl = self.kl_estimator(logp, pad_rows([batch.ref_logp[i] for i in idx], mask.shape[1], self.device)) * mask
             per_token = per_token + self.cfg.loss.kl_coef * kl
@@ -375,7 +330,7 @@ class Trainer:
             sampled = pad_rows([rollout_logp[i].to(old.dtype) for i in rows], max(lengths), cpu)
             tokens = response_mask(lengths).to(old.dtype)
             if model:  # environment tokens are never weighted, nor in a sequence's geometric mean
-                tokens = tokens * _per_sample(model, rows, samples, tokens)
+                tokens = tokens * per_sample_rows(model, rows, samples, tokens)
             w, mask = correction(old, sampled, tokens, self.cfg.rollout_correction.cap)
             w = w * tokens  # no weight off the model's tokens (1 there, exactly: single turns are unchanged)
             weights = {i: w[r, :n] for r, (i, n) in enumerate(zip(rows, lengths))}
