@@ -415,15 +415,17 @@ def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_se
     per turn), each call continues the kept keys and values and prefills only the new tokens."""
     from dapo_rl.rollout.multi_turn import MultiTurnSampler
 
-    fed: list[tuple[int, int]] = []  # (tokens prefilled per row, longest prompt) of each continued call
-    continued = DecoderEngine._continued_prefill
+    import dapo_rl.rollout.decoder_turns as decoder_turns
 
-    def spy(self, prompts, kept, device):
-        out = continued(self, prompts, kept, device)
+    fed: list[tuple[int, int]] = []  # (tokens prefilled per row, longest prompt) of each continued call
+    continued = decoder_turns.continued_prefill
+
+    def spy(prompts, kept, pad_token_id, device):
+        out = continued(prompts, kept, pad_token_id, device)
         fed.append((out[1].shape[1], max(len(p) for p in prompts)))
         return out
 
-    monkeypatch.setattr(DecoderEngine, "_continued_prefill", spy)
+    monkeypatch.setattr(decoder_turns, "continued_prefill", spy)
     if not one_call:
         monkeypatch.setattr(DecoderEngine, "generate_turns", lambda self, *args: None)
     model = family(name)

@@ -39,6 +39,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from dapo_rl.models.decode import SpecDecoder
 from dapo_rl.models.spec import fast_spec, has_sliding_layers
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, InProcessEngine, Sample, SamplingParams
+import dapo_rl.rollout.decoder_turns as decoder_turns
 from dapo_rl.rollout.hf import left_pad
 
 if TYPE_CHECKING:
@@ -198,83 +199,6 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cumulative, u, right=True).squeeze(-1)
 
 
-class _Turns:
-    """A multi-turn call's state inside the decode loop (:meth:`DecoderEngine.generate_turns`).
-
-    When a row samples a stop token, ``respond(row, turn_ids)`` gives the ids of the message to feed
-    before its next turn, or None to end it; the message's tokens are then fed one per decode step
-    (teacher-forced, log-prob 0), while the other rows go on sampling. A message that would leave
-    no room for the model within the budget ends the row as truncated.
-    """
-
-    def __init__(self, rows: int, respond):
-        self.respond = respond
-        self.turn: list[list[int]] = [[] for _ in range(rows)]  # the current turn's sampled ids per original row
-        self.queue: dict[int, list[int]] = {}  # original row -> message ids still to feed
-        self.environment: list[tuple[int, int]] = []  # (original row, step) of each fed message token
-        self.truncated: set[int] = set()  # rows ended by a message that did not fit
-
-    def force(self, live: torch.Tensor, token: torch.Tensor, logprob: torch.Tensor, t: int):
-        """Put the next message token of every row that has one in place of its sample."""
-        if not self.queue:
-            return token, logprob, None
-        where = {o: i for i, o in enumerate(live.tolist())}
-        rows, ids = [], []
-        for o in list(self.queue):
-            rows.append(where[o])
-            ids.append(self.queue[o].pop(0))
-            self.environment.append((o, t))
-            if not self.queue[o]:
-                del self.queue[o]
-        forced = torch.tensor(rows, device=token.device)
-        token, logprob = token.clone(), logprob.clone()
-        token[forced] = torch.tensor(ids, dtype=token.dtype, device=token.device)
-        logprob[forced] = 0.0
-        return token, logprob, forced
-
-    def end_turns(self, live, token, hit, forced, done, t: int, max_new: int) -> torch.Tensor:
-        """Record each sampling row's token; for every row whose turn ended, ask for the message.
-        Returns ``hit`` less the rows that go on (a message to feed)."""
-        if forced is not None:
-            hit = hit.clone()
-            hit[forced] = False  # a message's tokens never end a turn
-        skip = set(forced.tolist()) if forced is not None else set()
-        dead = done.tolist() if done is not None else None
-        ends = set(hit.nonzero().squeeze(-1).tolist())
-        goes_on = []
-        for i, (o, tok) in enumerate(zip(live.tolist(), token.tolist())):
-            if i in skip or (dead is not None and dead[i]):
-                continue
-            self.turn[o].append(tok)
-            if i not in ends:
-                continue
-            message = self.respond(o, self.turn[o])
-            self.turn[o] = []
-            if not message:
-                continue
-            if t + 1 + len(message) >= max_new:  # no room left for the model to answer
-                self.truncated.add(o)
-                continue
-            self.queue[o] = list(message)
-            goes_on.append(i)
-        if goes_on:
-            hit = hit.clone()
-            hit[torch.tensor(goes_on, device=hit.device)] = False
-        return hit
-
-    def stopped(self, ended: torch.Tensor, device) -> torch.Tensor:
-        """Which of the ``ended`` rows stopped (not ended by a message that did not fit)."""
-        return torch.tensor([o not in self.truncated for o in ended.tolist()], dtype=torch.bool, device=device)
-
-    def environment_mask(self, max_new: int, device) -> torch.Tensor:
-        """``[rows, max_new]`` bool: True where a message token was fed."""
-        mask = torch.zeros((len(self.turn), max_new), dtype=torch.bool, device=device)
-        if self.environment:
-            rows, cols = zip(*self.environment)
-            mask[list(rows), list(cols)] = True
-        return mask
-
-
 class DecoderEngine(InProcessEngine):
     """Samples from the training model itself with one prefill per prompt and finished-row dropping.
 
@@ -383,7 +307,7 @@ class DecoderEngine(InProcessEngine):
 
     @torch.no_grad()
     def generate_turns(self, prompts: Sequence[list[int]], n: int, params: SamplingParams, respond) -> list[list[Sample]] | None:
-        """Whole multi-turn trajectories in one decode loop (see :class:`_Turns`): a row whose turn
+        """Whole multi-turn trajectories in one decode loop (see :class:`~dapo_rl.rollout.decoder_turns.LoopTurns`): a row whose turn
         ends takes its message and goes on while the others sample. ``respond(row, turn_ids)``:
         ``row`` counts samples across all prompts (prompt i's are ``i·n … i·n + n − 1``). None
         where the direct decoder does not serve this model (the caller goes turn by turn)."""
@@ -403,9 +327,9 @@ class DecoderEngine(InProcessEngine):
         max_new = params.max_new_tokens
         if max_new <= 0:
             return [[Sample(list(p), [], FINISH_LENGTH, []) for _ in range(n)] for p in prompts]
-        kept = self._kept_prefixes(prompts) if self._continuing and self.direct_decode and respond is None else None
+        kept = decoder_turns.kept_prefixes(self._previous, prompts) if self._continuing and self.direct_decode and respond is None else None
         if kept is not None:  # a conversation goes on: prefill its new tokens onto its kept keys/values
-            cache, input_ids, attention, positions = self._continued_prefill(prompts, kept, device)
+            cache, input_ids, attention, positions = decoder_turns.continued_prefill(prompts, kept, self.pad_token_id, device)
         else:
             cache = None
             input_ids, attention = left_pad(prompts, self.pad_token_id, device)  # [b, P] each
@@ -442,7 +366,7 @@ class DecoderEngine(InProcessEngine):
                     decoder = self._decoder(model, spec)
                     decoder.start(out.past_key_values, n, attention, capacity)
                     try:
-                        keep_kv = self._keep_rows(decoder, prompts, n, width) if self._continuing and respond is None else None
+                        keep_kv = decoder_turns.row_keeper(decoder, prompts, n, width) if self._continuing and respond is None else None
                         result = self._decode_direct(decoder, logits, next_pos, is_stop, params, capacity, keep_kv, respond)
                     finally:
                         decoder.finish()
@@ -476,67 +400,6 @@ class DecoderEngine(InProcessEngine):
             grouped.append(group)
         return grouped
 
-    def _kept_prefixes(self, prompts: Sequence[list[int]]) -> list[tuple[int, torch.Tensor | None]] | None:
-        """For each prompt, the longest kept sample it extends: ``(its length, its keys/values)``,
-        ``(0, None)`` where there is none; None when no prompt extends one."""
-        if not self._previous:
-            return None
-        lengths = sorted({len(k) for k in self._previous}, reverse=True)
-        found = []
-        for prompt in prompts:
-            match = next(((n, self._previous[key]) for n in lengths if n < len(prompt)
-                          and (key := tuple(prompt[:n])) in self._previous), (0, None))
-            found.append(match)
-        return found if any(kv is not None for _, kv in found) else None
-
-    def _continued_prefill(self, prompts: Sequence[list[int]], kept: list[tuple[int, torch.Tensor | None]], device):
-        """The prefill of prompts that extend kept samples: each row feeds its last ``S`` tokens (S:
-        the most new tokens of any row, so a row with fewer re-feeds a few kept ones) onto its kept
-        keys/values, right-aligned behind left padding as a prompt would be. Returns the cache
-        holding the kept part, the fed ids ``[b, S]``, the mask ``[b, W]`` and positions ``[b, W]``."""
-        fed_width = max(len(p) - n for p, (n, _) in zip(prompts, kept))
-        past = [max(0, len(p) - fed_width) for p in prompts]  # kept positions each row attends to
-        past_width = max(past)
-        fed, fed_mask = left_pad([p[len(p) - min(len(p), fed_width):] for p in prompts], self.pad_token_id, device)
-        attention = torch.cat([torch.arange(past_width, device=device)[None] >= past_width - torch.tensor(past, device=device)[:, None],
-                               fed_mask.bool()], dim=1).long()
-        positions = (attention.cumsum(-1) - 1).clamp_min(0)
-        cache = DynamicCache()
-        some = next(kv for _, kv in kept if kv is not None)  # [layers, 2·kv_heads, L, d]
-        layers, kv_heads, d = some.shape[0], some.shape[1] // 2, some.shape[-1]
-        for layer in range(layers):
-            keys = some.new_zeros((len(prompts), kv_heads, past_width, d))
-            values = torch.zeros_like(keys)
-            for row, ((_, kv), length) in enumerate(zip(kept, past)):
-                if length:
-                    keys[row, :, past_width - length:] = kv[layer, :kv_heads, :length]
-                    values[row, :, past_width - length:] = kv[layer, kv_heads:, :length]
-            cache.update(keys, values, layer)
-        return cache, fed, attention, positions
-
-    def _keep_rows(self, decoder: SpecDecoder, prompts: Sequence[list[int]], n: int, width: int):
-        """A function ``keep(decode_rows, original_rows, lengths)`` that copies those rows' real keys
-        and values out of the decoder's buffer (the prompt's real positions, then every generated
-        token but the last, which was never fed) into ``keep.kept[original_row]``, keys in the
-        model's order (the decoder may keep them in its own)."""
-        contexts = [len(prompts[row // n]) for row in range(len(prompts) * n)]
-        heads = decoder.kv.shape[2] // 2
-        order = decoder.key_order
-        inverse = None if order is None else torch.argsort(torch.as_tensor(order, device=decoder.kv.device))
-
-        def keep(decode_rows: torch.Tensor, original_rows: torch.Tensor, lengths: torch.Tensor) -> None:
-            for r, o in zip(decode_rows.tolist(), original_rows.tolist()):
-                if o in keep.kept:
-                    continue
-                start, end = width - contexts[o], width + int(lengths[o]) - 1
-                kv = decoder.kv[:, r, :, start:end].clone()
-                if inverse is not None:
-                    kv[:, :heads] = kv[:, :heads][..., inverse]
-                keep.kept[o] = kv
-
-        keep.kept = {}
-        return keep
-
     def _decode_direct(self, decoder: SpecDecoder, logits: torch.Tensor, next_pos: torch.Tensor,
                        is_stop: torch.Tensor, params: SamplingParams, capacity: int, keep_kv=None, respond=None):
         """The sampling loop on :class:`SpecDecoder`; returns (tokens, logprobs, lengths, stopped) per original row.
@@ -557,7 +420,7 @@ class DecoderEngine(InProcessEngine):
         step_rows: list[torch.Tensor] = []
         step_tokens: list[torch.Tensor] = []
         step_logprobs: list[torch.Tensor] = []
-        turns = _Turns(rows_total, respond) if respond is not None else None
+        turns = decoder_turns.LoopTurns(rows_total, respond) if respond is not None else None
         for t in range(max_new):
             token, logprob = sample_tokens(logits, params)  # [rows] each
             if turns is not None:  # an environment message's tokens are fed, not sampled
