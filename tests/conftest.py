@@ -163,3 +163,21 @@ class AccumulatingIndexPuts:
 def accumulating_index_puts():
     """:class:`AccumulatingIndexPuts` (a fresh recorder per call)."""
     return AccumulatingIndexPuts
+
+
+class ThreeTurns:
+    """An environment for the built-in chain models: it answers each model turn with '=' and ends
+    the trajectory after the third."""
+
+    def reset(self, row):
+        self.turns = 0
+
+    def step(self, text):
+        self.turns += 1
+        return ("=", False) if self.turns < 3 else (None, True)
+
+
+@pytest.fixture(scope="session")
+def three_turns():
+    """:class:`ThreeTurns` (a multi-turn environment class)."""
+    return ThreeTurns

@@ -395,20 +395,9 @@ def test_a_family_whose_weights_do_not_match_raises_one_line_naming_the_tensor(t
         read_spec(llama)
 
 
-class _Echo:
-    """Answers every model turn with '=' (an environment message) for three turns."""
-
-    def reset(self, row):
-        self.turns = 0
-
-    def step(self, text):
-        self.turns += 1
-        return ("=", False) if self.turns < 3 else (None, True)
-
-
 @pytest.mark.parametrize("one_call", [True, False], ids=["one-decode-loop", "turn-by-turn"])
 @pytest.mark.parametrize("name", CASES)
-def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_sequence(name, one_call, monkeypatch):
+def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_sequence(name, one_call, monkeypatch, three_turns):
     """Trajectories through the fast engine, environment messages between the turns: the model
     tokens' log-probs equal one full forward of the whole final sequence (1e-5). In one decode loop
     (the default) a message is fed to its row while the others sample; turn by turn (an engine call
@@ -429,7 +418,7 @@ def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_se
     if not one_call:
         monkeypatch.setattr(DecoderEngine, "generate_turns", lambda self, *args: None)
     model = family(name)
-    sampler = MultiTurnSampler(_engine(model), TOK, environment=_Echo, max_turns=3)
+    sampler = MultiTurnSampler(_engine(model), TOK, environment=three_turns, max_turns=3)
     torch.manual_seed(0)
     groups = sampler.generate(PROMPTS[:2], 2, SamplingParams(temperature=1.0, max_new_tokens=24))
     turns = 0
@@ -447,15 +436,15 @@ def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_se
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2-softcap-window"])
-def test_one_decode_loop_and_turn_by_turn_give_the_same_greedy_trajectories(name, monkeypatch):
+def test_one_decode_loop_and_turn_by_turn_give_the_same_greedy_trajectories(name, monkeypatch, three_turns):
     from dapo_rl.rollout.multi_turn import MultiTurnSampler
 
     model = family(name)
     digits = tuple(TOK.convert_tokens_to_ids(list("0123456789")))  # turns end often: at any digit
     params = SamplingParams(temperature=0.0, max_new_tokens=24, stop_token_ids=digits)
-    one_call = MultiTurnSampler(_engine(model), TOK, environment=_Echo, max_turns=3).generate(PROMPTS, 1, params)
+    one_call = MultiTurnSampler(_engine(model), TOK, environment=three_turns, max_turns=3).generate(PROMPTS, 1, params)
     monkeypatch.setattr(DecoderEngine, "generate_turns", lambda self, *args: None)
-    by_turn = MultiTurnSampler(_engine(model), TOK, environment=_Echo, max_turns=3).generate(PROMPTS, 1, params)
+    by_turn = MultiTurnSampler(_engine(model), TOK, environment=three_turns, max_turns=3).generate(PROMPTS, 1, params)
     for (a,), (b,) in zip(one_call, by_turn):
         assert (a.response_ids, a.model_mask, a.finish_reason, a.trajectory.turns) == \
                (b.response_ids, b.model_mask, b.finish_reason, b.trajectory.turns)

@@ -242,24 +242,13 @@ def test_lora_training_pushes_merged_adapters_that_reach_the_engine(tmp_path, po
     assert "Failed to load weights" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-class _Equals:
-    """An environment for the chain model: after each answer it writes '=', for three turns."""
-
-    def reset(self, row):
-        self.turns = 0
-
-    def step(self, text):
-        self.turns += 1
-        return ("=", False) if self.turns < 3 else (None, True)
-
-
-def test_multi_turn_trajectories_through_vllm(engine, policy):
+def test_multi_turn_trajectories_through_vllm(engine, policy, three_turns):
     """Token in, token out through vLLM, turn by turn: each turn's context goes in as ids, and the
     model tokens' log-probs equal the trainer's forward of the final sequence."""
     from dapo_rl.rollout.multi_turn import MultiTurnSampler
 
     model, tokenizer = policy
-    sampler = MultiTurnSampler(engine, tokenizer, environment=_Equals, max_turns=3)
+    sampler = MultiTurnSampler(engine, tokenizer, environment=three_turns, max_turns=3)
     groups = sampler.generate(_ids(tokenizer), 2, SamplingParams(temperature=1.0, max_new_tokens=40))
     turns = 0
     for prompt, group in zip(_ids(tokenizer), groups):

@@ -191,24 +191,13 @@ def test_lora_training_with_a_launched_server_syncs_the_adapters(tmp_path):
     assert (tmp_path / "server-lora" / "final" / "adapter_config.json").is_file()
 
 
-class _Equals:
-    """An environment for the chain model: after each answer it writes '=', for three turns."""
-
-    def reset(self, row):
-        self.turns = 0
-
-    def step(self, text):
-        self.turns += 1
-        return ("=", False) if self.turns < 3 else (None, True)
-
-
-def test_multi_turn_trajectories_through_the_server(served):
+def test_multi_turn_trajectories_through_the_server(served, three_turns):
     """Token in, token out through the rollout server, turn by turn: the model tokens' log-probs
     equal the trainer's forward of the final sequence."""
     from dapo_rl.rollout.multi_turn import MultiTurnSampler
 
     engine, model, tokenizer = served
-    sampler = MultiTurnSampler(engine, tokenizer, environment=_Equals, max_turns=3)
+    sampler = MultiTurnSampler(engine, tokenizer, environment=three_turns, max_turns=3)
     prompts = _ids(tokenizer)
     groups = sampler.generate(prompts, 2, SamplingParams(temperature=1.0, max_new_tokens=40))
     turns = 0
