@@ -252,11 +252,10 @@ class DecoderEngine(InProcessEngine):
         self.keep_decoder = keep_decoder
         self._kept: tuple[tuple, object, SpecDecoder] | None = None  # (weights' identity, spec, decoder)
         # Multi-turn (continue_conversations): each stopped sample's keys/values [layers, 2·kv_heads,
-        # L, d] (the decoder's key order) by its tokens, from the previous call (read) and this one (written).
+        # L, d] (keys in the model's order) by its tokens, from the previous call (read) and this one (written).
         self._continuing = False
         self._previous: dict[tuple[int, ...], torch.Tensor] = {}
         self._written: dict[tuple[int, ...], torch.Tensor] = {}
-        self._weights_of_kept_rows: tuple | None = None
 
     @classmethod
     def from_config(cls, config: Config, model, tokenizer) -> "DecoderEngine":
@@ -327,24 +326,20 @@ class DecoderEngine(InProcessEngine):
         max_new = params.max_new_tokens
         if max_new <= 0:
             return [[Sample(list(p), [], FINISH_LENGTH, []) for _ in range(n)] for p in prompts]
-        kept = decoder_turns.kept_prefixes(self._previous, prompts) if self._continuing and self.direct_decode and respond is None else None
+        # Either prefill is max(prompt lengths) columns wide (a continued one right-aligns each row).
+        width = max(len(p) for p in prompts)
+        capacity = width + max_new
+        # Decode steps bypass the HF modules when the spec computes this model exactly at this length.
+        spec = fast_spec(model, capacity) if self.direct_decode else None
+        direct = spec is not None
+        # Kept keys/values serve the direct decoder only.
+        kept = decoder_turns.kept_prefixes(self._previous, prompts) if self._continuing and direct and respond is None else None
         if kept is not None:  # a conversation goes on: prefill its new tokens onto its kept keys/values
             cache, input_ids, attention, positions = decoder_turns.continued_prefill(prompts, kept, self.pad_token_id, device)
         else:
             cache = None
             input_ids, attention = left_pad(prompts, self.pad_token_id, device)  # [b, P] each
             positions = (attention.cumsum(-1) - 1).clamp_min(0)  # padding does not shift positions
-        width = attention.shape[1]
-        capacity = width + max_new
-        # Decode steps bypass the HF modules when the spec computes this model exactly at this length.
-        spec = fast_spec(model, capacity) if self.direct_decode else None
-        direct = spec is not None
-        if cache is not None and not direct:  # kept keys/values serve the direct decoder only
-            cache = None
-            input_ids, attention = left_pad(prompts, self.pad_token_id, device)
-            positions = (attention.cumsum(-1) - 1).clamp_min(0)
-            width = attention.shape[1]
-            capacity = width + max_new
 
         was_training = model.training
         model.eval()
