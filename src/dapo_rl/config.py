@@ -18,11 +18,25 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-# Built-in tasks (dapo_rl.data.synthetic.CHAIN_TASKS): builtin:<task> is the data,
+# Built-in tasks (dapo_rl.data.builtin_tasks): builtin:<task> is the data,
 # builtin:<task>-tiny its warmed-up model; these are the quickstart's.
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODEL = "builtin:chain-tiny"
 BUILTIN_DATA = "builtin:chain"
+# What data.train=builtin:<task> sets unless the config file or an override sets it: the task's
+# own model, held-out set and tools, so that the task alone names a complete run.
+BUILTIN_TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "chain": {},
+    "chain-long": {"model.path": "builtin:chain-long-tiny", "data.eval": "builtin:chain-long"},
+    "calculator": {
+        "model.path": "builtin:calculator-tiny",
+        "data.eval": "builtin:calculator",
+        "rollout.tools": ["dapo_rl.tools.calculator:calculator"],
+        "rollout.max_turns": 3,  # call, answer, and one more try
+        "rollout.max_response_length": 128,  # the whole trajectory: a call is ~75 tokens
+        "rollout.max_tool_response_tokens": 32,
+    },
+}
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp2")
 LORA_ALL_LINEAR = "all-linear"
 
@@ -415,6 +429,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     _check_sections_in_overrides(overrides)
     try:
         layers.append(OmegaConf.from_dotlist(overrides))
+        layers[1:1] = [_task_defaults(OmegaConf.merge(*layers[1:]))]
         merged = OmegaConf.merge(*layers)
         config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
@@ -425,6 +440,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         config.micro_batch_size = default_micro_batch_size(config.mini_batch_size * config.group_size)
     validate(config)
     return config
+
+
+def _task_defaults(given: DictConfig) -> DictConfig:
+    """The settings of :data:`BUILTIN_TASK_DEFAULTS` for the task ``given``'s ``data.train`` names
+    (empty for a dataset path), as a layer under what the user gave."""
+    train = OmegaConf.select(given, "data.train", default=BUILTIN_DATA)
+    layer = OmegaConf.create({})
+    if isinstance(train, str) and train.startswith(BUILTIN_PREFIX):
+        for key, value in BUILTIN_TASK_DEFAULTS.get(train.removeprefix(BUILTIN_PREFIX), {}).items():
+            OmegaConf.update(layer, key, value)
+    return layer
 
 
 def default_micro_batch_size(samples_per_mini_batch: int, cap: int = 128) -> int:
