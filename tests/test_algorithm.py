@@ -19,21 +19,30 @@ from dapo_rl.algorithm import (
     ClipRange,
     DynamicSampler,
     DynamicSamplingExhausted,
+    LossSettings,
     aggregate_loss,
     broadcast_to_tokens,
     cispo_loss,
+    clip_cov_loss,
     decoupled_clip_loss,
+    dppo_kl_loss,
+    dppo_tv_loss,
     drgrpo_advantages,
+    geo_mean_loss,
     grpo_advantages,
     gspo_loss,
     informative_groups,
+    is_batch_coupled,
+    kl_cov_loss,
     loss_normalizer,
     Registry,
     overlong_filter_mask,
+    sapo_loss,
     soft_overlong_penalty,
     token_entropy,
     token_logprobs,
 )
+from dapo_rl.algorithm.entropy_losses import token_covariance
 
 # ----------------------------------------------------------------------------- advantages
 
@@ -204,6 +213,165 @@ def test_cispo_hand_values():
     assert out.metrics["clip_high"].tolist() == [[True, False, False, False]]
 
 
+def test_geo_mean_hand_values():
+    """GMPO: log-ratios clipped per token in log space by the advantage's sign, then the geometric
+    mean per response. Response 0 (A = 1): log r = (0.3, -0.1) → c = (0.2 [capped], -0.1), s = e^0.05.
+    Response 1 (A = -2): log r = (-0.5, 0.1) → c = (-0.2 [floored], 0.1), s = e^-0.05."""
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    logp = torch.tensor([[0.3, -0.1, 9.0], [-0.5, 0.1, -9.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    adv = torch.tensor([[1.0, 1.0, 5.0], [-2.0, -2.0, 5.0]], dtype=torch.float64)
+    out = geo_mean_loss(logp, old, adv, mask, ClipRange(eps_low=0.2, eps_high=0.2))
+    s0, s1 = math.exp(0.05), math.exp(-0.05)
+    torch.testing.assert_close(out.per_token_loss, torch.tensor([[-s0, -s0, 0.0], [2 * s1, 2 * s1, 0.0]], dtype=torch.float64))
+    loss = aggregate_loss(out.per_token_loss, mask, "seq-mean-token-mean")
+    assert loss.item() == pytest.approx((-s0 + 2 * s1) / 2)  # GMPO's objective: the mean of -Â_i·s_i
+    loss.backward()
+    # d/dlogp_t of (1/2)·(-Â_i·exp(mean_t c_t)) = -Â_i·s_i/(2·2) on an unclipped token, 0 on a clipped one.
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -s0 / 4, 0.0], [0.0, 2 * s1 / 4, 0.0]], dtype=torch.float64))
+    assert out.metrics["clip_frac_high"].item() == 1 and out.metrics["clip_frac_low"].item() == 1
+    assert out.metrics["clip_high"].tolist() == [[True, False, False], [False, False, False]]
+
+
+def test_sapo_hand_values():
+    """SAPO: -A·σ(τ(r-1))·4/τ; the gradient w.r.t. log π is -A·4σ(1-σ)·r, 1·(-A) at r = 1."""
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    ratios = torch.tensor([[2.0, 0.5, 1.0, 7.0]], dtype=torch.float64)
+    logp = ratios.log().clone().requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0, 3.0, 1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    out = sapo_loss(logp, torch.zeros_like(logp), adv, mask, LossSettings(tau_pos=1.0, tau_neg=1.05))
+    x = 1.05 * (0.5 - 1)
+    expected = [-4 * sig(1.0), 4 / 1.05 * sig(x), -3 * 2.0, 0.0]  # τ_pos for A > 0, τ_neg for A < 0
+    torch.testing.assert_close(out.per_token_loss, torch.tensor([expected], dtype=torch.float64))
+    out.per_token_loss.sum().backward()
+    grads = [-4 * sig(1.0) * (1 - sig(1.0)) * 2.0, 4 * sig(x) * (1 - sig(x)) * 0.5, -3.0, 0.0]
+    torch.testing.assert_close(logp.grad, torch.tensor([grads], dtype=torch.float64))
+    assert "clip_frac_low" not in out.metrics and out.metrics["ratio_mean"].item() == pytest.approx(3.5)
+
+
+def _dppo_case(loss_fn, probs, old_probs, adv, **clip):
+    logp = torch.tensor([probs], dtype=torch.float64).log().requires_grad_(True)
+    old = torch.tensor([old_probs], dtype=torch.float64).log()
+    out = loss_fn(logp, old, torch.tensor([adv], dtype=torch.float64), torch.ones(1, len(probs)), ClipRange(**clip))
+    out.per_token_loss.sum().backward()
+    return out, logp.grad[0].tolist()
+
+
+def test_dppo_tv_hand_values():
+    """A token leaves the update when p − p_old passes ε_high (A > 0) or −ε_low (A < 0); the others
+    get -min(r, c)·A·log π with r detached."""
+    out, grad = _dppo_case(dppo_tv_loss, [0.8, 0.6, 0.2, 0.9, 0.05], [0.5, 0.5, 0.5, 0.5, 0.01], [1, 1, -1, -1, 1],
+                           eps_low=0.2, eps_high=0.28, dual_clip_c=3.0)
+    # +0.3 > 0.28 masked; +0.1 kept (r = 1.2); −0.3 < −0.2 masked; +0.4 against a negative push kept
+    # (r = 1.8); +0.04 kept, r = 5 truncated at c = 3.
+    expected = [0.0, -1.2 * math.log(0.6), 0.0, 1.8 * math.log(0.9), -3.0 * math.log(0.05)]
+    assert out.per_token_loss[0].tolist() == pytest.approx(expected)
+    assert grad == pytest.approx([0.0, -1.2, 0.0, 1.8, -3.0])
+    assert out.metrics["clip_frac_high"].item() == 1 and out.metrics["clip_frac_low"].item() == 1
+    assert out.metrics["truncated_frac"].item() == 1
+    assert out.metrics["clip_high"].tolist() == [[True, False, False, False, False]]
+
+
+def test_dppo_kl_hand_values():
+    """The binary KL of p_old = 0.5 → p = 0.8 is ½·log(0.5/0.8) + ½·log(0.5/0.2) = ½·log 1.5625 ≈ 0.223
+    (kept under ε_high = 0.28, where TV's 0.3 was masked); → 0.9 it is ½·log(25/9) ≈ 0.511 (masked);
+    → 0.2 it is 0.223 again, past ε_low = 0.2 for a negative advantage (masked)."""
+    out, grad = _dppo_case(dppo_kl_loss, [0.8, 0.9, 0.2, 0.9], [0.5, 0.5, 0.5, 0.5], [1, 1, -1, -1],
+                           eps_low=0.2, eps_high=0.28)
+    assert out.per_token_loss[0].tolist() == pytest.approx([-1.6 * math.log(0.8), 0.0, 0.0, 1.8 * math.log(0.9)])
+    assert grad == pytest.approx([-1.6, 0.0, 0.0, 1.8])  # the last moved against its push: kept
+    assert out.metrics["clip_frac_high"].item() == 1 and out.metrics["clip_frac_low"].item() == 1
+    assert out.metrics["truncated_frac"].item() == 0  # dual_clip_c null: c = 20
+
+
+# Two responses of two tokens: mean A = 0, mean log π = -1.5, so the covariances are
+# A·(log π + 1.5) = [[1.0, -1.0], [-0.5, 0.5]].
+_COV_ADV = torch.tensor([[1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
+_COV_LOGP = torch.tensor([[-0.5, -2.5], [-1.0, -2.0]], dtype=torch.float64)
+
+
+def test_token_covariance_hand_values():
+    cov = token_covariance(_COV_ADV, _COV_LOGP, torch.ones(2, 2, dtype=torch.bool))
+    torch.testing.assert_close(cov, torch.tensor([[1.0, -1.0], [-0.5, 0.5]], dtype=torch.float64))
+    # Padding takes no part in the means and is -inf.
+    padded = token_covariance(torch.cat([_COV_ADV, torch.full((2, 1), 9.0, dtype=torch.float64)], 1),
+                              torch.cat([_COV_LOGP, torch.full((2, 1), 9.0, dtype=torch.float64)], 1),
+                              torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool))
+    torch.testing.assert_close(padded[:, :2], cov)
+    assert padded[:, 2].tolist() == [float("-inf")] * 2
+
+
+def _cov_case(loss_fn, old, **settings):
+    logp = _COV_LOGP.clone().requires_grad_(True)
+    out = loss_fn(logp, old, _COV_ADV, torch.ones(2, 2), LossSettings(eps_low=0.2, eps_high=0.28, **settings))
+    out.per_token_loss.sum().backward()
+    return out, logp.grad
+
+
+def test_clip_cov_hand_values():
+    """Candidates: covariance in (0.4, 5) and not clipped by PPO: tokens (0,0) (cov 1.0) and (1,1)
+    (cov 0.5). A budget of ⌊0.5·4⌋ = 2 drops both; the others are -A·r with r = 1."""
+    out, grad = _cov_case(clip_cov_loss, _COV_LOGP, clip_cov_ratio=0.5, clip_cov_lb=0.4, generator=torch.Generator().manual_seed(0))
+    assert out.metrics["cov_clip"].tolist() == [[True, False], [False, True]]
+    torch.testing.assert_close(out.per_token_loss, torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(grad, torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64))
+    # Token (0,0) clipped by PPO (r = e^0.5 > 1.28, A > 0) is no candidate: only (1,1) is dropped.
+    old = _COV_LOGP - torch.tensor([[0.5, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    out, grad = _cov_case(clip_cov_loss, old, clip_cov_ratio=0.5, clip_cov_lb=0.4, generator=torch.Generator().manual_seed(0))
+    assert out.metrics["cov_clip"].tolist() == [[False, False], [False, True]]
+    assert out.per_token_loss[0, 0].item() == pytest.approx(-1.28) and grad[0, 0] == 0
+    assert out.metrics["clip_frac_high"].item() == 1 and out.metrics["cov_clip_frac"].item() == 1
+
+
+def test_clip_cov_draws_from_the_generator():
+    """A budget of one token among two candidates: the generator decides which; the same seed
+    draws the same token, and both are drawn by some seed."""
+    drawn = []
+    for seed in range(12):
+        out, _ = _cov_case(clip_cov_loss, _COV_LOGP, clip_cov_ratio=0.25, clip_cov_lb=0.4, generator=torch.Generator().manual_seed(seed))
+        again, _ = _cov_case(clip_cov_loss, _COV_LOGP, clip_cov_ratio=0.25, clip_cov_lb=0.4, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(out.metrics["cov_clip"], again.metrics["cov_clip"]) and out.metrics["cov_clip"].sum() == 1
+        drawn.append(tuple(out.metrics["cov_clip"].nonzero()[0].tolist()))
+    assert set(drawn) == {(0, 0), (1, 1)}
+
+
+def test_kl_cov_hand_values():
+    """The ⌊0.25·4⌋ = 1 token of largest covariance, (0,0), gets ppo_kl_coef·|log r| on top of the
+    unclipped -A·r: with log r = 0.2, -e^0.2 + 0.5·0.2, gradient -e^0.2 + 0.5."""
+    old = _COV_LOGP - torch.tensor([[0.2, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    out, grad = _cov_case(kl_cov_loss, old, kl_cov_ratio=0.25, ppo_kl_coef=0.5)
+    assert out.metrics["kl_cov"].tolist() == [[True, False], [False, False]]
+    e = math.exp(0.2)
+    torch.testing.assert_close(out.per_token_loss, torch.tensor([[-e + 0.1, -1.0], [1.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(grad, torch.tensor([[-e + 0.5, -1.0], [1.0, 1.0]], dtype=torch.float64))
+    # A budget of 2 adds the next largest, (1,1), whose |log r| is 0: its loss and gradient are unchanged.
+    out, grad = _cov_case(kl_cov_loss, old, kl_cov_ratio=0.5, ppo_kl_coef=0.5)
+    assert out.metrics["kl_cov"].tolist() == [[True, False], [False, True]] and grad[1, 1] == 1.0
+    assert out.metrics["abs_log_ratio"].item() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("field,value,fix", [("clip_cov_ratio", 0.0, "2e-4"), ("kl_cov_ratio", 1.5, "2e-4"),
+                                             ("clip_cov_ub", 0.5, "lb=1"), ("ppo_kl_coef", -1.0, "0.1"),
+                                             ("tau_neg", 0.0, "1.05")])
+def test_loss_settings_refuse_bad_values_in_one_line(field, value, fix):
+    with pytest.raises(ValueError) as err:
+        LossSettings(**{field: value})
+    message = str(err.value)
+    assert message.startswith(f"{field}: ") and fix in message and "\n" not in message
+    with pytest.raises(ValueError, match="^eps_low: "):  # the clip's own checks still run
+        LossSettings(eps_low=1.0)
+
+
+def test_new_losses_accept_a_plain_clip_range():
+    """A ClipRange (what a loss written before LossSettings was given) works: the defaults fill in."""
+    logp, old = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.1, -1.9]])
+    for name in POLICY_LOSSES.names():
+        a = POLICY_LOSSES.get(name)(logp, old, torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), ClipRange(0.2, 0.28))
+        b = POLICY_LOSSES.get(name)(logp, old, torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), LossSettings(0.2, 0.28))
+        assert torch.equal(a.per_token_loss, b.per_token_loss), name
+
+
 def test_registries_refuse_unknown_names_with_the_choices():
     for registry, names in ((POLICY_LOSSES, ["decoupled_clip", "gspo", "cispo"]), (ADVANTAGE_ESTIMATORS, ["grpo", "drgrpo"]),
                             (KL_ESTIMATORS, ["k1", "k2", "k3"]), (LOSS_AGG_MODES, ["token-mean", "seq-mean-token-mean"])):
@@ -353,20 +521,34 @@ def _old_logprobs(policy, features, tokens, seed: int = 2):
         return policy(features, tokens) + 0.4 * torch.randn(tokens.shape, generator=gen, dtype=torch.float64)
 
 
-# Narrow enough that every loss clips some tokens (or sequences) of the perturbed batch.
-LAW_CLIP = ClipRange(eps_low=0.1, eps_high=0.15, dual_clip_c=3.0)
+def _law_settings() -> LossSettings:
+    """Narrow enough that every loss clips or masks some tokens (or sequences) of the perturbed
+    batch; Clip-Cov and KL-Cov act on a tenth of the tokens (verl's default 2e-4 would touch one).
+    A fresh generator each call: two computations of one step draw the same Clip-Cov tokens."""
+    return LossSettings(eps_low=0.1, eps_high=0.15, dual_clip_c=3.0, clip_cov_ratio=0.1, clip_cov_lb=0.05,
+                        kl_cov_ratio=0.1, ppo_kl_coef=1.0, generator=torch.Generator().manual_seed(0))
+
+
 LOSSES_AND_MODES = [(loss, mode) for loss in POLICY_LOSSES.names() for mode in LOSS_AGG_MODES.names()]
+COUPLED = [name for name in POLICY_LOSSES.names() if is_batch_coupled(POLICY_LOSSES.get(name))]
 
 
 def _step_gradient(policy, features, tokens, mask, advantages, old_logp, mode, micro_batches: int, loss: str = "decoupled_clip"):
     """Gradient of one optimiser step processed as ``micro_batches`` accumulated micro-batches."""
     policy.zero_grad()
     normalizer = loss_normalizer(mask, mode)  # one count for the whole mini-batch
+    settings = _law_settings()
     for idx in torch.arange(features.shape[0]).chunk(micro_batches):
         logp = policy(features[idx], tokens[idx])
-        out = POLICY_LOSSES.get(loss)(logp, old_logp[idx], advantages[idx], mask[idx], LAW_CLIP)
+        out = POLICY_LOSSES.get(loss)(logp, old_logp[idx], advantages[idx], mask[idx], settings)
         aggregate_loss(out.per_token_loss, mask[idx], mode, normalizer=normalizer, norm_constant=7).backward()
     return policy.weight.grad.clone()
+
+
+def _skip_if_coupled(loss: str, law: str) -> None:
+    if loss in COUPLED:
+        pytest.skip(f"{loss} chooses tokens from the statistics of each call, as verl does per micro-batch: the {law} law "
+                    "holds only within one call (test_batch_coupled_losses_choose_within_the_call)")
 
 
 @pytest.mark.parametrize("loss", POLICY_LOSSES.names())
@@ -374,14 +556,24 @@ def test_every_loss_clips_in_the_law_batch(loss):
     """The laws below would be weak if nothing were clipped: the batch exercises both sides."""
     policy = TinyPolicy()
     features, tokens, mask, adv = _make_batch()
-    out = POLICY_LOSSES.get(loss)(policy(features, tokens), _old_logprobs(policy, features, tokens), adv, mask, LAW_CLIP)
-    assert out.metrics["clip_frac_low"] > 0 and out.metrics["clip_frac_high"] > 0
+    old = _old_logprobs(policy, features, tokens)
+    logp = policy(features, tokens)
+    out = POLICY_LOSSES.get(loss)(logp, old, adv, mask, _law_settings())
+    if "clip_frac_low" in out.metrics:
+        assert out.metrics["clip_frac_low"] > 0 and out.metrics["clip_frac_high"] > 0
+    else:  # no hard clip (sapo, kl_cov): the ratios still leave the clip range on both sides
+        ratio = (logp - old).exp()[mask.bool()]
+        assert (ratio < 0.9).any() and (ratio > 1.15).any()
+    for chosen in ("cov_clip", "kl_cov"):  # the covariance methods act on several tokens
+        if chosen in out.metrics:
+            assert 1 < out.metrics[chosen].sum() < mask.sum() / 2
     assert out.per_token_loss[mask == 0].abs().sum() == 0
 
 
 @pytest.mark.parametrize("loss,mode", LOSSES_AND_MODES)
 @pytest.mark.parametrize("micro_batches", [2, 4, 8])
 def test_gradient_invariant_to_micro_batching(loss, mode, micro_batches):
+    _skip_if_coupled(loss, "micro-batch")
     policy = TinyPolicy()
     features, tokens, mask, adv = _make_batch()
     old = _old_logprobs(policy, features, tokens)
@@ -407,11 +599,13 @@ def test_gradient_invariant_to_right_padding(loss, mode):
         torch.cat([old, torch.randn(16, pad, generator=gen, dtype=torch.float64) * 50], 1),
     )
     f, t, m, a, o = padded
-    torch.testing.assert_close(_step_gradient(policy, f, t, m, a, o, mode, 4, loss), whole, rtol=1e-6, atol=1e-12)
+    micro_batches = 1 if loss in COUPLED else 4  # a coupled loss is padding-invariant within one call
+    torch.testing.assert_close(_step_gradient(policy, f, t, m, a, o, mode, micro_batches, loss), whole, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("loss,mode", LOSSES_AND_MODES)
 def test_gradient_invariant_to_sample_order(loss, mode):
+    _skip_if_coupled(loss, "order")
     policy = TinyPolicy()
     features, tokens, mask, adv = _make_batch()
     old = _old_logprobs(policy, features, tokens)
@@ -423,16 +617,47 @@ def test_gradient_invariant_to_sample_order(loss, mode):
 
 @pytest.mark.parametrize("loss,mode", LOSSES_AND_MODES)
 def test_on_policy_gradient_equals_reinforce(loss, mode):
-    """At π_θ = π_old every registered loss is the policy gradient ``-A·∇log π`` (ratio 1, no clip)."""
+    """At π_θ = π_old every registered loss is the policy gradient ``-A·∇log π`` (ratio 1, no clip);
+    Clip-Cov's is that of the tokens it did not draw (they still count in the normaliser)."""
     policy = TinyPolicy()
     features, tokens, mask, adv = _make_batch()
     with torch.no_grad():
         old = policy(features, tokens)
     clipped = _step_gradient(policy, features, tokens, mask, adv, old, mode, 1, loss)
+    kept = ~POLICY_LOSSES.get(loss)(old, old, adv, mask, _law_settings()).metrics.get("cov_clip", torch.zeros_like(mask, dtype=torch.bool))
+    if loss == "clip_cov":
+        assert (~kept).sum() > 0  # on-policy nothing is clipped, yet tokens are drawn
     policy.zero_grad()
-    reinforce = aggregate_loss(-adv * policy(features, tokens), mask, mode, norm_constant=7)
+    reinforce = aggregate_loss(-adv * policy(features, tokens) * kept, mask, mode, norm_constant=7)
     reinforce.backward()
     torch.testing.assert_close(clipped, policy.weight.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", COUPLED)
+def test_batch_coupled_losses_choose_within_the_call(loss):
+    """Clip-Cov and KL-Cov choose tokens from the means and the token count of the batch they are
+    given (verl: of each micro-batch). Within one call the choice ignores padding (the padding law
+    above) and, for KL-Cov's top-k, the order of the samples; split into micro-batches it changes,
+    which is why the micro-batch and order laws do not apply to them."""
+    policy = TinyPolicy()
+    features, tokens, mask, adv = _make_batch()
+    old = _old_logprobs(policy, features, tokens)
+    fn = POLICY_LOSSES.get(loss)
+    chosen_set = "cov_clip" if loss == "clip_cov" else "kl_cov"
+    with torch.no_grad():
+        logp = policy(features, tokens)
+    whole = fn(logp, old, adv, mask, _law_settings()).metrics[chosen_set]
+    settings = _law_settings()
+    halves = torch.cat([fn(logp[idx], old[idx], adv[idx], mask[idx], settings).metrics[chosen_set]
+                        for idx in torch.arange(16).chunk(2)])
+    assert not torch.equal(halves, whole)
+    if loss == "kl_cov":
+        perm = torch.randperm(16, generator=torch.Generator().manual_seed(3))
+        shuffled = fn(logp[perm], old[perm], adv[perm], mask[perm], _law_settings()).metrics[chosen_set]
+        assert torch.equal(shuffled, whole[perm])
+        torch.testing.assert_close(_step_gradient(policy, features[perm], tokens[perm], mask[perm], adv[perm], old[perm],
+                                                  "token-mean", 1, loss),
+                                   _step_gradient(policy, features, tokens, mask, adv, old, "token-mean", 1, loss))
 
 
 def test_normalizer_adds_up_over_micro_batches():

@@ -28,11 +28,17 @@ from dapo_rl.algorithm.overlong import overlong_filter_mask, soft_overlong_penal
 from dapo_rl.algorithm.policy_loss import (
     POLICY_LOSSES,
     ClipRange,
+    LossSettings,
     PolicyLossResult,
+    batch_coupled,
     cispo_loss,
     decoupled_clip_loss,
     gspo_loss,
+    is_batch_coupled,
 )
+# Imported for their registrations: the entropy controls and the other trust regions.
+from dapo_rl.algorithm.entropy_losses import clip_cov_loss, kl_cov_loss
+from dapo_rl.algorithm.trust_region_losses import dppo_kl_loss, dppo_tv_loss, geo_mean_loss, sapo_loss
 from dapo_rl.algorithm.registry import Registry
 from dapo_rl.algorithm.rollout_correction import ROLLOUT_CORRECTIONS, Correction, mismatch_metrics
 from dapo_rl.algorithm.token_stats import token_entropy, token_logprobs
@@ -50,20 +56,29 @@ __all__ = [
     "DynamicSampler",
     "DynamicSamplingExhausted",
     "GroupFilter",
+    "LossSettings",
     "PolicyLossResult",
     "Registry",
     "SampledBatch",
     "aggregate_loss",
+    "batch_coupled",
     "broadcast_to_tokens",
     "cispo_loss",
+    "clip_cov_loss",
     "decoupled_clip_loss",
+    "dppo_kl_loss",
+    "dppo_tv_loss",
     "drgrpo_advantages",
+    "geo_mean_loss",
     "grpo_advantages",
     "gspo_loss",
     "informative_groups",
+    "is_batch_coupled",
+    "kl_cov_loss",
     "loss_normalizer",
     "mismatch_metrics",
     "overlong_filter_mask",
+    "sapo_loss",
     "soft_overlong_penalty",
     "token_entropy",
     "token_logprobs",

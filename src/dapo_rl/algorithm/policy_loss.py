@@ -2,7 +2,11 @@
 
 Every loss has one signature::
 
-    fn(logp, old_logp, advantages, mask, clip: ClipRange) -> PolicyLossResult(per_token_loss, metrics)
+    fn(logp, old_logp, advantages, mask, settings: LossSettings) -> PolicyLossResult(per_token_loss, metrics)
+
+``settings`` is a :class:`LossSettings`, which *is* a :class:`ClipRange` (it adds the
+hyper-parameters of the losses that have their own, and the run's random generator), so a loss
+written against ``clip: ClipRange`` reads ``clip.eps_low`` unchanged.
 
 ``logp`` / ``old_logp`` / ``advantages`` / ``mask`` are ``[batch, response_len]``: log-probabilities
 (natural log, at the sampling temperature) of the sampled tokens under the current policy π_θ
@@ -26,7 +30,7 @@ A user's own loss is registered with ``@POLICY_LOSSES.register("name")`` or sele
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
@@ -57,6 +61,58 @@ class ClipRange:
             raise ValueError(f"dual_clip_c: must be > 1, got {self.dual_clip_c}; use e.g. 3.0, or null to disable")
 
 
+@dataclass(frozen=True)
+class LossSettings(ClipRange):
+    """Everything a policy loss may read: the clip (the :class:`ClipRange` it extends, config
+    section ``clip``), the hyper-parameters of the losses that have their own (config section
+    ``loss``, under verl's names and with verl 0.9.1's defaults) and a random generator.
+
+    ``clip_cov_ratio`` / ``clip_cov_lb`` / ``clip_cov_ub``: Clip-Cov draws ``clip_cov_ratio`` of
+    the batch's tokens among those whose centred covariance lies in ``(lb, ub)``; verl
+    ``policy_loss.clip_cov_ratio`` etc. ``kl_cov_ratio`` / ``ppo_kl_coef``: KL-Cov penalises the
+    ``kl_cov_ratio`` tokens of largest covariance by ``ppo_kl_coef·|log r|``; verl
+    ``policy_loss.kl_cov_ratio`` / ``policy_loss.ppo_kl_coef``. ``tau_pos`` / ``tau_neg``: SAPO's
+    gate temperatures for positive / non-positive advantages; verl ``actor.tau_pos/tau_neg``, TRL
+    ``sapo_temperature_pos/neg``.
+
+    ``generator``: where a loss that draws tokens at random (Clip-Cov) draws from. The trainer
+    passes one seeded by the run's seed, step and update, so a run stays bit-reproducible across
+    a resume; None draws from torch's global generator, as verl does.
+    """
+
+    clip_cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-4
+    ppo_kl_coef: float = 0.1
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+
+    # The fields configured in the ``loss`` section (the others come from ``clip`` or the run).
+    LOSS_FIELDS = ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "ppo_kl_coef", "tau_pos", "tau_neg")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("clip_cov_ratio", "kl_cov_ratio"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"{name}: must be a fraction of the tokens in (0, 1], got {value}; verl's default is 2e-4")
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            raise ValueError(f"clip_cov_ub: must be above clip_cov_lb ({self.clip_cov_lb}), got {self.clip_cov_ub}; "
+                             "verl's defaults are lb=1, ub=5")
+        if self.ppo_kl_coef < 0:
+            raise ValueError(f"ppo_kl_coef: must be >= 0, got {self.ppo_kl_coef}; verl's default is 0.1")
+        for name in ("tau_pos", "tau_neg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}; the SAPO paper uses tau_pos=1, tau_neg=1.05")
+
+    @classmethod
+    def of(cls, clip: ClipRange) -> "LossSettings":
+        """``clip`` itself when it is a LossSettings, else its clip with the default hyper-parameters."""
+        return clip if isinstance(clip, LossSettings) else cls(clip.eps_low, clip.eps_high, clip.dual_clip_c)
+
+
 class PolicyLossResult(NamedTuple):
     per_token_loss: torch.Tensor  # [batch, response_len], 0 off the mask
     metrics: dict[str, torch.Tensor]  # token sums (0-dim) and token sets (bool [batch, response_len])
@@ -64,6 +120,23 @@ class PolicyLossResult(NamedTuple):
 
 PolicyLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ClipRange], PolicyLossResult]
 POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+
+
+def batch_coupled(loss: PolicyLoss) -> PolicyLoss:
+    """Mark ``loss`` as coupling the tokens of one call: it chooses tokens from statistics of the
+    whole batch it is given (Clip-Cov, KL-Cov), so a token's loss depends on the other samples.
+
+    Such a loss is exactly what verl computes per micro-batch, and no more: its gradient depends on
+    how the mini-batch is split (``micro_batch_size``) and on the zero-advantage samples, which
+    the trainer therefore runs too. The invariance laws hold for it only within one call.
+    """
+    loss.batch_coupled = True  # type: ignore[attr-defined]
+    return loss
+
+
+def is_batch_coupled(loss: PolicyLoss) -> bool:
+    """Whether ``loss`` was marked with :func:`batch_coupled`."""
+    return bool(getattr(loss, "batch_coupled", False))
 
 
 def _ratio_metrics(ratio: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -76,6 +149,12 @@ def _ratio_metrics(ratio: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.
 def _token_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     # Padding may hold arbitrary log-probs; zero the difference there so exp() cannot overflow.
     return torch.where(valid, logp - old_logp, torch.zeros_like(logp))
+
+
+def _masked(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``values`` with exact zeros off ``valid`` (padding may hold inf or NaN; where() drops them
+    from the gradient too)."""
+    return torch.where(valid, values, torch.zeros_like(values))
 
 
 @POLICY_LOSSES.register("decoupled_clip")
