@@ -8,9 +8,9 @@
                             TRL ``loss_type="grpo"``.
 ``seq-mean-token-sum``      1/N Σ_i Σ_t l_it.
 ``seq-mean-token-sum-norm`` Dr. GRPO: 1/N Σ_i Σ_t l_it / C, C a constant (e.g. max response
-                            length). Note: verl's variant divides by C only; ours keeps the 1/N
-                            of the sequence mean, as the Dr. GRPO objective does. TRL
-                            ``loss_type="dr_grpo"``.
+                            length), as the Dr. GRPO objective and verl 0.9.1 (whose
+                            ``loss_scale_factor`` is C) do; older verl divided by C only.
+                            TRL ``loss_type="dr_grpo"``.
 ==========================  ===============================================================
 
 Every mode is one :class:`Aggregation`: a function ``fn(per_token_loss, mask, norm_constant) ->
