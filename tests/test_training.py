@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dapo_rl.algorithm import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, aggregate_loss
+from dapo_rl.algorithm import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, aggregate_loss, is_batch_coupled
 from dapo_rl.config import load_config
 from dapo_rl.data.synthetic import VOCAB
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
@@ -95,12 +95,38 @@ def _policy(tiny, adapters, lora: bool):
 @pytest.mark.parametrize("loss", POLICY_LOSSES.names())
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_update_is_invariant_to_micro_batch_size(tiny, adapters, trainer_factory, scored_groups, mode, loss, lora):
+    if is_batch_coupled(POLICY_LOSSES.get(loss)):
+        pytest.skip(f"{loss} chooses tokens within each micro-batch, as verl does (tests/test_algorithm.py)")
     model, tok = _policy(tiny, adapters, lora)
     base = [f"loss.agg_mode={mode}", f"loss.policy_loss={loss}", "optim.lr=1e-3", "ppo_epochs=2"]
     whole = _params_after_update(model, tok, trainer_factory, scored_groups, [*base, "micro_batch_size=16"])
     for micro in (1, 2, 8):
         split = _params_after_update(model, tok, trainer_factory, scored_groups, [*base, f"micro_batch_size={micro}"])
         torch.testing.assert_close(split, whole, rtol=1e-9, atol=1e-10)
+
+
+def test_clip_cov_draws_are_reproducible_and_seeded_per_update(tiny, trainer_factory, scored_groups):
+    """Clip-Cov's random draws come from the trainer's per-update generator (seeded by the run's
+    seed and the update's index): the same run gives bit-identical weights, another generator
+    other draws, and the global torch stream is not touched by them."""
+    model, tok = tiny
+    busy = ["loss.policy_loss=clip_cov", "loss.clip_cov_ratio=0.2", "loss.clip_cov_lb=0.0001", "loss.clip_cov_ub=100",
+            "ppo_epochs=3", "mini_batch_size=2", "micro_batch_size=8", "optim.lr=1e-2"]
+
+    def run(generator_seed: int | None = None):
+        trainer = trainer_factory(copy.deepcopy(model).double(), tok, busy)
+        if generator_seed is not None:
+            trainer._update_generator = lambda: torch.Generator().manual_seed(generator_seed)
+        torch.manual_seed(123)
+        metrics = trainer.update(scored_groups(tok, 4, 4, seed=5))
+        return torch.cat([p.detach().flatten() for p in trainer.model.parameters()]), metrics, torch.rand(1)
+
+    first, metrics, after = run()
+    again, _, after_again = run()
+    other, _, after_other = run(generator_seed=999)
+    assert metrics["train/cov_clip_frac"] > 0
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(after, after_again) and torch.equal(after, after_other)
 
 
 def _reference_gradient(model, tok, groups, overrides: list[str]) -> torch.Tensor:
@@ -115,7 +141,11 @@ def _reference_gradient(model, tok, groups, overrides: list[str]) -> torch.Tenso
     advantages = ADVANTAGE_ESTIMATORS.get(config.advantage.estimator)(torch.tensor([g.scores for g in groups])).double()
     truncated = torch.tensor([s.truncated for s in samples])
     mask = batch.response_mask.double() * (~truncated if config.overlong.filter else torch.ones_like(truncated))[:, None]
-    loss = aggregate_loss(-advantages.reshape(-1, 1) * logp, mask, config.loss.agg_mode, norm_constant=config.rollout.max_response_length)
+    per_token = -advantages.reshape(-1, 1) * logp
+    if config.loss.entropy_coef > 0:  # the entropy bonus, at the sampling temperature, of every sample
+        log_probs = torch.log_softmax(logits[:, p - 1 : -1] / config.rollout.temperature, -1)
+        per_token = per_token - config.loss.entropy_coef * -(log_probs.exp() * log_probs).sum(-1)
+    loss = aggregate_loss(per_token, mask, config.loss.agg_mode, norm_constant=config.rollout.max_response_length)
     model.zero_grad()
     loss.backward()
     return torch.cat([q.grad.flatten() for q in model.parameters() if q.requires_grad])
@@ -123,7 +153,10 @@ def _reference_gradient(model, tok, groups, overrides: list[str]) -> torch.Tenso
 
 @pytest.mark.parametrize("overrides", [[], ["overlong.filter=false"], ["loss.agg_mode=seq-mean-token-mean"], ["loss.kl_coef=0.1"],
                                        ["advantage.estimator=drgrpo"], ["loss.policy_loss=cispo"], ["loss.policy_loss=gspo"],
-                                       ["loss.policy_loss=dapo_rl.algorithm.policy_loss:cispo_loss"]],
+                                       ["loss.policy_loss=dapo_rl.algorithm.policy_loss:cispo_loss"],
+                                       ["loss.policy_loss=geo_mean"], ["loss.policy_loss=sapo"], ["loss.policy_loss=dppo_kl"],
+                                       ["loss.policy_loss=kl_cov"], ["loss.entropy_coef=0.05"],
+                                       ["loss.entropy_coef=0.05", "loss.agg_mode=seq-mean-token-mean"]],
                          ids=lambda o: ",".join(o) or "default")
 @pytest.mark.parametrize("share_prompts", [False, True])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -131,7 +164,9 @@ def test_update_follows_the_reference_gradient(tiny, adapters, trainer_factory, 
     """One optimiser update equals AdamW's first step on the reference gradient of the whole
     mini-batch: ``Δθ = -lr·g / (|g| + eps)``. The trainer never runs the zero-advantage group nor
     (under overlong filtering) the truncated samples, yet counts their tokens in the normaliser:
-    the reference runs everything, so skipping is proven to change nothing. With LoRA adapters
+    the reference runs everything, so skipping is proven to change nothing. With an entropy bonus
+    the zero-advantage group has a gradient: the trainer runs it, and the reference adds
+    ``-coef·H`` to every token's loss. With LoRA adapters
     (B ≠ 0) θ is the adapters alone, and the base stays bit-identical; the KL case is left out
     there, since its reference is the base without adapters, not the initial policy, so its
     gradient is not zero at the first step."""
@@ -207,7 +242,8 @@ def test_every_forward_path_matches_the_full_forward(tiny, gqa_llama, scored_gro
     rows, and as Hugging Face's rotate-half form, the path under bfloat16 autocast). A model with
     sliding windows (4 tokens, prompts of 6-8 and responses of 1-9) runs the flat path, which
     keeps every prompt position; Hugging Face's evicting cache cannot serve it, so without the
-    flat path it runs length groups."""
+    flat path it runs length groups. With ``entropy_grad`` (an entropy bonus) the entropy's gradient
+    agrees across paths too."""
     import dapo_rl.models.rotary as rotary
 
     if not complex_rotary:
@@ -230,14 +266,20 @@ def test_every_forward_path_matches_the_full_forward(tiny, gqa_llama, scored_gro
     results = {}
     for path, setting in settings.items():
         assert forward_path(model, packed, setting) == path
-        model.zero_grad()
-        logp, entropy = logprobs(model, packed, setting, with_entropy=True)
-        (logp * packed.response_mask * weights).sum().backward()
-        results[path] = (logp * packed.response_mask, entropy * packed.response_mask,
-                         torch.cat([p.grad.flatten() for p in model.parameters()]))
-    for path in settings:
-        for full, other in zip(results["whole"], results[path]):
-            torch.testing.assert_close(other, full, rtol=1e-6, atol=1e-6 * full.abs().max().item(), msg=lambda m: f"{path}: {m}")
+        for entropy_grad in (False, True):  # the entropy as a metric, and as a bonus with its gradient
+            model.zero_grad()
+            logp, entropy = logprobs(model, packed, setting, with_entropy=True, entropy_grad=entropy_grad)
+            assert entropy.requires_grad == entropy_grad
+            ((logp + (0.3 * entropy if entropy_grad else 0)) * packed.response_mask * weights).sum().backward()
+            results[path, entropy_grad] = (logp * packed.response_mask, entropy * packed.response_mask,
+                                           torch.cat([p.grad.flatten() for p in model.parameters()]))
+    for path, entropy_grad in results:
+        for full, other in zip(results["whole", entropy_grad], results[path, entropy_grad]):
+            torch.testing.assert_close(other, full, rtol=1e-6, atol=1e-6 * full.abs().max().item(),
+                                       msg=lambda m: f"{path}, entropy_grad={entropy_grad}: {m}")
+    # The bonus moves the gradient; its entropies are the metric's.
+    assert not torch.allclose(results["whole", True][2], results["whole", False][2])
+    torch.testing.assert_close(results["whole", True][1], results["whole", False][1], rtol=0, atol=0)
     # Nothing to share: every row its own prompt (length groups), or one row (one forward).
     distinct = pack([g.samples[0] for g in scored_groups(tok, 4, 4, seed=5)], tok.pad_token_id, torch.device("cpu"))
     assert distinct_prompts(distinct) is None and forward_path(model, distinct) == "buckets"

@@ -171,11 +171,24 @@ class ClipConfig:
 
 @dataclass
 class LossConfig:
-    policy_loss: str = "decoupled_clip"  # decoupled_clip (DAPO) | gspo | cispo | pkg.module:function
+    """The policy loss and what is added to it (see algorithm/policy_loss.py and the README's
+    *Algorithms*). The loss hyper-parameters below ``entropy_coef`` carry verl's names and
+    defaults; each is read only by the loss it names, and checked by
+    :class:`~dapo_rl.algorithm.policy_loss.LossSettings`."""
+
+    policy_loss: str = "decoupled_clip"  # decoupled_clip (DAPO) | gspo | cispo | clip_cov | kl_cov | geo_mean | sapo | dppo_tv | dppo_kl | pkg.module:function
     agg_mode: str = "token-mean"  # token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum | seq-mean-token-sum-norm (Dr. GRPO)
     norm_constant: Optional[int] = None  # C of seq-mean-token-sum-norm; null = rollout.max_response_length
     kl_coef: float = 0.0  # KL to a frozen reference model; DAPO removes it (0)
     kl_estimator: str = "k3"  # k1 | k2 | k3
+    entropy_coef: float = 0.0  # entropy bonus: loss − coef·H, H aggregated like the loss (agg_mode); verl actor.entropy_coeff; 0 = off
+    clip_cov_ratio: float = 2e-4  # clip_cov: fraction of the batch's tokens whose gradient is dropped
+    clip_cov_lb: float = 1.0  # clip_cov: a dropped token's covariance lies in (clip_cov_lb, clip_cov_ub)
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-4  # kl_cov: fraction of the tokens, those of largest covariance, that get the KL term
+    ppo_kl_coef: float = 0.1  # kl_cov: the KL term is ppo_kl_coef·|log π_θ − log π_old|
+    tau_pos: float = 1.0  # sapo: gate temperature for positive advantages
+    tau_neg: float = 1.05  # sapo: gate temperature for the others
 
 
 @dataclass

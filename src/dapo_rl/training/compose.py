@@ -22,6 +22,7 @@ from dapo_rl.algorithm import (
     ROLLOUT_CORRECTIONS,
     ClipRange,
     DynamicSampler,
+    LossSettings,
 )
 from dapo_rl.config import Config, ConfigError, require
 from dapo_rl.data import DatasetError, TemplateError
@@ -37,8 +38,8 @@ from dapo_rl.rollout.multi_turn import check_multi_turn_fields, tool_schemas
 from dapo_rl.telemetry.sinks import SINK_NAMES, WANDB_MODES
 from dapo_rl.training.errors import RunError
 
-__all__ = ["check_config", "correction_mode", "device_and_autocast", "encoded_prompts", "policy_and_tokenizer",
-           "reward_function", "rollout_engine"]
+__all__ = ["check_config", "correction_mode", "device_and_autocast", "encoded_prompts", "loss_settings",
+           "policy_and_tokenizer", "reward_function", "rollout_engine"]
 
 
 def _in_section(section: str, build: Callable[[], Any]) -> None:
@@ -65,6 +66,17 @@ def _engine_class(config: Config) -> type[RolloutEngine]:
         raise ConfigError(f"rollout.engine: {exc}") from None
 
 
+def loss_settings(config: Config, generator: torch.Generator | None = None) -> LossSettings:
+    """What the policy loss reads: the ``clip`` section, the loss hyper-parameters of the ``loss``
+    section and ``generator`` (the trainer's, seeded per update).
+
+    Raises:
+        ValueError: ``"field: problem; fix"`` of a bad value.
+    """
+    return LossSettings(**dataclasses.asdict(config.clip), **{name: getattr(config.loss, name) for name in LossSettings.LOSS_FIELDS},
+                        generator=generator)
+
+
 def correction_mode(config: Config, engine: RolloutEngine | type[RolloutEngine] | None = None) -> str:
     """``rollout_correction.mode`` with ``auto`` resolved for ``engine`` (default: the class
     ``rollout.engine`` names): an engine with its own weights (vLLM, in its own precision) drifts
@@ -79,7 +91,7 @@ def correction_mode(config: Config, engine: RolloutEngine | type[RolloutEngine] 
 def check_config(config: Config) -> None:
     """Every name the configuration looks up (losses, estimators, aggregation, corrections, the
     dataset's format/preset/template, metric sinks, the rollout engine), the settings the
-    algorithm's objects check themselves (``clip``, ``dynamic_sampling``) and what the engine
+    algorithm's objects check themselves (``clip``, the loss hyper-parameters, ``dynamic_sampling``) and what the engine
     can honour. :func:`~dapo_rl.config.load_config` has checked the rest.
 
     Raises:
@@ -93,6 +105,9 @@ def check_config(config: Config) -> None:
     if c.rollout_correction.mode != "auto":
         _registered(ROLLOUT_CORRECTIONS, c.rollout_correction.mode, "rollout_correction.mode")
     _in_section("clip", lambda: ClipRange(**dataclasses.asdict(c.clip)))
+    _in_section("loss", lambda: loss_settings(c))
+    require(c.loss.entropy_coef >= 0, "loss.entropy_coef", f"must be >= 0, got {c.loss.entropy_coef}",
+            "use 0 (off, as DAPO) or a small positive bonus")
     _in_section("dynamic_sampling", lambda: DynamicSampler(groups_per_step=c.prompts_per_step, **dataclasses.asdict(c.dynamic_sampling)))
     check_prompt_fields(c.data, "data.")
     for sink in c.logging.sinks:

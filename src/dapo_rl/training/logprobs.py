@@ -124,20 +124,23 @@ def forward_path(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSe
 
 
 def logprobs(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettings = ForwardSettings(), *,
-             with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+             with_entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens and, with ``with_entropy``, the entropy of each position.
 
     Args:
         model: a Hugging Face causal LM, or its DDP / FSDP2 wrapper.
         batch: the packed micro-batch.
         settings: which paths are allowed, the temperature and the autocast dtype.
+        entropy_grad: the entropy keeps its graph (an entropy bonus); otherwise it is a metric,
+            computed without one.
     Returns:
-        ``logp [b, R]`` (differentiable, float32 or wider) and ``entropy [b, R]`` (detached) or
-        None. Positions past a row's response are 0 and must be masked by ``response_mask``.
+        ``logp [b, R]`` (differentiable, float32 or wider) and ``entropy [b, R]`` (detached unless
+        ``entropy_grad``) or None. Positions past a row's response are 0 and must be masked by
+        ``response_mask``.
     """
     path, shared = _plan(model, batch, settings)
     if path == "flat":
-        return _flat(model, batch, shared, settings, with_entropy)
+        return _flat(model, batch, shared, settings, with_entropy, entropy_grad)
     b, width = batch.response_ids.shape
     cache = _prompt_cache(model, batch, shared, settings) if shared is not None else None
     if path == "whole":
@@ -159,8 +162,9 @@ def logprobs(model: torch.nn.Module, batch: PackedBatch, settings: ForwardSettin
         response_ids = batch.response_ids[:, :max_r] if whole else batch.response_ids[index, :max_r]
         logp_parts.append(F.pad(token_logprobs(logits, response_ids, temperature=settings.temperature), (0, width - max_r)))
         if with_entropy:
-            with torch.no_grad():
-                entropy_parts.append(F.pad(token_entropy(logits.detach(), temperature=settings.temperature), (0, width - max_r)))
+            with nullcontext() if entropy_grad else torch.no_grad():
+                source = logits if entropy_grad else logits.detach()
+                entropy_parts.append(F.pad(token_entropy(source, temperature=settings.temperature), (0, width - max_r)))
     if len(groups) == 1:
         return logp_parts[0], (entropy_parts[0] if with_entropy else None)
     # Back to the caller's row order: rows were concatenated group by group.
@@ -220,7 +224,8 @@ def _logits_on_prompt_cache(model, batch: PackedBatch, rows: list[int], max_r: i
     return torch.cat([cache.last_logits.index_select(0, owner).unsqueeze(1), out.logits[:, : max_r - 1]], dim=1)
 
 
-def _flat(model, batch: PackedBatch, shared: DistinctPrompts, settings: ForwardSettings, with_entropy: bool):
+def _flat(model, batch: PackedBatch, shared: DistinctPrompts, settings: ForwardSettings, with_entropy: bool,
+          entropy_grad: bool = False):
     """Every real token of the distinct prompts and of the responses in one unpadded batch;
     attention per prompt and per length group (:func:`~dapo_rl.models.packed_forward.flat_logits`)."""
     b, width = batch.response_ids.shape
@@ -250,7 +255,9 @@ def _flat(model, batch: PackedBatch, shared: DistinctPrompts, settings: ForwardS
     logp = logp_flat.new_zeros((b, width)).index_put((row_of, step_of), logp_flat)
     if not with_entropy:
         return logp, None
-    with torch.no_grad():
-        entropy_flat = torch.cat([token_entropy(after.detach(), temperature=temperature),
-                                  token_entropy(head.detach(), temperature=temperature)]).index_select(0, source)
+    with nullcontext() if entropy_grad else torch.no_grad():
+        if not entropy_grad:
+            after, head = after.detach(), head.detach()
+        entropy_flat = torch.cat([token_entropy(after, temperature=temperature),
+                                  token_entropy(head, temperature=temperature)]).index_select(0, source)
     return logp, entropy_flat.new_zeros((b, width)).index_put((row_of, step_of), entropy_flat)

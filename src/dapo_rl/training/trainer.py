@@ -50,10 +50,11 @@ from dapo_rl.algorithm import (
     KL_ESTIMATORS,
     POLICY_LOSSES,
     ROLLOUT_CORRECTIONS,
-    ClipRange,
     DynamicSamplingExhausted,
+    LossSettings,
     aggregate_loss,
     broadcast_to_tokens,
+    is_batch_coupled,
     loss_normalizer,
     mismatch_metrics,
 )
@@ -64,7 +65,7 @@ from dapo_rl.models.lora import adapters_disabled, has_adapters, is_adapter_para
 from dapo_rl.reproducibility import rng_state, set_rng_state
 from dapo_rl.rollout.base import EngineLost, RolloutEngine, Sample, SamplingParams
 from dapo_rl.training.batching import PreparedBatch, pack, pad_rows, per_sample_rows, response_mask
-from dapo_rl.training.compose import correction_mode
+from dapo_rl.training.compose import correction_mode, loss_settings
 from dapo_rl.training.distributed import DistContext
 from dapo_rl.training.logprobs import ForwardSettings, logprobs
 from dapo_rl.training.rollouts import RolloutCollector, ScoredGroup
@@ -133,7 +134,10 @@ class Trainer:
         self.policy_loss = POLICY_LOSSES.get(config.loss.policy_loss)
         self.advantage_estimator = ADVANTAGE_ESTIMATORS.get(config.advantage.estimator)
         self.kl_estimator = KL_ESTIMATORS.get(config.loss.kl_estimator)
-        self.clip = ClipRange(config.clip.eps_low, config.clip.eps_high, config.clip.dual_clip_c)
+        self.loss_settings = loss_settings(config)  # per update, with a generator seeded for that update
+        # Zero-advantage samples change the gradient when an entropy bonus or a loss that couples
+        # the batch's tokens (its statistics count them) is on: then they are run too.
+        self.runs_every_sample = config.loss.entropy_coef > 0 or is_batch_coupled(self.policy_loss)
         self.correction_mode = correction_mode(config, engine)
         self.rollout_correction = ROLLOUT_CORRECTIONS.get(self.correction_mode)
         self.corrects_rollouts = self.correction_mode != "none"
@@ -216,10 +220,11 @@ class Trainer:
                 # including those of the zero-advantage samples that are never run.
                 normalizer = loss_normalizer(batch.loss_mask(mini), cfg.loss.agg_mode)
                 self.optimizer.zero_grad(set_to_none=True)
+                settings = replace(self.loss_settings, generator=self._update_generator())
                 step_loss = 0.0
                 for idx in self.dist.balanced_micro_batches(batch.trainable_among(mini), cfg.micro_batch_size,
                                                             self._placeholder(batch.samples[mini[0]]), train_model=self.train_model):
-                    step_loss += self._micro_batch(batch, idx, normalizer, stats)
+                    step_loss += self._micro_batch(batch, idx, normalizer, stats, settings)
                 step_loss = self.dist.all_reduce_sum([step_loss], self.device)[0]  # the whole mini-batch's loss
                 grad_norm = self._optimizer_step(step_loss)
                 if grad_norm is None:
@@ -246,27 +251,38 @@ class Trainer:
             "perf/train_tokens_per_s": stats.trained_tokens / max(elapsed, 1e-9),
         }
 
-    def _micro_batch(self, batch: PreparedBatch, idx: list[int], normalizer: torch.Tensor, stats: StepMetrics) -> float:
+    def _update_generator(self) -> torch.Generator:
+        """The generator a loss draws from (Clip-Cov) during the coming optimiser update: seeded by
+        the run's seed, the update's index (checkpointed with the scheduler) and the rank, so the
+        draws repeat exactly, across a resume too, and touch no other random stream."""
+        update = self.scheduler.last_epoch
+        return torch.Generator().manual_seed(((self.cfg.seed * 1_000_033 + update) * 65_537 + self.dist.rank) % 2**63)
+
+    def _micro_batch(self, batch: PreparedBatch, idx: list[int], normalizer: torch.Tensor, stats: StepMetrics,
+                     settings: LossSettings) -> float:
         """Forward, loss and backward of one micro-batch (samples ``idx``); returns its loss."""
         samples = batch.samples
         packed = pack([samples[i] for i in idx], self.tokenizer.pad_token_id, self.device)
         mask = batch.loss_mask(idx).to(self.device)
-        logp, entropy = logprobs(self.train_model, packed, self.forward, with_entropy=True)
+        entropy_coef = self.cfg.loss.entropy_coef
+        logp, entropy = logprobs(self.train_model, packed, self.forward, with_entropy=True, entropy_grad=entropy_coef > 0)
         old = logp.detach() if batch.old_logp is None else pad_rows([batch.old_logp[i] for i in idx], mask.shape[1], self.device)
         if batch.old_logp is None and batch.rollout_logp is not None:  # on-policy: π_old is this forward
             batch.mismatch.extend(samples[i].at_model_tokens(old[row, : len(samples[i].response_ids)].cpu() - batch.rollout_logp[i])
                                   for row, i in enumerate(idx))
         adv = broadcast_to_tokens(batch.advantages[idx].to(self.device), mask)
-        per_token, loss_metrics = self.policy_loss(logp, old, adv, mask, self.clip)
+        per_token, loss_metrics = self.policy_loss(logp, old, adv, mask, settings)
         if batch.weights:  # importance weights π_old/π_rollout on the policy-gradient term
             per_token = per_token * per_sample_rows(batch.weights, idx, samples, per_token)
         if batch.ref_logp is not None:
             kl = self.kl_estimator(logp, pad_rows([batch.ref_logp[i] for i in idx], mask.shape[1], self.device)) * mask
             per_token = per_token + self.cfg.loss.kl_coef * kl
             loss_metrics = {**loss_metrics, "kl": kl.detach().sum()}
+        if entropy_coef > 0:  # the entropy bonus, aggregated with the loss and, like the KL, not importance-weighted
+            per_token = per_token - entropy_coef * entropy
         loss = aggregate_loss(per_token, mask, self.cfg.loss.agg_mode, normalizer=normalizer, norm_constant=self.norm_constant)
         loss.backward()
-        stats.add(mask, entropy, loss_metrics, old, sum(len(samples[i].response_ids) for i in idx))
+        stats.add(mask, entropy.detach(), loss_metrics, old, sum(len(samples[i].response_ids) for i in idx))
         return loss.item()
 
     def prepare(self, groups: list[ScoredGroup]) -> PreparedBatch:
@@ -286,9 +302,9 @@ class Trainer:
         advantages = self.advantage_estimator(rewards, eps=self.cfg.advantage.eps).reshape(-1)  # one per sample
         truncated = torch.tensor([s.truncated for s in samples])
         filtered = truncated if self.cfg.overlong.filter else torch.zeros_like(truncated)  # overlong filtering
-        # A sample with zero advantage and no KL term cannot change the gradient: it counts in
-        # the normaliser, but is never run.
-        trainable = ~filtered & ((advantages != 0) | (self.reference is not None))
+        # A sample with zero advantage and no KL or entropy term cannot change the gradient (unless
+        # the loss couples the batch's tokens): it counts in the normaliser, but is never run.
+        trainable = ~filtered & ((advantages != 0) | (self.reference is not None) | self.runs_every_sample)
         # π_rollout: the sampler's own log-probs, when the engine reports them.
         rollout_logp = [torch.tensor(s.logprobs) for s in samples] if all(s.logprobs is not None for s in samples) else None
         started = time.perf_counter()
