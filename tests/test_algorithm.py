@@ -269,7 +269,7 @@ def test_dppo_tv_hand_values():
     assert out.per_token_loss[0].tolist() == pytest.approx(expected)
     assert grad == pytest.approx([0.0, -1.2, 0.0, 1.8, -3.0])
     assert out.metrics["clip_frac_high"].item() == 1 and out.metrics["clip_frac_low"].item() == 1
-    assert out.metrics["truncated_frac"].item() == 1
+    assert out.metrics["weight_truncated_frac"].item() == 1
     assert out.metrics["clip_high"].tolist() == [[True, False, False, False, False]]
 
 
@@ -282,7 +282,7 @@ def test_dppo_kl_hand_values():
     assert out.per_token_loss[0].tolist() == pytest.approx([-1.6 * math.log(0.8), 0.0, 0.0, 1.8 * math.log(0.9)])
     assert grad == pytest.approx([-1.6, 0.0, 0.0, 1.8])  # the last moved against its push: kept
     assert out.metrics["clip_frac_high"].item() == 1 and out.metrics["clip_frac_low"].item() == 1
-    assert out.metrics["truncated_frac"].item() == 0  # dual_clip_c null: c = 20
+    assert out.metrics["weight_truncated_frac"].item() == 0  # dual_clip_c null: c = 20
 
 
 # Two responses of two tokens: mean A = 0, mean log π = -1.5, so the covariances are
@@ -568,6 +568,14 @@ def test_every_loss_clips_in_the_law_batch(loss):
         if chosen in out.metrics:
             assert 1 < out.metrics[chosen].sum() < mask.sum() / 2
     assert out.per_token_loss[mask == 0].abs().sum() == 0
+    assert not set(out.metrics) & TRAINER_METRICS
+
+
+# Names the trainer logs as train/<name> itself: a loss metric of the same name would overwrite one.
+TRAINER_METRICS = {"accuracy", "advantage_zero_frac", "batch_groups", "entropy", "generation_rounds", "grad_norm",
+                   "informative_group_frac", "kl", "loss", "lr", "response_length_max", "response_length_mean",
+                   "reward_failures", "reward_mean", "samples_generated", "samples_generated_total", "sampling_exhausted",
+                   "sampling_exhausted_total", "skipped_updates", "truncated_frac", "updates"}
 
 
 @pytest.mark.parametrize("loss,mode", LOSSES_AND_MODES)

@@ -152,7 +152,7 @@ def test_the_random_inputs_exercise_what_the_losses_do():
     default = LossSettings(0.2, 0.28, generator=torch.Generator().manual_seed(0))  # verl's 2e-4: one token
     assert POLICY_LOSSES.get("clip_cov")(logp, old, advantages, mask, default).metrics["cov_clip_frac"] == 1
     truncated = POLICY_LOSSES.get("dppo_tv")(logp, old, advantages, mask, LossSettings(0.5, 0.5, 1.1)).metrics
-    assert truncated["truncated_frac"] > 0  # ...DPPO's truncation at c = 1.1, and the dual clip at 1.1:
+    assert truncated["weight_truncated_frac"] > 0  # ...DPPO's truncation at c = 1.1, and the dual clip at 1.1:
     assert POLICY_LOSSES.get("decoupled_clip")(logp, old, advantages, mask, LossSettings(0.2, 0.28, 1.1)).metrics["dual_clip_frac"] > 0
 
 

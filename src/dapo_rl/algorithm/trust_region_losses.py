@@ -115,7 +115,7 @@ def _dppo(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, 
     (``tests/test_verl_parity.py``).
 
     Metrics: ``clip_frac_high`` / ``clip_frac_low`` (tokens masked for A > 0 / A < 0),
-    ``truncated_frac`` (kept tokens whose weight hit c), ``ratio_mean``, ``approx_kl``; token sets
+    ``weight_truncated_frac`` (kept tokens whose weight hit c), ``ratio_mean``, ``approx_kl``; token sets
     ``clip_low`` and ``clip_high``.
     """
     valid = mask.bool()
@@ -139,7 +139,7 @@ def _dppo(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, 
     masked_high = valid & (advantages > 0) & ~keep
     masked_low = valid & (advantages < 0) & ~keep
     metrics = {"clip_frac_low": masked_low.sum(), "clip_frac_high": masked_high.sum(),
-               "truncated_frac": (valid & keep & (ratio > cap)).sum(), **_ratio_metrics(ratio, valid),
+               "weight_truncated_frac": (valid & keep & (ratio > cap)).sum(), **_ratio_metrics(ratio, valid),
                "clip_low": masked_low, "clip_high": masked_high}
     return PolicyLossResult(_masked(loss, valid), metrics)
 
