@@ -25,7 +25,11 @@ ranks without knowing the loss:
 
 A user's own loss is registered with ``@POLICY_LOSSES.register("name")`` or selected by import path
 ``loss.policy_loss=package.module:function``. Every registered loss is tested by the same laws
-(micro-batch, padding and order invariance) in ``tests/test_algorithm.py``.
+(micro-batch, padding and order invariance, on-policy = policy gradient) in
+``tests/test_algorithm.py``; a loss marked :func:`batch_coupled` obeys them within one call only.
+Besides the three below, :mod:`~dapo_rl.algorithm.entropy_losses` (``clip_cov``, ``kl_cov``) and
+:mod:`~dapo_rl.algorithm.trust_region_losses` (``geo_mean``, ``sapo``, ``dppo_tv``, ``dppo_kl``)
+register theirs.
 """
 
 from __future__ import annotations
