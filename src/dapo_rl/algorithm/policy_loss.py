@@ -80,8 +80,8 @@ class LossSettings(ClipRange):
     ``sapo_temperature_pos/neg``.
 
     ``generator``: where a loss that draws tokens at random (Clip-Cov) draws from. The trainer
-    passes one seeded by the run's seed, step and update, so a run stays bit-reproducible across
-    a resume; None draws from torch's global generator, as verl does.
+    passes one seeded by the run's seed, the update's index and the rank, so a run stays
+    bit-reproducible across a resume; None draws from torch's global generator, as verl does.
     """
 
     clip_cov_ratio: float = 2e-4
