@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dapo_rl"
 
 FLOORS: list[tuple[str, ...]] = [
     ("config", "algorithm", "errors", "cache_dir", "reproducibility"),  # import nothing of the library
-    ("data", "telemetry"),
+    ("data", "telemetry", "config_reference"),
     ("rewards",),
     ("models", "tools"),
     ("rollout",),

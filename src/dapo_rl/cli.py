@@ -1,6 +1,8 @@
 """The ``dapo`` command line.
 
-    dapo train [CONFIG.yaml] [key=value ...]    train (no arguments: the built-in quickstart)
+    dapo train [CONFIG.yaml] [key=value ...]    train (no arguments: the built-in quickstart);
+                                                --help lists every key with its default
+    dapo config [CONFIG.yaml] [key=value ...]   print the resolved configuration as YAML
     dapo eval MODEL DATA [key=value ...]        avg@k / pass@k of a model folder on a dataset
     dapo plot RUN_DIR [RUN_DIR ...] [-o OUT]    PNG figures overlaying runs
     dapo export-merged RUN_DIR OUT [--base B]   a LoRA run's adapter merged into its base, as a model folder
@@ -52,6 +54,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({"run_dir": str(result.run_dir), "accuracy_before": result.accuracy_before,
                       "accuracy_after": result.accuracy_after, "steps": result.steps,
                       "seconds": round(result.seconds, 1)}))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """The configuration ``dapo train`` would run with these arguments, as YAML to save and edit
+    (Hydra's ``--cfg job``); nothing is loaded or written."""
+    from dapo_rl.config import load_config, to_yaml
+
+    config_path, overrides = _split_config_args(args.args)
+    print(to_yaml(load_config(config_path, overrides)), end="")
     return 0
 
 
@@ -149,9 +161,18 @@ def cmd_rollout_server(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dapo", description="DAPO / GRPO-family RL from verifiable rewards.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a policy (no arguments: the built-in quickstart)")
+    from dapo_rl.config_reference import format_reference
+
+    train = sub.add_parser("train", help="train a policy (no arguments: the built-in quickstart)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Train with DAPO: defaults <- CONFIG.yaml <- key=value overrides. "
+                                       "`dapo config [CONFIG.yaml] [key=value ...]` prints the resolved configuration.",
+                           epilog="configuration keys (key=default, then what it means):\n\n" + format_reference())
     train.add_argument("args", nargs="*", help="optional CONFIG.yaml, then key=value overrides")
     train.set_defaults(func=cmd_train)
+    show = sub.add_parser("config", help="print the resolved configuration as YAML (defaults <- CONFIG.yaml <- overrides)")
+    show.add_argument("args", nargs="*", help="optional CONFIG.yaml, then key=value overrides")
+    show.set_defaults(func=cmd_config)
     ev = sub.add_parser("eval", help="evaluate a model folder on a dataset")
     ev.add_argument("model", help="local Hugging Face model folder (or builtin:chain-tiny)")
     ev.add_argument("data", help="dataset path (JSONL, Parquet, HF folder) or builtin:chain")

@@ -63,10 +63,12 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
+    """The policy: where it comes from, where it runs, and its adapters."""
+
     path: str = BUILTIN_MODEL  # local Hugging Face folder, or builtin:chain-tiny (built and warmed up locally)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | float32 | bf16-autocast
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -78,7 +80,7 @@ class PromptFields:
     format: str = "auto"  # auto | jsonl | parquet | hf
     preset: str = "plain"  # plain {prompt, answer} | gsm8k | dapo-math | custom
     prompt_field: Optional[str] = None  # overrides the preset's prompt field (dotted paths allowed)
-    answer_field: Optional[str] = None
+    answer_field: Optional[str] = None  # overrides the preset's answer field (the ground truth the reward checks)
     template: str = "raw"  # raw | dapo | gsm8k | chat
     use_chat_template: bool = False  # wrap the prompt in the tokenizer's chat template
     chat_template: Optional[str] = None  # a Jinja file replacing the tokenizer's chat template (Hugging Face's convention); e.g. one that renders tools
@@ -89,9 +91,11 @@ class PromptFields:
 
 @dataclass
 class DataConfig(PromptFields):
+    """What ``dapo train`` trains and evaluates on, and how rows become prompts."""
+
     train: str = BUILTIN_DATA  # JSONL / Parquet / HF datasets path, or builtin:chain
     eval: Optional[str] = BUILTIN_DATA  # held-out set; null = no periodic evaluation
-    builtin_train_size: int = 20000
+    builtin_train_size: int = 20000  # problems in a built-in task's training split
     retire_solved_after: int = 0  # retire a prompt all-correct on this many consecutive visits; 0 = never
     unsolved_weight: float = 1.0  # chance a visited, never-solved prompt enters each later pass; 1 = always
 
@@ -127,9 +131,11 @@ class MultiTurnFields:
 
 @dataclass
 class RolloutConfig(MultiTurnFields):
+    """Sampling the G responses per prompt: the engine, its sampling settings and limits."""
+
     engine: str = "fast"  # hf (Hugging Face generate on the training model) | fast (same sampling; one prefill per prompt, finished rows dropped) | vllm | vllm-server
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # sampling temperature; the trainer's log-probs use it too (TRL temperature)
+    top_p: float = 1.0  # nucleus sampling; 1.0 = off (TRL top_p)
     top_k: int = 0  # 0 = off
     max_response_length: int = 16  # L_max: new tokens per response; longer ones are truncated
     stop_token_ids: List[int] = field(default_factory=list)  # besides EOS
@@ -156,6 +162,8 @@ class RolloutCorrectionConfig:
 
 @dataclass
 class RewardConfig:
+    """How a response is scored (before the soft overlong penalty)."""
+
     function: str = "auto"  # auto (chain for builtin data, else math) | math | dapo | gsm8k | boxed | exact | pkg.module:fn
     correct: float = 1.0  # reward of a correct response (paper: +1)
     incorrect: float = -1.0  # reward of a wrong one (paper: -1)
@@ -164,6 +172,8 @@ class RewardConfig:
 
 @dataclass
 class ClipConfig:
+    """The ratio's trust region (Clip-Higher: eps_high > eps_low)."""
+
     eps_low: float = 0.2  # ratio clipped below at 1 - eps_low
     eps_high: float = 0.28  # Clip-Higher: above at 1 + eps_high (= eps_low for symmetric PPO/GRPO)
     dual_clip_c: Optional[float] = None  # > 1 bounds the loss of negative-advantage tokens by c·|A|
@@ -184,7 +194,7 @@ class LossConfig:
     entropy_coef: float = 0.0  # entropy bonus: loss − coef·H, H aggregated like the loss (agg_mode); verl actor.entropy_coeff; 0 = off
     clip_cov_ratio: float = 2e-4  # clip_cov: fraction of the batch's tokens whose gradient is dropped
     clip_cov_lb: float = 1.0  # clip_cov: a dropped token's covariance lies in (clip_cov_lb, clip_cov_ub)
-    clip_cov_ub: float = 5.0
+    clip_cov_ub: float = 5.0  # clip_cov: upper bound of that covariance interval
     kl_cov_ratio: float = 2e-4  # kl_cov: fraction of the tokens, those of largest covariance, that get the KL term
     ppo_kl_coef: float = 0.1  # kl_cov: the KL term is ppo_kl_coef·|log π_θ − log π_old|
     tau_pos: float = 1.0  # sapo: gate temperature for positive advantages
@@ -193,12 +203,16 @@ class LossConfig:
 
 @dataclass
 class AdvantageConfig:
+    """Group-relative advantages from the G rewards of a prompt."""
+
     estimator: str = "grpo"  # grpo (divide by the group std; DAPO) | drgrpo (no std) | pkg.module:function
-    eps: float = 1e-6
+    eps: float = 1e-6  # added to the group std before dividing
 
 
 @dataclass
 class OverlongConfig:
+    """Overlong reward shaping for responses that reach rollout.max_response_length."""
+
     filter: bool = True  # overlong filtering: truncated responses leave the loss
     soft_punishment: bool = True  # add the soft overlong penalty to the reward
     cache_length: int = 4  # L_cache: the penalty ramps from 0 at L_max - L_cache to -1 at L_max
@@ -222,38 +236,46 @@ class DynamicSamplingConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
+    """AdamW and its learning-rate schedule (one optimiser update per mini-batch)."""
+
+    lr: float = 2e-4  # peak learning rate, reached after warm-up
     warmup_updates: int = 2  # linear warm-up, in optimiser updates
     schedule: str = "constant"  # constant | cosine (after warm-up)
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.99  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's denominator epsilon
     grad_clip: float = 1.0  # max global grad norm; 0 = off
 
 
 @dataclass
 class EvalConfig:
+    """Periodic evaluation on data.eval (avg@k, pass@k)."""
+
     interval: int = 10  # steps between held-out evaluations (0 = only before and after)
     samples_per_prompt: int = 4  # k of avg@k / pass@k
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # sampling temperature of the evaluation; 0 = greedy
+    top_p: float = 1.0  # nucleus sampling of the evaluation; 1.0 = off
     greedy: bool = False  # also report greedy accuracy
 
 
 @dataclass
 class CheckpointConfig:
+    """Checkpoints in output_dir/checkpoints (resume=true continues the latest exactly)."""
+
     interval: int = 0  # steps between checkpoints (0 = only at the end)
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints kept; older ones are removed (0 = keep all)
 
 
 @dataclass
 class LoggingConfig:
+    """Where per-step metrics go (output_dir/metrics.jsonl always)."""
+
     sinks: List[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (always) | tensorboard | wandb
-    run_name: Optional[str] = None
-    wandb_project: str = "dapo-rl"
-    wandb_mode: str = "offline"
-    progress: bool = True
+    run_name: Optional[str] = None  # the run's name in TensorBoard / W&B; null = output_dir's folder name
+    wandb_project: str = "dapo-rl"  # W&B project
+    wandb_mode: str = "offline"  # W&B mode: offline | online | disabled
+    progress: bool = True  # show the progress bar
 
 
 @dataclass
@@ -269,19 +291,21 @@ class QuickstartConfig:
     """The built-in model's supervised warm-up (cached by these settings)."""
 
     warmup_steps: Optional[int] = None  # None = the task's own (chain 300, chain-long 800: a wider prompt takes longer to learn)
-    warmup_batch: int = 64
-    warmup_lr: float = 3e-3
+    warmup_batch: int = 64  # sequences per warm-up step
+    warmup_lr: float = 3e-3  # warm-up learning rate
     step_error: float = 0.3  # probability of a wrong running sum in the warm-up data
     recheck: float = 0.5  # probability of each extra "=S" re-check in the warm-up data
-    hidden_size: int = 64
-    num_layers: int = 2
+    hidden_size: int = 64  # width of the built-in model (4 heads)
+    num_layers: int = 2  # decoder layers of the built-in model
     cache_dir: Optional[str] = None  # default ~/.cache/dapo-rl
 
 
 @dataclass
 class Config:
-    output_dir: str = "runs/quickstart"
-    seed: int = 0
+    """One training run (``dapo train``)."""
+
+    output_dir: str = "runs/quickstart"  # the run folder: config.yaml, metrics.jsonl, checkpoints/, final/
+    seed: int = 0  # seeds sampling, the prompt order and the built-in model
     reproducible: bool = True  # bit-identical reruns at a fixed thread count: deterministic torch kernels (see dapo_rl.reproducibility)
     steps: int = 60  # training steps (one rollout batch each)
     prompts_per_step: int = 16  # B: informative groups per step
