@@ -50,3 +50,131 @@ def test_dapo_config_refuses_a_typo_in_one_line(capsys):
     assert main(["config", "clip.eps_hihg=0.3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "did you mean 'clip.eps_high'" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# DAPOConfig: TRL's names, refusals, YAML
+# ---------------------------------------------------------------------------------------------
+
+from dapo_rl import DAPOConfig, DAPOTrainer  # noqa: E402
+from dapo_rl.config import ConfigError  # noqa: E402
+
+
+def test_trl_names_map_onto_our_keys():
+    args = DAPOConfig(output_dir="runs/x", learning_rate=1e-5, num_generations=4, max_completion_length=12,
+                      epsilon=0.2, epsilon_high=0.28, beta=0.01, loss_type="dr_grpo", scale_rewards=False,
+                      mask_truncated_completions=False, num_iterations=2, temperature=0.9, top_p=0.95, save_steps=5,
+                      report_to="none", dynamic_sampling={"max_rounds": 3}, overlong={"cache_length": 3})
+    c = args.config
+    assert (c.optim.lr, c.group_size, c.rollout.max_response_length) == (1e-5, 4, 12)
+    assert (c.clip.eps_low, c.clip.eps_high, c.loss.kl_coef, c.ppo_epochs) == (0.2, 0.28, 0.01, 2)
+    assert (c.loss.policy_loss, c.loss.agg_mode, c.advantage.estimator) == ("decoupled_clip", "seq-mean-token-sum-norm", "drgrpo")
+    assert (c.overlong.filter, c.rollout.temperature, c.rollout.top_p, c.checkpoint.interval) == (False, 0.9, 0.95, 5)
+    assert (c.dynamic_sampling.max_rounds, c.overlong.cache_length, c.logging.sinks) == (3, 3, ["jsonl"])
+    assert args.learning_rate == 1e-5 and args.output_dir == "runs/x"  # read back under TRL's names
+    assert DAPOConfig(epsilon=0.1).config.clip.eps_high == 0.1  # TRL: epsilon_high=None means epsilon
+
+
+@pytest.mark.parametrize("trl, ours", [
+    # per_device × accumulation × steps_per_generation, num_generations → prompts_per_step, mini_batch_size, micro_batch_size
+    (dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, num_generations=8), (1, 1, 8)),
+    (dict(per_device_train_batch_size=4, gradient_accumulation_steps=4, num_generations=8), (2, 2, 4)),
+    (dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=8, num_generations=4), (8, 2, 4)),
+    (dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, generation_batch_size=32, num_generations=4), (8, 2, 4)),
+])
+def test_trl_batch_arithmetic(trl, ours):
+    c = DAPOConfig(**trl).config
+    assert (c.prompts_per_step, c.mini_batch_size, c.micro_batch_size) == ours
+    # Completions per generation and per optimiser update are TRL's.
+    spg = trl.get("steps_per_generation") or trl.get("generation_batch_size", 0) // trl["per_device_train_batch_size"] or trl["gradient_accumulation_steps"]
+    assert c.prompts_per_step * c.group_size == trl["per_device_train_batch_size"] * spg
+    assert c.mini_batch_size * c.group_size == trl["per_device_train_batch_size"] * trl["gradient_accumulation_steps"]
+
+
+def test_max_steps_counts_optimiser_updates():
+    args = DAPOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=8, num_generations=4, max_steps=12)
+    assert args.config.steps == 3 and args.max_steps == 12  # 4 updates per step
+    with pytest.raises(ConfigError, match="max_steps=10"):
+        DAPOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=8, num_generations=4, max_steps=10)
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(learnin_rate=1e-6), "did you mean 'learning_rate'"),
+    (dict(num_generation=8), "did you mean 'num_generations'"),
+    (dict(use_liger_kernel=True), "'use_liger_kernel' is not an option dapo-rl supports"),
+    (dict(scale_rewards="batch"), "scale_rewards='batch' is not supported"),
+    (dict(loss_type="luspo"), "loss_type='luspo' is not supported"),
+    (dict(vllm_mode="server"), "vllm_mode is set but use_vllm is not"),
+    (dict(report_to="all"), "report_to='all' is not supported"),
+    (dict(per_device_train_batch_size=3, num_generations=8), "not a multiple of num_generations=8"),
+    (dict(epsilon="wide"), "clip.eps_low"),  # a bad value: our loader's message, naming our key
+    (dict(clip={"eps_hihg": 0.3}), "did you mean 'clip.eps_high'"),
+])
+def test_unsupported_options_are_refused_in_one_line(options, expected):
+    with pytest.raises(ConfigError) as info:
+        DAPOConfig(**options)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_yaml_round_trip_with_dapo_train(tmp_path):
+    args = DAPOConfig(output_dir=str(tmp_path / "run"), learning_rate=3e-4, num_generations=4, epsilon_high=0.3)
+    path = tmp_path / "run.yaml"
+    args.to_yaml(path)
+    again = DAPOConfig.from_yaml(path)
+    assert again.config == args.config == load_config(path)
+    assert again.to_yaml() == path.read_text()
+    assert DAPOConfig.from_yaml(path, seed=3).config.seed == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards in TRL's signature
+# ---------------------------------------------------------------------------------------------
+
+from dapo_rl.rewards import RewardFunctions, score_responses  # noqa: E402
+
+
+def length_reward(prompts, completions, completion_ids, **columns):
+    return [float(len(ids)) for ids in completion_ids]
+
+
+def only_level_one(prompts, completions, completion_ids, level, **columns):
+    return [1.0 if lv == 1 else None for lv in level]
+
+
+async def slow_async(prompts, completions, completion_ids, **columns):
+    import asyncio
+
+    await asyncio.sleep(0.3)
+    return [0.5] * len(completions)
+
+
+async def slow_async_too(prompts, completions, completion_ids, **columns):
+    import asyncio
+
+    await asyncio.sleep(0.3)
+    return [-0.25] * len(completions)
+
+
+def test_reward_functions_weights_none_columns_and_async():
+    import time
+
+    fns = RewardFunctions([length_reward, only_level_one, slow_async, slow_async_too], [1.0, 2.0, 1.0, 1.0])
+    t0 = time.perf_counter()
+    results = score_responses(fns, ["ab", "c"], ["1", "2"], [{"level": 1}, {"level": 0}], timeout_s=5,
+                              prompts=["p1", "p2"], completion_ids=[[5, 6], [7]])
+    assert time.perf_counter() - t0 < 0.55  # the two async functions were awaited together
+    assert [r.score for r in results] == [2 + 2 * 1 + 0.5 - 0.25, 1 + 0.5 - 0.25]  # None skipped
+    assert results[0].metrics == {"length_reward": 2.0, "only_level_one": 1.0, "slow_async": 0.5, "slow_async_too": -0.25}
+    assert "only_level_one" not in results[1].metrics
+    assert all(r.correct for r in results)
+
+
+def test_a_failing_or_inapplicable_reward_function_fails_scoring_not_the_run():
+    def broken(prompts, completions, completion_ids, **columns):
+        raise RuntimeError("boom")
+
+    with pytest.warns(Warning, match="boom"):
+        results = score_responses(RewardFunctions([broken]), ["a"], ["1"], [{}], timeout_s=5)
+    assert results[0].failed and not results[0].correct
+    results = score_responses(RewardFunctions([only_level_one]), ["a"], ["1"], [{"level": 0}], timeout_s=5)
+    assert results[0].failed and "returned None" in results[0].error

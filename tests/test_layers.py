@@ -23,11 +23,12 @@ FLOORS: list[tuple[str, ...]] = [
     ("rollout",),
     ("evaluation",),
     ("training",),
-    ("experiments",),
+    ("experiments", "api"),
     ("cli",),
 ]
-# The package's own __init__ only names the version; it may import nothing.
+# The package's own __init__ names the version and, on first use, the API room's two names.
 PACKAGE = "dapo_rl"
+PACKAGE_MAY_IMPORT = {"dapo_rl.api", "dapo_rl.api.DAPOConfig", "dapo_rl.api.DAPOTrainer"}
 
 
 def module_name(path: Path, src: Path = SRC) -> str:
@@ -76,7 +77,7 @@ def layering_problems(src: Path = SRC) -> list[str]:
     for module, path in sorted(modules.items()):
         room = room_of(module)
         if room == PACKAGE:
-            problems += [f"{module} imports {target}" for target in library_imports(path, src)]
+            problems += [f"{module} imports {target}" for target in library_imports(path, src) if target not in PACKAGE_MAY_IMPORT]
             continue
         floor = floor_of(room)
         if floor is None:

@@ -168,6 +168,8 @@ class RewardConfig:
     correct: float = 1.0  # reward of a correct response (paper: +1)
     incorrect: float = -1.0  # reward of a wrong one (paper: -1)
     timeout_s: float = 5.0  # per verification; a hang counts as a failed verification
+    functions: List[str] = field(default_factory=list)  # TRL-style fn(prompts, completions, completion_ids, **columns) -> list[float | None] as pkg.module:fn; summed with weights, replace function when set (TRL reward_funcs)
+    weights: List[float] = field(default_factory=list)  # one per entry of functions; empty = all 1 (TRL reward_weights)
 
 
 @dataclass
@@ -566,6 +568,8 @@ def validate(c: Config) -> None:
     require(c.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0", "0 checkpoints only at the end")
     require(c.reward.correct > c.reward.incorrect, "reward.correct", "must be greater than reward.incorrect", "paper: +1 / -1")
     require(c.reward.timeout_s > 0, "reward.timeout_s", "must be > 0", "e.g. 5")
+    require(not c.reward.weights or len(c.reward.weights) == len(c.reward.functions), "reward.weights",
+            f"has {len(c.reward.weights)} entries for {len(c.reward.functions)} reward.functions", "give one weight per function, or none")
     require_choice(c.distributed.strategy, "distributed.strategy", DISTRIBUTED_STRATEGIES)
     require_choice(c.model.dtype, "model.dtype", ("auto", "float32", "bf16-autocast"))
     require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", c.model.device) is not None, "model.device",

@@ -15,6 +15,7 @@ Lower-level pieces: :func:`extract_answer` / :func:`extract_ground_truth` (find 
 :func:`verifier_stats` (timeouts, errors and worker restarts for the logs).
 """
 
+from .batch_functions import RewardFunctions
 from .extract import ANSWER_STYLES, extract_answer, extract_boxed, extract_dapo, extract_ground_truth, extract_gsm8k
 from .functions import (
     DEFAULT_REWARD_TIMEOUT_S,
@@ -53,6 +54,7 @@ __all__ = [
     "NamedReward",
     "RewardFn",
     "RewardFunctionWarning",
+    "RewardFunctions",
     "RewardResult",
     "VerifierStats",
     "VerifyOutcome",

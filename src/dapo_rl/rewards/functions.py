@@ -21,7 +21,9 @@ distinct error. One bad response can therefore never stop a training run.
 A reward function may also offer a batch method, ``score_batch(responses, ground_truths,
 metadatas, timeout_s) -> list[RewardResult]``; :func:`score_responses` then uses it instead of
 one call per response. The built-ins do, so that a training step's symbolic checks run on the
-verifier pool in parallel.
+verifier pool in parallel. A batch reward that sets ``reads_samples = True`` also gets, by keyword,
+``prompts`` (each response's prompt as the dataset gave it) and ``completion_ids`` (its token ids),
+when the caller has them (:class:`~dapo_rl.rewards.batch_functions.RewardFunctions`: TRL's signature).
 """
 
 from __future__ import annotations
@@ -390,6 +392,8 @@ def score_responses(
     timeout_s: float | None = DEFAULT_REWARD_TIMEOUT_S,
     *,
     failure_score: float | None = None,
+    prompts: Sequence[Any] | None = None,
+    completion_ids: Sequence[Sequence[int]] | None = None,
 ) -> list[RewardResult]:
     """Score every response with ``fn``, never raising because of what ``fn`` does.
 
@@ -404,6 +408,8 @@ def score_responses(
             and fails. ``None`` calls ``fn`` directly, without protection against hangs.
         failure_score: score of a failed call; default ``fn.incorrect_reward`` if ``fn`` has one,
             else -1.0.
+        prompts, completion_ids: each response's prompt and token ids, for a batch reward that
+            ``reads_samples`` (ignored by the others).
 
     Returns:
         One :class:`RewardResult` per response, in order. Failures (exception, hang, garbage
@@ -430,7 +436,8 @@ def score_responses(
     batch = getattr(fn, "score_batch", None)
     if callable(batch):
         try:
-            results = batch(list(responses), list(ground_truths), metas, timeout_s)
+            samples = {"prompts": prompts, "completion_ids": completion_ids} if getattr(fn, "reads_samples", False) else {}
+            results = batch(list(responses), list(ground_truths), metas, timeout_s, **samples)
             well_formed = isinstance(results, list) and len(results) == n
             if not well_formed or not all(isinstance(r, RewardResult) for r in results):
                 raise _BadOutput(f"score_batch returned {type(results).__name__}, expected a list of {n} RewardResult")

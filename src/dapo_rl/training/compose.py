@@ -31,7 +31,7 @@ from dapo_rl.data.encoding import EncodedPrompt, check_prompt_fields, load_promp
 from dapo_rl.errors import one_line
 from dapo_rl.models.loading import ModelLoadError, load_policy, resolve_device
 from dapo_rl.models.lora import AdapterError
-from dapo_rl.rewards import resolve_reward_fn
+from dapo_rl.rewards import RewardFunctions, resolve_reward_fn
 from dapo_rl.rollout.base import RolloutEngine
 from dapo_rl.rollout.engines import ROLLOUT_ENGINES, build_engine
 from dapo_rl.rollout.multi_turn import check_multi_turn_fields, tool_schemas
@@ -170,8 +170,17 @@ def encoded_prompts(config: Config, which: str, tokenizer) -> list[EncodedPrompt
     return prompts
 
 
-def reward_function(config: Config):
-    """``reward.function`` resolved (``auto``: the chain reward on the built-in data, math otherwise)."""
+def reward_function(config: Config, functions: list[Callable[..., Any]] | None = None):
+    """``reward.function`` resolved (``auto``: the chain reward on the built-in data, math otherwise),
+    or, when ``reward.functions`` is set, those TRL-style functions summed with ``reward.weights``
+    (:class:`~dapo_rl.rewards.RewardFunctions`). ``functions``: the callables themselves, in place
+    of ``reward.functions``' import paths (``DAPOTrainer(reward_funcs=...)``)."""
+    if functions is not None or config.reward.functions:
+        try:
+            return RewardFunctions(functions if functions is not None else list(config.reward.functions), list(config.reward.weights),
+                                   answer_column=config.data.answer_field or "answer", incorrect_reward=config.reward.incorrect)
+        except ValueError as exc:
+            raise ConfigError(f"reward.functions: {one_line(exc)}") from None
     try:
         return resolve_reward_fn(config.reward.function, correct_reward=config.reward.correct,
                                  incorrect_reward=config.reward.incorrect, data=config.data.train)

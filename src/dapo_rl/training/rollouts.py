@@ -109,17 +109,26 @@ class RolloutCollector:
             return self.engine.generate([list(p.ids) for p in prompts], self.cfg.group_size, self.sampling)
         return self.multi_turn.generate_for(prompts, self.cfg.group_size, self.sampling)
 
-    def score(self, prompts: list[EncodedPrompt], groups: list[list[Sample]]) -> tuple[list[ScoredGroup], int]:
-        """Rule-based reward + soft overlong penalty for every sample; returns the groups and the
-        number of reward calls that failed (raised or timed out: scored as incorrect).
+    def score(self, prompts: list[EncodedPrompt], groups: list[list[Sample]]) -> tuple[list[ScoredGroup], int, dict[str, list[float]]]:
+        """Rule-based reward + soft overlong penalty for every sample; returns the groups, the
+        number of reward calls that failed (raised or timed out: scored as incorrect) and the
+        reward's own metrics as name → [sum, count] (a TRL-style function's values, ``answer_found``).
 
         A multi-turn sample is judged on the model's last turn (its final answer; the environment's
         messages are not the model's words); an environment's ``reward()`` replaces the reward
         function, and an environment that failed scores as incorrect."""
         flat = [(prompt, sample) for prompt, group in zip(prompts, groups) for sample in group]
-        texts = [self.tokenizer.decode(last_model_turn(s), skip_special_tokens=True) for _, s in flat]
+        ids = [last_model_turn(s) for _, s in flat]
+        texts = [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
         results = score_responses(self.reward_fn, texts, [p.example.answer for p, _ in flat],
-                                  [dict(p.example.metadata) for p, _ in flat], self.cfg.reward.timeout_s)
+                                  [dict(p.example.metadata) for p, _ in flat], self.cfg.reward.timeout_s,
+                                  prompts=[p.example.prompt for p, _ in flat], completion_ids=[list(i) for i in ids])
+        reward_metrics: dict[str, list[float]] = {}
+        for r in results:
+            for name, value in r.metrics.items():
+                total = reward_metrics.setdefault(name, [0.0, 0.0])
+                total[0] += value
+                total[1] += 1
         results = [environment_result(s.trajectory, r, self.cfg.reward.correct, self.cfg.reward.incorrect)
                    for (_, s), r in zip(flat, results)]
         scores = torch.tensor([r.score for r in results], dtype=torch.float64)
@@ -129,7 +138,7 @@ class RolloutCollector:
         g = self.cfg.group_size
         scored = [ScoredGroup(prompt=prompts[i], samples=groups[i], scores=scores[i * g : (i + 1) * g].tolist(),
                               correct=[r.correct for r in results[i * g : (i + 1) * g]]) for i in range(len(prompts))]
-        return scored, sum(r.failed for r in results)
+        return scored, sum(r.failed for r in results), reward_metrics
 
     def collect(self, step: int, policy_version: int) -> tuple[list[ScoredGroup], dict[str, float]]:
         """This step's training groups (step = the 0-based index of the step being collected),
@@ -143,6 +152,7 @@ class RolloutCollector:
         generated: list[ScoredGroup] = []
         gen_time = score_time = 0.0
         failures = 0
+        reward_metrics: dict[str, list[float]] = {}
         ahead = 0.0  # groups of this step sampled ahead, by the previous step's weights
         while self.sampler.needs_more():
             t0 = time.perf_counter()
@@ -158,14 +168,20 @@ class RolloutCollector:
                 groups = self.sample(mine) if mine else []
                 version = policy_version
             t1 = time.perf_counter()
-            scored, failed = self.score(mine, groups)
+            scored, failed, round_metrics = self.score(mine, groups)
             score_time += time.perf_counter() - t1
             gen_time += t1 - t0
+            shares = [(scored, failed, round_metrics)]
             if dist.enabled:  # every rank gets every group, in prompt order
-                shares = dist.all_gather_objects((scored, failed))
+                shares = dist.all_gather_objects((scored, failed, round_metrics))
                 scored = [shares[i % dist.world_size][0][i // dist.world_size] for i in range(len(prompts))]
                 failed = sum(share[1] for share in shares)
             failures += failed
+            for share in shares:
+                for name, (total, count) in share[2].items():
+                    kept = reward_metrics.setdefault(name, [0.0, 0.0])
+                    kept[0] += total
+                    kept[1] += count
             for index, group in zip(indices, scored):
                 group.policy_version = version
                 self.stream.record(index, group.correct)
@@ -196,6 +212,8 @@ class RolloutCollector:
             "train/samples_generated": float(len(generated) * cfg.group_size),
             "train/batch_groups": float(len(batch.groups)),
             "train/reward_failures": float(failures),
+            # The reward's own numbers, each the mean over the responses that reported it (TRL rewards/<name>/mean).
+            **{f"reward/{name}": total / count for name, (total, count) in sorted(reward_metrics.items()) if count},
             "train/sampling_exhausted": float(batch.exhausted),
             "train/sampling_exhausted_total": float(self.sampler.exhausted_total),
             **self._sampling_metrics(batch),

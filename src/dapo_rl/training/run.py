@@ -44,7 +44,39 @@ from dapo_rl.training.distributed import DistContext, init_distributed, shutdown
 from dapo_rl.training.run_folder import check_output_dir, prepare_output_dir, save_final_policy, trim_metrics, write_json
 from dapo_rl.training.trainer import Trainer
 
-__all__ = ["RunError", "RunFailed", "RunInterrupted", "RunResult", "run_training"]
+__all__ = ["RunError", "RunFailed", "RunHooks", "RunInterrupted", "RunParts", "RunResult", "run_training"]
+
+
+@dataclass
+class RunParts:
+    """What a Python caller (``DAPOTrainer``) hands in instead of what the config names: each
+    ``None`` is built from the config as ``dapo train`` builds it."""
+
+    model: torch.nn.Module | None = None  # the policy, adapters already added (model.*)
+    tokenizer: Any = None  # its tokenizer; None = the one model.path's folder holds
+    reward_functions: list[Callable[..., Any]] | None = None  # TRL-style functions (reward.functions)
+
+
+class RunHooks:
+    """Where a caller follows the run (transformers' ``TrainerCallback`` events; ``DAPOTrainer``
+    bridges them). Every method does nothing here; ``step_end`` returns true to stop the run
+    after that step (checkpointed, as a signal would)."""
+
+    def train_begin(self, trainer: Trainer) -> None:
+        """The trainer is built (and restored from a checkpoint when resuming); nothing trained yet."""
+
+    def log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """Metrics were logged: the evaluation before training, then every step's."""
+
+    def step_end(self, trainer: Trainer, metrics: dict[str, float]) -> bool:
+        """Step ``trainer.state.step`` is done (its metrics logged); true = stop after it."""
+        return False
+
+    def save(self, trainer: Trainer, folder: Path | None) -> None:
+        """A checkpoint was written to ``folder``."""
+
+    def train_end(self, trainer: Trainer, result: RunResult) -> None:
+        """The run ended normally and the final policy is saved."""
 
 
 def _check_sinks_available(config: Config) -> None:
@@ -162,7 +194,7 @@ def _follow(trainer: Trainer, dist: DistContext, resumed: bool) -> RunResult:
                      steps=trainer.state.step, seconds=0.0, history=trainer.state.history)
 
 
-def run_training(config: Config) -> RunResult:
+def run_training(config: Config, parts: RunParts | None = None, hooks: RunHooks | None = None) -> RunResult:
     """Train as configured; returns held-out accuracy before and after, and the per-step history.
 
     Every input (model, data, reward, engine, output folder, metric backends) is checked before
@@ -172,6 +204,9 @@ def run_training(config: Config) -> RunResult:
         ConfigError, RunError: bad input (the message names the key or file and the fix), or a
             dynamic sampler out of rounds under ``on_exhausted=error`` (after saving a checkpoint).
         RunInterrupted: SIGINT or SIGTERM stopped the run (after saving a checkpoint).
+
+    ``parts`` replace what the config would build (a model object, reward callables); ``hooks``
+    follow the run. ``dapo train`` passes neither; ``DAPOTrainer`` both: one loop behind both doors.
     """
     started = time.perf_counter()
     check_config(config)
@@ -179,7 +214,7 @@ def run_training(config: Config) -> RunResult:
     try:
         device, autocast_dtype = device_and_autocast(config, dist.local_rank)
         with reproducible_torch(config.reproducible, device, notice=tqdm.write):
-            return _run_training(config, dist, started, device, autocast_dtype)
+            return _run_training(config, dist, started, device, autocast_dtype, parts or RunParts(), hooks or RunHooks())
     finally:
         # Only a group this run joined (torchrun): an in-process vLLM engine creates a
         # single-process group of its own and destroys it, with its subgroups, when it shuts down.
@@ -188,15 +223,18 @@ def run_training(config: Config) -> RunResult:
 
 
 def _run_training(config: Config, dist: DistContext, started: float, device: torch.device,
-                  autocast_dtype: torch.dtype | None) -> RunResult:
+                  autocast_dtype: torch.dtype | None, parts: RunParts, hooks: RunHooks) -> RunResult:
     progress = config.logging.progress and dist.is_main
     keep_freed_host_memory()  # every step frees and re-allocates the same buffers
     torch.manual_seed(config.seed + dist.rank)  # ranks sample different responses
     _check_sinks_available(config)
     check_output_dir(config)
-    model, tokenizer = policy_and_tokenizer(config, progress)
+    if parts.model is None:
+        model, tokenizer = policy_and_tokenizer(config, progress)
+    else:
+        model, tokenizer = parts.model, parts.tokenizer
     model.to(device)
-    reward_fn = reward_function(config)
+    reward_fn = reward_function(config, parts.reward_functions)
     train_prompts = encoded_prompts(config, "train", tokenizer)
     eval_prompts = encoded_prompts(config, "eval", tokenizer) if config.data.eval else None
     engine = rollout_engine(config, model, tokenizer)
@@ -205,7 +243,7 @@ def _run_training(config: Config, dist: DistContext, started: float, device: tor
                    f"not promise bit-identical samples between runs; the update itself stays deterministic")
     try:
         return _train_with(config, dist, started, model, tokenizer, reward_fn, train_prompts, eval_prompts, engine,
-                           device, autocast_dtype, progress)
+                           device, autocast_dtype, progress, hooks)
     finally:
         engine.close()  # stops a server this run launched
 
@@ -217,13 +255,18 @@ def _engine_lost(exc: EngineLost, run_dir: Path, engine) -> RunFailed:
 
 
 def _train_with(config: Config, dist: DistContext, started: float, model, tokenizer, reward_fn, train_prompts,
-                eval_prompts, engine, device, autocast_dtype, progress: bool) -> RunResult:
+                eval_prompts, engine, device, autocast_dtype, progress: bool, hooks: RunHooks) -> RunResult:
     run_dir = Path(config.output_dir)
+
+    def checkpoint(t: Trainer) -> None:
+        folder = save_checkpoint(t, run_dir, config.checkpoint.keep_last)
+        if dist.is_main:
+            hooks.save(t, folder)
+
     # Only the main rank writes (checkpoints, metrics, the final policy); the others take part in
     # gathering the state to write.
     trainer = Trainer(config, model, tokenizer, train_prompts, eval_prompts, reward_fn, engine, device=device,
-                      autocast_dtype=autocast_dtype, dist=dist,
-                      checkpoint_fn=lambda t: save_checkpoint(t, run_dir, config.checkpoint.keep_last))
+                      autocast_dtype=autocast_dtype, dist=dist, checkpoint_fn=checkpoint)
     checkpoint = _restore(trainer, run_dir) if config.resume else None
     if dist.is_main:
         run_dir = prepare_output_dir(config)  # the first write: every input above is good
@@ -240,7 +283,13 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
     kept = trim_metrics(run_dir, trainer.state.step if checkpoint is not None else -1)
     sinks = build_sinks(run_dir, config.logging.sinks, config.logging.run_name or run_dir.name, to_dict(config),
                         wandb_project=config.logging.wandb_project, wandb_mode=config.logging.wandb_mode)
-    trainer.log = sinks.log
+    def log(metrics: dict[str, float], step: int) -> None:
+        sinks.log(metrics, step)
+        hooks.log(trainer, metrics)
+
+    trainer.log = log
+    hooks.train_begin(trainer)
+    stop_asked = False
 
     before = summary.get("accuracy_before")
     bar = None
@@ -254,15 +303,17 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
                 tqdm.write(f"held-out accuracy before training: {before:.3f} (avg@{config.eval.samples_per_prompt} over {len(eval_prompts)} prompts)")
                 summary["accuracy_before"] = before
                 summary["eval_before"] = result.metrics()
-                sinks.log(result.metrics(), 0)
+                log(result.metrics(), 0)
                 write_json(summary_path, summary)
             # The progress bar shows the latest held-out accuracy: after a resume, the last one logged.
             last_eval = next((row["eval/accuracy"] for row in reversed(kept) if "eval/accuracy" in row), before)
             bar = tqdm(total=config.steps, initial=trainer.state.step, desc="dapo train", disable=not progress, dynamic_ncols=True)
-            for metrics in trainer.steps(should_stop=_agreed(stop, dist, device)):
+            # A callback's stop joins the signal flag that every rank agrees on.
+            for metrics in trainer.steps(should_stop=_agreed(lambda: stop() or stop_asked, dist, device)):
                 last_eval = metrics.get("eval/accuracy", last_eval)
                 bar.set_postfix(_postfix(metrics, last_eval), refresh=False)
                 bar.update(1)
+                stop_asked = bool(hooks.step_end(trainer, metrics))
     except EngineLost as exc:
         raise _engine_lost(exc, run_dir, engine) from None
     except EnvironmentFailures as exc:
@@ -283,6 +334,13 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
         write_json(summary_path, summary)
         raise RunInterrupted(stop.signum, f"stopped by {signal_name(stop.signum)} after step {trainer.state.step} of {config.steps}; "
                                           f"checkpoint saved in {latest_checkpoint(run_dir)}; continue with resume=true")
+    if stop_asked and trainer.state.step < config.steps:
+        summary["seconds"] = summary.get("seconds", 0.0) + time.perf_counter() - started
+        write_json(summary_path, summary)
+        tqdm.write(f"stopped by a callback after step {trainer.state.step} of {config.steps}; checkpoint saved in "
+                   f"{latest_checkpoint(run_dir)}; continue with resume=true")
+        return RunResult(run_dir=run_dir, accuracy_before=before, accuracy_after=None, steps=trainer.state.step,
+                         seconds=time.perf_counter() - started, history=trainer.state.history)
     after = trainer.state.history[-1].get("eval/accuracy") if trainer.state.history and eval_prompts else None
     final = save_final_policy(model, tokenizer, run_dir, state_dict=dist.full_model_state(model) if dist.sharded else None)
     summary.update({"accuracy_after": after, "steps": trainer.state.step, "final_policy": str(final),
@@ -291,6 +349,8 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
     if after is not None and before is not None:
         tqdm.write(f"held-out accuracy: {before:.3f} -> {after:.3f} ({(after - before) * 100:+.1f} points)")
     tqdm.write(f"final policy saved to {final}")
-    return RunResult(run_dir=run_dir, accuracy_before=before, accuracy_after=after, steps=trainer.state.step,
-                     seconds=time.perf_counter() - started, history=trainer.state.history)
+    result = RunResult(run_dir=run_dir, accuracy_before=before, accuracy_after=after, steps=trainer.state.step,
+                       seconds=time.perf_counter() - started, history=trainer.state.history)
+    hooks.train_end(trainer, result)
+    return result
 

@@ -97,15 +97,21 @@ def trim_metrics(run_dir: Path, last_step: int) -> list[dict[str, Any]]:
 
 
 def save_final_policy(model, tokenizer, run_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """``run_dir/final``: safetensors + tokenizer that ``from_pretrained`` loads; replaced atomically.
+    """``run_dir/final``: see :func:`save_policy`."""
+    return save_policy(model, tokenizer, run_dir / "final", state_dict)
+
+
+def save_policy(model, tokenizer, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """``folder`` (a run's ``final``, or ``DAPOTrainer.save_model``'s): safetensors + tokenizer that ``from_pretrained`` loads; replaced atomically.
     A LoRA policy saves its adapter alone, in PEFT's format (``adapter_config.json`` naming the
     base + ``adapter_model.safetensors``; ``PeftModel.from_pretrained(base, final)`` loads it,
     ``dapo export-merged`` writes the merged model).
 
     ``state_dict``: the full weights when ``model`` is sharded (see ``DistContext.full_model_state``).
     """
-    final = run_dir / "final"
-    staging = run_dir / ".final.tmp"
+    final = Path(folder)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
