@@ -17,10 +17,10 @@ from dapo_rl.data.synthetic import (
     CHAIN_TASKS,
     VOCAB,
     builtin_splits,
-    chain_task,
     sample_problem,
     solution,
 )
+from dapo_rl.data.builtin_tasks import builtin_task
 from dapo_rl.models.quickstart import builtin_model_task, quickstart_key
 from dapo_rl.models.tiny import build_char_tokenizer
 from dapo_rl.rewards.chain import chain_reward
@@ -68,17 +68,19 @@ def test_builtin_long_data_loads_disjoint_splits_of_wider_prompts():
 
 
 def test_unknown_builtin_names_are_refused_with_the_known_ones():
-    with pytest.raises(DatasetError, match="builtin:chain, builtin:chain-long"):
+    with pytest.raises(DatasetError, match="builtin:chain, builtin:chain-long, builtin:calculator"):
         load_prompts(PromptSource(dataset=DatasetSpec(path="builtin:chains")), tokenizer=build_char_tokenizer(VOCAB))
-    with pytest.raises(ValueError, match="builtin:chain-tiny, builtin:chain-long-tiny"):
+    with pytest.raises(ValueError, match="builtin:chain-tiny, builtin:chain-long-tiny, builtin:calculator-tiny"):
         builtin_model_task("builtin:chain-long")  # a dataset name, not a model
     assert builtin_model_task("builtin:chain-long-tiny") is CHAIN_LONG
-    assert chain_task("builtin:chain") is CHAIN
+    assert builtin_task("builtin:chain") is CHAIN
 
 
-def test_auto_reward_is_the_chain_reward_for_every_builtin_dataset():
+def test_auto_reward_is_the_chain_reward_for_every_chain_dataset():
     for name in CHAIN_TASKS:
         assert resolve_reward_fn("auto", data=f"builtin:{name}").name == "chain"
+    with pytest.raises(ValueError, match="unknown built-in task 'builtin:chains'"):
+        resolve_reward_fn("auto", data="builtin:chains")
     assert resolve_reward_fn("auto", data="problems.jsonl").name == "math"
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from dapo_rl.config import BUILTIN_PREFIX, PromptFields, require_choice
 from dapo_rl.data.datasets import FORMATS, PRESETS, DatasetError, DatasetSpec, Example, RowProblem, load_examples
-from dapo_rl.data.synthetic import builtin_splits, chain_task
+from dapo_rl.data.builtin_tasks import builtin_task
 from dapo_rl.data.templates import TEMPLATES, render_prompt
 
 
@@ -99,13 +99,12 @@ def load_prompts(source: PromptSource, tokenizer) -> tuple[list[EncodedPrompt], 
     path = source.dataset.path
     if path.startswith(BUILTIN_PREFIX):
         try:
-            task = chain_task(path)
+            task = builtin_task(path)
         except KeyError as exc:
             raise DatasetError(f"data.path: {exc.args[0]}, or a dataset path") from None
         # The held-out set is drawn first and does not depend on the train size, so it does not
         # build the (large) train split.
-        train, held_out = builtin_splits(1 if source.held_out else source.builtin_train_size, source.builtin_eval_size,
-                                         seed=0, task=task)
+        train, held_out = task.splits(1 if source.held_out else source.builtin_train_size, source.builtin_eval_size, seed=0)
         examples, skipped = (held_out if source.held_out else train), []
     else:
         try:

@@ -47,6 +47,21 @@ class ChainTask:
     max_terms: int
     warmup_steps: int  # supervised warm-up steps of its built-in model (quickstart.warmup_steps=null)
 
+    reward = "chain"  # the reward reward.function=auto picks (dapo_rl.rewards.chain)
+    max_positions = 128  # the tiny model's context
+    vocab = VOCAB
+
+    def splits(self, train_size: int, eval_size: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+        """:func:`builtin_splits` of this task."""
+        return builtin_splits(train_size, eval_size, seed=seed, task=self)
+
+    def warmup_segments(self, rng: random.Random, settings) -> list[tuple[str, bool]]:
+        """One warm-up example as ``(text, trained)`` segments: the prompt, then the response
+        (:func:`warmup_response` with ``settings.step_error`` / ``settings.recheck``: the
+        :class:`~dapo_rl.config.QuickstartConfig`), followed by the end-of-sequence token."""
+        problem = sample_problem(rng, self)
+        return [(problem.prompt, False), (warmup_response(problem, rng, step_error=settings.step_error, recheck=settings.recheck), True)]
+
 
 CHAIN = ChainTask("chain", 2, 6, warmup_steps=300)
 # A 10-slot prompt reads each digit from further back: the short task's warm-up leaves the model
@@ -132,15 +147,3 @@ def builtin_splits(train_size: int, eval_size: int, seed: int = 0, task: ChainTa
     held_out = make_examples(eval_size, seed=seed + 1_000_003, distinct=True, task=task)
     train = make_examples(train_size, seed=seed, exclude={e.prompt for e in held_out}, task=task)
     return train, held_out
-
-
-def chain_task(name: str) -> ChainTask:
-    """The task of a built-in dataset name (``builtin:chain-long``).
-
-    Raises:
-        KeyError: no such task (the message lists the known names).
-    """
-    key = name.removeprefix("builtin:")
-    if not name.startswith("builtin:") or key not in CHAIN_TASKS:
-        raise KeyError(f"unknown built-in task {name!r}; known: {', '.join('builtin:' + t for t in CHAIN_TASKS)}")
-    return CHAIN_TASKS[key]

@@ -191,8 +191,14 @@ def format_table(result: EvalResult, tokens_per_s: float, seconds: float) -> str
     rows.append((f"avg@{result.samples_per_problem}", f"{result.avg_at_k:.4f}"))
     rows += [(f"pass@{j}", f"{v:.4f}") for j, v in result.pass_at_k.items()]
     rows += [("mean response length (tokens)", f"{result.response_length_mean:.1f}"),
-             ("truncated fraction", f"{result.truncated_frac:.3f}"),
-             ("generation speed (tokens/s)", f"{tokens_per_s:.1f}"),
+             ("truncated fraction", f"{result.truncated_frac:.3f}")]
+    t = result.trajectory
+    if t:  # multi-turn: turns, calls and the failed calls by kind
+        errors = ", ".join(f"{name.rpartition('/')[2]} {int(v)}" for name, v in t.items() if "/tool_errors/" in name and v)
+        rows += [("turns per trajectory (mean / max)", f"{t['rollout/turns_mean']:.2f} / {int(t['rollout/turns_max'])}"),
+                 ("tool calls per trajectory", f"{t['rollout/tool_calls_mean']:.3f}"),
+                 ("tool errors", errors or "none")]
+    rows += [("generation speed (tokens/s)", f"{tokens_per_s:.1f}"),
              ("wall time (s)", f"{seconds:.1f}")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -1,7 +1,9 @@
-"""The built-in quickstart policy: a tiny Llama taught the chain task by a short supervised warm-up.
+"""The built-in policies: a tiny Llama taught a built-in task (:mod:`dapo_rl.data.builtin_tasks`)
+by a short supervised warm-up; ``builtin:chain-tiny`` is the quickstart's.
 
-The warm-up data is deliberately faulty (see :mod:`dapo_rl.data.synthetic`): the model learns
-the procedure and also the faults, so its starting accuracy leaves room for RL. The result is a
+The warm-up data is deliberately faulty (see :mod:`dapo_rl.data.synthetic` and
+:mod:`dapo_rl.data.calculator`): the model learns the procedure and also the faults, so its
+starting accuracy leaves room for RL. The result is a
 plain Hugging Face folder, cached under a key made of every setting that shapes it, so a second
 run (or a test) reuses it; the same settings give the same weights.
 """
@@ -15,19 +17,21 @@ import shutil
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from dapo_rl.cache_dir import default_cache_dir
 from dapo_rl.config import QuickstartConfig
-from dapo_rl.data.synthetic import CHAIN, CHAIN_TASKS, VOCAB, ChainTask, chain_task, sample_problem, warmup_response
+from dapo_rl.data.builtin_tasks import BUILTIN_TASKS, builtin_task
+from dapo_rl.data.synthetic import CHAIN
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
 
 _FORMAT_VERSION = 1  # bump when the warm-up procedure changes, to invalidate old caches
 
 
-def builtin_model_task(path: str) -> ChainTask:
+def builtin_model_task(path: str) -> Any:
     """The task whose warm-up the built-in model ``builtin:<task>-tiny`` is.
 
     Raises:
@@ -35,19 +39,19 @@ def builtin_model_task(path: str) -> ChainTask:
     """
     try:
         if path.endswith("-tiny"):
-            return chain_task(path.removesuffix("-tiny"))
+            return builtin_task(path.removesuffix("-tiny"))
     except KeyError:
         pass
-    known = ", ".join(f"builtin:{name}-tiny" for name in CHAIN_TASKS)
+    known = ", ".join(f"builtin:{name}-tiny" for name in BUILTIN_TASKS)
     raise ValueError(f"unknown built-in model {path!r}; use one of {known}, or a local model folder")
 
 
-def resolved_warmup(config: QuickstartConfig, task: ChainTask = CHAIN) -> QuickstartConfig:
+def resolved_warmup(config: QuickstartConfig, task: Any = CHAIN) -> QuickstartConfig:
     """``config`` with ``warmup_steps=None`` replaced by the task's own (so one model has one key)."""
     return config if config.warmup_steps is not None else replace(config, warmup_steps=task.warmup_steps)
 
 
-def quickstart_key(config: QuickstartConfig, seed: int, task: ChainTask = CHAIN) -> str:
+def quickstart_key(config: QuickstartConfig, seed: int, task: Any = CHAIN) -> str:
     config = resolved_warmup(config, task)
     settings = {k: v for k, v in asdict(config).items() if k != "cache_dir"}
     identity = {"settings": settings, "seed": seed, "version": _FORMAT_VERSION}
@@ -56,16 +60,20 @@ def quickstart_key(config: QuickstartConfig, seed: int, task: ChainTask = CHAIN)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _warmup_batch(tokenizer, rng: random.Random, config: QuickstartConfig, task: ChainTask) -> tuple[torch.Tensor, ...]:
-    """Right-padded ``[batch, len]`` ids, attention mask and response-token mask."""
+def _warmup_batch(tokenizer, rng: random.Random, config: QuickstartConfig, task: Any) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``[batch, len]`` ids, attention mask and trained-token mask of ``config.warmup_batch``
+    examples of ``task``: the first segment is encoded with the tokenizer's start token, and each
+    trained segment (a model turn) is followed by the end-of-sequence token, which is trained too."""
     rows, masks = [], []
     for _ in range(config.warmup_batch):
-        problem = sample_problem(rng, task)
-        response = warmup_response(problem, rng, step_error=config.step_error, recheck=config.recheck)
-        prompt_ids = tokenizer(problem.prompt)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(prompt_ids + response_ids)
-        masks.append([0] * len(prompt_ids) + [1] * len(response_ids))
+        ids: list[int] = []
+        mask: list[int] = []
+        for i, (text, trained) in enumerate(task.warmup_segments(rng, config)):
+            piece = tokenizer(text, add_special_tokens=i == 0)["input_ids"] + ([tokenizer.eos_token_id] if trained else [])
+            ids += piece
+            mask += [int(trained)] * len(piece)
+        rows.append(ids)
+        masks.append(mask)
     width = max(map(len, rows))
     ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
     attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
@@ -73,12 +81,12 @@ def _warmup_batch(tokenizer, rng: random.Random, config: QuickstartConfig, task:
     return ids, attention, loss_mask
 
 
-def build_quickstart_model(config: QuickstartConfig, seed: int, folder: Path, progress: bool = True, task: ChainTask = CHAIN) -> None:
+def build_quickstart_model(config: QuickstartConfig, seed: int, folder: Path, progress: bool = True, task: Any = CHAIN) -> None:
     """Build the tokenizer and model, run the supervised warm-up on ``task``, save both to ``folder``."""
     config = resolved_warmup(config, task)
-    tokenizer = build_char_tokenizer(VOCAB)
+    tokenizer = build_char_tokenizer(task.vocab)
     model = build_tiny_llama(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
-                             num_heads=4, intermediate_size=4 * config.hidden_size, seed=seed)
+                             num_heads=4, intermediate_size=4 * config.hidden_size, max_positions=task.max_positions, seed=seed)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.warmup_lr, weight_decay=0.0)
     if config.warmup_steps >= 20:
@@ -108,7 +116,7 @@ def build_quickstart_model(config: QuickstartConfig, seed: int, folder: Path, pr
     (folder / "quickstart.json").write_text(json.dumps({"seed": seed, "task": asdict(task), **asdict(config)}, indent=2))
 
 
-def prepare_quickstart_model(config: QuickstartConfig, seed: int = 0, progress: bool = True, task: ChainTask = CHAIN) -> Path:
+def prepare_quickstart_model(config: QuickstartConfig, seed: int = 0, progress: bool = True, task: Any = CHAIN) -> Path:
     """The cached warm-up folder of ``task`` for these settings, built first if absent (atomically)."""
     config = resolved_warmup(config, task)
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()

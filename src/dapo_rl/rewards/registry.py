@@ -29,6 +29,7 @@ from .chain import chain_reward
 from .functions import MathReward, NamedReward, RewardFn
 from dapo_rl.algorithm.registry import Registry
 from dapo_rl.config import BUILTIN_PREFIX
+from dapo_rl.data.builtin_tasks import builtin_task
 
 __all__ = [
     "REWARDS",
@@ -96,8 +97,8 @@ def resolve_reward_fn(
     Args:
         spec: a registered name (see :func:`available_rewards`), an import path
             ``package.module:function`` (or ``package.module:Class.method``), a callable, or
-            ``auto``: the chain task's reward for the built-in data (``builtin:chain``,
-            ``builtin:chain-long``), the math verifier otherwise.
+            ``auto``: a built-in task's own reward for its data (``builtin:chain``: ``chain``,
+            ``builtin:calculator``: ``last_number``), the math verifier otherwise.
         correct_reward: score of a correct answer (built-ins; also used for ``True`` returns).
         incorrect_reward: score of a wrong answer and of any failed call.
 
@@ -118,7 +119,10 @@ def resolve_reward_fn(
         )
     key = spec.strip()
     if key == "auto":
-        key = "chain" if data is not None and data.startswith(BUILTIN_PREFIX) else "math"
+        try:
+            key = builtin_task(data).reward if data is not None and data.startswith(BUILTIN_PREFIX) else "math"
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
     return REWARDS.get(key)(float(correct_reward), float(incorrect_reward))
 
 
