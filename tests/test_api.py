@@ -178,3 +178,98 @@ def test_a_failing_or_inapplicable_reward_function_fails_scoring_not_the_run():
     assert results[0].failed and not results[0].correct
     results = score_responses(RewardFunctions([only_level_one]), ["a"], ["1"], [{"level": 0}], timeout_s=5)
     assert results[0].failed and "returned None" in results[0].error
+
+
+# ---------------------------------------------------------------------------------------------
+# DAPOTrainer end to end: the shared Trainer, callbacks, and the same run through `dapo train`
+# ---------------------------------------------------------------------------------------------
+
+
+def chain_answer(prompts, completions, completion_ids, answer, **columns):
+    """TRL style: +1 when the digit after the last '#' is the answer, else -1."""
+    return [1.0 if c.rpartition("#")[2].strip()[:1] == a else -1.0 for c, a in zip(completions, answer)]
+
+
+def short_bonus(prompts, completions, completion_ids, level, **columns):
+    """Applies to level-1 rows only (None elsewhere)."""
+    return [0.1 * (len(ids) < 6) if lv == 1 else None for ids, lv in zip(completion_ids, level)]
+
+
+class Recorder:
+    """A transformers TrainerCallback that records its events and logs."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        self.events, self.logs = [], []
+        self.base = TrainerCallback
+
+    def __getattr__(self, name):
+        if not name.startswith("on_"):
+            raise AttributeError(name)
+
+        def record(args, state, control, logs=None, **kwargs):
+            self.events.append((name, state.global_step))
+            if logs is not None:
+                self.logs.append(logs)
+            assert "model" in kwargs and args.output_dir
+        return record
+
+
+def _rows(n=24):
+    from dapo_rl.data.synthetic import builtin_splits
+
+    train, _ = builtin_splits(n, 8)
+    return [{"prompt": e.prompt, "answer": e.answer, "level": i % 2} for i, e in enumerate(train)]
+
+
+TINY = dict(prompts_per_step=2, group_size=4, mini_batch_size=2, rollout={"max_response_length": 8},
+            overlong={"cache_length": 2}, dynamic_sampling={"max_rounds": 2}, logging={"progress": False})
+
+
+def test_dapo_trainer_trains_through_the_shared_trainer_and_dapo_train_repeats_it(tmp_path, quickstart_cache, monkeypatch, capsys):
+    import json
+
+    from dapo_rl.training.trainer import Trainer
+
+    monkeypatch.setenv("DAPO_RL_CACHE", str(tmp_path / "cache"))
+    args = DAPOConfig(output_dir=str(tmp_path / "api"), max_steps=2, seed=0, reward_weights=[1.0, 1.0],
+                      quickstart={"cache_dir": quickstart_cache}, **TINY)
+    recorder = Recorder()
+    trainer = DAPOTrainer(model="builtin:chain-tiny", reward_funcs=[chain_answer, short_bonus], args=args,
+                          train_dataset=_rows(), callbacks=[recorder])
+    result = trainer.train()
+    assert isinstance(trainer.trainer, Trainer) and result.steps == 2
+    names = [e for e, _ in recorder.events]
+    assert names[0] == "on_train_begin" and names[-1] == "on_train_end"
+    assert names.count("on_step_end") == 2 and names.count("on_log") == 2 and "on_save" in names
+    assert [s for e, s in recorder.events if e == "on_step_end"] == [1, 2]  # optimiser updates (one per step here)
+    assert all("reward/chain_answer" in logs and "train/accuracy" in logs for logs in recorder.logs)
+    rows = [json.loads(line) for line in (tmp_path / "api" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward/chain_answer" in r and "reward/short_bonus" in r for r in rows)
+
+    saved = trainer.save_model(tmp_path / "saved")
+    assert (saved / "config.json").is_file()
+
+    # The run folder's config.yaml names the dataset file and the functions: `dapo train` runs it again.
+    from dapo_rl.cli import main
+
+    assert main(["train", str(tmp_path / "api" / "config.yaml"), f"output_dir={tmp_path / 'cli'}"]) == 0
+    cli_rows = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+
+    def same(row):
+        return {k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))}
+
+    assert [same(r) for r in cli_rows] == [same(r) for r in rows]
+
+
+def test_a_reward_given_as_a_closure_is_refused_by_dapo_train_in_one_line(tmp_path, capsys):
+    args = DAPOConfig(output_dir=str(tmp_path / "api"), **TINY)
+    trainer = DAPOTrainer(model="builtin:chain-tiny", reward_funcs=lambda prompts, completions, **kw: [0.0] * len(completions), args=args)
+    assert trainer.config.reward.functions == ["<python>:<lambda>"]
+    (tmp_path / "run.yaml").write_text(__import__("dapo_rl.config", fromlist=["to_yaml"]).to_yaml(trainer.config))
+    from dapo_rl.cli import main
+
+    assert main(["train", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "reward.functions" in err
