@@ -67,7 +67,7 @@ def test_warmup_calls_parse_and_get_what_the_tool_returns():
     """Every call the warm-up shows is one the hermes parser reads, and the result that follows it
     is the real tool's answer, so the model is taught on what rollouts will show it."""
     rng = random.Random(0)
-    tokenizer = build_char_tokenizer(CALCULATOR.vocab)
+    tokenizer = build_char_tokenizer(CALCULATOR.vocab, CALCULATOR.words)
     kinds = Counter()
     for _ in range(2000):
         segments = CALCULATOR.warmup_segments(rng)
@@ -91,6 +91,18 @@ def test_warmup_calls_parse_and_get_what_the_tool_returns():
     assert tool_call("1+2") == '<tool_call>{"name":"calculator","arguments":{"expression":"1+2"}}</tool_call>'
 
 
+def test_the_tokenizer_has_one_token_per_fixed_piece_of_a_call_and_one_per_digit():
+    tokenizer = build_char_tokenizer(CALCULATOR.vocab, CALCULATOR.words)
+    text = tool_call("347+81+295") + "#723"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert len(ids) == 4 + len("347+81+295") + len("#723")  # <tool_call>, the JSON head, '"}}', </tool_call>
+    assert tokenizer.convert_ids_to_tokens(ids[:2]) == ["<tool_call>", '{"name":"calculator","arguments":{"expression":"']
+    # Without words it is the character tokenizer the chain tasks use (their models are unchanged).
+    plain = build_char_tokenizer(CALCULATOR.vocab)
+    assert len(plain(text, add_special_tokens=False)["input_ids"]) == len(text)
+
+
 def test_the_task_is_registered_with_its_model_and_reward():
     assert builtin_task("builtin:calculator") is CALCULATOR is BUILTIN_TASKS["calculator"]
     assert builtin_model_task("builtin:calculator-tiny") is CALCULATOR
@@ -100,7 +112,7 @@ def test_the_task_is_registered_with_its_model_and_reward():
 def test_a_builtin_task_brings_its_settings_and_the_user_overrides_them(tmp_path):
     c = load_config(overrides=["data.train=builtin:calculator"])
     assert (c.model.path, c.data.eval) == ("builtin:calculator-tiny", "builtin:calculator")
-    assert c.rollout.tools == ["dapo_rl.tools.calculator:calculator"] and c.rollout.max_response_length == 128
+    assert c.rollout.tools == ["dapo_rl.tools.calculator:calculator"] and c.rollout.max_response_length == 64 and c.steps == 80
     given = tmp_path / "run.yaml"
     given.write_text("model:\n  path: some/folder\nrollout:\n  max_turns: 2\n")
     c = load_config(given, ["data.train=builtin:calculator", "data.eval=null"])

@@ -48,7 +48,7 @@ class CalculatorTask:
     terms: int = 3
     min_digits: int = 2
     max_digits: int = 3
-    warmup_steps: int = 600  # supervised warm-up steps of builtin:calculator-tiny
+    warmup_steps: int = 2000  # supervised warm-up steps of builtin:calculator-tiny (short sequences: seconds per hundred)
     tool_rate: float = 0.5  # warm-up: share of answers that call the tool
     bad_call_rate: float = 0.3  # warm-up: share of calls whose expression forgets the last number
     reward: str = "last_number"
@@ -57,6 +57,14 @@ class CalculatorTask:
     @property
     def vocab(self) -> list[str]:
         return VOCAB
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        """The tokenizer's one-token pieces: the fixed text of a call around the expression, as a
+        real tokenizer has tokens for ``<tool_call>`` and merges frequent JSON; the model still
+        copies the expression digit by digit."""
+        prefix, suffix = tool_call("EXPRESSION").split("EXPRESSION")
+        return ("<tool_call>", "</tool_call>", prefix.removeprefix("<tool_call>"), suffix.removesuffix("</tool_call>"))
 
     @property
     def width(self) -> int:

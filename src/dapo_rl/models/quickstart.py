@@ -84,7 +84,7 @@ def _warmup_batch(tokenizer, rng: random.Random, config: QuickstartConfig, task:
 def build_quickstart_model(config: QuickstartConfig, seed: int, folder: Path, progress: bool = True, task: Any = CHAIN) -> None:
     """Build the tokenizer and model, run the supervised warm-up on ``task``, save both to ``folder``."""
     config = resolved_warmup(config, task)
-    tokenizer = build_char_tokenizer(task.vocab)
+    tokenizer = build_char_tokenizer(task.vocab, getattr(task, "words", ()))
     model = build_tiny_llama(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
                              num_heads=4, intermediate_size=4 * config.hidden_size, max_positions=task.max_positions, seed=seed)
     rng = random.Random(seed)

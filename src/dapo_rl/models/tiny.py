@@ -6,6 +6,7 @@ Both are ordinary Hugging Face objects: ``save_pretrained`` writes a folder that
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
@@ -15,19 +16,24 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 
-def build_char_tokenizer(characters: Sequence[str]) -> PreTrainedTokenizerFast:
+def build_char_tokenizer(characters: Sequence[str], words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """One token per character, plus ``<pad>`` (id 0), ``<s>`` (1, prepended on encoding) and ``</s>`` (2).
 
     Text is split into single characters before lookup, and decoding concatenates them back
     without separators, so ``decode(encode(s)) == s`` for any string over ``characters``.
+    ``words``: longer pieces that are one token each wherever they occur (the longest first), as a
+    real tokenizer has tokens for ``<tool_call>`` and frequent text; their ids follow the characters'.
     """
     vocab = {PAD: 0, BOS: 1, EOS: 2}
     for char in characters:
         if len(char) != 1:
             raise ValueError(f"characters must be single characters, got {char!r}")
         vocab.setdefault(char, len(vocab))
+    for word in words:
+        vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    pieces = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(f"{pieces}|." if pieces else "."), behavior="isolated")
     backend.decoder = decoders.Fuse()
     # Every encoded text starts with <s>, as for most pretrained tokenizers.
     backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
