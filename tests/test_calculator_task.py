@@ -127,7 +127,7 @@ def test_a_builtin_task_brings_its_settings_and_the_user_overrides_them(tmp_path
 
 
 @pytest.mark.slow
-def test_rl_teaches_the_tiny_model_to_use_the_calculator_from_an_empty_cache(tmp_path, monkeypatch):
+def test_rl_teaches_the_tiny_model_to_use_the_calculator_from_an_empty_cache(tmp_path, monkeypatch, capsys):
     """The issue's bar, as a user runs it: ``dapo train data.train=builtin:calculator`` from an empty
     cache at the default thread count goes from at most 50% to at least 90% held-out accuracy, and
     calls the tool on almost every problem after training."""
@@ -136,6 +136,7 @@ def test_rl_teaches_the_tiny_model_to_use_the_calculator_from_an_empty_cache(tmp
     monkeypatch.setenv("DAPO_RL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     assert main(["train", "data.train=builtin:calculator", f"output_dir={out}", "logging.progress=false"]) == 0
+    assert "held-out tool calls per trajectory: " in capsys.readouterr().out
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/accuracy" in r]
     before, after = evals[0], evals[-1]
     assert before["eval/accuracy"] <= 0.5 and after["eval/accuracy"] >= 0.9

@@ -348,6 +348,10 @@ def _train_with(config: Config, dist: DistContext, started: float, model, tokeni
     write_json(summary_path, summary)
     if after is not None and before is not None:
         tqdm.write(f"held-out accuracy: {before:.3f} -> {after:.3f} ({(after - before) * 100:+.1f} points)")
+        calls_before = summary.get("eval_before", {}).get("eval/tool_calls_mean")
+        calls_after = trainer.state.history[-1].get("eval/tool_calls_mean")
+        if calls_before is not None and calls_after is not None:  # multi-turn with tools
+            tqdm.write(f"held-out tool calls per trajectory: {calls_before:.2f} -> {calls_after:.2f}")
     tqdm.write(f"final policy saved to {final}")
     result = RunResult(run_dir=run_dir, accuracy_before=before, accuracy_after=after, steps=trainer.state.step,
                        seconds=time.perf_counter() - started, history=trainer.state.history)
