@@ -17,8 +17,14 @@ The rate compared is model tokens per second of the whole call, environment hand
 Rounds alternate the two modes; the medians and their ratio are printed. The issue's goal:
 multi-turn ≥ 0.7× single-turn.
 
+With ``--tool-ms`` every reply takes that long, as a tool would; ``--wait-steps N`` runs the
+replies in threads while the other rows sample (``rollout.tool_wait_steps``)::
+
+    python benchmarks/multi_turn_rollout.py --size 256x4 --rounds 3 --tool-ms 5                  # the loop waits
+    python benchmarks/multi_turn_rollout.py --size 256x4 --rounds 3 --tool-ms 5 --wait-steps 8   # replies overlap
+
 Options: ``--size`` (a key of ``bench_vs_trl.SIZES``), ``--arch``, ``--rounds``, ``--budget``,
-``--turns``, ``--threads``, ``--seed``.
+``--turns``, ``--threads``, ``--seed``, ``--tool-ms``, ``--wait-steps``.
 """
 
 from __future__ import annotations
@@ -33,12 +39,17 @@ from profile_rollout import build
 
 
 class OneTokenReply:
-    """Answers every model turn with '=' and never ends the trajectory itself."""
+    """Answers every model turn with '=' after ``latency_s`` (a tool's time) and never ends the
+    trajectory itself."""
+
+    latency_s = 0.0
 
     def reset(self, row):
         return None
 
     def step(self, text):
+        if self.latency_s:
+            time.sleep(self.latency_s)
         return "=", False
 
 
@@ -51,7 +62,10 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=4, help="most model turns of a multi-turn trajectory")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tool-ms", type=float, default=0.0, help="each reply takes this long (a tool's latency)")
+    p.add_argument("--wait-steps", type=int, default=0, help="rollout.tool_wait_steps: replies run while the loop samples")
     a = p.parse_args()
+    OneTokenReply.latency_s = a.tool_ms / 1000
 
     from dapo_rl.rollout.base import SamplingParams
     from dapo_rl.rollout.decoder_engine import DecoderEngine
@@ -61,7 +75,7 @@ def main() -> None:
     model, tok, prompts = build(a.size, a.seed, a.arch)
     engine = DecoderEngine(model, tok.pad_token_id, tok.eos_token_id, keep_decoder=True)
     no_eos = DecoderEngine(model, tok.pad_token_id, len(tok), keep_decoder=True)  # an id no sample can be
-    sampler = MultiTurnSampler(engine, tok, environment=OneTokenReply, max_turns=a.turns)
+    sampler = MultiTurnSampler(engine, tok, environment=OneTokenReply, max_turns=a.turns, wait_steps=a.wait_steps)
     params = SamplingParams(temperature=1.0, max_new_tokens=a.budget)
 
     def single() -> tuple[float, int, float]:

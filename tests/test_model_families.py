@@ -395,13 +395,17 @@ def test_a_family_whose_weights_do_not_match_raises_one_line_naming_the_tensor(t
         read_spec(llama)
 
 
-@pytest.mark.parametrize("one_call", [True, False], ids=["one-decode-loop", "turn-by-turn"])
+@pytest.mark.parametrize("one_call, wait_steps", [(True, 0), (True, 3), (False, 0)],
+                         ids=["one-decode-loop", "one-decode-loop-waiting", "turn-by-turn"])
 @pytest.mark.parametrize("name", CASES)
-def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_sequence(name, one_call, monkeypatch, three_turns):
+def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_sequence(name, one_call, wait_steps, monkeypatch,
+                                                                                        three_turns):
     """Trajectories through the fast engine, environment messages between the turns: the model
     tokens' log-probs equal one full forward of the whole final sequence (1e-5). In one decode loop
-    (the default) a message is fed to its row while the others sample; turn by turn (an engine call
-    per turn), each call continues the kept keys and values and prefills only the new tokens."""
+    (the default) a message is fed to its row while the others sample; waiting (``wait_steps``),
+    each reply is computed in a thread and the row skips steps the full forward never sees; turn by
+    turn (an engine call per turn), each call continues the kept keys and values and prefills only
+    the new tokens."""
     from dapo_rl.rollout.multi_turn import MultiTurnSampler
 
     import dapo_rl.rollout.decoder_turns as decoder_turns
@@ -416,9 +420,9 @@ def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_se
 
     monkeypatch.setattr(decoder_turns, "continued_prefill", spy)
     if not one_call:
-        monkeypatch.setattr(DecoderEngine, "generate_turns", lambda self, *args: None)
+        monkeypatch.setattr(DecoderEngine, "generate_turns", lambda self, *args, **kwargs: None)
     model = family(name)
-    sampler = MultiTurnSampler(_engine(model), TOK, environment=three_turns, max_turns=3)
+    sampler = MultiTurnSampler(_engine(model), TOK, environment=three_turns, max_turns=3, wait_steps=wait_steps)
     torch.manual_seed(0)
     groups = sampler.generate(PROMPTS[:2], 2, SamplingParams(temperature=1.0, max_new_tokens=24))
     turns = 0
@@ -446,9 +450,49 @@ def test_one_decode_loop_and_turn_by_turn_give_the_same_greedy_trajectories(name
     digits = tuple(TOK.convert_tokens_to_ids(list("0123456789")))  # turns end often: at any digit
     params = SamplingParams(temperature=0.0, max_new_tokens=24, stop_token_ids=digits)
     one_call = MultiTurnSampler(_engine(model), TOK, environment=three_turns, max_turns=3).generate(PROMPTS, 1, params)
-    monkeypatch.setattr(DecoderEngine, "generate_turns", lambda self, *args: None)
+    waiting = MultiTurnSampler(_engine(model), TOK, environment=three_turns, max_turns=3, wait_steps=4).generate(PROMPTS, 1, params)
+    monkeypatch.setattr(DecoderEngine, "generate_turns", lambda self, *args, **kwargs: None)
     by_turn = MultiTurnSampler(_engine(model), TOK, environment=three_turns, max_turns=3).generate(PROMPTS, 1, params)
-    for (a,), (b,) in zip(one_call, by_turn):
+    for (a,), (b,), (c,) in zip(one_call, by_turn, waiting):
         assert (a.response_ids, a.model_mask, a.finish_reason, a.trajectory.turns) == \
-               (b.response_ids, b.model_mask, b.finish_reason, b.trajectory.turns)
+               (b.response_ids, b.model_mask, b.finish_reason, b.trajectory.turns) == \
+               (c.response_ids, c.model_mask, c.finish_reason, c.trajectory.turns)
     assert any(s.trajectory.turns > 1 for (s,) in one_call)
+
+
+class _SlowThreeTurns:
+    """ThreeTurns whose replies take a random time, and which records the threads they ran in."""
+
+    threads: set = set()
+
+    def reset(self, row):
+        self.turns = 0
+
+    def step(self, text):
+        import random
+        import threading
+        import time
+
+        _SlowThreeTurns.threads.add(threading.current_thread().name)
+        time.sleep(random.random() * 0.02)
+        self.turns += 1
+        return ("=", False) if self.turns < 3 else (None, True)
+
+
+def test_replies_computed_while_the_loop_samples_give_the_same_trajectories_whatever_they_take():
+    """With ``wait_steps`` each reply runs in a thread while the other rows sample; it is fed a
+    fixed number of steps after its turn, so random reply times change nothing (bit-identical)."""
+    import threading
+
+    from dapo_rl.rollout.multi_turn import MultiTurnSampler
+
+    model = family("llama")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        sampler = MultiTurnSampler(_engine(model), TOK, environment=_SlowThreeTurns, max_turns=3, wait_steps=2)
+        runs.append(sampler.generate(PROMPTS, 3, SamplingParams(temperature=1.0, max_new_tokens=24)))
+    flat = [[(s.response_ids, s.logprobs, s.model_mask, s.finish_reason) for g in run for s in g] for run in runs]
+    assert flat[0] == flat[1]
+    assert any(s.trajectory.turns > 1 for g in runs[0] for s in g)
+    assert threading.current_thread().name not in _SlowThreeTurns.threads  # never on the decode loop's thread

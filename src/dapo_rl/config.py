@@ -128,6 +128,7 @@ class MultiTurnFields:
     max_tool_response_tokens: int = 256  # a longer tool result or observation is cut (visibly)
     tool_timeout_s: float = 10.0  # a tool call running longer is an error the model sees
     max_environment_failures: int = 20  # consecutive environment failures that stop the run
+    tool_wait_steps: int = 0  # fast engine: a row's tools run while the others sample, its reply fed this many decode steps after its turn (0 = the loop waits for each reply)
 
 
 @dataclass
@@ -625,6 +626,7 @@ def validate_multi_turn_fields(f: MultiTurnFields, prefix: str = "") -> None:
     require(f.max_turns >= 1, f"{prefix}max_turns", f"must be >= 1, got {f.max_turns}", "e.g. 4")
     require(f.max_tool_response_tokens >= 1, f"{prefix}max_tool_response_tokens", f"must be >= 1, got {f.max_tool_response_tokens}", "e.g. 256")
     require(f.tool_timeout_s > 0, f"{prefix}tool_timeout_s", f"must be > 0, got {f.tool_timeout_s}", "e.g. 10")
+    require(f.tool_wait_steps >= 0, f"{prefix}tool_wait_steps", f"must be >= 0, got {f.tool_wait_steps}", "e.g. 16, or 0 to wait for each reply")
     require(f.max_environment_failures >= 1, f"{prefix}max_environment_failures", f"must be >= 1, got {f.max_environment_failures}", "default 20")
     require(not (f.tools and f.environment), f"{prefix}tools", f"and {prefix}environment are both set",
             "give tools, or an environment (whose step() may call your functions itself)")

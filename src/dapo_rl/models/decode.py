@@ -295,6 +295,15 @@ class SpecDecoder:
             mask[:, 0, 0, :width].masked_fill_(attention.repeat_interleave(repeats, dim=0) == 0, float("-inf"))
             self.mask = mask
 
+    def hide(self, rows: torch.Tensor) -> None:
+        """The keys/values the next call writes for ``rows`` are never attended to (by any later
+        step): a multi-turn row that waits for its tool is computed with the others, but ignored."""
+        if rows.numel() == 0:
+            return
+        if self.mask is None:
+            self.mask = self.kv.new_zeros((self.kv.shape[1], 1, 1, self.kv.shape[3]))
+        self.mask[rows, 0, 0, self.length] = float("-inf")
+
     def finish(self) -> None:
         """Free this call's key/value buffer and mask (the weights stay, for another :meth:`start`)."""
         self.kv, self.mask, self.rows, self.length = None, None, 0, 0

@@ -140,11 +140,14 @@ class RolloutEngine:
         """Drop what the engine keeps between calls (rebuilt on the next call). Default: nothing kept."""
 
     def generate_turns(self, prompts: Sequence[list[int]], n: int, params: SamplingParams,
-                       respond: "Callable[[int, list[int]], list[int] | None]") -> list[list[Sample]] | None:
+                       respond: "Callable[[int, list[int]], list[int] | None]", *, wait_steps: int = 0,
+                       max_turns: int = 1) -> list[list[Sample]] | None:
         """Whole multi-turn trajectories in one call: when sample ``row`` (counted across prompts,
         prompt i's are ``i·n … i·n + n − 1``) ends a turn with the ids ``turn_ids``,
         ``respond(row, turn_ids)`` returns the message's ids to feed before its next turn, or None
-        to end it; the other rows go on sampling meanwhile. Samples carry ``model_mask``. Default:
+        to end it; the other rows go on sampling meanwhile. ``wait_steps`` > 0: ``respond`` may run
+        in a thread, its message fed that many steps after the turn (at most ``max_turns`` waits per
+        row). Samples carry ``model_mask``. Default:
         None, the engine cannot (the caller samples turn by turn through :meth:`generate`)."""
         return None
 

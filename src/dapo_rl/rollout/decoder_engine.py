@@ -305,22 +305,32 @@ class DecoderEngine(InProcessEngine):
         return decoder
 
     @torch.no_grad()
-    def generate_turns(self, prompts: Sequence[list[int]], n: int, params: SamplingParams, respond) -> list[list[Sample]] | None:
+    def generate_turns(self, prompts: Sequence[list[int]], n: int, params: SamplingParams, respond, *,
+                       wait_steps: int = 0, max_turns: int = 1) -> list[list[Sample]] | None:
         """Whole multi-turn trajectories in one decode loop (see :class:`~dapo_rl.rollout.decoder_turns.LoopTurns`): a row whose turn
         ends takes its message and goes on while the others sample. ``respond(row, turn_ids)``:
-        ``row`` counts samples across all prompts (prompt i's are ``i·n … i·n + n − 1``). None
-        where the direct decoder does not serve this model (the caller goes turn by turn)."""
-        spec = fast_spec(self.model, max(len(p) for p in prompts) + params.max_new_tokens) if self.direct_decode else None
+        ``row`` counts samples across all prompts (prompt i's are ``i·n … i·n + n − 1``).
+        ``wait_steps``: the replies run in threads and are fed that many steps after their turn
+        (at most ``max_turns`` waits per row). None where the direct decoder does not serve this
+        model (the caller goes turn by turn)."""
+        extra = wait_steps * max_turns  # decode steps a row may spend waiting
+        longest = max((len(p) for p in prompts), default=0) + params.max_new_tokens + extra
+        spec = fast_spec(self.model, longest) if self.direct_decode else None
         if spec is None or not prompts:
             return None
+        if any(w is not None and w < longest for w in spec.windows):
+            # A sliding window counts cached columns, and a gap is a column: such a model waits for each reply.
+            wait_steps = extra = 0
         results: list[list[Sample]] = []
         for start in range(0, len(prompts), self.max_batch_prompts):
             offset = start * n
             results.extend(self._generate_chunk(prompts[start : start + self.max_batch_prompts], n, params,
-                                                respond=lambda row, ids, offset=offset: respond(offset + row, ids)))
+                                                respond=lambda row, ids, offset=offset: respond(offset + row, ids),
+                                                wait_steps=wait_steps, extra=extra))
         return results
 
-    def _generate_chunk(self, prompts: Sequence[list[int]], n: int, params: SamplingParams, respond=None) -> list[list[Sample]]:
+    def _generate_chunk(self, prompts: Sequence[list[int]], n: int, params: SamplingParams, respond=None,
+                        wait_steps: int = 0, extra: int = 0) -> list[list[Sample]]:
         model = self.model
         device = next(model.parameters()).device
         max_new = params.max_new_tokens
@@ -328,7 +338,7 @@ class DecoderEngine(InProcessEngine):
             return [[Sample(list(p), [], FINISH_LENGTH, []) for _ in range(n)] for p in prompts]
         # Either prefill is max(prompt lengths) columns wide (a continued one right-aligns each row).
         width = max(len(p) for p in prompts)
-        capacity = width + max_new
+        capacity = width + max_new + extra
         # Decode steps bypass the HF modules when the spec computes this model exactly at this length.
         spec = fast_spec(model, capacity) if self.direct_decode else None
         direct = spec is not None
@@ -362,7 +372,8 @@ class DecoderEngine(InProcessEngine):
                     decoder.start(out.past_key_values, n, attention, capacity)
                     try:
                         keep_kv = decoder_turns.row_keeper(decoder, prompts, n, width) if self._continuing and respond is None else None
-                        result = self._decode_direct(decoder, logits, next_pos, is_stop, params, capacity, keep_kv, respond)
+                        result = self._decode_direct(decoder, logits, next_pos, is_stop, params, capacity, keep_kv, respond,
+                                                     wait_steps, extra)
                     finally:
                         decoder.finish()
                 else:
@@ -371,13 +382,16 @@ class DecoderEngine(InProcessEngine):
             model.train(was_training)
 
         tokens_list, logprobs_list, lengths_list, stopped_list = (r.tolist() for r in result[:4])
-        if respond is not None:  # whole trajectories: the fed messages' tokens are the environment's
-            environment = result[4].tolist()
-            return [[Sample(prompt_ids=list(prompt), response_ids=tokens_list[row][: lengths_list[row]],
-                            finish_reason=FINISH_STOP if stopped_list[row] else FINISH_LENGTH,
-                            logprobs=logprobs_list[row][: lengths_list[row]],
-                            model_mask=[0 if e else 1 for e in environment[row][: lengths_list[row]]])
-                     for row in range(i * n, (i + 1) * n)] for i, prompt in enumerate(prompts)]
+        if respond is not None:  # whole trajectories: the fed messages' tokens are the environment's, gaps are dropped
+            marks = result[4].tolist()
+
+            def trajectory(row: int, prompt: Sequence[int]) -> Sample:
+                kept = [c for c in range(lengths_list[row]) if marks[row][c] != 2]
+                return Sample(prompt_ids=list(prompt), response_ids=[tokens_list[row][c] for c in kept],
+                              finish_reason=FINISH_STOP if stopped_list[row] else FINISH_LENGTH,
+                              logprobs=[logprobs_list[row][c] for c in kept], model_mask=[int(marks[row][c] == 0) for c in kept])
+
+            return [[trajectory(row, prompt) for row in range(i * n, (i + 1) * n)] for i, prompt in enumerate(prompts)]
         if len(result) > 4:  # the stopped rows' keys/values, by their tokens (all but the last, never fed)
             for row, kv in result[4].items():
                 context = list(prompts[row // n])
@@ -396,7 +410,8 @@ class DecoderEngine(InProcessEngine):
         return grouped
 
     def _decode_direct(self, decoder: SpecDecoder, logits: torch.Tensor, next_pos: torch.Tensor,
-                       is_stop: torch.Tensor, params: SamplingParams, capacity: int, keep_kv=None, respond=None):
+                       is_stop: torch.Tensor, params: SamplingParams, capacity: int, keep_kv=None, respond=None,
+                       wait_steps: int = 0, extra: int = 0):
         """The sampling loop on :class:`SpecDecoder`; returns (tokens, logprobs, lengths, stopped) per original row.
 
         Per step: sample, look up stops, one ``nonzero`` (the only host sync); when rows finish
@@ -406,7 +421,8 @@ class DecoderEngine(InProcessEngine):
         """
         device = logits.device
         rows_total, max_new = logits.shape[0], params.max_new_tokens
-        lengths = torch.full((rows_total,), max_new, dtype=torch.long, device=device)
+        steps = max_new + extra  # multi-turn with waits: gap steps do not count against a row's budget
+        lengths = torch.full((rows_total,), steps, dtype=torch.long, device=device)
         stopped = torch.zeros(rows_total, dtype=torch.bool, device=device)
         live = torch.arange(rows_total, device=device)  # live[i] = original row of decode row i
         done = None  # [rows] bool once finished rows wait in the batch for a compaction
@@ -415,11 +431,14 @@ class DecoderEngine(InProcessEngine):
         step_rows: list[torch.Tensor] = []
         step_tokens: list[torch.Tensor] = []
         step_logprobs: list[torch.Tensor] = []
-        turns = decoder_turns.LoopTurns(rows_total, respond) if respond is not None else None
-        for t in range(max_new):
+        turns = decoder_turns.LoopTurns(rows_total, respond, max_new, wait_steps) if respond is not None else None
+        gap = None
+        for t in range(steps):
             token, logprob = sample_tokens(logits, params)  # [rows] each
-            if turns is not None:  # an environment message's tokens are fed, not sampled
-                token, logprob, forced = turns.force(live, token, logprob, t)
+            if turns is not None:  # an environment message's tokens are fed, not sampled; a waiting row's are gaps
+                token, logprob, forced, gap = turns.force(live, token, logprob, t)
+                if gap is not None:  # as a row mask, so that it follows the rows through a compaction
+                    gap = torch.zeros(live.numel(), dtype=torch.bool, device=device).index_fill_(0, gap, True)
             step_rows.append(live)
             step_tokens.append(token)
             step_logprobs.append(logprob)
@@ -427,7 +446,7 @@ class DecoderEngine(InProcessEngine):
             if done is not None:
                 hit &= ~done
             if turns is not None:
-                hit = turns.end_turns(live, token, hit, forced, done, t, max_new)
+                hit = turns.end_turns(live, token, hit, forced, None if gap is None else gap.nonzero().squeeze(-1), done, t)
             finished = hit.nonzero().squeeze(-1)
             if finished.numel():
                 ended = live[finished]
@@ -452,19 +471,23 @@ class DecoderEngine(InProcessEngine):
                         keep_kv(drop, live[drop], lengths)
                     done[drop] = False
                     # (live and token are also held by step_rows/step_tokens: move copies)
-                    live, token, next_pos, done = decoder.drop_rows(drop, [live.clone(), token.clone(), next_pos, done])
+                    carried = [live.clone(), token.clone(), next_pos, done] + ([gap] if gap is not None else [])
+                    live, token, next_pos, done, *rest = decoder.drop_rows(drop, carried)
+                    gap = rest[0] if rest else None
                     waiting = dead
                     if not waiting:
                         done = None
-            if t == max_new - 1:
+            if t == steps - 1:
                 if keep_kv is not None and done is not None:  # the stopped rows still in the batch
                     waiting_rows = done.nonzero().squeeze(-1)
                     keep_kv(waiting_rows, live[waiting_rows], lengths)
                 break
+            if gap is not None:  # a waiting row: what it is fed now is never attended to, and its position holds
+                decoder.hide(gap.nonzero().squeeze(-1))
             logits = decoder(token, decoder.rotary_at(tables, next_pos)).float()  # no copy for float32 models
-            next_pos = next_pos + 1
-        tokens_out = torch.full((rows_total, max_new), self.pad_token_id, dtype=torch.long, device=device)
-        logprobs_out = torch.zeros((rows_total, max_new), dtype=torch.float32, device=device)
+            next_pos = next_pos + 1 if gap is None else next_pos + (~gap).long()
+        tokens_out = torch.full((rows_total, steps), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs_out = torch.zeros((rows_total, steps), dtype=torch.float32, device=device)
         cols = torch.cat([torch.full_like(r, t) for t, r in enumerate(step_rows)])
         rows = torch.cat(step_rows)
         tokens_out[rows, cols] = torch.cat(step_tokens)
@@ -472,7 +495,8 @@ class DecoderEngine(InProcessEngine):
         if keep_kv is not None:
             return tokens_out, logprobs_out, lengths, stopped, keep_kv.kept
         if turns is not None:
-            return tokens_out, logprobs_out, lengths, stopped, turns.environment_mask(max_new, device)
+            turns.close()
+            return tokens_out, logprobs_out, lengths, stopped, turns.environment_mask(steps, device)
         return tokens_out, logprobs_out, lengths, stopped
 
     def _decode_hf(self, cache: Cache, logits: torch.Tensor, next_pos: torch.Tensor, attention: torch.Tensor,

@@ -5,6 +5,7 @@ continued from the keys and values kept from the previous call (:func:`row_keepe
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 import torch
@@ -21,19 +22,66 @@ class LoopTurns:
     before its next turn, or None to end it; the message's tokens are then fed one per decode step
     (teacher-forced, log-prob 0), while the other rows go on sampling. A message that would leave
     no room for the model within the budget ends the row as truncated.
+
+    ``wait_steps`` > 0: ``respond`` runs in a thread (the row's tools run while every other row
+    samples) and its message is fed ``wait_steps`` decode steps after the turn ended; the loop
+    waits only for a reply slower than that. The steps a row waits are *gaps*: the decoder computes
+    the row anyway (it stays in the batch), but the gap's keys/values are never attended to, its
+    positions do not advance and its columns are dropped from the sample, so the trajectory is the
+    one a full forward of its tokens computes. Gaps do not count against the row's budget. The step
+    a message is fed at does not depend on how long its tool took, so runs stay reproducible.
     """
 
-    def __init__(self, rows: int, respond):
+    def __init__(self, rows: int, respond, max_new: int, wait_steps: int = 0):
         self.respond = respond
+        self.max_new = max_new  # the budget of each row's real tokens (model + environment)
+        self.wait_steps = wait_steps
         self.turn: list[list[int]] = [[] for _ in range(rows)]  # the current turn's sampled ids per original row
         self.queue: dict[int, list[int]] = {}  # original row -> message ids still to feed
         self.environment: list[tuple[int, int]] = []  # (original row, step) of each fed message token
-        self.truncated: set[int] = set()  # rows ended by a message that did not fit
+        self.truncated: set[int] = set()  # rows ended by a message that did not fit, or by the budget
+        self.pending: dict[int, tuple[Future, int]] = {}  # original row -> (its reply, the step it is fed from)
+        self.gaps: list[tuple[int, int]] = []  # (original row, step) of each step a row waited
+        self.skipped = [0] * rows  # gap steps per original row
+        self.ending: set[int] = set()  # rows whose reply, due now, ends them
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dapo-reply") if wait_steps else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _fits(self, o: int, start: int, message: list[int]) -> bool:
+        """Whether ``message``, fed from real position ``start`` of row ``o``, leaves the model room."""
+        if start + len(message) >= self.max_new:
+            self.truncated.add(o)
+            return False
+        return True
 
     def force(self, live: torch.Tensor, token: torch.Tensor, logprob: torch.Tensor, t: int):
-        """Put the next message token of every row that has one in place of its sample."""
+        """Put the next message token of every row that has one in place of its sample; a waiting
+        row's sample is ignored (a gap). Returns the tokens, log-probs, the decode rows fed a
+        message token (or None) and the decode rows in a gap at this step (or None)."""
+        waiting = []
+        if self.pending:
+            where = {o: i for i, o in enumerate(live.tolist())}
+            for o in sorted(self.pending):
+                reply, due = self.pending[o]
+                if due == t:
+                    del self.pending[o]
+                    message = reply.result()  # waits only for a reply slower than wait_steps
+                    if message and self._fits(o, t - self.skipped[o], message):
+                        self.queue[o] = list(message)
+                        continue
+                    self.ending.add(o)
+                waiting.append(where[o])
+                self.gaps.append((o, t))
+                self.skipped[o] += 1
+        gap = torch.tensor(waiting, dtype=torch.long, device=token.device) if waiting else None
+        if gap is not None:
+            token, logprob = token.clone(), logprob.clone()
+            logprob[gap] = 0.0
         if not self.queue:
-            return token, logprob, None
+            return token, logprob, None, gap
         where = {o: i for i, o in enumerate(live.tolist())}
         rows, ids = [], []
         for o in list(self.queue):
@@ -43,51 +91,70 @@ class LoopTurns:
             if not self.queue[o]:
                 del self.queue[o]
         forced = torch.tensor(rows, device=token.device)
-        token, logprob = token.clone(), logprob.clone()
+        if gap is None:
+            token, logprob = token.clone(), logprob.clone()
         token[forced] = torch.tensor(ids, dtype=token.dtype, device=token.device)
         logprob[forced] = 0.0
-        return token, logprob, forced
+        return token, logprob, forced, gap
 
-    def end_turns(self, live, token, hit, forced, done, t: int, max_new: int) -> torch.Tensor:
-        """Record each sampling row's token; for every row whose turn ended, ask for the message.
-        Returns ``hit`` less the rows that go on (a message to feed)."""
-        if forced is not None:
-            hit = hit.clone()
-            hit[forced] = False  # a message's tokens never end a turn
+    def end_turns(self, live, token, hit, forced, gap, done, t: int) -> torch.Tensor:
+        """Record each sampling row's token; for every row whose turn ended, ask for the message
+        (now, or in a thread with ``wait_steps``). Returns which rows end at this step: ``hit``
+        less the rows that go on (a message to feed or to wait for), plus the rows whose due reply
+        ended them and, with gaps, the rows that reached the budget."""
         skip = set(forced.tolist()) if forced is not None else set()
+        if forced is not None or gap is not None:
+            hit = hit.clone()
+            if forced is not None:
+                hit[forced] = False  # a message's tokens never end a turn
+            if gap is not None:
+                skip |= set(gap.tolist())
+                hit[gap] = False
         dead = done.tolist() if done is not None else None
         ends = set(hit.nonzero().squeeze(-1).tolist())
-        goes_on = []
+        goes_on, stops = [], []
         for i, (o, tok) in enumerate(zip(live.tolist(), token.tolist())):
+            if o in self.ending:
+                self.ending.discard(o)
+                stops.append(i)
+                continue
             if i in skip or (dead is not None and dead[i]):
                 continue
             self.turn[o].append(tok)
             if i not in ends:
+                if self.wait_steps and t + 1 - self.skipped[o] >= self.max_new:  # the budget, gaps not counted
+                    self.truncated.add(o)
+                    stops.append(i)
                 continue
-            message = self.respond(o, self.turn[o])
-            self.turn[o] = []
-            if not message:
+            ids, self.turn[o] = self.turn[o], []
+            if self.wait_steps:
+                self.pending[o] = (self._pool.submit(self.respond, o, ids), t + 1 + self.wait_steps)
+                goes_on.append(i)
                 continue
-            if t + 1 + len(message) >= max_new:  # no room left for the model to answer
-                self.truncated.add(o)
-                continue
-            self.queue[o] = list(message)
-            goes_on.append(i)
-        if goes_on:
+            message = self.respond(o, ids)
+            if message and self._fits(o, t + 1, message):
+                self.queue[o] = list(message)
+                goes_on.append(i)
+        if goes_on or stops:
             hit = hit.clone()
-            hit[torch.tensor(goes_on, device=hit.device)] = False
+            if goes_on:
+                hit[torch.tensor(goes_on, device=hit.device)] = False
+            if stops:
+                hit[torch.tensor(stops, device=hit.device)] = True
         return hit
 
     def stopped(self, ended: torch.Tensor, device) -> torch.Tensor:
-        """Which of the ``ended`` rows stopped (not ended by a message that did not fit)."""
+        """Which of the ``ended`` rows stopped (not ended by a message that did not fit, or the budget)."""
         return torch.tensor([o not in self.truncated for o in ended.tolist()], dtype=torch.bool, device=device)
 
-    def environment_mask(self, max_new: int, device) -> torch.Tensor:
-        """``[rows, max_new]`` bool: True where a message token was fed."""
-        mask = torch.zeros((len(self.turn), max_new), dtype=torch.bool, device=device)
-        if self.environment:
-            rows, cols = zip(*self.environment)
-            mask[list(rows), list(cols)] = True
+    def environment_mask(self, steps: int, device) -> torch.Tensor:
+        """``[rows, steps]`` int8: 1 where a message token was fed, 2 where the row waited (a gap
+        column, dropped from the sample), 0 where the model sampled."""
+        mask = torch.zeros((len(self.turn), steps), dtype=torch.int8, device=device)
+        for marks, value in ((self.environment, 1), (self.gaps, 2)):
+            if marks:
+                rows, cols = zip(*marks)
+                mask[list(rows), list(cols)] = value
         return mask
 
 

@@ -31,7 +31,10 @@ Choices:
   its trajectory with the incorrect reward; ``max_environment_failures`` consecutive ones stop
   the run.
 - **Tool calls** run inside the turn that made them. Turn by turn, the calls of a turn run
-  concurrently (a thread each). In one decode loop, a call holds the loop until it returns.
+  concurrently (a thread each). In one decode loop, a call holds the loop until it returns,
+  unless ``wait_steps`` > 0: then the row waits that many decode steps (its reply computed in a
+  thread while every other row samples) and the loop waits only for a slower reply. The step a
+  reply is fed at never depends on how long it took, so runs stay bit-reproducible.
 """
 
 from __future__ import annotations
@@ -81,12 +84,16 @@ class MultiTurnSampler:
         max_environment_failures: consecutive environment failures that stop the run.
         encode_reset: ``fn(row, text) -> prompt ids`` for an environment's ``reset`` that returns
             a first message (None: keep the dataset's prompt).
+        wait_steps: in one decode loop, a turn's reply (its tools, the environment's step) runs in
+            a thread while the other rows sample, and is fed this many steps after the turn
+            (``rollout.tool_wait_steps``; 0: the loop waits for each reply as its turn ends).
     """
 
     def __init__(self, engine: RolloutEngine, tokenizer: Any, *, tools: Sequence[Tool] = (),
                  parser: Callable[[str], list[ToolCall]] | None = None, environment: type | None = None,
                  max_turns: int = 4, max_tool_response_tokens: int = 256, tool_timeout_s: float = 10.0,
-                 max_environment_failures: int = 20, encode_reset: Callable[[dict, str], list[int]] | None = None):
+                 max_environment_failures: int = 20, encode_reset: Callable[[dict, str], list[int]] | None = None,
+                 wait_steps: int = 0):
         self.engine = engine
         self.tokenizer = tokenizer
         self.tools = {t.name: t for t in tools}
@@ -97,6 +104,7 @@ class MultiTurnSampler:
         self.tool_timeout_s = tool_timeout_s
         self.max_environment_failures = max_environment_failures
         self.encode_reset = encode_reset
+        self.wait_steps = wait_steps
         self.consecutive_environment_failures = 0
         self._glue = observation_glue(tokenizer)
         # One pool answers the turns (a trajectory's tool calls in turn), another runs the tools'
@@ -119,7 +127,7 @@ class MultiTurnSampler:
         return cls(engine, tokenizer, tools=load_tools(list(r.tools)), parser=TOOL_PARSERS.get(r.tool_parser),
                    environment=load_environment(r.environment) if r.environment else None, max_turns=r.max_turns,
                    max_tool_response_tokens=r.max_tool_response_tokens, tool_timeout_s=r.tool_timeout_s,
-                   max_environment_failures=r.max_environment_failures)
+                   max_environment_failures=r.max_environment_failures, wait_steps=r.tool_wait_steps)
 
     def generate_for(self, prompts: Sequence[Any], n: int, params: SamplingParams) -> list[list[Sample]]:
         """:meth:`generate` for encoded prompts (:class:`~dapo_rl.data.encoding.EncodedPrompt`): their
@@ -187,7 +195,7 @@ class MultiTurnSampler:
                 return None
             return self._message_ids(message)
 
-        samples = self.engine.generate_turns(prompts, n, params, respond)
+        samples = self.engine.generate_turns(prompts, n, params, respond, wait_steps=self.wait_steps, max_turns=self.max_turns)
         if samples is None:
             return False
         for i, (t, s) in enumerate(zip(trajectories, (s for group in samples for s in group))):
