@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
+import torch
 
 from dapo_rl.cli import main
 from dapo_rl.config import Config, load_config
@@ -273,3 +275,152 @@ def test_a_reward_given_as_a_closure_is_refused_by_dapo_train_in_one_line(tmp_pa
     assert main(["train", str(tmp_path / "run.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "reward.functions" in err
+
+
+def _digest(folder):
+    import hashlib
+
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _stable_metrics(run_dir):
+    from dapo_rl.telemetry import read_metrics
+
+    return [{k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))} for row in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def test_a_peft_lora_config_becomes_model_lora_and_trains_only_the_adapters(tmp_path, quickstart_cache, quickstart_model, monkeypatch):
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("DAPO_RL_CACHE", str(tmp_path / "cache"))
+    args = DAPOConfig(output_dir=str(tmp_path / "lora"), max_steps=1, seed=0, quickstart={"cache_dir": quickstart_cache}, **TINY)
+    trainer = DAPOTrainer(model="builtin:chain-tiny", reward_funcs=chain_answer, args=args, train_dataset=_rows(),
+                          peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["v_proj", "q_proj"]))
+    lora = trainer.config.model.lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (4, 8.0, 0.0, ["q_proj", "v_proj"])
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    trainable = sorted(name for name, p in params.items() if p.requires_grad)
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    assert {name.split(".lora_")[0].rsplit(".", 1)[1] for name in trainable} == {"q_proj", "v_proj"}
+    # PEFT starts B at zero: a B that moved was trained; the base weights are the warm-up's, bit for bit.
+    assert any(params[name].abs().sum() > 0 for name in trainable if ".lora_B." in name)
+    base = load_file(str(Path(quickstart_model) / "model.safetensors"))
+    trained_base = {name.replace(".base_layer", ""): p for name, p in params.items() if not p.requires_grad}
+    assert base.keys() <= trained_base.keys() | {"lm_head.weight"}
+    assert all(torch.equal(trained_base[k], base[k]) for k in base if k in trained_base)
+    final = tmp_path / "lora" / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+
+
+def test_a_lora_option_dapo_rl_does_not_build_is_refused_in_one_line(tmp_path):
+    from peft import LoraConfig
+
+    args = DAPOConfig(output_dir=str(tmp_path / "lora"), **TINY)
+    for options, name in ((dict(use_dora=True), "use_dora"), (dict(bias="all"), "bias"), (dict(modules_to_save=["lm_head"]), "modules_to_save")):
+        with pytest.raises(ConfigError) as info:
+            DAPOTrainer(model="builtin:chain-tiny", reward_funcs=chain_answer, args=args,
+                        peft_config=LoraConfig(r=4, target_modules="all-linear", **options))
+        assert f"peft_config.{name}" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_model_object_and_its_processing_class_train_as_its_folder_would(tmp_path, quickstart_cache, quickstart_model, monkeypatch):
+    """A loaded PreTrainedModel (and tokenizer) is trained in place, and ends in the weights its
+    folder given as a path ends in."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("DAPO_RL_CACHE", str(tmp_path / "cache"))
+    model = AutoModelForCausalLM.from_pretrained(quickstart_model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(quickstart_model)
+    runs = {}
+    for name, given in (("object", model), ("path", quickstart_model)):
+        args = DAPOConfig(output_dir=str(tmp_path / name), max_steps=2, seed=0, quickstart={"cache_dir": quickstart_cache}, **TINY)
+        trainer = DAPOTrainer(model=given, reward_funcs=chain_answer, args=args, train_dataset=_rows(),
+                              processing_class=tokenizer if name == "object" else None)
+        assert trainer.config.model.path == quickstart_model  # the YAML names the folder the object came from
+        trainer.train()
+        runs[name] = trainer
+    assert runs["object"].model is model  # trained in place, as TRL does
+    assert runs["object"].trainer.tokenizer is tokenizer
+    assert _digest(tmp_path / "object" / "final") == _digest(tmp_path / "path" / "final")
+    assert _digest(tmp_path / "object" / "final") != _digest(Path(quickstart_model))
+
+
+class StopAfter:
+    """A TrainerCallback that asks to stop once ``global_step`` reaches ``step``."""
+
+    def __init__(self, step):
+        from transformers import TrainerCallback
+
+        self.step, self.seen, self.saves = step, [], []
+        assert TrainerCallback  # the events below are TrainerCallback's
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(state.global_step)
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, checkpoint=None, **kwargs):
+        self.saves.append((state.global_step, checkpoint))
+
+
+def test_a_callback_stop_checkpoints_and_resume_from_checkpoint_continues_exactly(tmp_path, quickstart_cache, monkeypatch, capsys):
+    """Three steps straight, or a callback's stop after step 1 and train(resume_from_checkpoint=...)
+    on the same trainer: the same metrics and the same final weights (sha256)."""
+    from dapo_rl.training.checkpoint import latest_checkpoint
+
+    monkeypatch.setenv("DAPO_RL_CACHE", str(tmp_path / "cache"))
+
+    def trainer(name, callbacks=()):
+        args = DAPOConfig(output_dir=str(tmp_path / name), max_steps=3, seed=0, quickstart={"cache_dir": quickstart_cache}, **TINY)
+        return DAPOTrainer(model="builtin:chain-tiny", reward_funcs=[chain_answer, short_bonus], args=args,
+                           train_dataset=_rows(), callbacks=list(callbacks))
+
+    assert trainer("straight").train().steps == 3
+    stopper = StopAfter(1)
+    split = trainer("split", [stopper])
+    result = split.train()
+    checkpoint = latest_checkpoint(tmp_path / "split")
+    assert result.steps == 1 and stopper.seen == [1] and checkpoint is not None and checkpoint.name == "step_000001"
+    assert stopper.saves == [(1, checkpoint)] and not (tmp_path / "split" / "final").exists()
+    assert "stopped by a callback after step 1 of 3" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="not the latest checkpoint"):
+        split.train(resume_from_checkpoint=tmp_path / "split" / "checkpoints" / "step_000007")
+    # The same trainer resumes: its callback's earlier stop does not stop the continued run.
+    assert split.train(resume_from_checkpoint=checkpoint).steps == 3
+    assert stopper.seen == [1, 2, 3] and split.state.global_step == 3
+    assert _digest(tmp_path / "split" / "final") == _digest(tmp_path / "straight" / "final")
+    assert _stable_metrics(tmp_path / "split") == _stable_metrics(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("with_tokenizer", [False, True], ids=["model-folder-tokenizer", "processing_class"])
+def test_a_conversational_prompt_column_in_a_dataset_goes_through_the_chat_template(with_tokenizer, tmp_path, quickstart_cache,
+                                                                                    quickstart_model, monkeypatch):
+    """A datasets.Dataset whose prompts are chat messages: the chat template (data.chat_template,
+    given to the folder's tokenizer or to processing_class) renders them, and the reward functions
+    get the messages as given, with the other columns."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("DAPO_RL_CACHE", str(tmp_path / "cache"))
+    template = tmp_path / "plain.jinja"  # the built-in model has no chat template: this one renders its plain prompt
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"], "level": r["level"]} for r in _rows()]
+    seen = []
+
+    def record(prompts, completions, completion_ids, level, **columns):
+        seen.extend(zip(prompts, level))
+        return chain_answer(prompts, completions, completion_ids, **columns)
+
+    args = DAPOConfig(output_dir=str(tmp_path / "chat"), max_steps=1, seed=0, quickstart={"cache_dir": quickstart_cache},
+                      data={"chat_template": str(template)}, **TINY)
+    trainer = DAPOTrainer(model="builtin:chain-tiny", reward_funcs=record, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                          processing_class=AutoTokenizer.from_pretrained(quickstart_model) if with_tokenizer else None)
+    assert trainer.config.data.use_chat_template is True
+    assert trainer.train().steps == 1
+    by_prompt = {r["prompt"][0]["content"]: r["level"] for r in rows}
+    assert seen and all(isinstance(p, list) and p[0]["role"] == "user" for p, _ in seen)
+    assert all(by_prompt[p[0]["content"]] == level for p, level in seen)  # columns stay with their row
+    assert "{{ m['content'] }}" in (tmp_path / "chat" / "final" / "tokenizer_config.json").read_text() + \
+        "".join(f.read_text() for f in (tmp_path / "chat" / "final").glob("*.jinja"))

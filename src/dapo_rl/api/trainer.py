@@ -72,8 +72,26 @@ def reward_path(fn: Callable[..., Any]) -> str:
     return f"<python>:{getattr(fn, '__name__', type(fn).__name__)}"
 
 
+# LoraConfig fields model.lora.* carries, or that do not change the adapters trained.
+_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type", "base_model_name_or_path", "inference_mode",
+                "revision", "peft_version", "runtime_config")
+
+
 def lora_settings(peft_config: Any) -> dict[str, Any]:
-    """A ``peft.LoraConfig`` as ``model.lora.*`` (r, lora_alpha, lora_dropout, target_modules)."""
+    """A ``peft.LoraConfig`` as ``model.lora.*`` (r, lora_alpha, lora_dropout, target_modules).
+
+    Raises:
+        ConfigError: any other field set away from PEFT's default (DoRA, rsLoRA, bias,
+            modules_to_save, ...): we would train different adapters, so it is refused, not ignored.
+    """
+    if str(getattr(peft_config, "peft_type", "")).rpartition(".")[2].upper() != "LORA":
+        raise ConfigError(f"peft_config: {type(peft_config).__name__} is not supported; give a peft.LoraConfig")
+    defaults = type(peft_config)()
+    changed = [f for f in vars(peft_config) if f not in _LORA_FIELDS and not f.startswith("_")
+               and getattr(peft_config, f) != getattr(defaults, f, None)]
+    if changed:
+        raise ConfigError(f"peft_config.{changed[0]}={getattr(peft_config, changed[0])!r} is not supported (refused, not ignored); "
+                          f"dapo-rl's adapters take r, lora_alpha, lora_dropout and target_modules only")
     targets = peft_config.target_modules
     targets = ["all-linear"] if targets in (None, "all-linear") else [targets] if isinstance(targets, str) else sorted(targets)
     return {"model.lora.r": int(peft_config.r), "model.lora.alpha": float(peft_config.lora_alpha),
@@ -104,6 +122,8 @@ class _Callbacks(RunHooks):
 
     def train_begin(self, trainer: Any) -> None:
         self.owner.trainer = trainer
+        # As transformers' on_train_begin: a stop asked for in an earlier train() does not stop this one.
+        self.control.should_training_stop = False
         self._sync(trainer)
         self._event("on_train_begin", trainer)
 
@@ -216,12 +236,23 @@ class DAPOTrainer:
                                       f"output_dir ({latest}); dapo-rl resumes the latest exactly: pass True")
             extra["resume"] = True
         config = self.args.resolve(extra)
+        if self.parts.tokenizer is not None:
+            self._use_chat_template_file(config)
         if self.parts.model is None and self.parts.tokenizer is not None:
             from dapo_rl.training.compose import policy_and_tokenizer
 
             self.parts.model = policy_and_tokenizer(config, config.logging.progress)[0]
         self.result = run_training(config, self.parts, self.hooks)
         return self.result
+
+    def _use_chat_template_file(self, config: Any) -> None:
+        """``data.chat_template`` for a ``processing_class`` too, as ``load_policy``'s tokenizer gets it."""
+        from dapo_rl.data.templates import TemplateError, use_chat_template_file
+
+        try:
+            use_chat_template_file(self.parts.tokenizer, config.data.chat_template)
+        except TemplateError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def model(self) -> Any:
