@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -63,7 +64,15 @@ def dataset_file(dataset: Any, name: str, answer_column: str) -> tuple[Path, boo
 
 def reward_path(fn: Callable[..., Any]) -> str:
     """``module:qualname`` when that imports back to ``fn`` (so ``dapo train`` can run it), else ``<python>:name``."""
-    path = f"{getattr(fn, '__module__', '')}:{getattr(fn, '__qualname__', '')}"
+    module, qualname = getattr(fn, "__module__", ""), getattr(fn, "__qualname__", "")
+    if module == "__main__":
+        # A script's function: `__main__` is another module under `dapo train`. A script run with
+        # `python -m pkg.script` has an import name (not imported here: that would run it again).
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is not None and spec.name != "__main__" and "<" not in qualname:
+            return f"{spec.name}:{qualname}"
+        return f"<python>:{getattr(fn, '__name__', type(fn).__name__)}"
+    path = f"{module}:{qualname}"
     try:
         if import_path(path, "reward function") is fn:
             return path
