@@ -44,3 +44,14 @@ def test_gsm8k_math_verify_example(tmp_path, quickstart_cache):
     functions = yaml.safe_load((run / "config.yaml").read_text())["reward"]["functions"]
     assert functions == ["examples.gsm8k_math_verify:accuracy", "examples.gsm8k_math_verify:format_ok"]
     assert all(callable(import_path(f, "reward function")) for f in functions)  # dapo train can run the file
+
+
+def test_multi_reward_example(tmp_path, quickstart_cache):
+    run = tmp_path / "multi"
+    # A low target: the callback stops after the first update, which leaves a checkpoint.
+    out = _run("examples.multi_reward", quickstart_cache, "--max-steps", "4", "--stop-at-accuracy", "0.01", "--output-dir", str(run))
+    assert "update 1: accuracy=" in out and "correct=" in out and "concise=" in out and "level_one_only=" in out
+    assert "ran 1 of 4 steps" in out and (run / "checkpoints" / "step_000001").is_dir() and not (run / "final").exists()
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"reward/correct", "reward/concise", "reward/level_one_only"} <= row.keys()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()  # LoRA: the adapter, not the full model
