@@ -92,3 +92,49 @@ def test_model_cache_keys_keep_the_quickstart_model_and_separate_the_tasks():
     assert long_key != quickstart_key(default, 0)
     assert long_key == quickstart_key(QuickstartConfig(warmup_steps=CHAIN_LONG.warmup_steps), 0, CHAIN_LONG)
 
+
+
+def test_a_warm_up_below_its_floor_trains_on_then_refuses(tmp_path):
+    """A task with a floor on greedy accuracy gets extra warm-up cycles while it is below, and a
+    clear error if it never gets there; a floor it meets is recorded with no extra cycle."""
+    import dataclasses
+    import json
+
+    from dapo_rl.models.quickstart import prepare_quickstart_model
+
+    settings = QuickstartConfig(cache_dir=str(tmp_path))
+    impossible = dataclasses.replace(CHAIN_LONG, warmup_steps=20, min_greedy_accuracy=1.01)
+    with pytest.raises(RuntimeError, match="after 4 extra warm-up cycles, below its floor 1.01"):
+        prepare_quickstart_model(settings, progress=False, task=impossible)
+    met = prepare_quickstart_model(settings, progress=False, task=dataclasses.replace(impossible, min_greedy_accuracy=0.0))
+    recorded = json.loads((met / "quickstart.json").read_text())
+    assert recorded["extra_cycles"] == 0 and 0.0 <= recorded["greedy_accuracy"] <= 1.0
+    # A chosen warm-up length is taken as given: no check.
+    chosen = prepare_quickstart_model(QuickstartConfig(cache_dir=str(tmp_path), warmup_steps=5), progress=False, task=impossible)
+    assert "greedy_accuracy" not in json.loads((chosen / "quickstart.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_ablation_model_warms_up_to_its_recorded_start_from_an_empty_cache(tmp_path, monkeypatch):
+    """builtin:chain-long-tiny, built as a new user's first run builds it (empty cache, default
+    threads), has learned the running sums (greedy) and starts RL in the recorded band (sampled)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dapo_rl.models.quickstart import greedy_accuracy, prepare_quickstart_model
+
+    monkeypatch.setenv("DAPO_RL_CACHE", str(tmp_path))
+    folder = prepare_quickstart_model(QuickstartConfig(), progress=False, task=CHAIN_LONG)
+    assert json.loads((folder / "quickstart.json").read_text())["greedy_accuracy"] >= CHAIN_LONG.min_greedy_accuracy
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert greedy_accuracy(model, tokenizer, CHAIN_LONG) >= 0.5
+    _, held_out = CHAIN_LONG.splits(1, 256)
+    ids = torch.tensor([tokenizer(e.prompt)["input_ids"] for e in held_out])
+    torch.manual_seed(0)
+    out = model.generate(ids, max_new_tokens=16, do_sample=True, temperature=1.0, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    sampled = sum(chain_reward(t, e.answer, {}) for t, e in zip(texts, held_out)) / len(held_out)
+    assert 0.2 <= sampled <= 0.5  # room for RL, and well above chance (0.1)
