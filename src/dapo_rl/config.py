@@ -1,7 +1,6 @@
 """Typed configuration: one dataclass tree, YAML files, ``a.b=c`` overrides (OmegaConf).
 
-Every key, its default and its verl / TRL equivalent is listed in the README's configuration
-reference. Loading validates types (OmegaConf structured configs) and unknown keys, then the
+Every key, its default and its verl / TRL equivalent is listed in docs/configuration.md. Loading validates types (OmegaConf structured configs) and unknown keys, then the
 cross-field rules of :func:`validate`; every failure is a :class:`ConfigError` whose one-line
 message names the key and the fix.
 """
@@ -117,7 +116,7 @@ class RolloutServerConfig:
 
 @dataclass
 class MultiTurnFields:
-    """Multi-turn rollouts with tools or an environment (README "Tools and environments"): the keys
+    """Multi-turn rollouts with tools or an environment (docs/tools.md): the keys
     ``dapo train`` (section ``rollout``) and ``dapo eval`` (top level) share. Off while neither
     ``tools`` nor ``environment`` is set."""
 
@@ -143,7 +142,7 @@ class RolloutConfig(MultiTurnFields):
     stop_token_ids: List[int] = field(default_factory=list)  # besides EOS
     max_batch_prompts: int = 64  # in-process engines: prompts sampled together in one call (with their G samples each)
     verify_sync: bool = True  # after every weight push, check that the engine samples from the new weights
-    # rollout.engine=vllm only (optional extra; see README "vLLM rollouts"):
+    # rollout.engine=vllm only (optional extra; see docs/scaling-out.md "vLLM rollouts"):
     vllm_dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
     vllm_max_model_len: Optional[int] = None  # prompt + response tokens; null = the model's max_position_embeddings
     vllm_gpu_memory_utilization: float = 0.4  # fraction of GPU memory for vLLM (weights + KV cache); leave room for training
@@ -185,8 +184,8 @@ class ClipConfig:
 
 @dataclass
 class LossConfig:
-    """The policy loss and what is added to it (see algorithm/policy_loss.py and the README's
-    *Algorithms*). The loss hyper-parameters below ``entropy_coef`` carry verl's names and
+    """The policy loss and what is added to it (see algorithm/policy_loss.py and docs/algorithms.md). The
+    loss hyper-parameters below ``entropy_coef`` carry verl's names and
     defaults; each is read only by the loss it names, and checked by
     :class:`~dapo_rl.algorithm.policy_loss.LossSettings`."""
 
@@ -389,13 +388,13 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     msg = str(exc).splitlines()[0]
     if "not in" in msg and ("Key '" in msg or isinstance(exc, ConfigKeyError)):
         if key in REPLACED_KEYS:
-            return f"config key '{key}' was replaced; did you mean {REPLACED_KEYS[key]}? (see README: Configuration reference)"
+            return f"config key '{key}' was replaced; did you mean {REPLACED_KEYS[key]}? (see docs/configuration.md, or dapo train --help)"
         hint = re.search(r"Did you mean: '([^']+)'", str(exc))
         suggestion = ""
         if hint:
             parent = key.rpartition(".")[0] if key else ""
             suggestion = f"; did you mean '{parent + '.' if parent else ''}{hint.group(1)}'?"
-        return f"unknown config key '{key}'{suggestion or '; check the spelling'} (see README: Configuration reference)"
+        return f"unknown config key '{key}'{suggestion or '; check the spelling'} (see docs/configuration.md, or dapo train --help)"
     if key:
         info = _field(key)
         if info is not None and not dataclasses.is_dataclass(info[0]):

@@ -15,8 +15,8 @@ and changes no result). On CUDA it also sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
 
 An operation with no deterministic implementation (some CUDA kernels) does not stop the run: it
 is reported once, in one line that names it and this setting. Bit-identity holds per thread
-count (1 and 2 threads sum in different orders), per world size and per machine; see the
-README's "Reproducibility" section for what was measured.
+count (1 and 2 threads sum in different orders), per world size and per machine; see
+docs/reproducibility.md for what was measured.
 
 Peers: ``torch.use_deterministic_algorithms`` is what TRL's ``full_determinism`` and verl's
 ``deterministic`` options turn on as well.

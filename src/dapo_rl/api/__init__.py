@@ -1,4 +1,4 @@
-"""The Python API in TRL's shape: ``from dapo_rl import DAPOTrainer, DAPOConfig`` (README: "From TRL")."""
+"""The Python API in TRL's shape: ``from dapo_rl import DAPOTrainer, DAPOConfig`` (docs/from-trl.md)."""
 
 from dapo_rl.api.config import DAPOConfig, batch_sizes
 from dapo_rl.api.trainer import DAPOTrainer

