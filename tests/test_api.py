@@ -420,3 +420,22 @@ def test_a_conversational_prompt_column_in_a_dataset_goes_through_the_chat_templ
     assert all(by_prompt[p[0]["content"]] == level for p, level in seen)  # columns stay with their row
     assert "{{ m['content'] }}" in (tmp_path / "chat" / "final" / "tokenizer_config.json").read_text() + \
         "".join(f.read_text() for f in (tmp_path / "chat" / "final").glob("*.jinja"))
+
+
+def test_tools_and_an_environment_factory_map_to_the_rollout_keys():
+    from dapo_rl.tools.calculator import calculator
+
+    trainer = DAPOTrainer(model="builtin:calculator-tiny", tools=[calculator], args=DAPOConfig(output_dir="unused"))
+    assert trainer.config.rollout.tools == ["dapo_rl.tools.calculator:calculator"]
+
+    class Local:  # not importable by module:name, so config.yaml could not name it
+        def reset(self, row):
+            return None
+
+        def step(self, text):
+            return None, True
+
+    with pytest.raises(ConfigError, match=r"^environment_factory: .*Local.* does not import back by module:name"):
+        DAPOTrainer(model="builtin:chain-tiny", environment_factory=Local, args=DAPOConfig(output_dir="unused"))
+    with pytest.raises(ConfigError, match=r"^tools: .* does not import back by module:name"):
+        DAPOTrainer(model="builtin:chain-tiny", tools=[lambda x: x], args=DAPOConfig(output_dir="unused"))

@@ -81,6 +81,15 @@ def reward_path(fn: Callable[..., Any]) -> str:
     return f"<python>:{getattr(fn, '__name__', type(fn).__name__)}"
 
 
+def _importable(obj: Any, field: str) -> str:
+    """``module:qualname`` of a tool or environment class, which the rollout imports by that path."""
+    path = reward_path(obj)
+    if path.startswith("<python>:"):
+        raise ConfigError(f"{field}: {getattr(obj, '__qualname__', obj)!r} does not import back by module:name; define it at "
+                          f"module level (and run a script with python -m pkg.script)")
+    return path
+
+
 # LoraConfig fields model.lora.* carries, or that do not change the adapters trained.
 _LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type", "base_model_name_or_path", "inference_mode",
                 "revision", "peft_version", "runtime_config")
@@ -173,11 +182,17 @@ class DAPOTrainer:
         callbacks: ``transformers.TrainerCallback`` objects: ``on_train_begin``, ``on_log`` (with
             ``logs``), ``on_step_end``, ``on_save``, ``on_train_end``; ``control.should_training_stop``
             stops after the step (checkpointed).
+        tools: typed, documented functions the model may call (TRL ``tools=``) → ``rollout.tools``.
+        environment_factory: a class with ``reset(row)`` and ``step(text)``, one instance per
+            trajectory (TRL ``environment_factory=``) → ``rollout.environment``. Both must import
+            back by ``module:name`` (defined at module level; a script run with ``python -m``), as
+            the run's config.yaml names them for ``dapo train``.
     """
 
     def __init__(self, model: Any, reward_funcs: Callable[..., Any] | Sequence[Callable[..., Any]] | None = None,
                  args: DAPOConfig | None = None, train_dataset: Any = None, eval_dataset: Any = None,
-                 processing_class: Any = None, peft_config: Any = None, callbacks: Sequence[Any] | None = None):
+                 processing_class: Any = None, peft_config: Any = None, callbacks: Sequence[Any] | None = None,
+                 tools: Sequence[Callable[..., Any]] | None = None, environment_factory: type | None = None):
         self.args = args if args is not None else DAPOConfig()
         self.trainer = None  # the run's training.trainer.Trainer, once train() has built it
         self.result: RunResult | None = None
@@ -210,6 +225,10 @@ class DAPOTrainer:
             extra["reward.weights"] = [float(w) for w in self.args.reward_weights]
         if peft_config is not None:
             extra.update(lora_settings(peft_config))
+        if tools:
+            extra["rollout.tools"] = [_importable(fn, "tools") for fn in tools]
+        if environment_factory is not None:
+            extra["rollout.environment"] = _importable(environment_factory, "environment_factory")
         self.extra = extra
         self.config = self.args.resolve(extra)  # every check but the model's and the data's, now
         if self.parts.model is not None and (self.config.model.lora.r > 0 or self.parts.tokenizer is None):
