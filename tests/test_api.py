@@ -439,3 +439,17 @@ def test_tools_and_an_environment_factory_map_to_the_rollout_keys():
         DAPOTrainer(model="builtin:chain-tiny", environment_factory=Local, args=DAPOConfig(output_dir="unused"))
     with pytest.raises(ConfigError, match=r"^tools: .* does not import back by module:name"):
         DAPOTrainer(model="builtin:chain-tiny", tools=[lambda x: x], args=DAPOConfig(output_dir="unused"))
+
+
+def test_dapo_config_saved_and_passed_back_to_dapo_train_reproduces_the_run(tmp_path, quickstart_cache, monkeypatch, capsys):
+    monkeypatch.setenv("DAPO_RL_CACHE", str(tmp_path / "cache"))
+    overrides = ["steps=2", "prompts_per_step=2", "group_size=4", "mini_batch_size=2", "rollout.max_response_length=8",
+                 "overlong.cache_length=2", "dynamic_sampling.max_rounds=2", "logging.progress=false", "eval.interval=0",
+                 f"quickstart.cache_dir={quickstart_cache}"]
+    assert main(["config", *overrides]) == 0
+    saved = tmp_path / "run.yaml"
+    saved.write_text(capsys.readouterr().out)
+    assert main(["train", *overrides, f"output_dir={tmp_path / 'direct'}"]) == 0
+    assert main(["train", str(saved), f"output_dir={tmp_path / 'from-file'}"]) == 0
+    assert _stable_metrics(tmp_path / "from-file") == _stable_metrics(tmp_path / "direct")
+    assert _digest(tmp_path / "from-file" / "final") == _digest(tmp_path / "direct" / "final")
