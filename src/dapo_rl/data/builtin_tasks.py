@@ -5,7 +5,9 @@
 - ``calculator`` (multi-turn, with a calculator tool): :mod:`dapo_rl.data.calculator`.
 
 A task is an object with ``name``, ``warmup_steps``, ``vocab`` (the characters of its tokenizer),
-``max_positions`` (its model's context), ``reward`` (the reward ``reward.function=auto`` picks),
+``words`` (its tokenizer's longer one-token pieces), ``max_positions`` (its model's context),
+``min_greedy_accuracy`` (a floor its warmed-up model must reach, or None), ``reward`` (the reward
+``reward.function=auto`` picks),
 ``splits(train_size, eval_size, seed)`` and ``warmup_segments(rng, settings)`` (one supervised
 warm-up example as ``(text, trained)`` segments). The settings a task brings when the user does
 not give them (its model, its held-out set, its tools) are :data:`dapo_rl.config.BUILTIN_TASK_DEFAULTS`.

@@ -54,6 +54,7 @@ class ChainTask:
     reward = "chain"  # the reward reward.function=auto picks (dapo_rl.rewards.chain)
     max_positions = 128  # the tiny model's context
     vocab = VOCAB
+    words = ()  # one token per character, no longer pieces
 
     def splits(self, train_size: int, eval_size: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
         """:func:`builtin_splits` of this task."""

@@ -86,45 +86,42 @@ def _warmup_batch(tokenizer, rng: random.Random, config: QuickstartConfig, task:
 def build_quickstart_model(config: QuickstartConfig, seed: int, folder: Path, progress: bool = True, task: Any = CHAIN) -> None:
     """Build the tokenizer and model, run the supervised warm-up on ``task``, save both to ``folder``."""
     config = resolved_warmup(config, task)
-    tokenizer = build_char_tokenizer(task.vocab, getattr(task, "words", ()))
+    tokenizer = build_char_tokenizer(task.vocab, task.words)
     model = build_tiny_llama(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
                              num_heads=4, intermediate_size=4 * config.hidden_size, max_positions=task.max_positions, seed=seed)
     rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.warmup_lr, weight_decay=0.0)
-    if config.warmup_steps >= 20:
-        # One-cycle: 10% ramp up, cosine down. Its ramp needs at least two steps, hence the bound.
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.warmup_lr, total_steps=config.warmup_steps, pct_start=0.1)
-    else:  # a token warm-up (tests): constant rate
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    _supervised(model, tokenizer, optimizer, schedule, rng, config, task, seed, config.warmup_steps, progress)
+    _supervised(model, tokenizer, rng, config, task, seed, config.warmup_steps, progress)
     checked: dict[str, Any] = {}
     # The task's own recipe is checked; a chosen quickstart.warmup_steps (tests, experiments) is taken as given.
-    floor = getattr(task, "min_greedy_accuracy", None) if config.warmup_steps == task.warmup_steps else None
+    floor = task.min_greedy_accuracy if config.warmup_steps == task.warmup_steps else None
     if floor is not None:
         # Whether the steps found the procedure depends on float rounding, so on the machine:
         # check, and train on (a fresh cycle of half the steps, the same data stream) until it holds.
         accuracy, extra = greedy_accuracy(model, tokenizer, task), 0
         while accuracy < floor and extra < _MAX_EXTRA_CYCLES:
             extra += 1
-            steps = max(20, config.warmup_steps // 2)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=config.warmup_lr, weight_decay=0.0)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.warmup_lr, total_steps=steps, pct_start=0.1)
-            _supervised(model, tokenizer, optimizer, schedule, rng, config, task, seed + extra, steps, progress)
+            _supervised(model, tokenizer, rng, config, task, seed + extra, max(20, config.warmup_steps // 2), progress)
             accuracy = greedy_accuracy(model, tokenizer, task)
         if accuracy < floor:
             raise RuntimeError(f"the built-in model of {task.name} reached greedy accuracy {accuracy:.2f} after "
                                f"{extra} extra warm-up cycles, below its floor {floor}; set quickstart.warmup_steps "
                                f"higher or another seed")
         checked = {"greedy_accuracy": accuracy, "extra_cycles": extra}
-    model.eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / "quickstart.json").write_text(json.dumps({"seed": seed, "task": asdict(task), **asdict(config), **checked}, indent=2))
 
 
-def _supervised(model, tokenizer, optimizer, schedule, rng: random.Random, config: QuickstartConfig, task: Any, seed: int,
-                steps: int, progress: bool) -> None:
-    """``steps`` supervised steps on the task's warm-up data (model turns trained)."""
+def _supervised(model, tokenizer, rng: random.Random, config: QuickstartConfig, task: Any, seed: int, steps: int,
+                progress: bool) -> None:
+    """``steps`` supervised steps on the task's warm-up data (model turns trained), with a fresh
+    AdamW and learning-rate cycle; leaves the model in eval mode."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.warmup_lr, weight_decay=0.0)
+    if steps >= 20:
+        # One-cycle: 10% ramp up, cosine down. Its ramp needs at least two steps, hence the bound.
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.warmup_lr, total_steps=steps, pct_start=0.1)
+    else:  # a token warm-up (tests): constant rate
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model.train()
     bar = tqdm(range(steps), desc="quickstart warm-up (cached after the first run)", disable=not progress, dynamic_ncols=True)
     with torch.random.fork_rng(devices=[]):

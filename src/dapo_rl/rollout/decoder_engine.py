@@ -436,9 +436,7 @@ class DecoderEngine(InProcessEngine):
         for t in range(steps):
             token, logprob = sample_tokens(logits, params)  # [rows] each
             if turns is not None:  # an environment message's tokens are fed, not sampled; a waiting row's are gaps
-                token, logprob, forced, gap = turns.force(live, token, logprob, t)
-                if gap is not None:  # as a row mask, so that it follows the rows through a compaction
-                    gap = torch.zeros(live.numel(), dtype=torch.bool, device=device).index_fill_(0, gap, True)
+                token, logprob, forced, gap = turns.force(live, token, logprob, t)  # gap: a row mask, carried through compactions
             step_rows.append(live)
             step_tokens.append(token)
             step_logprobs.append(logprob)
@@ -446,7 +444,7 @@ class DecoderEngine(InProcessEngine):
             if done is not None:
                 hit &= ~done
             if turns is not None:
-                hit = turns.end_turns(live, token, hit, forced, None if gap is None else gap.nonzero().squeeze(-1), done, t)
+                hit = turns.end_turns(live, token, hit, forced, gap, done, t)
             finished = hit.nonzero().squeeze(-1)
             if finished.numel():
                 ended = live[finished]

@@ -60,29 +60,32 @@ class LoopTurns:
     def force(self, live: torch.Tensor, token: torch.Tensor, logprob: torch.Tensor, t: int):
         """Put the next message token of every row that has one in place of its sample; a waiting
         row's sample is ignored (a gap). Returns the tokens, log-probs, the decode rows fed a
-        message token (or None) and the decode rows in a gap at this step (or None)."""
+        message token (indices, or None) and the decode rows in a gap at this step (a ``[rows]``
+        bool mask, or None)."""
+        if not (self.pending or self.queue):
+            return token, logprob, None, None
+        where = {o: i for i, o in enumerate(live.tolist())}
         waiting = []
-        if self.pending:
-            where = {o: i for i, o in enumerate(live.tolist())}
-            for o in sorted(self.pending):
-                reply, due = self.pending[o]
-                if due == t:
-                    del self.pending[o]
-                    message = reply.result()  # waits only for a reply slower than wait_steps
-                    if message and self._fits(o, t - self.skipped[o], message):
-                        self.queue[o] = list(message)
-                        continue
-                    self.ending.add(o)
-                waiting.append(where[o])
-                self.gaps.append((o, t))
-                self.skipped[o] += 1
-        gap = torch.tensor(waiting, dtype=torch.long, device=token.device) if waiting else None
-        if gap is not None:
-            token, logprob = token.clone(), logprob.clone()
+        for o in sorted(self.pending):
+            reply, due = self.pending[o]
+            if due == t:
+                del self.pending[o]
+                message = reply.result()  # waits only for a reply slower than wait_steps
+                if message and self._fits(o, t - self.skipped[o], message):
+                    self.queue[o] = list(message)
+                    continue
+                self.ending.add(o)
+            waiting.append(where[o])
+            self.gaps.append((o, t))
+            self.skipped[o] += 1
+        token, logprob = token.clone(), logprob.clone()
+        gap = None
+        if waiting:
+            gap = torch.zeros(live.numel(), dtype=torch.bool, device=token.device)
+            gap[waiting] = True
             logprob[gap] = 0.0
         if not self.queue:
             return token, logprob, None, gap
-        where = {o: i for i, o in enumerate(live.tolist())}
         rows, ids = [], []
         for o in list(self.queue):
             rows.append(where[o])
@@ -91,14 +94,12 @@ class LoopTurns:
             if not self.queue[o]:
                 del self.queue[o]
         forced = torch.tensor(rows, device=token.device)
-        if gap is None:
-            token, logprob = token.clone(), logprob.clone()
         token[forced] = torch.tensor(ids, dtype=token.dtype, device=token.device)
         logprob[forced] = 0.0
         return token, logprob, forced, gap
 
     def end_turns(self, live, token, hit, forced, gap, done, t: int) -> torch.Tensor:
-        """Record each sampling row's token; for every row whose turn ended, ask for the message
+        """(``forced``: indices, ``gap``: a bool mask, as :meth:`force` returns them.) Record each sampling row's token; for every row whose turn ended, ask for the message
         (now, or in a thread with ``wait_steps``). Returns which rows end at this step: ``hit``
         less the rows that go on (a message to feed or to wait for), plus the rows whose due reply
         ended them and, with gaps, the rows that reached the budget."""
@@ -108,7 +109,7 @@ class LoopTurns:
             if forced is not None:
                 hit[forced] = False  # a message's tokens never end a turn
             if gap is not None:
-                skip |= set(gap.tolist())
+                skip |= set(gap.nonzero().squeeze(-1).tolist())
                 hit[gap] = False
         dead = done.tolist() if done is not None else None
         ends = set(hit.nonzero().squeeze(-1).tolist())
