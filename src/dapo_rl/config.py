@@ -43,6 +43,7 @@ LORA_ALL_LINEAR = "all-linear"
 # Keys that were renamed or replaced: an old key gets a one-line "did you mean".
 REPLACED_KEYS = {
     "advantage.norm_by_std": "advantage.estimator=drgrpo (for norm_by_std=false) or advantage.estimator=grpo (true)",
+    "rollout.vllm_dtype": "rollout.dtype (it now sets every engine's sampling precision: auto, float32, bfloat16, float16 for vLLM)",
 }
 
 
@@ -142,8 +143,8 @@ class RolloutConfig(MultiTurnFields):
     stop_token_ids: List[int] = field(default_factory=list)  # besides EOS
     max_batch_prompts: int = 64  # in-process engines: prompts sampled together in one call (with their G samples each)
     verify_sync: bool = True  # after every weight push, check that the engine samples from the new weights
+    dtype: str = "auto"  # sampling precision: auto (bfloat16 where native and measured faster, else float32; vLLM: bfloat16 on GPU) | float32 | bfloat16 | float16 (vLLM only). Logits, sampling, log-probs stay float32 (verl rollout.dtype)
     # rollout.engine=vllm only (optional extra; see docs/scaling-out.md "vLLM rollouts"):
-    vllm_dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
     vllm_max_model_len: Optional[int] = None  # prompt + response tokens; null = the model's max_position_embeddings
     vllm_gpu_memory_utilization: float = 0.4  # fraction of GPU memory for vLLM (weights + KV cache); leave room for training
     vllm_kv_cache_gb: Optional[float] = None  # KV cache GiB; null = 1 on CPU, from vllm_gpu_memory_utilization on GPU
@@ -157,7 +158,7 @@ class RolloutConfig(MultiTurnFields):
 class RolloutCorrectionConfig:
     """π_rollout (the sampler's log-probs) against π_old (the trainer's): see algorithm/rollout_correction.py."""
 
-    mode: str = "auto"  # auto (none for the in-process fp32 engines, token_truncate for vllm) | none | token_truncate | token_mask | sequence_truncate | sequence_mask
+    mode: str = "auto"  # auto (none when sampler and trainer are both fp32 on the same weights; token_truncate otherwise: vllm, bf16 sampling or training) | none | token_truncate | token_mask | sequence_truncate | sequence_mask
     cap: float = 2.0  # C: truncate at C; mask outside [1/C, C]
 
 
@@ -553,7 +554,11 @@ def validate(c: Config) -> None:
     require(c.rollout.max_batch_prompts >= 1, "rollout.max_batch_prompts", f"must be >= 1, got {c.rollout.max_batch_prompts}", "default 64")
     require(c.rollout_correction.cap > 1, "rollout_correction.cap", f"must be > 1, got {c.rollout_correction.cap}",
              "e.g. 2 (truncate weights at 2; mask outside [0.5, 2])")
-    require_choice(c.rollout.vllm_dtype, "rollout.vllm_dtype", ("auto", "float32", "bfloat16", "float16"))
+    require_choice(c.rollout.dtype, "rollout.dtype", ("auto", "float32", "bfloat16", "float16"))
+    require(c.rollout.dtype != "float16" or c.rollout.engine in ("vllm", "vllm-server"), "rollout.dtype",
+            f"float16 is for the vLLM engines, not rollout.engine={c.rollout.engine}", "use bfloat16 (or auto)")
+    require(c.rollout.dtype in ("auto", "float32") or c.rollout.engine != "hf", "rollout.dtype",
+            "the hf engine samples in the training model's own dtype", "use rollout.engine=fast for bfloat16 sampling")
     _validate_server(c)
     require(0 < c.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization",
              f"must be in (0, 1], got {c.rollout.vllm_gpu_memory_utilization}", "e.g. 0.4, leaving the rest for training")

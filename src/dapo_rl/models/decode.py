@@ -54,9 +54,10 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether decode products can run on oneDNN with pre-packed weights: float32 on a CPU whose
-    PyTorch build has oneDNN."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_linear_works()
+    """Whether decode products can run on oneDNN with pre-packed weights: float32 or bfloat16 on a
+    CPU whose PyTorch build has oneDNN (and, for bfloat16, runs its bf16 linear)."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and _onednn_linear_works(weight.dtype))
 
 
 PLAIN_PRODUCTS_MAX_HIDDEN = 256  # see packs_by_default
@@ -84,12 +85,12 @@ def cpu_vendor() -> str:
 
 
 @functools.cache
-def _onednn_linear_works() -> bool:
+def _onednn_linear_works(dtype: torch.dtype = torch.float32) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        probe = torch.ones(2, 3)
-        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 3), pack(probe), None, "none", [], "")
+        probe = torch.ones(2, 3, dtype=dtype)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 3, dtype=dtype), pack(probe), None, "none", [], "")
         return out.shape == (1, 2) and bool((out == 3).all())
     except (AttributeError, RuntimeError):  # an older build without these operators
         return False
@@ -113,9 +114,12 @@ class Projection:
         self.single = len(weights) == 1 and low_rank is None and columns is None
 
     @classmethod
-    def copied(cls, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool) -> "Projection":
-        """A product on the decoder's own ``weight [out, in]`` (packed for oneDNN when ``packed``)."""
-        return cls([pack(weight) if packed else weight.detach()], [None if bias is None else bias.detach()], packed)
+    def copied(cls, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool, dtype: torch.dtype | None = None) -> "Projection":
+        """A product on the decoder's own ``weight [out, in]`` (packed for oneDNN when ``packed``;
+        cast to ``dtype`` when given, bias included)."""
+        weight = weight.detach() if dtype is None else weight.detach().to(dtype)
+        bias = None if bias is None else (bias.detach() if dtype is None else bias.detach().to(dtype))
+        return cls([pack(weight) if packed else weight], [bias], packed)
 
     @classmethod
     def in_place(cls, modules: list, columns: torch.Tensor | None = None) -> "Projection":
@@ -189,23 +193,36 @@ class SpecDecoder:
         native_kernels: fused C loops for norms, rotary, attention and the gated MLP activation (CPU float32, complex rotary).
         in_place: read the model's matrices where they lie, adapters on the fly (no fused, packed
             or merged copy; see :class:`Projection`); None: when the model has active LoRA adapters.
+        dtype: the dtype of the decoder's copies of the weights, its activations and its key/value
+            cache (``torch.bfloat16`` for bf16 sampling); None: the model's own. The last norm and
+            the output product stay in the model's dtype, so logits (and the log-probs sampled
+            from them) are computed in float32 from the last hidden state. Not with ``in_place``.
     """
 
     def __init__(self, model, spec: ModelSpec, pack_weights: bool | None = None, native_kernels: bool = True,
-                 in_place: bool | None = None):
+                 in_place: bool | None = None, dtype: torch.dtype | None = None):
         inner = model.model
         self.spec = spec
+        model_dtype = inner.embed_tokens.weight.dtype
+        cast = None if dtype in (None, model_dtype) else dtype
+        self.in_place = adapters_active(model) if in_place is None else in_place
+        if cast is not None and self.in_place:
+            raise ValueError(f"a decoder that reads the weights in place (LoRA) samples in the model's dtype ({model_dtype}), "
+                             f"not {dtype}")
         self.embed = inner.embed_tokens.weight.detach()
+        if cast is not None:
+            self.embed = self.embed.to(cast)
         self.embed_scale = inner.embed_tokens.embed_scale.to(self.embed.dtype) if spec.embed_scale else None
         self.rotary = inner.rotary_emb
         self.heads, self.kv_heads, self.head_dim, self.rotary_dim = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
         self.scaling, self.hidden = spec.scaling, spec.hidden
         self.act = activation(spec)
-        self.in_place = adapters_active(model) if in_place is None else in_place
         if pack_weights is None:
             pack_weights = packs_by_default(spec.hidden, self.embed.device)
         self.packed = pack_weights and can_pack(self.embed) and not self.in_place
+        self.cast = cast
         device, dtype = self.embed.device, self.embed.dtype
+        self.dtype = dtype
         self.complex_rotary = all(rope.complex_rotary_applies(self.rotary, dtype, device, kind) for kind in spec.kinds)
         use_kernels = native_kernels and self.complex_rotary and device.type == "cpu" and dtype == torch.float32
         self.kernels = native.native_kernels() if use_kernels else None
@@ -216,7 +233,11 @@ class SpecDecoder:
         scale = lambda norm, o=None: tuple(t.detach() if torch.is_tensor(t) else t for t in norm_scale(spec, norm, o, upcast))  # noqa: E731
         kind_index = {kind: i for i, kind in enumerate(spec.kinds)}
         with torch.no_grad():
-            self.lm_head = self._products(model.lm_head)
+            if cast is None:
+                self.lm_head = self._products(model.lm_head)
+            else:  # logits from the model's own output weights, in its dtype
+                head = effective_weight(model.lm_head)
+                self.lm_head = Projection.copied(head, model.lm_head.bias, packed=bool(pack_weights) and can_pack(head))
             self.norm = scale(inner.norm)
             self.layers = []
             for i, layer in enumerate(inner.layers):
@@ -250,13 +271,13 @@ class SpecDecoder:
         if fused is None:
             (module,) = modules
             fused = effective_weight(module), module.bias
-        return Projection.copied(*fused, packed=self.packed)
+        return Projection.copied(*fused, packed=self.packed, dtype=self.cast)
 
     def _qkv_products(self, attn, qk_rows: torch.Tensor | None) -> Projection:
         """Queries, keys and values in one product, queries/keys rows in ``qk_rows``' order."""
         spec = self.spec
         if not self.in_place:
-            return Projection.copied(*qkv_params(spec, attn, qk_rows, merged=True), packed=self.packed)
+            return Projection.copied(*qkv_params(spec, attn, qk_rows, merged=True), packed=self.packed, dtype=self.cast)
         return Projection.in_place(qkv_modules(spec, attn), None if qk_rows is None else qkv_columns(spec, qk_rows))
 
     def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -271,9 +292,17 @@ class SpecDecoder:
         if self.kernels is not None:
             return self.kernels.rms_norm(x, *norm)
         scale, eps = norm
-        if scale.dtype != x.dtype:  # Gemma in bfloat16/float16: normalised and scaled in float32, as its RMSNorm
+        if scale.dtype != x.dtype:  # bfloat16/float16 activations: normalised and scaled in float32, as HF's RMSNorms do
             return (F.rms_norm(x.float(), (x.shape[-1],), None, eps) * scale).to(x.dtype)
         return F.rms_norm(x, (x.shape[-1],), scale, eps)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The last RMSNorm of ``x [rows, hidden]``, in the output product's dtype (float32 when the
+        decoder computes in bfloat16: logits come from the unrounded normalised state)."""
+        if self.cast is None:
+            return self.rms_norm(x, self.norm)
+        scale, eps = self.norm
+        return F.rms_norm(x.to(scale.dtype), (x.shape[-1],), scale, eps)
 
     def start(self, prefill_cache: Cache, repeats: int, attention: torch.Tensor, capacity: int) -> None:
         """Copy the prefilled ``[b, kv_heads, P, d]`` keys/values (all positions: a cache that does
@@ -282,7 +311,7 @@ class SpecDecoder:
         first = prefill_cache.layers[0].keys
         b, kv_heads, width, d = first.shape
         rows = b * repeats
-        self.kv = first.new_empty((len(self.layers), rows, 2 * kv_heads, capacity, d))
+        self.kv = first.new_empty((len(self.layers), rows, 2 * kv_heads, capacity, d), dtype=self.dtype)
         for i, layer in enumerate(prefill_cache.layers):
             keys = layer.keys if self.key_order is None else layer.keys[..., self.key_order]
             self.kv[i, :, :kv_heads, :width] = keys.repeat_interleave(repeats, dim=0)
@@ -291,7 +320,7 @@ class SpecDecoder:
         if bool(attention.all()):
             self.mask = None  # no padding: every cached position is attended to
         else:
-            mask = first.new_zeros((rows, 1, 1, capacity))
+            mask = first.new_zeros((rows, 1, 1, capacity), dtype=self.dtype)
             mask[:, 0, 0, :width].masked_fill_(attention.repeat_interleave(repeats, dim=0) == 0, float("-inf"))
             self.mask = mask
 
@@ -381,7 +410,7 @@ class SpecDecoder:
             else:
                 x = x + self.rms_norm(layer.down(hidden), layer.post_mlp_norm)
         self.length = length
-        return softcap(self.lm_head(self.rms_norm(x, self.norm)), self.spec.final_softcap)
+        return softcap(self.lm_head(self.final_norm(x)), self.spec.final_softcap)
 
     def _rotate_append(self, qkv: torch.Tensor, rotation: torch.Tensor, i: int, pos: int, layer: DecodeLayer) -> None:
         """PyTorch ops: per-head q/k norms, rotary (in place) and the cache write of layer ``i``."""

@@ -103,6 +103,7 @@ class RolloutEngine:
     reports_logprobs: ClassVar[bool] = True
     samples_in_background: ClassVar[bool] = False
     own_weights: ClassVar[bool] = False
+    precision_reason: str | None = None  # how an ``auto`` sampling precision was resolved, for the run's log
 
     @classmethod
     def check_config(cls, config: Config) -> None:

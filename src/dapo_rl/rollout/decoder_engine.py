@@ -37,6 +37,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from dapo_rl.models.decode import SpecDecoder
+from dapo_rl.models.lora import adapters_active
+from dapo_rl.models.precision import Precision, resolve_precision
 from dapo_rl.models.spec import fast_spec, has_sliding_layers
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, InProcessEngine, Sample, SamplingParams
 import dapo_rl.rollout.decoder_turns as decoder_turns
@@ -199,6 +201,32 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cumulative, u, right=True).squeeze(-1)
 
 
+def sampling_precision(setting: str, model) -> Precision:
+    """What ``rollout.dtype`` (``auto``, ``float32``, ``bfloat16``) means for the fast engine
+    sampling from ``model`` (:func:`~dapo_rl.models.precision.resolve_precision`, probing the fused
+    gate/up product at a decode step's row count). The model's own dtype where the direct decoder
+    cannot cast: a model it does not serve, or one whose LoRA adapters it reads in place.
+
+    Raises:
+        ValueError: ``bfloat16`` asked for explicitly where it cannot be had (the message names ``rollout.dtype``).
+    """
+    own = next(model.parameters()).dtype
+    config = model.config
+    hidden = config.hidden_size
+    width = 2 * (getattr(config, "intermediate_size", None) or 4 * hidden)
+    precision = resolve_precision(setting, next(model.parameters()).device, hidden, width, use="decode")
+    if precision.dtype == own:
+        return precision
+    blocker = ("the fast decoder does not serve this model" if fast_spec(model, 1) is None
+               else "its LoRA adapters are read in place" if adapters_active(model) else None)
+    if blocker is None:
+        return precision
+    if setting == "auto":
+        return Precision(own, f"auto: the model's {str(own).removeprefix('torch.')}, {blocker}")
+    raise ValueError(f"rollout.dtype={setting}: the fast engine samples in the model's own dtype here ({blocker}); "
+                     f"set rollout.dtype=auto")
+
+
 class DecoderEngine(InProcessEngine):
     """Samples from the training model itself with one prefill per prompt and finished-row dropping.
 
@@ -236,13 +264,19 @@ class DecoderEngine(InProcessEngine):
             trainer releases it before each update, so it is never held through one, and under
             FSDP2 when the gathered parameters it reads are resharded. Off by default: a plain
             ``generate`` holds no copy after it returns.
+        dtype: the direct decoder's weights, activations and key/value cache in this dtype
+            (``torch.bfloat16``: ``rollout.dtype=bfloat16``); logits, log-softmax, sampling and
+            the reported log-probs stay float32, and so does the prompt's prefill (through the
+            model itself). None: the model's own dtype. Ignored where the direct decoder does not
+            serve the model (the Hugging Face path samples in the model's dtype).
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_id: int, max_batch_prompts: int = 64,
                  compact_min_fraction: float = 0.125, direct_decode: bool = True, pack_weights: bool | None = None,
                  native_kernels: bool = True, row_ladder: bool = True, read_in_place: bool | None = None,
-                 keep_decoder: bool = False):
+                 keep_decoder: bool = False, dtype: torch.dtype | None = None):
         super().__init__(model, pad_token_id, eos_token_id, max_batch_prompts)
+        self.dtype = dtype
         self.direct_decode = direct_decode
         self.pack_weights = pack_weights
         self.native_kernels = native_kernels
@@ -260,9 +294,23 @@ class DecoderEngine(InProcessEngine):
     @classmethod
     def from_config(cls, config: Config, model, tokenizer) -> "DecoderEngine":
         """The trainer's and ``dapo eval``'s engine: it keeps its decoder between calls (the trainer
-        releases it before every update)."""
-        return cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                   max_batch_prompts=config.rollout.max_batch_prompts, keep_decoder=True)
+        releases it before every update); ``rollout.dtype`` resolved for this model and machine
+        (:func:`sampling_precision`, its reason in :attr:`precision_reason`)."""
+        precision = sampling_precision(config.rollout.dtype, model)
+        engine = cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                     max_batch_prompts=config.rollout.max_batch_prompts, keep_decoder=True,
+                     dtype=precision.dtype if precision.dtype != next(model.parameters()).dtype else None)
+        engine.precision_reason = precision.reason
+        return engine
+
+    @property
+    def precision(self) -> str | None:
+        """``"bfloat16"`` when the decoder samples in bf16 (its own copy of the weights); None: the
+        model's own weights and dtype."""
+        return None if self.dtype is None else str(self.dtype).removeprefix("torch.")
+
+    def describe(self) -> str:
+        return "the fast engine" if self.dtype is None else f"the fast engine ({self.precision} weights and cache)"
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         super().sync_weights(model)
@@ -299,7 +347,7 @@ class DecoderEngine(InProcessEngine):
             return self._kept[2]
         self._kept = None  # before building: never two copies at once
         decoder = SpecDecoder(model, spec, pack_weights=self.pack_weights, native_kernels=self.native_kernels,
-                              in_place=self.read_in_place)
+                              in_place=self.read_in_place, dtype=self.dtype)
         if self.keep_decoder:
             self._kept = (weights, spec, decoder)
         return decoder
@@ -345,7 +393,8 @@ class DecoderEngine(InProcessEngine):
         # Kept keys/values serve the direct decoder only.
         kept = decoder_turns.kept_prefixes(self._previous, prompts) if self._continuing and direct and respond is None else None
         if kept is not None:  # a conversation goes on: prefill its new tokens onto its kept keys/values
-            cache, input_ids, attention, positions = decoder_turns.continued_prefill(prompts, kept, self.pad_token_id, device)
+            cache, input_ids, attention, positions = decoder_turns.continued_prefill(prompts, kept, self.pad_token_id, device,
+                                                                                     dtype=next(model.parameters()).dtype)
         else:
             cache = None
             input_ids, attention = left_pad(prompts, self.pad_token_id, device)  # [b, P] each

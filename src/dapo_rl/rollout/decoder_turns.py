@@ -172,11 +172,13 @@ def kept_prefixes(kept: dict[tuple[int, ...], torch.Tensor], prompts: Sequence[l
         found.append(match)
     return found if any(kv is not None for _, kv in found) else None
 
-def continued_prefill(prompts: Sequence[list[int]], kept: list[tuple[int, torch.Tensor | None]], pad_token_id: int, device):
+def continued_prefill(prompts: Sequence[list[int]], kept: list[tuple[int, torch.Tensor | None]], pad_token_id: int, device,
+                      dtype: torch.dtype | None = None):
     """The prefill of prompts that extend kept samples: each row feeds its last ``S`` tokens (S:
     the most new tokens of any row, so a row with fewer re-feeds a few kept ones) onto its kept
     keys/values, right-aligned behind left padding as a prompt would be. Returns the cache
-    holding the kept part, the fed ids ``[b, S]``, the mask ``[b, W]`` and positions ``[b, W]``."""
+    holding the kept part (in ``dtype``, the model's, when given: a bf16 decoder keeps bf16 keys),
+    the fed ids ``[b, S]``, the mask ``[b, W]`` and positions ``[b, W]``."""
     fed_width = max(len(p) - n for p, (n, _) in zip(prompts, kept))
     past = [max(0, len(p) - fed_width) for p in prompts]  # kept positions each row attends to
     past_width = max(past)
@@ -188,7 +190,7 @@ def continued_prefill(prompts: Sequence[list[int]], kept: list[tuple[int, torch.
     some = next(kv for _, kv in kept if kv is not None)  # [layers, 2·kv_heads, L, d]
     layers, kv_heads, d = some.shape[0], some.shape[1] // 2, some.shape[-1]
     for layer in range(layers):
-        keys = some.new_zeros((len(prompts), kv_heads, past_width, d))
+        keys = some.new_zeros((len(prompts), kv_heads, past_width, d), dtype=dtype or some.dtype)
         values = torch.zeros_like(keys)
         for row, ((_, kv), length) in enumerate(zip(kept, past)):
             if length:

@@ -325,7 +325,7 @@ def launch_for(config: "Config", model: torch.nn.Module, secret: str) -> tuple[L
     try:
         save_servable(model, Path(workdir, "model"))  # a LoRA policy: its merged weights
         spec = ServerSpec(model=str(Path(workdir, "model")), port=free_port(), seed=config.seed,
-                          dtype=config.rollout.vllm_dtype, max_model_len=config.rollout.vllm_max_model_len,
+                          dtype=config.rollout.dtype, max_model_len=config.rollout.vllm_max_model_len,
                           kv_cache_gb=config.rollout.vllm_kv_cache_gb, extra_args=list(sc.launch_args))
         server = LaunchedServer(spec, secret, Path(workdir, "server.log"), python=sc.python or _default_python())
         try:

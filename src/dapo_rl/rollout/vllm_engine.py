@@ -265,7 +265,7 @@ class VLLMEngine(RolloutEngine):
         return cls(
             model,
             tokenizer,
-            dtype=rc.vllm_dtype,
+            dtype=rc.dtype,
             max_model_len=rc.vllm_max_model_len,
             gpu_memory_utilization=rc.vllm_gpu_memory_utilization,
             kv_cache_gb=rc.vllm_kv_cache_gb,

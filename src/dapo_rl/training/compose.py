@@ -77,15 +77,20 @@ def loss_settings(config: Config, generator: torch.Generator | None = None) -> L
                         generator=generator)
 
 
-def correction_mode(config: Config, engine: RolloutEngine | type[RolloutEngine] | None = None) -> str:
+def correction_mode(config: Config, engine: RolloutEngine | type[RolloutEngine] | None = None,
+                    autocast_dtype: torch.dtype | None = None) -> str:
     """``rollout_correction.mode`` with ``auto`` resolved for ``engine`` (default: the class
-    ``rollout.engine`` names): an engine with its own weights (vLLM, in its own precision) drifts
-    from the trainer, so it is corrected by default (``token_truncate``); the in-process engines
-    sample from the trainer's own fp32 weights (agreement to rounding), where a correction would
-    only cost a log-prob pass."""
+    ``rollout.engine`` names) and the trainer's autocast dtype. Sampler and trainer agree to
+    float rounding only when both compute in float32 from the same weights (an in-process engine
+    in fp32, an fp32 trainer): then no correction, which would only cost a log-prob pass.
+    Otherwise ``token_truncate`` (C = ``rollout_correction.cap``, verl's
+    ``rollout_is=token, rollout_is_threshold=2``): an engine with its own weights (vLLM, the
+    server), an engine sampling in bf16 (``rollout.dtype``), or a trainer in bf16 autocast."""
     if config.rollout_correction.mode != "auto":
         return config.rollout_correction.mode
-    return "token_truncate" if (engine or _engine_class(config)).own_weights else "none"
+    engine = engine or _engine_class(config)
+    sampler_fp32 = not engine.own_weights and (isinstance(engine, type) or engine.precision in (None, "float32"))
+    return "none" if sampler_fp32 and autocast_dtype is None else "token_truncate"
 
 
 def check_config(config: Config) -> None:
@@ -193,4 +198,5 @@ def rollout_engine(config: Config, model: torch.nn.Module, tokenizer: Any) -> Ro
     try:
         return build_engine(config, model, tokenizer)
     except ValueError as exc:
-        raise ConfigError(f"rollout.engine: {exc}") from None
+        message = str(exc)
+        raise ConfigError(message if message.startswith("rollout.") else f"rollout.engine: {message}") from None

@@ -238,6 +238,8 @@ def _run_training(config: Config, dist: DistContext, started: float, device: tor
     train_prompts = encoded_prompts(config, "train", tokenizer)
     eval_prompts = encoded_prompts(config, "eval", tokenizer) if config.data.eval else None
     engine = rollout_engine(config, model, tokenizer)
+    if engine.precision_reason and config.rollout.dtype == "auto" and dist.is_main:
+        tqdm.write(f"rollout.dtype={engine.precision_reason}")
     if config.reproducible and engine.own_weights and dist.is_main:
         tqdm.write(f"reproducible=true: rollout.engine={config.rollout.engine} samples with {engine.describe()}, which does "
                    f"not promise bit-identical samples between runs; the update itself stays deterministic")

@@ -138,7 +138,7 @@ class Trainer:
         # Zero-advantage samples change the gradient when an entropy bonus or a loss that couples
         # the batch's tokens (its statistics count them) is on: then they are run too.
         self.runs_every_sample = config.loss.entropy_coef > 0 or is_batch_coupled(self.policy_loss)
-        self.correction_mode = correction_mode(config, engine)
+        self.correction_mode = correction_mode(config, engine, autocast_dtype)
         self.rollout_correction = ROLLOUT_CORRECTIONS.get(self.correction_mode)
         self.corrects_rollouts = self.correction_mode != "none"
         self.norm_constant = float(config.loss.norm_constant or config.rollout.max_response_length)
