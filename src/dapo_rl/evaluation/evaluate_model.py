@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ class EvalOptions(PromptFields, MultiTurnFields):
     reward_timeout_s: float = 5.0
     batch_size: int = 64  # prompts per generate call (each with its k samples)
     engine: str = "fast"  # rollout engine, as rollout.engine: fast (the trainer's sampler) | hf (Hugging Face generate) | ... | pkg.module:Class
+    dtype: str = "auto"  # sampling precision, as rollout.dtype: auto | float32 | bfloat16
     seed: int = 0  # torch seed of the sampler (and of the built-in model)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output: str | None = None  # JSON path; default <MODEL>/eval-<dataset>.json (./ for built-in models)
@@ -100,6 +102,7 @@ def _validate(o: EvalOptions) -> None:
     validate_multi_turn_fields(o)
     check_multi_turn_fields(o)
     require(o.batch_size >= 1, "batch_size", f"must be >= 1, got {o.batch_size}", "e.g. batch_size=16")
+    require(o.dtype in ("auto", "float32", "bfloat16"), "dtype", f"{o.dtype!r} is not a sampling precision", "use auto, float32 or bfloat16")
     try:
         ROLLOUT_ENGINES.get(o.engine)
     except ValueError as exc:
@@ -207,7 +210,7 @@ def format_table(result: EvalResult, tokens_per_s: float, seconds: float) -> str
 def _engine_config(model: str, o: EvalOptions) -> Config:
     """The configuration the engine is built from: ``dapo train``'s keys that ``o`` sets."""
     return Config(seed=o.seed, model=ModelConfig(path=model, device=o.device),
-                  rollout=RolloutConfig(engine=o.engine, temperature=o.temperature, top_p=o.top_p, top_k=o.top_k,
+                  rollout=RolloutConfig(engine=o.engine, dtype=o.dtype, temperature=o.temperature, top_p=o.top_p, top_k=o.top_k,
                                         max_response_length=o.max_response_length, max_batch_prompts=o.batch_size))
 
 
@@ -238,7 +241,9 @@ def evaluate_model(model: str, data: str, options: EvalOptions, echo: bool = Tru
     try:
         engine = build_engine(_engine_config(model, options), policy, tokenizer)
     except ValueError as exc:
-        raise ConfigError(f"engine: {exc}") from None
+        raise ConfigError(str(exc) if str(exc).startswith("rollout.dtype") else f"engine: {exc}") from None
+    if engine.precision_reason and options.dtype == "auto" and options.progress:
+        print(f"dtype={engine.precision_reason}", file=sys.stderr)
     params = SamplingParams(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
                             max_new_tokens=options.max_response_length)
     torch.manual_seed(options.seed)
