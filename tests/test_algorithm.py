@@ -827,3 +827,22 @@ def test_kl_estimator_by_import_path(user_module):
     logp, ref = torch.tensor([[0.0, -1.0]]), torch.tensor([[-0.5, -0.25]])
     estimator = KL_ESTIMATORS.get(f"{user_module}:Estimators.half_k1")
     torch.testing.assert_close(estimator(logp, ref), 0.5 * KL_ESTIMATORS.get("k1")(logp, ref))
+
+
+def test_the_helpers_a_new_loss_is_built_from():
+    """``token_log_ratio``, ``masked`` and ``ratio_metrics`` (public, for registered losses), by hand."""
+    from dapo_rl.algorithm import masked, ratio_metrics, token_log_ratio
+
+    valid = torch.tensor([[True, True, False]])
+    logp = torch.tensor([[math.log(2.0), math.log(0.25), float("inf")]], requires_grad=True)
+    old = torch.tensor([[0.0, math.log(0.5), 0.0]])
+    log_ratio = token_log_ratio(logp, old, valid)
+    assert log_ratio[0].tolist() == pytest.approx([math.log(2.0), math.log(0.5), 0.0])
+    ratio = torch.exp(log_ratio)
+    metrics = ratio_metrics(ratio.detach(), valid)
+    assert metrics["ratio_mean"].item() == pytest.approx(2.5)  # token sums: 2 + 0.5
+    assert metrics["approx_kl"].item() == pytest.approx((1 - math.log(2)) + (-0.5 + math.log(2)))  # (r − 1) − log r
+    loss = masked(torch.where(valid, -ratio, torch.full_like(ratio, float("nan"))), valid)
+    assert loss[0].tolist() == pytest.approx([-2.0, -0.5, 0.0])
+    loss.sum().backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0  # padding gets no gradient, not NaN

@@ -35,6 +35,9 @@ from dapo_rl.algorithm.policy_loss import (
     decoupled_clip_loss,
     gspo_loss,
     is_batch_coupled,
+    masked,
+    ratio_metrics,
+    token_log_ratio,
 )
 # Imported for their registrations: the entropy controls and the other trust regions.
 from dapo_rl.algorithm.entropy_losses import clip_cov_loss, kl_cov_loss
@@ -76,10 +79,13 @@ __all__ = [
     "is_batch_coupled",
     "kl_cov_loss",
     "loss_normalizer",
+    "masked",
     "mismatch_metrics",
     "overlong_filter_mask",
+    "ratio_metrics",
     "sapo_loss",
     "soft_overlong_penalty",
     "token_entropy",
+    "token_log_ratio",
     "token_logprobs",
 ]

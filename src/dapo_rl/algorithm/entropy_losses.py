@@ -25,9 +25,9 @@ from dapo_rl.algorithm.policy_loss import (
     ClipRange,
     LossSettings,
     PolicyLossResult,
-    _masked,
-    _ratio_metrics,
-    _token_log_ratio,
+    masked,
+    ratio_metrics,
+    token_log_ratio,
     batch_coupled,
 )
 
@@ -86,7 +86,7 @@ def clip_cov_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     """
     s = LossSettings.of(settings)
     valid = mask.bool()
-    ratio = torch.exp(_token_log_ratio(logp, old_logp, valid))
+    ratio = torch.exp(token_log_ratio(logp, old_logp, valid))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - s.eps_low, 1.0 + s.eps_high)
     r = ratio.detach()
@@ -98,8 +98,8 @@ def clip_cov_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     drawn = _draw(candidates, max(int(s.clip_cov_ratio * int(valid.sum())), 1), s.generator)
     loss = torch.where(drawn, torch.zeros_like(unclipped), torch.maximum(unclipped, clipped))
     metrics = {"clip_frac_low": clip_low.sum(), "clip_frac_high": clip_high.sum(), "cov_clip_frac": drawn.sum(),
-               **_ratio_metrics(r, valid), "clip_low": clip_low, "clip_high": clip_high, "cov_clip": drawn}
-    return PolicyLossResult(_masked(loss, valid), metrics)
+               **ratio_metrics(r, valid), "clip_low": clip_low, "clip_high": clip_high, "cov_clip": drawn}
+    return PolicyLossResult(masked(loss, valid), metrics)
 
 
 @POLICY_LOSSES.register("kl_cov")
@@ -121,7 +121,7 @@ def kl_cov_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     """
     s = LossSettings.of(settings)
     valid = mask.bool()
-    log_ratio = _token_log_ratio(logp, old_logp, valid)
+    log_ratio = token_log_ratio(logp, old_logp, valid)
     ratio = torch.exp(log_ratio)
     cov = token_covariance(advantages, logp, valid)
     selected = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
@@ -131,5 +131,5 @@ def kl_cov_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     selected = selected.view_as(valid)
     loss = -advantages * ratio + torch.where(selected, s.ppo_kl_coef * log_ratio.abs(), torch.zeros_like(log_ratio))
     metrics = {"kl_cov_frac": selected.sum(), "abs_log_ratio": log_ratio.detach().abs()[valid].sum(),
-               **_ratio_metrics(ratio.detach(), valid), "kl_cov": selected}
-    return PolicyLossResult(_masked(loss, valid), metrics)
+               **ratio_metrics(ratio.detach(), valid), "kl_cov": selected}
+    return PolicyLossResult(masked(loss, valid), metrics)

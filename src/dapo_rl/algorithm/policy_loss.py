@@ -143,19 +143,21 @@ def is_batch_coupled(loss: PolicyLoss) -> bool:
     return bool(getattr(loss, "batch_coupled", False))
 
 
-def _ratio_metrics(ratio: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+def ratio_metrics(ratio: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
     """Token sums of the per-token ratio π_θ/π_old and of the k3 estimate of KL(π_old‖π_θ),
-    ``(r - 1) - log r``, over ``valid`` tokens (``ratio`` detached)."""
+    ``(r - 1) - log r``, over ``valid`` tokens (``ratio`` detached): the ``ratio_mean`` and
+    ``approx_kl`` metrics every registered loss reports (the trainer divides by the token count)."""
     kl = (ratio - 1.0) - torch.log(ratio.clamp_min(1e-30))
     return {"ratio_mean": ratio[valid].sum(), "approx_kl": kl[valid].sum()}
 
 
-def _token_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    # Padding may hold arbitrary log-probs; zero the difference there so exp() cannot overflow.
+def token_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``log π_θ − log π_old`` per token ``[b, T]``, exactly 0 off ``valid``: padding may hold
+    arbitrary log-probs, and a zero there keeps ``exp()`` from overflowing. For a new loss's ratio."""
     return torch.where(valid, logp - old_logp, torch.zeros_like(logp))
 
 
-def _masked(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def masked(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``values`` with exact zeros off ``valid`` (padding may hold inf or NaN; where() drops them
     from the gradient too)."""
     return torch.where(valid, values, torch.zeros_like(values))
@@ -177,7 +179,7 @@ def decoupled_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     ``approx_kl``; token sets ``clip_low`` and ``clip_high``.
     """
     valid = mask.bool()
-    ratio = torch.exp(_token_log_ratio(logp, old_logp, valid))
+    ratio = torch.exp(token_log_ratio(logp, old_logp, valid))
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip.eps_low, 1.0 + clip.eps_high))
 
     r = ratio.detach()
@@ -190,7 +192,7 @@ def decoupled_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
         dual_clipped = valid & negative & (loss.detach() > dual_bound)
         loss = torch.where(negative, torch.minimum(loss, dual_bound), loss)
     metrics = {"clip_frac_low": clipped_low.sum(), "clip_frac_high": clipped_high.sum(),
-               "dual_clip_frac": dual_clipped.sum(), **_ratio_metrics(r, valid),
+               "dual_clip_frac": dual_clipped.sum(), **ratio_metrics(r, valid),
                "clip_low": clipped_low, "clip_high": clipped_high}
     return PolicyLossResult(torch.where(valid, loss, torch.zeros_like(loss)), metrics)
 
@@ -214,7 +216,7 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     is the sequence ratio.
     """
     valid = mask.bool()
-    log_ratio = _token_log_ratio(logp, old_logp, valid)
+    log_ratio = token_log_ratio(logp, old_logp, valid)
     lengths = valid.sum(-1, keepdim=True).clamp_min(1)
     seq_log_ratio = (log_ratio.sum(-1, keepdim=True) / lengths).detach()  # [batch, 1] log s_i
     # Value s_i on every token; gradient s_i · ∇ log π_θ(t). Capped so a wild sequence cannot overflow.
@@ -225,7 +227,7 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     clipped_low = valid & (advantages < 0) & (s < 1.0 - clip.eps_low)
     clipped_high = valid & (advantages > 0) & (s > 1.0 + clip.eps_high)
     metrics = {"clip_frac_low": clipped_low.sum(), "clip_frac_high": clipped_high.sum(),
-               "ratio_mean": s[valid].sum(), "approx_kl": _ratio_metrics(torch.exp(log_ratio.detach()), valid)["approx_kl"],
+               "ratio_mean": s[valid].sum(), "approx_kl": ratio_metrics(torch.exp(log_ratio.detach()), valid)["approx_kl"],
                "clip_low": clipped_low, "clip_high": clipped_high}
     return PolicyLossResult(torch.where(valid, loss, torch.zeros_like(loss)), metrics)
 
@@ -248,11 +250,11 @@ def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
     ``clip_low`` and ``clip_high``.
     """
     valid = mask.bool()
-    ratio = torch.exp(_token_log_ratio(logp, old_logp, valid)).detach()
+    ratio = torch.exp(token_log_ratio(logp, old_logp, valid)).detach()
     weight = ratio.clamp(1.0 - clip.eps_low, 1.0 + clip.eps_high)
     loss = -weight * advantages * torch.where(valid, logp, torch.zeros_like(logp))
     clipped_low = valid & (ratio < 1.0 - clip.eps_low)
     clipped_high = valid & (ratio > 1.0 + clip.eps_high)
-    metrics = {"clip_frac_low": clipped_low.sum(), "clip_frac_high": clipped_high.sum(), **_ratio_metrics(ratio, valid),
+    metrics = {"clip_frac_low": clipped_low.sum(), "clip_frac_high": clipped_high.sum(), **ratio_metrics(ratio, valid),
                "clip_low": clipped_low, "clip_high": clipped_high}
     return PolicyLossResult(torch.where(valid, loss, torch.zeros_like(loss)), metrics)

@@ -14,9 +14,9 @@ from dapo_rl.algorithm.policy_loss import (
     ClipRange,
     LossSettings,
     PolicyLossResult,
-    _masked,
-    _ratio_metrics,
-    _token_log_ratio,
+    masked,
+    ratio_metrics,
+    token_log_ratio,
 )
 
 # exp() of a log-ratio beyond this overflows float32 soon after; no sane update gets near it.
@@ -50,7 +50,7 @@ def geo_mean_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     ratios); token sets ``clip_low`` and ``clip_high``.
     """
     valid = mask.bool()
-    log_ratio = _token_log_ratio(logp, old_logp, valid)
+    log_ratio = token_log_ratio(logp, old_logp, valid)
     clipped = torch.where(advantages > 0, log_ratio.clamp(max=settings.eps_high),
                           torch.where(advantages < 0, log_ratio.clamp(min=-settings.eps_low), torch.zeros_like(log_ratio)))
     lengths = valid.sum(-1, keepdim=True).clamp_min(1)
@@ -64,8 +64,8 @@ def geo_mean_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     clip_low = valid & (advantages < 0) & (lr < -settings.eps_low)
     s = token_ratio.detach()
     metrics = {"clip_frac_low": clip_low.sum(), "clip_frac_high": clip_high.sum(), "ratio_mean": s[valid].sum(),
-               "approx_kl": _ratio_metrics(torch.exp(lr), valid)["approx_kl"], "clip_low": clip_low, "clip_high": clip_high}
-    return PolicyLossResult(_masked(loss, valid), metrics)
+               "approx_kl": ratio_metrics(torch.exp(lr), valid)["approx_kl"], "clip_low": clip_low, "clip_high": clip_high}
+    return PolicyLossResult(masked(loss, valid), metrics)
 
 
 @POLICY_LOSSES.register("sapo")
@@ -89,10 +89,10 @@ def sapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     """
     s = LossSettings.of(settings)
     valid = mask.bool()
-    ratio = torch.exp(_token_log_ratio(logp, old_logp, valid).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    ratio = torch.exp(token_log_ratio(logp, old_logp, valid).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
     tau = torch.where(advantages > 0, torch.full_like(ratio, s.tau_pos), torch.full_like(ratio, s.tau_neg))
     gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
-    return PolicyLossResult(_masked(-gate * advantages, valid), _ratio_metrics(ratio.detach(), valid))
+    return PolicyLossResult(masked(-gate * advantages, valid), ratio_metrics(ratio.detach(), valid))
 
 
 def _dppo(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, settings: ClipRange,
@@ -119,7 +119,7 @@ def _dppo(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, 
     ``clip_low`` and ``clip_high``.
     """
     valid = mask.bool()
-    log_ratio = _token_log_ratio(logp, old_logp, valid)
+    log_ratio = token_log_ratio(logp, old_logp, valid)
     ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)).detach()
     # The divergences read detached log-probs, 0 (p = 1) off the mask where padding may hold any value.
     lp = torch.where(valid, logp.detach(), torch.zeros_like(logp))
@@ -139,9 +139,9 @@ def _dppo(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, 
     masked_high = valid & (advantages > 0) & ~keep
     masked_low = valid & (advantages < 0) & ~keep
     metrics = {"clip_frac_low": masked_low.sum(), "clip_frac_high": masked_high.sum(),
-               "weight_truncated_frac": (valid & keep & (ratio > cap)).sum(), **_ratio_metrics(ratio, valid),
+               "weight_truncated_frac": (valid & keep & (ratio > cap)).sum(), **ratio_metrics(ratio, valid),
                "clip_low": masked_low, "clip_high": masked_high}
-    return PolicyLossResult(_masked(loss, valid), metrics)
+    return PolicyLossResult(masked(loss, valid), metrics)
 
 
 @POLICY_LOSSES.register("dppo_tv")
