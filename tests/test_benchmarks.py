@@ -50,7 +50,7 @@ def table_rows(out: str, arch: str, size: str) -> dict[str, list[float]]:
     block = out.split(f"\n{arch} {size} (", 1)[1].split("\n\n", 1)[0]
     rows = {}
     for line in block.splitlines():
-        m = re.fullmatch(rf"\s+(ours|trl)((?:\s+{NUMBER}){{5}})\s*", line)
+        m = re.fullmatch(rf"\s+(ours-bf16|trl-bf16|ours|trl)((?:\s+{NUMBER}){{5}})\s*", line)
         if m:
             rows[m.group(1)] = [float(x) for x in m.group(2).split()]
     return rows
@@ -71,11 +71,13 @@ def check_bench_vs_trl(out: str, results: dict, bench, archs: list[str], framewo
         for fw, (tok_s, pooled, s_step, tok_step, peak_mib) in rows.items():
             assert tok_s > 0 and pooled > 0 and s_step > 0 and peak_mib > 0, (arch, fw, rows)
             assert samples <= tok_step <= samples * bench.MAX_NEW_TOKENS, (arch, fw, tok_step)  # ≥ 1 token per sample
-        ratio = re.search(rf"^  {arch} 64x2 ours/TRL: tokens/s ×({NUMBER}) \(pooled ×({NUMBER})\), s/step ×({NUMBER}), "
-                          rf"peak RSS ×({NUMBER})$", out, re.M)
-        assert (ratio is not None) == (len(frameworks) == 2), out
-        if ratio:
-            assert all(float(x) > 0 for x in ratio.groups())
+        # a ratio line for each pair that ran: ours/TRL per precision, bf16/fp32 per framework
+        for label, num, den in bench.RATIOS:
+            ratio = re.search(rf"^  {arch} 64x2 {re.escape(label)}: tokens/s ×({NUMBER}) \(pooled ×({NUMBER})\), "
+                              rf"s/step ×({NUMBER}), peak RSS ×({NUMBER})$", out, re.M)
+            assert (ratio is not None) == (num in frameworks and den in frameworks), (label, out)
+            if ratio:
+                assert all(float(x) > 0 for x in ratio.groups())
         # --json: family → size → runs and medians, with the model the script built
         entry = results[arch]["64x2"]
         assert entry["arch"] == arch and entry["size"] == "64x2"
@@ -85,6 +87,22 @@ def check_bench_vs_trl(out: str, results: dict, bench, archs: list[str], framewo
         for fw, med in entry["medians"].items():
             assert med["tok_s"] == pytest.approx(rows[fw][0], rel=0.01, abs=1)
             assert med["tokens_step"] == pytest.approx(entry["runs"][fw][0]["tokens_step"])
+        # what each run computed in: fp32 throughout, or bf16 sampling and training
+        for fw, (run,) in entry["runs"].items():
+            bf16 = fw.endswith("-bf16")
+            assert run["rollout_dtype"] == ("bfloat16" if bf16 else "float32"), (fw, run)
+            assert run["train_dtype"] == ("bfloat16" + ("-autocast" if fw == "ours-bf16" else "") if bf16 else "float32"), (fw, run)
+            if fw.startswith("ours"):  # our sampler against our trainer: agreement to rounding in fp32 only
+                assert run["correction"] == ("token_truncate" if bf16 else "none"), (fw, run)
+                diff = run["rollout/logp_abs_diff"]
+                assert (1e-5 < diff < 0.1) if bf16 else (0 <= diff < 1e-4), (fw, diff)
+                if bf16:  # the correction's no-grad π_old pass
+                    assert run["old_s"] > 0, run
+        if "ours-bf16" in frameworks:  # the mean |Δlog p| on the bf16 run's line, as in its summary
+            line = re.search(rf"^{arch} 64x2 round 0 seed 0 ours-bf16\s*:.* rollout bfloat16 train bfloat16-autocast "
+                             rf"\|Δlog p\| ({NUMBER}) \(token_truncate\)", out, re.M)
+            assert line, out
+            assert float(line.group(1)) == pytest.approx(entry["runs"]["ours-bf16"][0]["rollout/logp_abs_diff"], abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- the model families
@@ -130,9 +148,11 @@ TINY = ["--sizes", "64x2", "--rounds", "1", "--steps", "1", "--warmup", "0", "--
 
 
 def test_bench_vs_trl_ours_smoke(bench, tmp_path):
-    """Our trainer alone, the default family: the per-run line, the table row, the JSON."""
-    out = run_script("bench_vs_trl.py", *TINY, "--frameworks", "ours", "--json", str(tmp_path / "r.json"))
-    check_bench_vs_trl(out, json.loads((tmp_path / "r.json").read_text()), bench, ["llama"], ["ours"])
+    """Our trainer in fp32 and in bf16 (bf16 sampling, bf16-autocast training), the default family:
+    the per-run lines, the table rows, the bf16/fp32 ratio line, the JSON, and the bf16 run
+    reporting a bf16 rollout and its |Δlog p|."""
+    out = run_script("bench_vs_trl.py", *TINY, "--frameworks", "ours,ours-bf16", "--json", str(tmp_path / "r.json"))
+    check_bench_vs_trl(out, json.loads((tmp_path / "r.json").read_text()), bench, ["llama"], ["ours", "ours-bf16"])
 
 
 @pytest.mark.slow
@@ -153,10 +173,37 @@ def test_bench_vs_trl_both_frameworks_two_families(bench, tmp_path):
     check_bench_vs_trl(out, json.loads((tmp_path / "r.json").read_text()), bench, archs, ["ours", "trl"])
 
 
+@pytest.mark.slow
+def test_bench_vs_trl_every_precision(bench, tmp_path):
+    """All four frameworks, fp32 and bf16 on both sides: four rows and all four ratio lines; TRL's
+    bf16 run is seen computing in bf16 (its linear layers' outputs), its fp32 run in fp32."""
+    pytest.importorskip("trl")
+    frameworks = ["ours", "ours-bf16", "trl", "trl-bf16"]
+    out = run_script("bench_vs_trl.py", *TINY, "--frameworks", ",".join(frameworks), "--json", str(tmp_path / "r.json"))
+    check_bench_vs_trl(out, json.loads((tmp_path / "r.json").read_text()), bench, ["llama"], frameworks)
+
+
+def test_bench_vs_trl_round_order(bench):
+    """Round r starts at the r-th framework, modulo their number (two: they alternate)."""
+    fws = ["ours", "ours-bf16", "trl", "trl-bf16"]
+    assert [bench.round_order(fws, r) for r in range(5)] == [
+        fws, ["ours-bf16", "trl", "trl-bf16", "ours"], ["trl", "trl-bf16", "ours", "ours-bf16"],
+        ["trl-bf16", "ours", "ours-bf16", "trl"], fws]
+    assert [bench.round_order(["ours", "trl"], r) for r in range(3)] == [["ours", "trl"], ["trl", "ours"], ["ours", "trl"]]
+    assert bench.round_order(["ours"], 7) == ["ours"]
+
+
 def test_bench_vs_trl_rejects_unknown_names():
     proc = subprocess.run([sys.executable, str(BENCH / "bench_vs_trl.py"), "--arch", "llama,gpt2"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--arch: unknown gpt2" in proc.stderr
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_vs_trl.py"), "--frameworks", "ours,trl-fp16"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--frameworks: unknown trl-fp16" in proc.stderr
+    # bf16 sampling needs an engine that has it: refused before any model is built
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_vs_trl.py"), "--frameworks", "ours-bf16", "--engine", "hf"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--frameworks ours-bf16 with --engine hf: rollout.dtype" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- trl_parity.py
@@ -180,14 +227,41 @@ def test_trl_parity_smoke():
 
 # ----------------------------------------------------------------------------- matmul_peak.py
 
+MATMUL_SHAPES = ["128² square", "64x2 train: 2048 tok × 64 → 176", "64x2 decode: 64 rows × 64 → 176"]
+
+
+def matmul_rates(out: str) -> list[tuple[str, str, float, float]]:
+    """(product, dtype, median, best) of each rate line matmul_peak.py printed."""
+    return [(name.strip(), dtype, float(median), float(best)) for name, dtype, median, best in re.findall(
+        rf"^(.+?)\s+(fp32|bf16) threads=1: median\s+({NUMBER}) GFLOP/s\s+best\s+({NUMBER})$", out, re.M)]
+
+
 def test_matmul_peak_smoke():
     out = run_script("matmul_peak.py", "--square", "128", "--sizes", "64x2", "--threads", "1", "--repeats", "2",
                      "--block-s", "0.01")
-    rates = re.findall(rf"^(.+?)\s+threads=1: median\s+({NUMBER}) GFLOP/s\s+best\s+({NUMBER})$", out, re.M)
-    assert [name.strip() for name, _, _ in rates] == ["128² square", "64x2 train: 2048 tok × 64 → 176",
-                                                     "64x2 decode: 64 rows × 64 → 176"], out
-    for _, median, best in rates:
-        assert 0 < float(median) <= float(best)
+    rates = matmul_rates(out)
+    assert [(name, dtype) for name, dtype, _, _ in rates] == [(name, "fp32") for name in MATMUL_SHAPES], out
+    for _, _, median, best in rates:
+        assert 0 < median <= best
+
+
+def test_matmul_peak_bf16_smoke():
+    """--dtype fp32,bf16: each product's fp32 and bf16 lines side by side, both positive rates;
+    --dtype bf16 alone prints only bf16 lines; an unknown dtype is refused."""
+    args = ["--square", "128", "--sizes", "64x2", "--threads", "1", "--repeats", "2", "--block-s", "0.01"]
+    out = run_script("matmul_peak.py", *args, "--dtype", "fp32,bf16")
+    rates = matmul_rates(out)
+    assert [(name, dtype) for name, dtype, _, _ in rates] == [(name, d) for name in MATMUL_SHAPES for d in ("fp32", "bf16")], out
+    for _, _, median, best in rates:
+        assert 0 < median <= best
+    assert out.startswith(f"# torch {torch.__version__}, fp32,bf16 (native bf16: "), out
+    out = run_script("matmul_peak.py", *args, "--dtype", "bf16")
+    rates = matmul_rates(out)
+    assert [(name, dtype) for name, dtype, _, _ in rates] == [(name, "bf16") for name in MATMUL_SHAPES], out
+    assert all(median > 0 for _, _, median, _ in rates)
+    proc = subprocess.run([sys.executable, str(BENCH / "matmul_peak.py"), "--dtype", "fp16"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--dtype: unknown fp16" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- decode_products.py
