@@ -136,3 +136,25 @@ def test_precision_settings_that_cannot_work_are_refused_in_one_line(overrides, 
     with pytest.raises(ConfigError, match=fragment) as error:
         load_config(None, overrides)
     assert "\n" not in str(error.value)
+
+
+def test_a_run_saved_before_rollout_dtype_resumes_with_the_precision_it_had(tmp_path):
+    """config.yaml written with rollout.vllm_dtype: read under rollout.dtype, float32 for the
+    in-process engines (what they did then), the vLLM value for vLLM; resume accepts it."""
+    from dapo_rl.config import migrate_saved_keys, to_yaml
+    from dapo_rl.training.run_folder import check_output_dir
+
+    assert migrate_saved_keys({"rollout.engine": "fast", "rollout.vllm_dtype": "auto"}) == {"rollout.engine": "fast",
+                                                                                            "rollout.dtype": "float32"}
+    assert migrate_saved_keys({"rollout.engine": "vllm", "rollout.vllm_dtype": "float16"})["rollout.dtype"] == "float16"
+    run = tmp_path / "run"
+    run.mkdir()
+    config = load_config(None, [f"output_dir={run}", "rollout.dtype=float32"])
+    old = to_yaml(config).replace("  dtype: float32\n", "  vllm_dtype: auto\n", 1)
+    assert "vllm_dtype: auto" in old and "rollout" in old
+    (run / "config.yaml").write_text(old)
+    assert load_config(run / "config.yaml", [], saved_run=True).rollout.dtype == "float32"
+    resumed = load_config(None, [f"output_dir={run}", "rollout.dtype=float32", "resume=true"])
+    assert check_output_dir(resumed) == run
+    with pytest.raises(ConfigError, match="vllm_dtype"):  # a user's own file still gets the did-you-mean
+        load_config(run / "config.yaml", [])

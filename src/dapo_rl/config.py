@@ -47,6 +47,19 @@ REPLACED_KEYS = {
 }
 
 
+def migrate_saved_keys(flat: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved settings (``config.yaml`` flattened to dotted keys), written by an earlier
+    version, under today's keys with the meaning the run had: ``rollout.vllm_dtype`` becomes
+    ``rollout.dtype`` for the vLLM engines, and ``float32`` for the in-process ones (which then
+    sampled in fp32 whatever it said)."""
+    flat = dict(flat)
+    if "rollout.vllm_dtype" in flat:
+        old = flat.pop("rollout.vllm_dtype")
+        engine = flat.get("rollout.engine", "fast")
+        flat.setdefault("rollout.dtype", old if str(engine).startswith("vllm") else "float32")
+    return flat
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and the fix."""
 
@@ -453,8 +466,10 @@ def _read_yaml(path: Path) -> DictConfig:
     return loaded
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults ← YAML file ← ``a.b=c`` overrides, type-checked and validated.
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, saved_run: bool = False) -> Config:
+    """Defaults ← YAML file ← ``a.b=c`` overrides, type-checked and validated. ``saved_run``: the
+    file is a run folder's ``config.yaml``, perhaps written by an earlier version
+    (:func:`migrate_saved_keys`).
 
     Raises:
         ConfigError: unreadable file, unknown key, wrong type, or a rule of :func:`validate`.
@@ -463,7 +478,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     overrides = list(overrides or [])
     layers: list[Any] = [schema]
     if path is not None:
-        layers.append(_read_yaml(Path(path)))
+        layer = _read_yaml(Path(path))
+        if saved_run:
+            flat = migrate_saved_keys(flatten_settings(OmegaConf.to_container(layer)))
+            layer = OmegaConf.create({})
+            for key, value in flat.items():
+                OmegaConf.update(layer, key, value)
+        layers.append(layer)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. steps=100)")
@@ -481,6 +502,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         config.micro_batch_size = default_micro_batch_size(config.mini_batch_size * config.group_size)
     validate(config)
     return config
+
+
+def flatten_settings(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings (a config as plain dicts) as ``{"a.b.c": value}``; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten_settings(value, f"{prefix}{key}."))
+    return out
 
 
 def _task_defaults(given: DictConfig) -> DictConfig:

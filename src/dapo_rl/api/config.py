@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from dapo_rl.config import Config, ConfigError, load_config, to_yaml
+from dapo_rl.config import Config, ConfigError, flatten_settings, load_config, to_yaml
 
 __all__ = ["DAPOConfig", "TRL_NAMES", "batch_sizes"]
 
@@ -91,9 +91,7 @@ def _flatten(key: str, value: Any) -> dict[str, Any]:
     """A section given as a dict or a dataclass (``dynamic_sampling={"max_rounds": 4}``) → dotted keys."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {k: v for name, item in value.items() for k, v in _flatten(f"{key}.{name}", item).items()}
-    return {key: value}
+    return flatten_settings({key: value})
 
 
 class DAPOConfig:

@@ -229,7 +229,7 @@ def run_status(config: Config) -> str:
     if not stored.is_file():
         return "new"
     try:
-        previous = load_config(stored, [])
+        previous = load_config(stored, [], saved_run=True)
     except ConfigError as exc:
         raise ConfigError(f"{run_dir}: unreadable config.yaml ({exc}); delete that run folder or use another --out") from None
     diffs = _differences(_comparable(previous), _comparable(config))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dapo_rl.config import Config, to_dict, to_yaml
+from dapo_rl.config import Config, flatten_settings, migrate_saved_keys, to_dict, to_yaml
 from dapo_rl.errors import one_line
 from dapo_rl.telemetry import read_metrics
 from dapo_rl.training.errors import RunError
@@ -25,15 +25,6 @@ RESUMABLE_CHANGES = ("steps", "resume", "overwrite", "output_dir", "logging.", "
                      "reward.timeout_s", "dynamic_sampling.max_rounds", "dynamic_sampling.on_exhausted",
                      "dynamic_sampling.max_prompts_per_round",
                      "quickstart.cache_dir", "model.device", "rollout.engine", "rollout.server.", "distributed.")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out
 
 
 def check_output_dir(config: Config) -> Path:
@@ -58,7 +49,8 @@ def check_output_dir(config: Config) -> Path:
             saved = yaml.safe_load(marker.read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise RunError(f"resume: cannot read {marker} ({one_line(exc, 240)}); use overwrite=true to start the run over") from None
-        saved_flat, now_flat = _flatten(saved if isinstance(saved, dict) else {}), _flatten(to_dict(config))
+        saved_flat = migrate_saved_keys(flatten_settings(saved if isinstance(saved, dict) else {}))
+        now_flat = flatten_settings(to_dict(config))
         for key in sorted(set(saved_flat) | set(now_flat)):
             if key.startswith(RESUMABLE_CHANGES) or key not in saved_flat:
                 continue  # a key added to the schema after the run started keeps its default
