@@ -221,12 +221,18 @@ def test_bf16_sampling_is_bit_reproducible_from_a_seed(name):
 def test_bf16_multi_turn_log_probs_are_close_to_a_full_forward(name, one_call, monkeypatch, three_turns):
     """Multi-turn in bf16: environment tokens fed through the bf16 decoder (one loop), or kept bf16
     keys/values continued by the fp32 prefill (turn by turn)."""
-    from dapo_rl.rollout.multi_turn import MultiTurnSampler
-
     if not one_call:
         monkeypatch.setattr(DecoderEngine, "generate_turns", lambda self, *args, **kwargs: None)
     model = family(name)
-    sampler = MultiTurnSampler(_engine(model, dtype=torch.bfloat16), TOK, environment=three_turns, max_turns=3)
+    _multi_turn_matches_a_full_forward(model, _engine(model, dtype=torch.bfloat16), three_turns, BF16_LOGPROB_TOLERANCE)
+
+
+def _multi_turn_matches_a_full_forward(model, engine, environment, atol: float, wait_steps: int = 0) -> None:
+    """Trajectories of two prompts × 2 through ``engine``: the model tokens' log-probs against one
+    full forward of the whole final sequence (``atol``); at least one continued past a message."""
+    from dapo_rl.rollout.multi_turn import MultiTurnSampler
+
+    sampler = MultiTurnSampler(engine, TOK, environment=environment, max_turns=3, wait_steps=wait_steps)
     torch.manual_seed(0)
     groups = sampler.generate(PROMPTS[:2], 2, SamplingParams(temperature=1.0, max_new_tokens=24))
     turns = 0
@@ -235,9 +241,8 @@ def test_bf16_multi_turn_log_probs_are_close_to_a_full_forward(name, one_call, m
             turns = max(turns, s.trajectory.turns)
             model_at = torch.tensor(s.model_mask, dtype=torch.bool)
             full = _full_logprobs(model, prompt, s.response_ids)
-            torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64)[model_at], full[model_at],
-                                       atol=BF16_LOGPROB_TOLERANCE, rtol=0)
-    assert turns >= 2
+            torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64)[model_at], full[model_at], atol=atol, rtol=0)
+    assert turns >= 2  # at least one trajectory continued past an environment message
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral-window", "gemma2-softcap-window", "gemma3-window-local-global"])
@@ -500,8 +505,6 @@ def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_se
     each reply is computed in a thread and the row skips steps the full forward never sees; turn by
     turn (an engine call per turn), each call continues the kept keys and values and prefills only
     the new tokens."""
-    from dapo_rl.rollout.multi_turn import MultiTurnSampler
-
     import dapo_rl.rollout.decoder_turns as decoder_turns
 
     fed: list[tuple[int, int]] = []  # (tokens prefilled per row, longest prompt) of each continued call
@@ -516,17 +519,7 @@ def test_a_multi_turn_trajectorys_log_probs_equal_a_full_forward_of_the_final_se
     if not one_call:
         monkeypatch.setattr(DecoderEngine, "generate_turns", lambda self, *args, **kwargs: None)
     model = family(name)
-    sampler = MultiTurnSampler(_engine(model), TOK, environment=three_turns, max_turns=3, wait_steps=wait_steps)
-    torch.manual_seed(0)
-    groups = sampler.generate(PROMPTS[:2], 2, SamplingParams(temperature=1.0, max_new_tokens=24))
-    turns = 0
-    for prompt, group in zip(PROMPTS, groups):
-        for s in group:
-            turns = max(turns, s.trajectory.turns)
-            model_at = torch.tensor(s.model_mask, dtype=torch.bool)
-            full = _full_logprobs(model, prompt, s.response_ids)
-            torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64)[model_at], full[model_at], atol=1e-5, rtol=0)
-    assert turns >= 2  # at least one trajectory continued past an environment message
+    _multi_turn_matches_a_full_forward(model, _engine(model), three_turns, 1e-5, wait_steps)
     if one_call:
         assert not fed  # one prefill of the prompts, then one decode loop
     else:
