@@ -5,9 +5,13 @@ example in the prompt: docs/tools.md), and RL cannot reinforce what it never sam
 script does the short supervised warm-up that every tool-RL recipe starts from (verl's and
 TRL's multi-turn examples start from an SFT'd model), and nothing more:
 
-- **Format, not the task.** The conversations are bare sums, differences and products ("What
-  is 23 + 17 + 8?"), never the word problems RL trains on. Turning "Sam has 4 pencils and gets
-  9 more ..." into a call is left to RL.
+- **Format, not the task.** Half the conversations are bare sums, differences and products
+  ("What is 23 + 17 + 8?"), half short word problems in wordings of their own (:data:`WORDED`:
+  shelves, trains, cats and dogs), never the wordings of the arithmetic generator RL trains on
+  (``dapo_rl.data.arithmetic``). With bare sums alone, the model learned to copy the whole
+  question into the call ("Tom has 28 apples and gives away 20"): 187 of 191 calls failed on
+  the level-3 problems. Turning "Sam has 4 pencils and gets 9 more ..." into ``4 + 9`` is left
+  to RL.
 - **Token-exact with the rollout.** A conversation is built the way the multi-turn sampler
   builds a trajectory: the prompt rendered by the tools template, the call's tokens, the
   end-of-turn token, the tool's reply as the template continues the conversation
@@ -42,8 +46,28 @@ TOOL = "dapo_rl.tools.calculator:calculator"
 _ASK = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "{e} = ?", "Work out {e}.")
 
 
+#: Word problems in wordings the arithmetic generator never uses: (question, expression) templates.
+WORDED = (
+    ("A box holds {a} red balls and {b} blue balls. How many balls are in the box?", "{a} + {b}"),
+    ("A train had {a} passengers and {b} got off. How many passengers are still on the train?", "{a} - {b}"),
+    ("Each of {a} shelves holds {b} jars. How many jars are on the shelves?", "{a} * {b}"),
+    ("There are {a} cats, {b} dogs and {c} birds in a shop. How many animals are in the shop?", "{a} + {b} + {c}"),
+    ("A baker made {a} rolls in the morning and {b} in the afternoon. How many rolls did the baker make?", "{a} + {b}"),
+    ("A pond had {a} ducks. Then {b} flew away. How many ducks are on the pond?", "{a} - {b}"),
+)
+
+
 def problem(rng: random.Random) -> tuple[str, str]:
-    """A bare arithmetic question and its expression (two or three terms, numbers 2–60)."""
+    """A question and its expression: a bare one (two or three terms, numbers 2–60) or a
+    :data:`WORDED` one, each half the time."""
+    if rng.random() < 0.5:
+        question, expression = rng.choice(WORDED)
+        a, b, c = (rng.randint(2, 40) for _ in range(3))
+        if "-" in expression:
+            a, b = max(a, b), min(a, b)
+        if "*" in expression:
+            a, b = a % 10 + 2, b % 10 + 2
+        return question.format(a=a, b=b, c=c), expression.format(a=a, b=b, c=c)
     terms = rng.choice((2, 2, 3))
     numbers = [rng.randint(2, 60) for _ in range(terms)]
     ops = [rng.choice("+-*") if terms == 2 else rng.choice("+-") for _ in range(terms - 1)]
