@@ -134,11 +134,16 @@ def _train_twice(tmp_path: Path, cache: str, *overrides: str) -> list[tuple[str,
     [],  # the quickstart as the README runs it
     # Four optimiser updates per step, two epochs: π_old differs from π_θ, so clipping is active.
     ["steps=20", "mini_batch_size=4", "micro_batch_size=32", "ppo_epochs=2"],
-], ids=["quickstart", "several-updates-per-step"])
+    # bf16 sampling (the decoder's bf16 weights and cache) and bf16-autocast training, corrected.
+    ["steps=10", "rollout.dtype=bfloat16", "model.dtype=bf16-autocast"],
+], ids=["quickstart", "several-updates-per-step", "bf16"])
 def test_training_twice_at_two_threads_gives_identical_weights(overrides, tmp_path, quickstart_cache):
     (sha_a, rows_a), (sha_b, rows_b) = _train_twice(tmp_path, quickstart_cache, *overrides)
     assert rows_a == rows_b
     assert sha_a == sha_b
-    if overrides:
+    if "ppo_epochs=2" in overrides:
         assert any(row.get("train/clip_frac_low", 0) + row.get("train/clip_frac_high", 0) > 0 for row in rows_a), \
             "no token was clipped: the case tests nothing"
+    if "rollout.dtype=bfloat16" in overrides:  # the sampler really differed from the trainer, and was corrected
+        gaps = [row["rollout/logp_abs_diff"] for row in rows_a if "rollout/logp_abs_diff" in row]
+        assert len(gaps) >= 5 and min(gaps) > 1e-4, gaps
