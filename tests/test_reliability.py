@@ -417,3 +417,15 @@ def test_checkpoint_resave_prune_and_recovery_never_leave_a_gap(tmp_path, cache)
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["step_000002", "step_000003"]
     assert trainer.checkpointed_step == 3
+
+
+def test_a_checkpoints_policy_folder_loads_with_its_tokenizer(tmp_path, cache):
+    """``dapo eval RUN/checkpoints/step_N/policy`` works: the folder holds the tokenizer too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer = _build_trainer(cache)
+    trainer.state.step = 1
+    folder = save_checkpoint(trainer, tmp_path / "run", keep_last=1) / "policy"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer("12=")["input_ids"] == trainer.tokenizer("12=")["input_ids"]
+    assert AutoModelForCausalLM.from_pretrained(folder).config.vocab_size == trainer.model.config.vocab_size

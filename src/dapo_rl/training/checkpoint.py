@@ -1,7 +1,7 @@
 """Atomic checkpoints: written to a temporary folder, then renamed into place.
 
-A checkpoint folder ``checkpoints/step_000042/`` holds the policy as a Hugging Face folder
-(``policy/``; a LoRA run's adapters alone, in PEFT's format, the base being ``model.path``) and ``trainer.pt`` with the optimiser, scheduler, every RNG state, the prompt
+A checkpoint folder ``checkpoints/step_000042/`` holds the policy as a Hugging Face folder with
+its tokenizer (``policy/``, loadable by ``dapo eval``; a LoRA run's adapters alone, in PEFT's format, the base being ``model.path``) and ``trainer.pt`` with the optimiser, scheduler, every RNG state, the prompt
 stream (position, current pass order, difficulty memory: retired and never-solved prompts), the
 dynamic sampler (surplus groups with the policy version that sampled each, the p̂ estimate, the
 exhausted-step count), each rank's round sent ahead under ``rollout.async_steps=1`` and the step. A folder is valid only when its
@@ -74,6 +74,7 @@ def save_checkpoint(trainer: Trainer, run_dir: Path, keep_last: int = 2) -> Path
     staging = root / f".tmp-step_{trainer.state.step:06d}"
     staging.mkdir()
     trainer.model.save_pretrained(staging / "policy", state_dict=state.pop("model"))
+    trainer.tokenizer.save_pretrained(staging / "policy")  # so `dapo eval` can load a checkpoint's policy as it is
     torch.save(state, staging / "trainer.pt")
     (staging / MARKER).write_text(str(trainer.state.step))
     _fsync_tree(staging)
