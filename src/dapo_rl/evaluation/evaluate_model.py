@@ -240,8 +240,10 @@ def evaluate_model(model: str, data: str, options: EvalOptions, echo: bool = Tru
     prompts = load_eval_prompts(data, tokenizer, options)
     try:
         engine = build_engine(_engine_config(model, options), policy, tokenizer)
+    except ConfigError:
+        raise  # it already names its key
     except ValueError as exc:
-        raise ConfigError(str(exc) if str(exc).startswith("rollout.dtype") else f"engine: {exc}") from None
+        raise ConfigError(f"engine: {exc}") from None
     if engine.precision_reason and options.dtype == "auto" and options.progress:
         print(f"dtype={engine.precision_reason}", file=sys.stderr)
     params = SamplingParams(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,

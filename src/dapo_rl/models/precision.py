@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from dapo_rl.cache_dir import default_cache_dir
+from dapo_rl.models.decode import Projection, can_pack, packs_by_default
 from dapo_rl.models.native import cpu_info
 
 MIN_BF16_HIDDEN = 256  # below: float32 without probing (see the module docstring)
@@ -69,18 +70,6 @@ def native_bf16(device: torch.device) -> str | None:
     return None
 
 
-def _packed_product(weight: torch.Tensor):
-    """``x ↦ x·Wᵀ`` as the decoder runs it: oneDNN with a packed weight where that works, else ``F.linear``."""
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-        probe = torch.ops.mkldnn._linear_pointwise(torch.ones(1, weight.shape[1], dtype=weight.dtype), packed, None, "none", [], "")
-        if probe.shape == (1, weight.shape[0]):
-            return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    except (AttributeError, RuntimeError):
-        pass
-    return lambda x: torch.nn.functional.linear(x, weight)
-
-
 def _seconds(product, x: torch.Tensor, repeats: int) -> float:
     product(x)  # first call: kernel selection, packing caches
     times = []
@@ -93,13 +82,16 @@ def _seconds(product, x: torch.Tensor, repeats: int) -> float:
 
 def probe_speedup(hidden: int, width: int, rows: int, repeats: int = 15) -> float:
     """fp32 time over bf16 time of a ``[rows, hidden] · [hidden, width]`` product on the CPU (at
-    torch's current thread count), each as the decoder runs it; the median of ``repeats`` calls."""
+    torch's current thread count), each as the decoder runs it (its :class:`Projection`, packed
+    where :func:`packs_by_default` and :func:`can_pack` say); the median of ``repeats`` calls."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(width, hidden, generator=generator) / hidden**0.5
     x = torch.randn(rows, hidden, generator=generator)
-    fp32 = _seconds(_packed_product(weight), x, repeats)
-    bf16 = _seconds(_packed_product(weight.bfloat16()), x.bfloat16(), repeats)
-    return fp32 / bf16
+    packs = packs_by_default(hidden, x.device)
+    seconds = {dtype: _seconds(Projection.copied(weight, None, packed=packs and can_pack(weight.to(dtype)), dtype=dtype),
+                               x.to(dtype), repeats)
+               for dtype in (torch.float32, torch.bfloat16)}
+    return seconds[torch.float32] / seconds[torch.bfloat16]
 
 
 def _cache_file() -> Path:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from dapo_rl.config import ConfigError
 from dapo_rl.models.decode import SpecDecoder
 from dapo_rl.models.lora import adapters_active
 from dapo_rl.models.precision import Precision, resolve_precision
@@ -208,7 +209,7 @@ def sampling_precision(setting: str, model) -> Precision:
     cannot cast: a model it does not serve, or one whose LoRA adapters it reads in place.
 
     Raises:
-        ValueError: ``bfloat16`` asked for explicitly where it cannot be had (the message names ``rollout.dtype``).
+        ConfigError: ``bfloat16`` asked for explicitly where it cannot be had (the message names ``rollout.dtype``).
     """
     own = next(model.parameters()).dtype
     config = model.config
@@ -223,7 +224,7 @@ def sampling_precision(setting: str, model) -> Precision:
         return precision
     if setting == "auto":
         return Precision(own, f"auto: the model's {str(own).removeprefix('torch.')}, {blocker}")
-    raise ValueError(f"rollout.dtype={setting}: the fast engine samples in the model's own dtype here ({blocker}); "
+    raise ConfigError(f"rollout.dtype={setting}: the fast engine samples in the model's own dtype here ({blocker}); "
                      f"set rollout.dtype=auto")
 
 

@@ -197,6 +197,7 @@ def rollout_engine(config: Config, model: torch.nn.Module, tokenizer: Any) -> Ro
     """The rollout engine ``rollout.engine`` names."""
     try:
         return build_engine(config, model, tokenizer)
+    except ConfigError:
+        raise  # it already names its key
     except ValueError as exc:
-        message = str(exc)
-        raise ConfigError(message if message.startswith("rollout.") else f"rollout.engine: {message}") from None
+        raise ConfigError(f"rollout.engine: {exc}") from None
