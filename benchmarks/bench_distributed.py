@@ -50,7 +50,7 @@ def worker(a) -> None:
     from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
     from dapo_rl.rewards import resolve_reward_fn
     from dapo_rl.training.distributed import init_distributed, shutdown_distributed
-    from dapo_rl.training.compose import device_and_autocast, rollout_engine
+    from dapo_rl.training.compose import rollout_engine, training_autocast, training_device
     from dapo_rl.training.trainer import Trainer
 
     torch.set_num_threads(a.threads)
@@ -62,10 +62,11 @@ def worker(a) -> None:
     ])
     ctx = init_distributed(config.model.device, config.distributed.strategy)
     torch.manual_seed(ctx.rank)
-    device, autocast = device_and_autocast(config, ctx.local_rank)
+    device = training_device(config, ctx.local_rank)
     tokenizer = build_char_tokenizer(VOCAB)
     model = build_tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=max(1, hidden // 64),
                              intermediate_size=hidden * 8 // 3, max_positions=128, seed=0).to(device)
+    autocast = training_autocast(config, model, device, ctx).autocast_dtype
     train, _ = builtin_splits(a.prompts * (a.steps + a.warmup), 8)
     prompts, _ = encode_prompts(train, tokenizer)
     # A random model is never right on the chain task: reward the share of digits instead, so that

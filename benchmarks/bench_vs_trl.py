@@ -254,7 +254,7 @@ def build_trainer(folder: Path, steps: int, seed: int, threads: int, engine: str
     from dapo_rl.data.encoding import encode_prompts
     from dapo_rl.rewards import resolve_reward_fn
     from dapo_rl.training.host_memory import keep_freed_host_memory
-    from dapo_rl.training.compose import device_and_autocast, rollout_engine
+    from dapo_rl.training.compose import rollout_engine, training_autocast, training_device
     from dapo_rl.training.trainer import Trainer
 
     keep_freed_host_memory()  # as `dapo train` does
@@ -272,7 +272,8 @@ def build_trainer(folder: Path, steps: int, seed: int, threads: int, engine: str
         "optim.grad_clip=1.0", "model.device=cpu", "data.eval=null",
         f"rollout.dtype={'bfloat16' if bf16 else 'float32'}", f"model.dtype={'bf16-autocast' if bf16 else 'float32'}",
     ])
-    device, autocast_dtype = device_and_autocast(config)  # (cpu, torch.bfloat16) under bf16-autocast, else (cpu, None)
+    device = training_device(config)
+    autocast_dtype = training_autocast(config, model, device).autocast_dtype  # bfloat16 under bf16-autocast, else None
     texts = json.loads((folder / "prompts.json").read_text())
     prompts, _ = encode_prompts([Example(prompt=t, answer="0", metadata={}) for t in texts], tokenizer)
     reward = resolve_reward_fn(lambda response, truth, meta: content_reward(response))

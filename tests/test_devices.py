@@ -3,30 +3,40 @@ the bf16 autocast update (autocast works on CPU too)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from dapo_rl.config import ConfigError, load_config
 from dapo_rl.training import distributed
-from dapo_rl.training.compose import device_and_autocast
+from dapo_rl.models.precision import training_precision
+from dapo_rl.training.compose import training_device
 
 
-def test_auto_device_is_cuda_with_bf16_autocast_when_a_gpu_is_present(monkeypatch):
+def test_auto_device_is_cuda_when_a_gpu_is_present_and_the_product_dtype_follows_the_model(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    device, autocast = device_and_autocast(load_config(overrides=[]))
-    assert (device, autocast) == (torch.device("cuda"), torch.bfloat16)
-    device, _ = device_and_autocast(load_config(overrides=[]), local_rank=3)
-    assert device == torch.device("cuda:3")  # one GPU per torchrun process
-    _, autocast = device_and_autocast(load_config(overrides=["model.dtype=float32"]))
-    assert autocast is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert training_device(load_config(overrides=[])) == torch.device("cuda")
+    assert training_device(load_config(overrides=[]), local_rank=3) == torch.device("cuda:3")  # one GPU per torchrun process
+    cuda = torch.device("cuda")
+    wide, narrow = SimpleNamespace(hidden_size=576, intermediate_size=1536), SimpleNamespace(hidden_size=64)
+    assert training_precision("auto", wide, cuda).autocast_dtype == torch.bfloat16
+    assert training_precision("auto", narrow, cuda).autocast_dtype is None  # too narrow for bf16 to pay anywhere
+    assert training_precision("float32", wide, cuda).autocast_dtype is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert training_precision("auto", wide, cuda).autocast_dtype is None
 
 
-def test_auto_device_is_cpu_fp32_without_a_gpu(monkeypatch):
+def test_auto_device_is_cpu_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert device_and_autocast(load_config(overrides=[])) == (torch.device("cpu"), None)
-    assert device_and_autocast(load_config(overrides=["model.dtype=bf16-autocast"])) == (torch.device("cpu"), torch.bfloat16)
+    assert training_device(load_config(overrides=[])) == torch.device("cpu")
+    wide = SimpleNamespace(hidden_size=576, intermediate_size=1536)
+    assert training_precision("bf16-autocast", wide, torch.device("cpu")).autocast_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="use float32, bf16-autocast, auto"):
+        training_precision("bf16", wide, torch.device("cpu"))
     with pytest.raises(ConfigError, match="model.device"):
-        device_and_autocast(load_config(overrides=["model.device=cuda"]))
+        training_device(load_config(overrides=["model.device=cuda"]))
 
 
 @pytest.mark.parametrize("has_gpu, backend", [(True, "nccl"), (False, "gloo")])

@@ -12,7 +12,7 @@ import transformers as tf
 
 from dapo_rl.config import ConfigError, load_config
 from dapo_rl.models import precision
-from dapo_rl.models.precision import MIN_BF16_HIDDEN, MIN_SPEEDUP, native_bf16, resolve_precision
+from dapo_rl.models.precision import MIN_BF16_HIDDEN, MIN_SPEEDUP, native_bf16, resolve_precision, training_precision
 from dapo_rl.rollout.decoder_engine import DecoderEngine, sampling_precision
 from dapo_rl.training.compose import correction_mode
 
@@ -115,6 +115,43 @@ def test_the_fast_engine_resolves_its_precision_and_bf16_sampling_is_corrected_b
     assert correction_mode(config, fp32, autocast_dtype=torch.bfloat16) == "token_truncate"  # bf16 training
     explicit = load_config(None, ["rollout_correction.mode=none"])
     assert correction_mode(explicit, engine) == "none"
+
+
+def test_training_auto_follows_the_probe_at_a_training_forwards_rows(cpu_flags, probes):
+    cpu_flags("amx_bf16")
+    fake, calls = probes
+    config = _llama(MIN_BF16_HIDDEN).config
+    chosen = training_precision("auto", config, CPU)
+    assert chosen.autocast_dtype == torch.bfloat16 and "train shape" in chosen.reason
+    assert calls == [(MIN_BF16_HIDDEN, 2 * config.intermediate_size, precision.TRAIN_ROWS)]
+    fake.speedup = 1.0
+    precision._cached_speedup.cache_clear()
+    slower = training_precision("auto", _llama(MIN_BF16_HIDDEN + 64).config, CPU)
+    assert slower.autocast_dtype is None and "needs 1.25x" in slower.reason
+    cpu_flags("avx2")
+    assert training_precision("auto", config, CPU).autocast_dtype is None  # no native bf16: never probed
+    assert len(calls) == 2
+
+
+def test_a_run_trains_under_the_autocast_auto_chose_and_corrects_for_it(cpu_flags, probes, monkeypatch, tmp_path,
+                                                                        quickstart_cache, capsys):
+    """``model.dtype=auto`` reaches the trainer: with the probe saying bf16 (the size floor lowered
+    so the quickstart model qualifies), one step trains under bf16 autocast, says so in one line,
+    and the rollout correction turns on (the fp32 sampler now differs from the trainer)."""
+    from dapo_rl.training.run import run_training
+
+    cpu_flags("amx_bf16")
+    monkeypatch.setattr(precision, "MIN_BF16_HIDDEN", 32)
+    run = tmp_path / "run"
+    config = load_config(overrides=[f"output_dir={run}", f"quickstart.cache_dir={quickstart_cache}", "steps=1",
+                                    "data.eval=null", "logging.progress=false", "rollout.dtype=float32"])
+    run_training(config)
+    out = capsys.readouterr()
+    assert "model.dtype=auto: bfloat16, measured 2.00x" in out.out + out.err
+    step = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    # Correction on (π_old is computed and compared with the sampler's log-probs), and the bf16
+    # trainer differs from the fp32 sampler by more than fp32 rounding.
+    assert step["rollout/logp_abs_diff"] > 1e-4 and step["rollout/is_weight_mean"] == pytest.approx(1.0, abs=0.2)
 
 
 def test_lora_models_sample_in_their_own_dtype(cpu_flags, probes, adapters):

@@ -81,7 +81,7 @@ class ModelConfig:
 
     path: str = BUILTIN_MODEL  # local Hugging Face folder, or builtin:chain-tiny (built and warmed up locally)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | float32 | bf16-autocast
+    dtype: str = "auto"  # training products: auto (bf16 autocast where native, hidden >= 256 and measured faster, else float32) | float32 | bf16-autocast
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
     lora: LoraConfig = field(default_factory=LoraConfig)
 

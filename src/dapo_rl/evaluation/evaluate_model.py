@@ -231,7 +231,7 @@ def evaluate_model(model: str, data: str, options: EvalOptions, echo: bool = Tru
     if output.is_dir():
         raise ConfigError(f"output: {output} is a folder; give a file path ending in .json")
     try:
-        device, _ = resolve_device(options.device)
+        device = resolve_device(options.device)
     except ModelLoadError as exc:
         raise ConfigError(f"device: {exc}") from None
     reward_fn = _resolve_reward(data, options)

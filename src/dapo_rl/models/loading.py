@@ -22,12 +22,10 @@ class ModelLoadError(ValueError):
     """A model folder, device or dtype that cannot be used; the message says why and the fix."""
 
 
-def resolve_device(device: str = "auto", dtype: str = "auto", local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
-    """The device, and the autocast dtype (None = plain fp32).
-
-    ``auto`` picks CUDA when present (``cuda:LOCAL_RANK`` under torchrun, one GPU per process);
-    dtype ``auto`` is bf16 autocast on CUDA and float32 on CPU.
-    """
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device ``device`` names; ``auto`` picks CUDA when present (``cuda:LOCAL_RANK`` under
+    torchrun, one GPU per process). What the products compute in is decided once the model is
+    known (:func:`dapo_rl.models.precision.training_precision`)."""
     name = device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,9 +34,7 @@ def resolve_device(device: str = "auto", dtype: str = "auto", local_rank: int = 
     resolved = torch.device(name)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"{name} requested but CUDA is not available; use cpu")
-    if dtype == "auto":
-        dtype = "bf16-autocast" if resolved.type == "cuda" else "float32"
-    return resolved, (torch.bfloat16 if dtype == "bf16-autocast" else None)
+    return resolved
 
 
 def load_policy(path: str, *, quickstart: QuickstartConfig | None = None, seed: int = 0, progress: bool = True,

@@ -43,7 +43,7 @@ DECODE_ROWS = 32  # rows of a probed decode product (a group of samples decoding
 TRAIN_ROWS = 1024  # rows (tokens) of a probed training product
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
-__all__ = ["BF16_FLAGS", "Precision", "native_bf16", "probe_speedup", "resolve_precision"]
+__all__ = ["BF16_FLAGS", "Precision", "native_bf16", "probe_speedup", "product_shape", "resolve_precision", "training_precision"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,18 @@ class Precision:
     @property
     def name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype to autocast a training forward to; None = plain float32."""
+        return None if self.dtype == torch.float32 else self.dtype
+
+
+def product_shape(model_config) -> tuple[int, int]:
+    """A model config's hidden size and the width of its widest product, the fused gate/up
+    projection (``2 · intermediate_size``; ``2 · 4 · hidden`` where the config names none)."""
+    hidden = model_config.hidden_size
+    return hidden, 2 * (getattr(model_config, "intermediate_size", None) or 4 * hidden)
 
 
 def native_bf16(device: torch.device) -> str | None:
@@ -150,3 +162,19 @@ def resolve_precision(setting: str, device: torch.device, hidden: int, width: in
                                          f"{use} shape on this CPU ({rows} x {hidden} x {width})")
     return Precision(torch.float32, f"auto: float32, bfloat16 measured only {speedup:.2f}x at this model's {use} shape "
                                     f"on this CPU ({rows} x {hidden} x {width}; it needs {MIN_SPEEDUP}x)")
+
+
+TRAINING_SETTINGS = {"float32": "float32", "bf16-autocast": "bfloat16", "auto": "auto"}
+
+
+def training_precision(setting: str, model_config, device: torch.device) -> Precision:
+    """What ``model.dtype`` (``auto``, ``float32``, ``bf16-autocast``) means for training a model
+    with ``model_config`` on ``device``: the dtype of the forward's and backward's products under
+    autocast (float32 = no autocast). ``auto`` is :func:`resolve_precision` at a training
+    forward's row count (:data:`TRAIN_ROWS`): bf16 on a GPU with native bf16 and on a CPU where
+    the probe measures it faster, float32 otherwise, and for models narrower than
+    :data:`MIN_BF16_HIDDEN` on every device. Master weights, optimiser state, log-softmax, the
+    loss and every reduction stay float32 either way."""
+    if setting not in TRAINING_SETTINGS:
+        raise ValueError(f"model.dtype {setting!r}: use {', '.join(TRAINING_SETTINGS)}")
+    return resolve_precision(TRAINING_SETTINGS[setting], device, *product_shape(model_config), use="train")

@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from dapo_rl.config import ConfigError
 from dapo_rl.models.decode import SpecDecoder
 from dapo_rl.models.lora import adapters_active
-from dapo_rl.models.precision import Precision, resolve_precision
+from dapo_rl.models.precision import Precision, product_shape, resolve_precision
 from dapo_rl.models.spec import fast_spec, has_sliding_layers
 from dapo_rl.rollout.base import FINISH_LENGTH, FINISH_STOP, InProcessEngine, Sample, SamplingParams
 import dapo_rl.rollout.decoder_turns as decoder_turns
@@ -212,10 +212,7 @@ def sampling_precision(setting: str, model) -> Precision:
         ConfigError: ``bfloat16`` asked for explicitly where it cannot be had (the message names ``rollout.dtype``).
     """
     own = next(model.parameters()).dtype
-    config = model.config
-    hidden = config.hidden_size
-    width = 2 * (getattr(config, "intermediate_size", None) or 4 * hidden)
-    precision = resolve_precision(setting, next(model.parameters()).device, hidden, width, use="decode")
+    precision = resolve_precision(setting, next(model.parameters()).device, *product_shape(model.config), use="decode")
     if precision.dtype == own:
         return precision
     blocker = ("the fast decoder does not serve this model" if fast_spec(model, 1) is None

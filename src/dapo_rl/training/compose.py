@@ -30,16 +30,18 @@ from dapo_rl.data.templates import use_chat_template_file
 from dapo_rl.data.encoding import EncodedPrompt, check_prompt_fields, load_prompts, prompt_source, skipped_rows_note
 from dapo_rl.errors import one_line
 from dapo_rl.models.loading import ModelLoadError, load_policy, resolve_device
+from dapo_rl.models.precision import Precision, training_precision
 from dapo_rl.models.lora import AdapterError
 from dapo_rl.rewards import RewardFunctions, resolve_reward_fn
 from dapo_rl.rollout.base import RolloutEngine
 from dapo_rl.rollout.engines import ROLLOUT_ENGINES, build_engine
 from dapo_rl.rollout.multi_turn import check_multi_turn_fields, tool_schemas
 from dapo_rl.telemetry.sinks import SINK_NAMES, WANDB_MODES
+from dapo_rl.training.distributed import DistContext
 from dapo_rl.training.errors import RunError
 
-__all__ = ["check_config", "correction_mode", "device_and_autocast", "encoded_prompts", "loss_settings",
-           "policy_and_tokenizer", "reward_function", "rollout_engine"]
+__all__ = ["check_config", "correction_mode", "encoded_prompts", "loss_settings", "policy_and_tokenizer",
+           "reward_function", "rollout_engine", "training_autocast", "training_device"]
 
 
 def _in_section(section: str, build: Callable[[], Any]) -> None:
@@ -131,12 +133,22 @@ def check_config(config: Config) -> None:
     engine.check_config(c)
 
 
-def device_and_autocast(config: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
-    """``model.device`` / ``model.dtype`` resolved (see :func:`dapo_rl.models.loading.resolve_device`)."""
+def training_device(config: Config, local_rank: int = 0) -> torch.device:
+    """``model.device`` resolved (see :func:`dapo_rl.models.loading.resolve_device`)."""
     try:
-        return resolve_device(config.model.device, config.model.dtype, local_rank)
+        return resolve_device(config.model.device, local_rank)
     except ModelLoadError as exc:
         raise ConfigError(f"model.device: {exc}") from None
+
+
+def training_autocast(config: Config, model, device: torch.device, dist: DistContext | None = None) -> Precision:
+    """``model.dtype`` resolved for ``model`` on ``device``
+    (:func:`dapo_rl.models.precision.training_precision`). Under torchrun, rank 0's answer holds
+    for every rank: a timed probe may answer differently on each, and the ranks must compute alike."""
+    precision = training_precision(config.model.dtype, model.config, device)
+    if dist is not None and dist.enabled:
+        precision = dist.all_gather_objects(precision)[0]
+    return precision
 
 
 def policy_and_tokenizer(config: Config, progress: bool = False):

@@ -24,11 +24,12 @@ from dapo_rl.reproducibility import reproducible_torch
 from dapo_rl.telemetry import build_sinks
 from dapo_rl.training.compose import (
     check_config,
-    device_and_autocast,
     encoded_prompts,
     policy_and_tokenizer,
     reward_function,
     rollout_engine,
+    training_autocast,
+    training_device,
 )
 from dapo_rl.training.checkpoint import (
     latest_checkpoint,
@@ -212,9 +213,9 @@ def run_training(config: Config, parts: RunParts | None = None, hooks: RunHooks 
     check_config(config)
     dist = init_distributed(config.model.device, config.distributed.strategy, config.distributed.reshard_after_forward)
     try:
-        device, autocast_dtype = device_and_autocast(config, dist.local_rank)
+        device = training_device(config, dist.local_rank)
         with reproducible_torch(config.reproducible, device, notice=tqdm.write):
-            return _run_training(config, dist, started, device, autocast_dtype, parts or RunParts(), hooks or RunHooks())
+            return _run_training(config, dist, started, device, parts or RunParts(), hooks or RunHooks())
     finally:
         # Only a group this run joined (torchrun): an in-process vLLM engine creates a
         # single-process group of its own and destroys it, with its subgroups, when it shuts down.
@@ -222,8 +223,8 @@ def run_training(config: Config, parts: RunParts | None = None, hooks: RunHooks 
             shutdown_distributed()
 
 
-def _run_training(config: Config, dist: DistContext, started: float, device: torch.device,
-                  autocast_dtype: torch.dtype | None, parts: RunParts, hooks: RunHooks) -> RunResult:
+def _run_training(config: Config, dist: DistContext, started: float, device: torch.device, parts: RunParts,
+                  hooks: RunHooks) -> RunResult:
     progress = config.logging.progress and dist.is_main
     keep_freed_host_memory()  # every step frees and re-allocates the same buffers
     torch.manual_seed(config.seed + dist.rank)  # ranks sample different responses
@@ -234,6 +235,9 @@ def _run_training(config: Config, dist: DistContext, started: float, device: tor
     else:
         model, tokenizer = parts.model, parts.tokenizer
     model.to(device)
+    precision = training_autocast(config, model, device, dist)
+    if config.model.dtype == "auto" and dist.is_main:
+        tqdm.write(f"model.dtype={precision.reason}")
     reward_fn = reward_function(config, parts.reward_functions)
     train_prompts = encoded_prompts(config, "train", tokenizer)
     eval_prompts = encoded_prompts(config, "eval", tokenizer) if config.data.eval else None
@@ -245,7 +249,7 @@ def _run_training(config: Config, dist: DistContext, started: float, device: tor
                    f"not promise bit-identical samples between runs; the update itself stays deterministic")
     try:
         return _train_with(config, dist, started, model, tokenizer, reward_fn, train_prompts, eval_prompts, engine,
-                           device, autocast_dtype, progress, hooks)
+                           device, precision.autocast_dtype, progress, hooks)
     finally:
         engine.close()  # stops a server this run launched
 
