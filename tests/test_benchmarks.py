@@ -381,32 +381,72 @@ def test_chain_task_properties_smoke(tmp_path):
     assert groups and sum(map(float, groups.groups())) == pytest.approx(1.0, abs=2e-3)
 
 
+def write_eval(folder: Path, name: str, k: int, counts: list[int], greedy: float) -> str:
+    """A ``dapo eval`` result file with these per-problem correct counts out of ``k``."""
+    per = [c / k for c in counts]
+    payload = {"model": str(folder / name / "final"), "data": "held-out.jsonl", "num_problems": len(counts), "k": k,
+               "greedy_accuracy": greedy, "avg_at_k": sum(per) / len(per), "response_length_mean": 10.0,
+               "pass_at_k": {"1": sum(per) / len(per), "2": sum(c > 0 for c in counts) / len(counts)},
+               "truncated_frac": 0.1, "correct_counts": counts}
+    (folder / f"{name}.json").write_text(json.dumps(payload))
+    return str(folder / f"{name}.json")
+
+
+def write_run(folder: Path, rows: list[dict], seconds: float) -> str:
+    """A run folder with these metrics rows and a summary."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (folder / "summary.json").write_text(json.dumps({"seconds": seconds}))
+    return str(folder)
+
+
 def test_seed_series_smoke(tmp_path):
     """Hand-made eval results on 4 problems: the paired gain and its standard error are computed by hand."""
-    def write_eval(name, k, counts, greedy):
-        per = [c / k for c in counts]
-        payload = {"model": str(tmp_path / name / "final"), "num_problems": len(counts), "k": k, "greedy_accuracy": greedy,
-                   "avg_at_k": sum(per) / len(per), "response_length_mean": 10.0,
-                   "pass_at_k": {"1": sum(per) / len(per), "2": sum(c > 0 for c in counts) / len(counts)},
-                   "truncated_frac": 0.1, "correct_counts": counts}
-        (tmp_path / f"{name}.json").write_text(json.dumps(payload))
-        return str(tmp_path / f"{name}.json")
-
-    base = write_eval("base", 2, [0, 1, 0, 1], 0.25)  # per problem 0, .5, 0, .5
-    seed = write_eval("seed0", 2, [2, 2, 1, 2], 0.75)  # per problem 1, 1, .5, 1: gains 1, .5, .5, .5
-    run = tmp_path / "seed0"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+    base = write_eval(tmp_path, "base", 2, [0, 1, 0, 1], 0.25)  # per problem 0, .5, 0, .5
+    seed = write_eval(tmp_path, "seed0", 2, [2, 2, 1, 2], 0.75)  # per problem 1, 1, .5, 1: gains 1, .5, .5, .5
+    run = write_run(tmp_path / "seed0", [
         {"step": 0, "eval/accuracy": 0.25}, {"step": 1, "train/response_length_mean": 12.0, "train/truncated_frac": 0.2, "time/step_s": 3.0},
-        {"step": 2, "train/response_length_mean": 9.0, "train/truncated_frac": 0.0, "time/step_s": 4.0, "eval/accuracy": 0.8}]))
-    (run / "summary.json").write_text(json.dumps({"seconds": 9.0}))
+        {"step": 2, "train/response_length_mean": 9.0, "train/truncated_frac": 0.0, "time/step_s": 4.0, "eval/accuracy": 0.8}], 9.0)
     figure = tmp_path / "series.png"
-    out = run_script("seed_series.py", "--name", "smoke", "--base", base, "--evals", seed, "--runs", str(run),
+    out = run_script("seed_series.py", "--name", "smoke", "--base", base, "--evals", seed, "--runs", run,
                      "--figure", str(figure))
     # Gains 1, .5, .5, .5: mean 0.625, sample std 0.25, SE 0.125 -> +62.5 points ± 12.5, 5.0 SEs.
     line = next(l for l in out.splitlines() if l.startswith("seed0"))
     assert re.search(r"\+62\.5\s+12\.5\s+5\.0\s+9\s+7$", line), line
     assert "every seed above base by > 2 SE: yes" in out
+    assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_method_study_smoke(tmp_path):
+    """Two methods, two seeds each, on 4 problems: every printed statistic computed by hand."""
+    def run(name, evals, entropy):
+        rows = [{"step": 0, "eval/accuracy": 0.2}]
+        rows += [{"step": s + 1, "train/entropy": e, "train/response_length_mean": 20.0, "train/truncated_frac": 0.0}
+                 for s, e in enumerate(entropy)]
+        for step, accuracy in evals.items():
+            rows[step]["eval/accuracy"] = accuracy
+        return write_run(tmp_path / name, rows, 120.0)
+
+    ref = [run("ref0", {2: 0.5, 4: 0.6}, [0.5, 0.4, 0.2, 0.2]), run("ref1", {2: 0.7, 4: 0.8}, [0.5, 0.4, 0.1, 0.1])]
+    new = [run("new0", {2: 0.55, 4: 0.65}, [0.5, 0.5, 0.3, 0.3]), run("new1", {2: 0.6, 4: 0.7}, [0.5, 0.5, 0.3, 0.3])]
+    ref_evals = [write_eval(tmp_path, "ref0", 2, [2, 2, 0, 0], 0.5), write_eval(tmp_path, "ref1", 2, [2, 0, 2, 0], 0.5)]
+    new_evals = [write_eval(tmp_path, "new0", 2, [2, 2, 2, 0], 0.75), write_eval(tmp_path, "new1", 2, [2, 2, 2, 2], 1.0)]
+    figure = tmp_path / "methods.png"
+    out = run_script("method_study.py", "--target-step", "2", "--tail", "2", "--figure", str(figure),
+                     "--method", "REF", "--runs", *ref, "--evals", *ref_evals,
+                     "--method", "NEW", "--runs", *new, "--evals", *new_evals)
+    # The reference's mean at step 2: (0.5 + 0.7) / 2; its last-2-step entropy (0.2 + 0.1) / 2 = 0.15.
+    assert "its mean held-out accuracy at step 2: 0.600" in out
+    new_part = out[out.index("NEW (2 seeds)"):]
+    assert "avg@2 0.875 ± 0.177" in new_part  # 0.75 and 1.0
+    assert "steps to 0.600 held-out: 4 / 2" in new_part
+    assert "entropy 0.300 ± 0.000 (× 2.00 the reference's)" in new_part
+    # Per seed: 75 − 50 and 100 − 50 points: mean 37.5, std 17.68, SE 12.5.
+    assert "paired by seed (2): +37.5 points, SE 12.5, +3.0 SE" in new_part
+    # Seed 0 per problem: 0, 0, 1, 0 (SE 0.5/2); seed 1: 0, 1, 0, 1 (SE 0.577/2).
+    assert "seed 0, paired by problem: +25.0 ± 25.0 points (+1.0 SE)" in new_part
+    assert "seed 1, paired by problem: +50.0 ± 28.9 points (+1.7 SE)" in new_part
+    assert "wall time 2.0 min" in new_part
     assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
