@@ -235,12 +235,12 @@ def _run_training(config: Config, dist: DistContext, started: float, device: tor
     else:
         model, tokenizer = parts.model, parts.tokenizer
     model.to(device)
-    precision = training_autocast(config, model, device, dist)
-    if config.model.dtype == "auto" and dist.is_main:
-        tqdm.write(f"model.dtype={precision.reason}")
     reward_fn = reward_function(config, parts.reward_functions)
     train_prompts = encoded_prompts(config, "train", tokenizer)
     eval_prompts = encoded_prompts(config, "eval", tokenizer) if config.data.eval else None
+    precision = training_autocast(config, model, device, dist)  # after the data checks: bad input probes nothing
+    if config.model.dtype == "auto" and dist.is_main:
+        tqdm.write(f"model.dtype={precision.reason}")
     engine = rollout_engine(config, model, tokenizer)
     if engine.precision_reason and config.rollout.dtype == "auto" and dist.is_main:
         tqdm.write(f"rollout.dtype={engine.precision_reason}")
