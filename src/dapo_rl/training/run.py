@@ -239,9 +239,9 @@ def _run_training(config: Config, dist: DistContext, started: float, device: tor
     train_prompts = encoded_prompts(config, "train", tokenizer)
     eval_prompts = encoded_prompts(config, "eval", tokenizer) if config.data.eval else None
     precision = training_autocast(config, model, device, dist)  # after the data checks: bad input probes nothing
-    if config.model.dtype == "auto" and dist.is_main:
-        tqdm.write(f"model.dtype={precision.reason}")
     engine = rollout_engine(config, model, tokenizer)
+    if config.model.dtype == "auto" and dist.is_main:  # once every part is built: bad input prints only its error
+        tqdm.write(f"model.dtype={precision.reason}")
     if engine.precision_reason and config.rollout.dtype == "auto" and dist.is_main:
         tqdm.write(f"rollout.dtype={engine.precision_reason}")
     if config.reproducible and engine.own_weights and dist.is_main:
