@@ -29,16 +29,14 @@ mean over 5 steps as well) over thin per-seed lines.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from dapo_rl.telemetry.plots import load_series
-from seed_series import load_eval, paired_gain  # a sibling script (python puts benchmarks/ on the path)
+from seed_series import load_eval, paired_gain, wall_seconds  # a sibling script (python puts benchmarks/ on the path)
 
 CURVES = (("eval/accuracy", "held-out accuracy (avg@1)"), ("train/entropy", "policy entropy (nats/token)"),
           ("train/response_length_mean", "mean response length (tokens)"),
@@ -81,11 +79,6 @@ def accuracy_at(series: dict, step: int) -> float:
         raise SystemExit(f"--target-step {step}: a reference run has no held-out evaluation at that step "
                          f"(it has {steps.tolist()})")
     return float(values[hits[0]])
-
-
-def wall_seconds(run: str) -> float | None:
-    summary = Path(run) / "summary.json"
-    return json.loads(summary.read_text()).get("seconds") if summary.is_file() else None
 
 
 def report(methods: list[Method], target_step: int, tail: int) -> None:

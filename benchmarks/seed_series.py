@@ -46,19 +46,21 @@ def paired_gain(trained: dict, base: dict) -> tuple[float, float]:
     return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
+def wall_seconds(run: str) -> float | None:
+    """The run's wall seconds, from its summary.json (None without one)."""
+    summary = Path(run) / "summary.json"
+    return json.loads(summary.read_text()).get("seconds") if summary.is_file() else None
+
+
 def run_times(run: str | None) -> tuple[float | None, float | None]:
     """The run's wall seconds (summary.json) and the sum of its logged step times."""
     if run is None:
         return None, None
     from dapo_rl.telemetry.plots import load_series
 
-    folder = Path(run)
-    wall = None
-    if (folder / "summary.json").is_file():
-        wall = json.loads((folder / "summary.json").read_text()).get("seconds")
-    series = load_series(folder)
+    series = load_series(run)
     steps = float(series["time/step_s"][1].sum()) if "time/step_s" in series else None
-    return wall, steps
+    return wall_seconds(run), steps
 
 
 def main() -> None:
