@@ -133,6 +133,26 @@ def test_training_auto_follows_the_probe_at_a_training_forwards_rows(cpu_flags, 
     assert len(calls) == 2
 
 
+def test_under_torchrun_rank_0_alone_probes_and_every_rank_takes_its_answer(cpu_flags, probes, tmp_path):
+    """Another rank neither probes nor keeps its own answer: it takes what rank 0 sends."""
+    from types import SimpleNamespace
+
+    from dapo_rl.training.compose import training_autocast
+
+    cpu_flags("amx_bf16")
+    fake, calls = probes
+    config, model = load_config(None, []), _llama(MIN_BF16_HIDDEN)
+    sent = []
+    rank0 = SimpleNamespace(enabled=True, is_main=True, all_gather_objects=lambda obj: sent.append(obj) or [obj, None])
+    chosen = training_autocast(config, model, CPU, rank0)
+    assert chosen.autocast_dtype == torch.bfloat16 and len(calls) == 1
+    rank1 = SimpleNamespace(enabled=True, is_main=False, all_gather_objects=lambda obj: [sent[0], obj])
+    fake.speedup = 0.5  # what rank 1 would measure, were it to probe
+    precision._cached_speedup.cache_clear()  # ranks probe at once: neither finds the other's result
+    (tmp_path / "precision.json").unlink()
+    assert training_autocast(config, model, CPU, rank1) == chosen and len(calls) == 1
+
+
 def test_a_run_trains_under_the_autocast_auto_chose_and_corrects_for_it(cpu_flags, probes, monkeypatch, tmp_path,
                                                                         quickstart_cache, capsys):
     """``model.dtype=auto`` reaches the trainer: with the probe saying bf16 (the size floor lowered

@@ -143,12 +143,13 @@ def training_device(config: Config, local_rank: int = 0) -> torch.device:
 
 def training_autocast(config: Config, model, device: torch.device, dist: DistContext | None = None) -> Precision:
     """``model.dtype`` resolved for ``model`` on ``device``
-    (:func:`dapo_rl.models.precision.training_precision`). Under torchrun, rank 0's answer holds
-    for every rank: a timed probe may answer differently on each, and the ranks must compute alike."""
-    precision = training_precision(config.model.dtype, model.config, device)
-    if dist is not None and dist.enabled:
-        precision = dist.all_gather_objects(precision)[0]
-    return precision
+    (:func:`dapo_rl.models.precision.training_precision`). Under torchrun, rank 0 alone resolves
+    it and its answer holds for every rank: the ranks must compute alike, and probes timed on
+    every rank at once would time their contention with each other."""
+    if dist is None or not dist.enabled:
+        return training_precision(config.model.dtype, model.config, device)
+    mine = training_precision(config.model.dtype, model.config, device) if dist.is_main else None
+    return dist.all_gather_objects(mine)[0]
 
 
 def policy_and_tokenizer(config: Config, progress: bool = False):
