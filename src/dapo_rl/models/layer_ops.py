@@ -130,12 +130,24 @@ def norm_scale(spec: ModelSpec, norm, order: torch.Tensor | None = None, upcast:
     """An RMSNorm module's effective scale ``[n]`` (Gemma's ``1 + w``; reordered by ``order`` when
     given, for per-head norms on permuted queries/keys) and its epsilon. ``upcast``: Gemma's
     ``1 + w`` in float32, as its norm computes it (in bfloat16 the sum would lose ``w``'s low bits)."""
-    weight = norm.weight if order is None else norm.weight[order]
+    weight = norm.weight if order is None else norm.weight.index_select(0, order)  # backward: no accumulating index_put
     eps = getattr(norm, "variance_epsilon", None)
     eps = norm.eps if eps is None else eps
     if spec.norm_offset:
         weight = (weight.float() if upcast else weight) + spec.norm_offset
     return weight, float(eps)
+
+
+def head_norm(spec: ModelSpec, norm, x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """A per-head RMSNorm module (Qwen3's, Gemma3's ``q_norm``/``k_norm``) applied to ``x [..., d]``
+    (differentiable). ``order [d]``: ``x``'s head dimensions are in this order (the rotary pairs'
+    order, :func:`~dapo_rl.models.rotary.rotary_order`), so the scale is read in it too; the mean
+    of squares does not depend on the order, so this equals the module on Hugging Face's order,
+    permuted, up to summation order. None: the module itself."""
+    if order is None:
+        return norm(x)
+    scale, eps = norm_scale(spec, norm, order)
+    return F.rms_norm(x, (x.shape[-1],), scale, eps)
 
 
 def activation(spec: ModelSpec):

@@ -23,7 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dapo_rl.models import rotary as rope
-from dapo_rl.models.layer_ops import mlp_output, qkv_output, softcap, window_blocked
+from dapo_rl.models.layer_ops import head_norm, mlp_output, qkv_output, softcap, window_blocked
 from dapo_rl.models.spec import read_spec
 
 F = torch.nn.functional
@@ -246,9 +246,10 @@ def flat_logits(model, prompts: FlatPrompts, owner: torch.Tensor, tokens: torch.
         cos, sin = cos[:, None], sin[:, None]
         turns.append(torch.complex(cos[..., : rd // 2], sin[..., : rd // 2]) if complex_rotary else (cos, sin))
     order = rope.rotary_order(d, rd).to(x.device) if complex_rotary else None
-    # Without q/k norms the permutation goes into the weight rows (no copy of activations);
-    # per-head norms run on Hugging Face's order (the norm modules' own weights), then permute.
-    qk_rows = rope.qk_weight_rows(heads + kv_heads, d, x.device, rd) if complex_rotary and not spec.qk_norm else None
+    # The rotary permutation goes into the query/key weight rows (no copy of activations). A
+    # per-head RMSNorm commutes with permuting a head's dimensions when its scale is permuted
+    # alike, so the q/k norms (Qwen3, Gemma3) run on the permuted order with a permuted scale.
+    qk_rows = rope.qk_weight_rows(heads + kv_heads, d, x.device, rd) if complex_rotary else None
     layout = AttentionLayout.build(prompts, flat, owner)
     masks = _attention_masks(prompts, flat, owner, spec.windows, x, heads, kv_heads)
     kind_index = {kind: i for i, kind in enumerate(spec.kinds)}
@@ -260,9 +261,7 @@ def flat_logits(model, prompts: FlatPrompts, owner: torch.Tensor, tokens: torch.
         qkv = qkv_output(spec, attn, qk_rows, layer.input_layernorm(x)).view(m + n, heads + 2 * kv_heads, d)
         q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
         if spec.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-            if order is not None:
-                q, k = q.index_select(-1, order), k.index_select(-1, order)
+            q, k = head_norm(spec, attn.q_norm, q, order), head_norm(spec, attn.k_norm, k, order)
         turn = turns[kind_index[spec.rotary_kinds[i]]]
         if complex_rotary:
             q, k = rope.apply_rotary(q, turn), rope.apply_rotary(k, turn)
