@@ -153,6 +153,46 @@ def test_under_torchrun_rank_0_alone_probes_and_every_rank_takes_its_answer(cpu_
     assert training_autocast(config, model, CPU, rank1) == chosen and len(calls) == 1
 
 
+def test_under_torchrun_rank_0_alone_resolves_the_sampling_precision(cpu_flags, probes, tmp_path):
+    """``rollout.dtype=auto`` as ``model.dtype=auto`` above: rank 0's engine probes, another
+    rank's engine samples in rank 0's precision without probing, and says rank 0's reason."""
+    from types import SimpleNamespace
+
+    from dapo_rl.training.compose import rollout_engine
+
+    cpu_flags("amx_bf16")
+    fake, calls = probes
+    config, model = load_config(None, []), _llama(MIN_BF16_HIDDEN)
+    tokenizer = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 1})()
+    sent = []
+    rank0 = SimpleNamespace(enabled=True, is_main=True, all_gather_objects=lambda obj: sent.append(obj) or [obj, None])
+    first = rollout_engine(config, model, tokenizer, rank0)
+    assert first.precision == "bfloat16" and len(calls) == 1
+    rank1 = SimpleNamespace(enabled=True, is_main=False, all_gather_objects=lambda obj: [sent[0], obj])
+    fake.speedup = 0.5  # what rank 1 would measure, were it to probe
+    precision._cached_speedup.cache_clear()
+    (tmp_path / "precision.json").unlink()
+    other = rollout_engine(config, model, tokenizer, rank1)
+    assert other.precision == "bfloat16" and other.precision_reason == first.precision_reason and len(calls) == 1
+
+
+def test_under_torchrun_the_other_ranks_stop_when_rank_0_cannot_build_its_engine(monkeypatch):
+    from types import SimpleNamespace
+
+    from dapo_rl.training import compose
+    from dapo_rl.training.errors import RunError
+
+    config, model = load_config(None, []), _llama(64)
+    rank1 = SimpleNamespace(enabled=True, is_main=False, all_gather_objects=lambda obj: [None, obj])
+    with pytest.raises(RunError, match="rank 0 could not build its engine"):
+        compose.rollout_engine(config, model, None, rank1)
+    sent = []
+    rank0 = SimpleNamespace(enabled=True, is_main=True, all_gather_objects=lambda obj: sent.append(obj) or [obj, None])
+    with pytest.raises(AttributeError):  # no tokenizer: rank 0's own error, after it told the others
+        compose.rollout_engine(config, model, None, rank0)
+    assert sent == [None]
+
+
 def test_a_run_trains_under_the_autocast_auto_chose_and_corrects_for_it(cpu_flags, probes, monkeypatch, tmp_path,
                                                                         quickstart_cache, capsys):
     """``model.dtype=auto`` reaches the trainer: with the probe saying bf16 (the size floor lowered

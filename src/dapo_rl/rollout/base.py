@@ -98,9 +98,13 @@ class RolloutEngine:
       rollout correction is on by default (``rollout_correction.mode=auto``), and its samples are
       not promised to be bit-identical between runs. In-process engines sample from the
       training model itself.
+    - ``probes_precision``: ``from_config`` may time a probe to resolve ``rollout.dtype=auto``
+      (and holds no collective of its own), so under torchrun rank 0 builds first and the other
+      ranks build with its answer (:func:`dapo_rl.training.compose.rollout_engine`).
     """
 
     reports_logprobs: ClassVar[bool] = True
+    probes_precision: ClassVar[bool] = False
     samples_in_background: ClassVar[bool] = False
     own_weights: ClassVar[bool] = False
     precision_reason: str | None = None  # how an ``auto`` sampling precision was resolved, for the run's log

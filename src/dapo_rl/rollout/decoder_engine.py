@@ -269,6 +269,8 @@ class DecoderEngine(InProcessEngine):
             serve the model (the Hugging Face path samples in the model's dtype).
     """
 
+    probes_precision = True  # rollout.dtype=auto: sampling_precision may time a probe
+
     def __init__(self, model, pad_token_id: int, eos_token_id: int, max_batch_prompts: int = 64,
                  compact_min_fraction: float = 0.125, direct_decode: bool = True, pack_weights: bool | None = None,
                  native_kernels: bool = True, row_ladder: bool = True, read_in_place: bool | None = None,

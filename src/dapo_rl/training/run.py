@@ -239,7 +239,7 @@ def _run_training(config: Config, dist: DistContext, started: float, device: tor
     train_prompts = encoded_prompts(config, "train", tokenizer)
     eval_prompts = encoded_prompts(config, "eval", tokenizer) if config.data.eval else None
     precision = training_autocast(config, model, device, dist)  # after the data checks: bad input probes nothing
-    engine = rollout_engine(config, model, tokenizer)
+    engine = rollout_engine(config, model, tokenizer, dist)
     if config.model.dtype == "auto" and dist.is_main:  # once every part is built: bad input prints only its error
         tqdm.write(f"model.dtype={precision.reason}")
     if engine.precision_reason and config.rollout.dtype == "auto" and dist.is_main:
