@@ -13,6 +13,7 @@ from dapo_rl.algorithm import ADVANTAGE_ESTIMATORS, ROLLOUT_CORRECTIONS, aggrega
 from dapo_rl.config import load_config
 from dapo_rl.data.synthetic import VOCAB
 from dapo_rl.models.tiny import build_char_tokenizer, build_tiny_llama
+from dapo_rl.rollout import Sample
 from dapo_rl.rollout.decoder_engine import DecoderEngine
 from dapo_rl.training.batching import pack
 from dapo_rl.training.weight_sync import SyncCheck, WeightSyncError
@@ -195,6 +196,43 @@ def test_sync_check_is_silent_when_an_update_does_not_move_the_probe():
                       _score_with(model, tok), tolerance=None)
     stale.before()
     assert "rollout/sync_logp_abs_diff" in stale.after()  # nothing changed: nothing to judge
+
+
+class _ScriptedEngine:
+    """Reports the log-probs the test sets, for a fixed three-token greedy answer."""
+
+    def __init__(self):
+        self.logp = None
+
+    def generate(self, prompts, n, params):
+        return [[Sample(list(prompts[0]), [3, 4, 5], "length", self.logp.tolist())]]
+
+
+def test_sync_check_tells_rounding_from_staleness_only_when_the_update_moved_more_than_the_rounding():
+    """The failure seen in a bf16 SmolLM2 run: a synced engine whose rounding (5e-3) exceeds the
+    update's move lands nearer the old scores by chance; it must pass. A stale engine with
+    fp32-sized noise (not bit-identical between calls) must still be stopped."""
+    t0 = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64)
+    trainer = {"logp": t0}
+    score = lambda sample: trainer["logp"]  # noqa: E731
+
+    engine = _ScriptedEngine()
+    noisy = SyncCheck(engine, [1, 2], score, tolerance=None)
+    engine.logp = t0 + torch.tensor([5e-3, -5e-3, 5e-3], dtype=torch.float64)  # bf16-sized rounding
+    noisy.before()
+    trainer["logp"] = t0 + 6e-3  # the update moved the probe by less than 4x the rounding
+    engine.logp = t0 + 1e-4  # synced, its rounding now nearer the old scores: diff_old 1e-4, diff_new 5.9e-3
+    assert noisy.after()["rollout/sync_logp_abs_diff"] == pytest.approx(5.9e-3)
+
+    trainer["logp"] = t0
+    stale_engine = _ScriptedEngine()
+    stale = SyncCheck(stale_engine, [1, 2], score, tolerance=None)
+    stale_engine.logp = t0 + 1e-6
+    stale.before()
+    trainer["logp"] = t0 + 1e-2  # a move far above the engine's rounding
+    stale_engine.logp = t0 + 2e-6  # still the old weights, not bit-identical
+    with pytest.raises(WeightSyncError, match="still samples from the previous weights"):
+        stale.after()
 
 
 def test_a_run_whose_engine_never_receives_the_weights_stops_with_one_line(tmp_path, capfd, quickstart_cache, monkeypatch):
