@@ -19,11 +19,19 @@ Printed, per method:
   evaluation at or above it; ``-`` if never), per seed;
 - the policy's entropy, response length and truncated fraction over the last ``--tail`` steps
   (mean ± std over seeds) and the entropy's ratio to the reference's;
-- wall time (``summary.json``), mean over seeds.
+- wall time (``summary.json``), mean over seeds;
+- what a step costs: the median over every step of every seed of the step's seconds, the
+  rollout's generated tokens/s, the update's and the π_old pass's seconds, and each as a ratio to
+  the reference's (medians, so that a step slowed by other work on the machine moves them little);
+- the sampler/trainer mismatch, where logged (``rollout/*``, see docs/metrics.md): mean
+  |Δlog p|, k3 KL, the effective sample size fraction and the fraction of tokens the correction
+  masked, each the mean over every step of every seed, and the same over the first and the last
+  ``--tail`` steps (does the gap grow as training moves?).
 
 The figure: held-out accuracy, entropy, mean response length and truncated fraction against
 the step; a thick line per method (the mean over its seeds; for the training statistics, a trailing
-mean over 5 steps as well) over thin per-seed lines.
+mean over 5 steps as well) over thin per-seed lines. When any method logged the mismatch, a
+second row plots it the same way.
 """
 
 from __future__ import annotations
@@ -41,6 +49,12 @@ from seed_series import load_eval, paired_gain, wall_seconds  # a sibling script
 CURVES = (("eval/accuracy", "held-out accuracy (avg@1)"), ("train/entropy", "policy entropy (nats/token)"),
           ("train/response_length_mean", "mean response length (tokens)"),
           ("train/truncated_frac", "truncated fraction"))
+MISMATCH = (("rollout/logp_abs_diff", "|Δlog p|", "mean |Δlog p|, sampler vs trainer"),
+            ("rollout/kl", "k3 KL", "k3 KL(π_rollout ‖ π_old) per token"),
+            ("rollout/ess_frac", "ESS", "ESS fraction of the IS weights"),
+            ("rollout/masked_frac", "masked", "fraction of tokens the correction masked"))
+COST = (("time/step_s", "s/step"), ("perf/generation_tokens_per_s", "rollout tok/s"), ("time/update_s", "update s"),
+        ("time/old_logprob_s", "π_old s"))
 SMOOTH = 5  # steps in the trailing mean of the thick training-statistic lines
 
 
@@ -60,6 +74,39 @@ def tail_mean(series: dict, key: str, tail: int) -> float:
     if key not in series:
         return float("nan")
     return float(series[key][1][-tail:].mean())
+
+
+def pooled(m: Method, key: str) -> np.ndarray:
+    """``key``'s values at every step of every seed of ``m`` (empty where none logged it)."""
+    parts = [s[key][1] for s in m.series if key in s]
+    return np.concatenate(parts) if parts else np.array([])
+
+
+def cost_line(m: Method, ref: Method) -> str:
+    """Per-step medians over every seed's steps, each with its ratio to the reference's."""
+    parts = []
+    for key, label in COST:
+        mine, theirs = pooled(m, key), pooled(ref, key)
+        if not len(mine):
+            continue
+        text = f"{label} {np.median(mine):.3g}"
+        if m is not ref and len(theirs) and np.median(theirs) > 0:
+            text += f" (× {np.median(mine) / np.median(theirs):.2f})"
+        parts.append(text)
+    return "   ".join(parts)
+
+
+def mismatch_line(m: Method, tail: int) -> str | None:
+    """Each mismatch metric's mean over the run, and over the first / last ``tail`` steps (seeds pooled)."""
+    parts = []
+    for key, short, _ in MISMATCH:
+        runs = [s[key][1] for s in m.series if key in s]
+        if not runs:
+            continue
+        first = np.concatenate([r[:tail] for r in runs]).mean()
+        last = np.concatenate([r[-tail:] for r in runs]).mean()
+        parts.append(f"{short} {np.concatenate(runs).mean():.3g} ({first:.3g} → {last:.3g})")
+    return "   ".join(parts) if parts else None
 
 
 def steps_to(series: dict, target: float) -> int | None:
@@ -105,6 +152,12 @@ def report(methods: list[Method], target_step: int, tail: int) -> None:
         if walls:
             print(f"  wall time {statistics.fmean(walls) / 60:.1f} min (mean of {len(walls)}: "
                   f"{' / '.join(f'{w / 60:.1f}' for w in walls)})")
+        costs = cost_line(m, ref)
+        if costs:
+            print(f"  per step, median: {costs}")
+        mismatch = mismatch_line(m, tail)
+        if mismatch:
+            print(f"  mismatch, mean over the run (first {tail} → last {tail} steps): {mismatch}")
         if m is ref:
             continue
         pairs = list(zip(m.evals, ref.evals))
@@ -122,10 +175,14 @@ def report(methods: list[Method], target_step: int, tail: int) -> None:
 def plot(methods: list[Method], path: str) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(18, 4.5), layout="constrained")
-    axes = fig.subplots(1, len(CURVES))
+    panels = list(CURVES)
+    if any(key in s for m in methods for s in m.series for key, _, _ in MISMATCH):
+        panels += [(key, title) for key, _, title in MISMATCH]
+    rows = len(panels) // len(CURVES)
+    fig = Figure(figsize=(18, 4.5 * rows), layout="constrained")
+    axes = fig.subplots(rows, len(CURVES)).reshape(-1)
     for i, m in enumerate(methods):
-        for ax, (key, title) in zip(axes, CURVES):
+        for ax, (key, title) in zip(axes, panels):
             curves = [s[key] for s in m.series if key in s]
             for steps, values in curves:
                 ax.plot(steps, values, color=f"C{i}", alpha=0.25, linewidth=0.8)
@@ -133,7 +190,7 @@ def plot(methods: list[Method], path: str) -> None:
             common = sorted(set.intersection(*(set(steps.tolist()) for steps, _ in curves))) if curves else []
             if common:
                 mean = np.array([statistics.fmean(float(v[np.nonzero(s == t)[0][0]]) for s, v in curves) for t in common])
-                if key.startswith("train/") and len(mean) >= SMOOTH:
+                if not key.startswith("eval/") and len(mean) >= SMOOTH:
                     # Per-step training statistics of 32 samples are noisy: the thick line is a trailing mean.
                     mean = np.convolve(mean, np.ones(SMOOTH) / SMOOTH, mode="valid")
                     common = common[SMOOTH - 1:]

@@ -419,16 +419,19 @@ def test_seed_series_smoke(tmp_path):
 
 def test_method_study_smoke(tmp_path):
     """Two methods, two seeds each, on 4 problems: every printed statistic computed by hand."""
-    def run(name, evals, entropy):
+    def run(name, evals, entropy, step_s=2.0, mismatch=None):
         rows = [{"step": 0, "eval/accuracy": 0.2}]
-        rows += [{"step": s + 1, "train/entropy": e, "train/response_length_mean": 20.0, "train/truncated_frac": 0.0}
-                 for s, e in enumerate(entropy)]
+        rows += [{"step": s + 1, "train/entropy": e, "train/response_length_mean": 20.0, "train/truncated_frac": 0.0,
+                  "time/step_s": step_s + s} for s, e in enumerate(entropy)]
+        for row, value in zip(rows[1:], mismatch or []):
+            row["rollout/logp_abs_diff"] = value
         for step, accuracy in evals.items():
             rows[step]["eval/accuracy"] = accuracy
         return write_run(tmp_path / name, rows, 120.0)
 
     ref = [run("ref0", {2: 0.5, 4: 0.6}, [0.5, 0.4, 0.2, 0.2]), run("ref1", {2: 0.7, 4: 0.8}, [0.5, 0.4, 0.1, 0.1])]
-    new = [run("new0", {2: 0.55, 4: 0.65}, [0.5, 0.5, 0.3, 0.3]), run("new1", {2: 0.6, 4: 0.7}, [0.5, 0.5, 0.3, 0.3])]
+    new = [run("new0", {2: 0.55, 4: 0.65}, [0.5, 0.5, 0.3, 0.3], 4.0, [0.1, 0.2, 0.3, 0.4]),
+           run("new1", {2: 0.6, 4: 0.7}, [0.5, 0.5, 0.3, 0.3], 4.0, [0.1, 0.2, 0.3, 0.4])]
     ref_evals = [write_eval(tmp_path, "ref0", 2, [2, 2, 0, 0], 0.5), write_eval(tmp_path, "ref1", 2, [2, 0, 2, 0], 0.5)]
     new_evals = [write_eval(tmp_path, "new0", 2, [2, 2, 2, 0], 0.75), write_eval(tmp_path, "new1", 2, [2, 2, 2, 2], 1.0)]
     figure = tmp_path / "methods.png"
@@ -447,6 +450,11 @@ def test_method_study_smoke(tmp_path):
     assert "seed 0, paired by problem: +25.0 ± 25.0 points (+1.0 SE)" in new_part
     assert "seed 1, paired by problem: +50.0 ± 28.9 points (+1.7 SE)" in new_part
     assert "wall time 2.0 min" in new_part
+    # Step seconds 2, 3, 4, 5 per reference seed (median 3.5) and 4, 5, 6, 7 (median 5.5).
+    assert "per step, median: s/step 3.5" in out and "per step, median: s/step 5.5 (× 1.57)" in new_part
+    # |Δlog p| 0.1 … 0.4 in both seeds: mean 0.25, first 2 steps 0.15, last 2 steps 0.35; none logged by REF.
+    assert "mismatch, mean over the run (first 2 → last 2 steps): |Δlog p| 0.25 (0.15 → 0.35)" in new_part
+    assert "mismatch" not in out[:out.index("NEW (2 seeds)")]
     assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
