@@ -1,4 +1,5 @@
-"""keep_freed_host_memory: large freed blocks stay in the process instead of going back to the kernel."""
+"""keep_freed_host_memory: large freed blocks stay in the process instead of going back to the kernel;
+release_freed_host_memory: and go back when a run ends."""
 
 from __future__ import annotations
 
@@ -40,3 +41,32 @@ def test_large_freed_blocks_stay_in_the_heap():
     assert applied == "True" and mapped_mib == 0 and free_kept_mib >= 64
     _, mapped_mib, free_kept_mib = _probe("default")
     assert mapped_mib >= 64 and free_kept_mib < 64  # the default: mapped for itself, unmapped on free
+
+
+# Resident memory as the kernel counts it: a touched 256 MiB block, freed, stays resident while
+# it is kept in the heap, and leaves once released.
+_RELEASE = """
+import ctypes
+from dapo_rl.training.host_memory import keep_freed_host_memory, release_freed_host_memory
+def rss_mib():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) >> 10
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+keep_freed_host_memory()
+before = rss_mib()
+block = libc.malloc(256 << 20)
+ctypes.memset(block, 1, 256 << 20)
+libc.free(block)
+kept = rss_mib()
+released = release_freed_host_memory()
+print(released, kept - before, rss_mib() - before)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
+def test_freed_blocks_kept_for_the_next_step_go_back_to_the_kernel_when_released():
+    out = subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True, check=True).stdout.split()
+    released, kept_mib, after_mib = out[0], int(out[1]), int(out[2])
+    assert kept_mib >= 250  # kept: still resident after free
+    assert released == "True" and after_mib < 16

@@ -40,7 +40,7 @@ from dapo_rl.training.checkpoint import (
 from dapo_rl.rollout.base import EngineLost
 from dapo_rl.tools import EnvironmentFailures
 from dapo_rl.training.errors import RunError, RunFailed, RunInterrupted, signal_name
-from dapo_rl.training.host_memory import keep_freed_host_memory
+from dapo_rl.training.host_memory import keep_freed_host_memory, release_freed_host_memory
 from dapo_rl.training.distributed import DistContext, init_distributed, shutdown_distributed
 from dapo_rl.training.run_folder import check_output_dir, prepare_output_dir, save_final_policy, trim_metrics, write_json
 from dapo_rl.training.trainer import Trainer
@@ -221,6 +221,7 @@ def run_training(config: Config, parts: RunParts | None = None, hooks: RunHooks 
         # single-process group of its own and destroys it, with its subgroups, when it shuts down.
         if dist.enabled:
             shutdown_distributed()
+        release_freed_host_memory()  # the heap kept for the next step is not kept for the next run
 
 
 def _run_training(config: Config, dist: DistContext, started: float, device: torch.device, parts: RunParts,
