@@ -208,28 +208,26 @@ def reward_function(config: Config, functions: list[Callable[..., Any]] | None =
 
 def rollout_engine(config: Config, model: torch.nn.Module, tokenizer: Any, dist: DistContext | None = None) -> RolloutEngine:
     """The rollout engine ``rollout.engine`` names. Under torchrun with ``rollout.dtype=auto`` and
-    an engine that may probe for it (``probes_precision``), rank 0 builds its engine first (resolving ``auto``, probing where it must) and every other
-    rank builds with rank 0's answer, as :func:`training_autocast` does for ``model.dtype``: the
-    ranks must sample alike, and probes timed on every rank at once would time their contention."""
+    an engine that may probe for it (``probes_precision``), rank 0 builds its engine first
+    (resolving ``auto``, probing where it must) and every other rank builds with rank 0's answer,
+    as :func:`training_autocast` does for ``model.dtype``: the ranks must sample alike, and probes
+    timed on every rank at once would time their contention."""
     if dist is None or not dist.enabled or config.rollout.dtype != "auto" or not _engine_class(config).probes_precision:
         return _built_engine(config, model, tokenizer)
     engine, answer = None, None
     if dist.is_main:
         try:
             engine = _built_engine(config, model, tokenizer)
-            own = str(next(model.parameters()).dtype).removeprefix("torch.")
-            # No reason: the engine resolved nothing here (vLLM's auto is bf16 on a GPU, no probe).
-            answer = (None, None) if engine.precision_reason is None else (engine.precision or own, engine.precision_reason)
+            own = str(next(model.parameters()).dtype).removeprefix("torch.")  # an engine.precision of None
+            answer = (engine.precision or own, engine.precision_reason)
         except Exception:
             dist.all_gather_objects(None)  # the other ranks stop too, instead of waiting for an answer
             raise
     answer = dist.all_gather_objects(answer)[0]
     if answer is None:
         raise RunError("rollout.engine: rank 0 could not build its engine (its own error says why)")
-    chosen, reason = answer
-    if engine is None and chosen is None:
-        engine = _built_engine(config, model, tokenizer)
-    elif engine is None:
+    if engine is None:
+        chosen, reason = answer
         engine = _built_engine(dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, dtype=chosen)), model, tokenizer)
         engine.precision_reason = reason
     return engine
